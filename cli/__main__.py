@@ -1,0 +1,3 @@
+from kdpipe.cli.main import app
+
+app(prog_name="kdpipe")

@@ -1,9 +1,56 @@
-"""CLI for the extract stage (filled in by the stage's issue)."""
+"""`kdpipe extract`: run the teacher once and write the embedding cache."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from kdpipe.cli.errors import user_errors
+from kdpipe.progress import console
+
+
+def extract(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="Teacher: a shipped config (tiny-clip, shapes-vit), "
+                                "an open_clip model name (ViT-B-32, ...) or a model-config JSON path."),
+    data: str = typer.Option(..., "--data", "-d", help="Input: a COCO-layout root (annotations/captions_*.json + "
+                             "image folders, e.g. from `kdpipe make-shapes`), or WebDataset tars "
+                             "(a.tar, 'shards/{00000..00009}.tar', 'pipe:...')."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write (re-running resumes it)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
+                                             "(e.g. laion2b_s34b_b79k, openai) or a local .pt/.bin/.safetensors file."),
+    views: int = typer.Option(4, "--views", min=1, help="Views per image; view 0 is the teacher's eval "
+                              "transform, the rest random resized crops + flips the trainer replays exactly."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per teacher forward."),
+    workers: int = typer.Option(2, "--workers", "-w", min=0, help="DataLoader workers that decode images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Karpathy dataset_coco.json: defines "
+                                              "train/val/test; its val/test images are removed from train."),
+    keep_leaky: bool = typer.Option(False, "--keep-leaky", help="Keep Karpathy val/test images in train."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per shard."),
+    store_size: int = typer.Option(256, "--store-size", min=32, help="Stored image's shorter side, at most."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Allow an open_clip model "
+                                           "without --pretrained (random weights; for testing only)."),
+) -> None:
+    """Run TEACHER once over DATA and write image/text embeddings of every view and caption to OUT."""
+    from kdpipe.extract import ExtractConfig, run
+
+    with user_errors():
+        cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), pretrained=pretrained, views=views,
+                            batch_size=batch_size, workers=workers, device=device, precision=precision,
+                            split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
+                            overwrite=overwrite, shard_size=shard_size, store_size=store_size,
+                            splits=split or None, allow_random_init=allow_random_init)
+        result = run(cfg)
+    for name, info in result.items():
+        console.print(f"[green]{name}[/]: {info['count']} images, {info['captions']} captions, "
+                      f"{info['shards']} shards, skipped {info['skipped'] or 'none'}")
+    console.print(f"cache: {out}/manifest.json")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the kdpipe app."""
+    app.command("extract")(extract)

@@ -1,0 +1,328 @@
+"""The cache -> training batches data path (DESIGN §3, §5).
+
+Streams a split's WebDataset tar shards, replays a stored view (crop box + flip) on the
+stored JPEG so the pixels are exactly those the teacher embedded, and pairs them with the
+cached targets: ``t_img = img.npy[v]`` for the drawn view ``v`` and ``t_txt = txt.npy[c]``
+for one drawn caption ``c``.
+
+How the stream is split and why (DDP ranks must never hang on uneven shards):
+
+* Each epoch has a fixed length per rank: ``steps_per_epoch = count // (world · batch)``
+  batches. Every rank runs exactly that many steps, whatever its shards hold.
+* The shard order of epoch ``e`` is a permutation drawn from ``(seed, e, pass)``. The
+  stream has ``P = world · workers`` *parts* (rank ``r``, worker ``w`` -> part ``r·W + w``).
+  With at least ``P`` shards, part ``p`` reads shards ``order[p::P]``; with fewer, every part
+  reads every shard and keeps the samples ``i ≡ p (mod P)`` (small caches only).
+  Each part cycles through passes until the epoch's batches are taken, so a part holding a
+  short shard repeats some samples rather than run dry (as ``resampled=True`` +
+  ``with_epoch`` would, but deterministically). This is webdataset's node/worker split done
+  explicitly, so it can be a pure function of ``(seed, epoch)``.
+* A shuffle buffer (seeded by ``(seed, epoch, part)``) mixes samples within a part, and the
+  view / caption of a sample are drawn from ``(seed, epoch, key)``, so nothing depends on
+  timing, process ids or the global RNG.
+
+Resume: since an epoch's batch sequence is a function of ``(seed, epoch, world, workers,
+batch)``, resuming at ``(epoch, step)`` rebuilds the epoch's stream and skips the batches
+already done. The skip happens on raw samples *before* image decoding (cheap: tar reads
+only). DataLoader serves workers round-robin, so batch ``i`` comes from worker
+``i mod W``; a resumed loader rotates the worker -> part mapping by ``step mod W`` so its
+first batch comes from the part that would have served it. (A sample that fails to decode
+shifts the skip by one sample; such samples are counted and reported.)
+
+Only the expected tar members are read (``select_files``), ``.npy`` members are loaded with
+``allow_pickle=False``, and a bad sample is counted, logged and skipped — never webdataset's
+``warn_and_continue``, which sleeps 0.5 s per error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass, replace
+from itertools import count
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdpipe.data import views as V
+
+log = logging.getLogger("kdpipe")
+
+# Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
+WANTED = ("jpg", "views.json", "img.npy", "txt.npy", "captions.json", "cls.txt")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a DataLoader worker needs to produce its batches (picklable, no tensors)."""
+
+    shards: tuple[str, ...]  # tar paths of the split, in manifest order
+    batch_size: int
+    image_size: int
+    interpolation: str  # the teacher's (from the fingerprint), so replayed pixels match
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world: int = 1
+    train: bool = True  # False: one ordered pass, view 0, caption 0, last batch partial
+    views_used: str = "all"  # "all": a random stored view per sample; "0": view 0 only
+    shuffle_buffer: int = 1000
+    skip_batches: int = 0  # batches this rank already consumed in this epoch (resume)
+    workers: int = 0  # the DataLoader's num_workers (0 = in process)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorCounter:
+    """A webdataset handler that counts bad samples and keeps going, without sleeping.
+
+    Lives in each worker; batches carry how many errors happened since the previous batch
+    (``batch["data_errors"]``) so the trainer can count them across workers.
+    """
+
+    def __init__(self, log_first: int = 5, max_consecutive: int = 1000) -> None:
+        self.count = 0
+        self.reported = 0
+        self.consecutive = 0
+        self.log_first = log_first
+        self.max_consecutive = max_consecutive
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        self.consecutive += 1
+        if self.count <= self.log_first:
+            log.warning("skipped a bad cache sample (%s: %s)", type(exn).__name__, str(exn)[:200])
+        if self.consecutive >= self.max_consecutive:  # an endless stream of bad samples would hang
+            raise RuntimeError(f"{self.consecutive} bad cache samples in a row; last: {exn}") from exn
+        return True  # continue with the next sample
+
+    def watch(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Wrap a per-sample function so a success resets the consecutive-error count."""
+        def wrapped(sample: Any) -> Any:
+            out = fn(sample)
+            self.consecutive = 0
+            return out
+        return wrapped
+
+    def take(self) -> int:
+        """Errors since the last call."""
+        new, self.reported = self.count - self.reported, self.count
+        return new
+
+
+# --------------------------------------------------------------------------- per-sample work
+
+
+def _rng(*parts: int | str) -> np.random.Generator:
+    """A generator seeded by a tuple of ints/strings (stable across runs and machines)."""
+    return np.random.default_rng([V.stable_seed(p) if isinstance(p, str) else int(p) & (2**63 - 1)
+                                  for p in parts])
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def pick_view_caption(cfg: StreamConfig, key: str, n_views: int, n_captions: int) -> tuple[int, int]:
+    """(view index, caption index) for one sample of one epoch; a pure function of its inputs."""
+    if not cfg.train:
+        return 0, 0
+    rng = _rng(cfg.seed, cfg.epoch, key)
+    view = int(rng.integers(n_views)) if cfg.views_used == "all" else 0
+    return view, int(rng.integers(n_captions))
+
+
+def decode_sample(cfg: StreamConfig, sample: dict[str, Any]) -> dict[str, Any]:
+    """A raw tar sample -> {image [3,S,S], t_img [D], t_txt [D], caption, label, key, view}.
+
+    Raises (caught by the counting handler) when a member is missing or malformed.
+    """
+    key = sample["__key__"]
+    img, txt = _load_npy(sample["img.npy"]), _load_npy(sample["txt.npy"])  # [V, D], [C, D] fp16
+    view_dicts = json.loads(sample["views.json"])
+    captions = json.loads(sample["captions.json"])
+    if img.ndim != 2 or txt.ndim != 2 or len(view_dicts) != img.shape[0] or len(captions) != txt.shape[0]:
+        raise ValueError(f"sample {key}: img {img.shape}, txt {txt.shape}, "
+                         f"{len(view_dicts)} views, {len(captions)} captions do not agree")
+    v, c = pick_view_caption(cfg, key, img.shape[0], txt.shape[0])
+    stored = V.to_rgb(V.decode_image(sample["jpg"]))
+    pixels = V.apply_view(stored, V.View.from_dict(view_dicts[v]), cfg.image_size, cfg.interpolation)
+    label = int(sample["cls.txt"].decode()) if "cls.txt" in sample else -1
+    return {
+        "image": V.to_tensor(pixels, cfg.mean, cfg.std),
+        "t_img": torch.from_numpy(img[v].astype(np.float32)),
+        "t_txt": torch.from_numpy(txt[c].astype(np.float32)),
+        "caption": captions[c], "label": label, "key": key, "view": v, "caption_idx": c,
+    }
+
+
+def collate(samples: list[dict[str, Any]], errors: int) -> dict[str, Any]:
+    """Stack decoded samples into a batch dict (tensors + lists of captions and keys)."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),  # [B, 3, S, S]
+        "t_img": torch.stack([s["t_img"] for s in samples]),  # [B, D] float32, unit norm
+        "t_txt": torch.stack([s["t_txt"] for s in samples]),  # [B, D]
+        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),  # -1 = unknown
+        "view": torch.tensor([s["view"] for s in samples], dtype=torch.long),
+        "caption_idx": torch.tensor([s["caption_idx"] for s in samples], dtype=torch.long),
+        "captions": [s["caption"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "data_errors": errors,
+    }
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+def _wanted(fname: str) -> bool:
+    return fname.split(".", 1)[-1].lower() in WANTED
+
+
+def part_of(cfg: StreamConfig) -> tuple[int, int]:
+    """(part, parts) of this process: the DataLoader worker id rotated by the resume offset."""
+    info = get_worker_info()
+    wid, n_workers = (info.id, info.num_workers) if info else (0, 1)
+    logical = (wid + cfg.skip_batches) % n_workers  # see the module docstring (resume)
+    return cfg.rank * n_workers + logical, cfg.world * n_workers
+
+
+def skipped_samples(cfg: StreamConfig, logical_worker: int, n_workers: int) -> int:
+    """Raw samples this worker must drop to resume after ``cfg.skip_batches`` batches."""
+    done = cfg.skip_batches
+    batches = (done - logical_worker + n_workers - 1) // n_workers if done > logical_worker else 0
+    return batches * cfg.batch_size
+
+
+class ShardSource:
+    """The shard order of one part: a permutation per (seed, epoch, pass); endless when training."""
+
+    def __init__(self, cfg: StreamConfig, part: int, parts: int) -> None:
+        self.cfg, self.part, self.parts = cfg, part, parts
+
+    @property
+    def strided(self) -> bool:
+        """Fewer shards than parts: every part reads all shards and keeps every P-th sample."""
+        return len(self.cfg.shards) < self.parts
+
+    def passes(self) -> Iterator[list[str]]:
+        shards = list(self.cfg.shards)
+        for n in count() if self.cfg.train else range(1):
+            order = shards
+            if self.cfg.train:
+                order = [shards[i] for i in _rng(self.cfg.seed, self.cfg.epoch, n).permutation(len(shards))]
+            yield order if self.strided else order[self.part::self.parts]
+
+    def samples(self, counter: ErrorCounter) -> Iterator[dict[str, Any]]:
+        """Raw tar samples of this part, pass after pass (only the WANTED members are read)."""
+        for n, urls in enumerate(self.passes()):
+            found = 0
+            for sample in self._shuffled(self._read(urls, counter), n):
+                found += 1
+                yield sample
+            if found == 0 and self.cfg.train:  # an endless stream of nothing would hang the run
+                raise RuntimeError(f"cache stream part {self.part}/{self.parts} found no samples in {urls}")
+
+
+    def _read(self, urls: list[str], counter: ErrorCounter) -> Iterator[dict[str, Any]]:
+        samples = wds.tarfile_samples([{"url": u} for u in urls], handler=counter, select_files=_wanted)
+        for index, sample in enumerate(samples):
+            if not self.strided or index % self.parts == self.part:
+                yield sample
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], n_pass: int) -> Iterator[dict[str, Any]]:
+        """Shuffle within one pass (a buffer spanning passes would repeat samples within an epoch)."""
+        if not self.cfg.train:
+            return samples
+        seed = V.stable_seed(f"{self.cfg.seed}/{self.cfg.epoch}/{self.part}/{n_pass}")
+        buf = self.cfg.shuffle_buffer
+        return wds.shuffle(buf, initial=buf, rng=random.Random(seed))(samples)
+
+
+class CacheStream(IterableDataset):
+    """Batches of one rank for one epoch (training: endless; the trainer takes a fixed count)."""
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        part, parts = part_of(cfg)
+        n_workers = parts // cfg.world
+        counter = ErrorCounter()
+        source = ShardSource(cfg, part, parts)
+        stages: list[Any] = [lambda: source.samples(counter)]
+        skip = skipped_samples(cfg, part % n_workers, n_workers)
+        if skip:
+            stages.append(wds.slice(skip, None))
+        stages.append(wds.map(counter.watch(lambda s: decode_sample(cfg, s)), handler=counter))
+        samples = iter(wds.DataPipeline(*stages))
+        yield from _batches(samples, cfg.batch_size, partial=not cfg.train, counter=counter)
+
+
+def _batches(samples: Iterator[dict], size: int, partial: bool, counter: ErrorCounter) -> Iterator[dict]:
+    batch: list[dict] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield collate(batch, counter.take())
+            batch = []
+    if batch and partial:
+        yield collate(batch, counter.take())
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def make_loader(cfg: StreamConfig, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``CacheStream(cfg)`` (batching happens in the workers)."""
+    workers = cfg.workers
+    if not cfg.train:
+        workers = min(workers, len(cfg.shards))  # an ordered pass: one shard per worker at least
+    return DataLoader(CacheStream(replace(cfg, workers=workers)), batch_size=None, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def steps_per_epoch(n_samples: int, batch_size: int, world: int) -> int:
+    """Batches every rank runs per epoch: floor(n / (world · batch))."""
+    steps = n_samples // (world * batch_size)
+    if steps < 1:
+        raise ValueError(f"the train split has {n_samples} samples: too few for batch size {batch_size} "
+                         f"x {world} process(es); lower --batch-size")
+    return steps
+
+
+def epoch_batches(cfg: StreamConfig, n_steps: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+    """The batches ``cfg.skip_batches .. n_steps - 1`` of ``cfg.epoch`` for this rank."""
+    if cfg.skip_batches >= n_steps:
+        return
+    loader = make_loader(cfg, pin_memory)
+    it = iter(loader)
+    try:
+        for _ in range(cfg.skip_batches, n_steps):
+            yield next(it)
+    finally:
+        del it  # shuts the workers down (the training stream is endless)
+
+
+def first_batches(cfg: StreamConfig, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` batches of a stream, decoded (precise BN, benchmarks)."""
+    out = []
+    for batch in make_loader(cfg):
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
+def stream_config(shards: Sequence[Path | str], **kw: Any) -> StreamConfig:
+    return StreamConfig(shards=tuple(str(s) for s in shards), **kw)

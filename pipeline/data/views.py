@@ -1,0 +1,241 @@
+"""Bounded stored images and the views the teacher saw, replayable pixel for pixel.
+
+The stored image is the original converted to RGB, shrunk so its shorter side is at most
+``store_size`` and JPEG-encoded (quality 95). Everything downstream works from the *decoded
+stored JPEG* (``store_image`` returns it), so the trainer sees exactly the teacher's pixels.
+
+A ``View`` is a crop box relative to the stored image plus a flip. View 0 is the teacher's
+eval transform (centred square crop, as open_clip's Resize(shorter side) + CenterCrop);
+views 1..K-1 are RandomResizedCrop parameters drawn from an RNG seeded by the record key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import RandomResizedCrop
+
+SCALE = (0.35, 1.0)
+RATIO = (3 / 4, 4 / 3)
+FLIP_P = 0.5
+STORE_SIZE = 256
+JPEG_QUALITY = 95
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+BAD_IMAGE_REASONS = ("missing", "empty", "unreadable", "truncated", "corrupt", "decompression_bomb")
+
+
+class BadImage(Exception):
+    """An input image that cannot be used; ``reason`` is one of ``BAD_IMAGE_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class View:
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) relative to the stored image, in [0, 1]
+    flip: bool
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "flip": self.flip}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> View:
+        return cls(tuple(float(v) for v in d["box"]), bool(d["flip"]))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- decoding and storing
+
+
+def decode_image(data: bytes | str | Path | None, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open and fully decode an image (bytes or a path), or raise ``BadImage``.
+
+    ``load()`` runs here so a truncated file fails now, not later. Images over ``max_pixels``
+    (or over PIL's own ``MAX_IMAGE_PIXELS``) raise ``BadImage("decompression_bomb")`` before
+    their pixels are decoded. EXIF orientation is not applied (as in open_clip's loaders).
+    """
+    if data is None:
+        raise BadImage("missing", "record has neither image bytes nor a path")
+    if isinstance(data, (str, Path)):
+        try:
+            data = Path(data).read_bytes()
+        except FileNotFoundError as err:
+            raise BadImage("missing", str(data)) from err
+        except OSError as err:
+            raise BadImage("unreadable", f"{data}: {err}") from err
+    if len(data) == 0:
+        raise BadImage("empty", "zero bytes")
+    with warnings.catch_warnings():
+        # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; a bomb must never pass.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise BadImage("decompression_bomb", str(err)) from err
+        except UnidentifiedImageError as err:
+            raise BadImage("unreadable", "not a recognised image format") from err
+        except Exception as err:  # noqa: BLE001  (PIL raises many types on corrupt headers)
+            raise BadImage(_failure_reason(err), f"{type(err).__name__}: {err}") from err
+        w, h = img.size
+        if w * h > max_pixels:
+            raise BadImage("decompression_bomb", f"{w}x{h} pixels > max_pixels {max_pixels}")
+        if w == 0 or h == 0:
+            raise BadImage("corrupt", f"size {w}x{h}")
+        return _load(img)
+
+
+def _failure_reason(err: Exception) -> str:
+    message = str(err).lower()
+    return "truncated" if "truncated" in message or "broken data stream" in message else "corrupt"
+
+
+def _load(img: Image.Image) -> Image.Image:
+    try:
+        img.load()
+    except Exception as err:  # noqa: BLE001  (decoders raise OSError, ValueError, SyntaxError, ...)
+        raise BadImage(_failure_reason(err), f"{type(err).__name__}: {err}") from err
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency over white (CMYK, L, P, LA, RGBA, 16-bit, ...)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0  # 16-bit range -> 8-bit
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def stored_size(w: int, h: int, store_size: int = STORE_SIZE) -> tuple[int, int]:
+    """(w, h) with the shorter side shrunk to ``store_size``; never enlarged."""
+    short = min(w, h)
+    if short <= store_size:
+        return w, h
+    scale = store_size / short
+    return (store_size, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), store_size)
+
+
+def store_image(img: Image.Image, store_size: int = STORE_SIZE) -> tuple[bytes, Image.Image]:
+    """Encode the stored copy of ``img``: RGB, shorter side <= ``store_size``, JPEG q95.
+
+    Returns the JPEG bytes and the image decoded back from them; use the latter for
+    everything downstream (teacher views, checks), since that is what the trainer will load.
+    """
+    rgb = to_rgb(img)
+    size = stored_size(*rgb.size, store_size=store_size)
+    if size != rgb.size:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    data = buf.getvalue()
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()
+    return data, decoded
+
+
+# ---------------------------------------------------------------- views
+
+
+def center_view(w: int, h: int) -> View:
+    """The centred square crop of a ``w`` x ``h`` image (torchvision CenterCrop's rounding)."""
+    side = min(w, h)
+    x0, y0 = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
+    return View((x0 / w, y0 / h, (x0 + side) / w, (y0 + side) / h), False)
+
+
+def stable_seed(seed: int | str) -> int:
+    """A 63-bit seed from any int or string, identical across runs and machines (not ``hash()``)."""
+    return int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def sample_views(
+    k: int, w: int, h: int, seed: int | str, scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO
+) -> list[View]:
+    """``k`` views of a ``w`` x ``h`` stored image: view 0 centred, then RandomResizedCrop + flip.
+
+    ``seed`` is typically the record key (optionally prefixed with a run seed), so views do
+    not depend on processing order, rank or batch.
+    """
+    views = [center_view(w, h)][:k]
+    shape_only = torch.empty(1, 1, 1).expand(1, h, w)  # get_params only reads the size
+    # get_params draws from the global torch RNG: fork it so callers' RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stable_seed(seed))
+        for _ in range(k - 1):
+            i, j, ch, cw = RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
+            flip = bool(torch.rand(1).item() < FLIP_P)
+            views.append(View((j / w, i / h, (j + cw) / w, (i + ch) / h), flip))
+    return views
+
+
+def pixel_box(view: View, w: int, h: int) -> tuple[int, int, int, int]:
+    """The view's box in pixels of a ``w`` x ``h`` image, rounded, at least 1 pixel wide."""
+    x0, y0, x1, y1 = view.box
+    px0, py0 = round(x0 * w), round(y0 * h)
+    px1, py1 = max(px0 + 1, round(x1 * w)), max(py0 + 1, round(y1 * h))
+    return px0, py0, min(px1, w), min(py1, h)
+
+
+def apply_view(img: Image.Image, view: View, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Crop the view's pixel box, resize to ``size`` x ``size``, flip. Deterministic."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+    out = img.crop(pixel_box(view, *img.size)).resize((size, size), INTERPOLATIONS[interpolation])
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view.flip else out
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised float tensor [3, H, W] from an RGB image."""
+    x = torch.from_numpy(np.asarray(to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def view_area(view: View) -> float:
+    """Relative area of the view's box (for checks: RandomResizedCrop keeps it near ``SCALE``)."""
+    x0, y0, x1, y1 = view.box
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+__all__ = [
+    "BAD_IMAGE_REASONS",
+    "BadImage",
+    "View",
+    "apply_view",
+    "center_view",
+    "decode_image",
+    "pixel_box",
+    "sample_views",
+    "stable_seed",
+    "store_image",
+    "stored_size",
+    "to_rgb",
+    "to_tensor",
+    "view_area",
+]

@@ -1,0 +1,345 @@
+"""Stage 1: run the teacher once over a captioned image set and write the cache (DESIGN §3).
+
+Flow: a Source lists ordered work units per split (unit i -> output shard i). DataLoader
+workers decode images, store them at a bounded size, draw the views and cut the view
+tensors; the main process runs the teacher on images and captions and writes each unit as
+one crash-safe shard. Under torchrun every rank takes units i % world == rank, so any world
+size writes the same files; rank 0 writes the manifest after a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdpipe import __version__, runtime
+from kdpipe.data import views as V
+from kdpipe.data.records import Record, Source, open_source
+from kdpipe.progress import make_progress
+from kdpipe.store import (
+    PROMPTS,
+    CachedSample,
+    CacheError,
+    Manifest,
+    describe_teacher,
+    read_sidecar,
+    same_fingerprint,
+    verify_shard,
+    write_shard,
+)
+from kdpipe.teachers import Teacher, load_teacher
+
+log = logging.getLogger("kdpipe")
+
+
+@dataclass
+class ExtractConfig:
+    teacher: str  # registry name, open_clip model name, or model-config JSON path
+    data: str  # COCO-layout root, shapes world, or WebDataset tars
+    out: str
+    pretrained: str | None = None  # open_clip tag or local checkpoint file
+    views: int = 4  # view 0 = the teacher's eval transform
+    batch_size: int = 64  # images per teacher forward (x views)
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"
+    split_file: str | None = None  # Karpathy dataset_coco.json
+    keep_leaky: bool = False  # keep Karpathy val/test images in train
+    overwrite: bool = False
+    shard_size: int = 1000  # images per shard (directory sources)
+    store_size: int = 256  # stored image's shorter side, at most
+    splits: list[str] | None = None  # default: every split the source has
+    allow_random_init: bool = False  # a real open_clip name without weights
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- workers: decode
+
+
+@dataclass
+class Prepared:
+    """One decoded record, ready for the teacher."""
+
+    key: str
+    jpg: bytes
+    views: list[dict]
+    pixels: torch.Tensor  # [V, 3, S, S] normalised view tensors
+    captions: list[str]
+    label: int
+
+
+def clean_captions(captions: tuple[str, ...] | list[str]) -> list[str]:
+    """Strip whitespace and drop empty captions (the tokenizer would accept them)."""
+    return [c.strip() for c in captions if c and c.strip()]
+
+
+def prepare(record: Record, n_views: int, store_size: int, size: int, interpolation: str,
+            mean: tuple, std: tuple) -> Prepared | str:
+    """Decode, store and cut the views of one record; a skip reason (str) on bad input."""
+    captions = clean_captions(record.captions)
+    if not captions:
+        return "no_caption"
+    try:
+        image = V.decode_image(record.path if record.data is None else record.data)
+    except V.BadImage as bad:
+        return bad.reason
+    jpg, stored = V.store_image(image, store_size)
+    views = V.sample_views(n_views, stored.width, stored.height, seed=record.key)
+    pixels = torch.stack([V.to_tensor(V.apply_view(stored, v, size, interpolation), mean, std)
+                          for v in views])
+    label = -1 if record.label is None else int(record.label)
+    return Prepared(record.key, jpg, [v.to_dict() for v in views], pixels, captions, label)
+
+
+@dataclass
+class UnitDone:
+    index: int
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+class UnitStream(IterableDataset):
+    """Yields (unit index, [Prepared]) batches and a UnitDone after each unit.
+
+    Each DataLoader worker takes whole units, so a unit's batches are the same whatever the
+    number of workers or ranks, and samples of one unit never mix with another's.
+    """
+
+    def __init__(self, units: list, batch_size: int, prep_kwargs: dict[str, Any]) -> None:
+        self.units, self.batch_size, self.prep_kwargs = units, batch_size, prep_kwargs
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for unit in self.units[wid::nw]:
+            yield from self._unit(unit)
+
+    def _unit(self, unit: Any) -> Iterator[Any]:
+        done, batch = UnitDone(unit.index), []
+        for record in unit.records():
+            item = prepare(record, **self.prep_kwargs)
+            if isinstance(item, str):
+                done.skipped.setdefault(item, []).append(record.key)
+                log.warning("skipped %s: %s", record.key, item)
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield unit.index, batch
+                batch = []
+        if batch:
+            yield unit.index, batch
+        yield done
+
+
+# --------------------------------------------------------------------------- main process: teacher
+
+
+def _normalise(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[N, D] raw features -> (fp16 unit vectors, fp32 norms)."""
+    feats = feats.float()
+    norms = feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (feats / norms).cpu().numpy().astype(np.float16), norms.squeeze(-1).cpu().numpy()
+
+
+@torch.no_grad()
+def embed_batch(teacher: Teacher, batch: list[Prepared], precision: str) -> list[CachedSample]:
+    """Teacher embeddings for every view and caption of a batch of prepared records."""
+    n_views = batch[0].pixels.shape[0]
+    pixels = torch.cat([p.pixels for p in batch]).to(teacher.device, non_blocking=True)
+    captions = [c for p in batch for c in p.captions]
+    with runtime.autocast(precision, teacher.device):
+        img_feats = teacher.encode_images(pixels)
+        txt_feats = teacher.encode_texts(captions, trim=True)
+    img, img_norms = _normalise(img_feats)
+    txt, txt_norms = _normalise(txt_feats)
+    out, t0 = [], 0
+    for i, p in enumerate(batch):
+        t1 = t0 + len(p.captions)
+        vs = slice(i * n_views, (i + 1) * n_views)
+        out.append(CachedSample(p.key, p.jpg, p.views, img[vs], txt[t0:t1], img_norms[vs],
+                                txt_norms[t0:t1], p.captions, p.label))
+        t0 = t1
+    return out
+
+
+# --------------------------------------------------------------------------- cache bookkeeping
+
+
+def manifest_header(cfg: ExtractConfig, teacher: Teacher, source: Source) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "kdpipe_version": __version__,
+        "teacher": teacher.fingerprint,
+        "embed_dim": teacher.embed_dim,
+        "logit_scale": teacher.logit_scale,
+        "dtype": "float16",
+        "views": cfg.views,
+        "view_policy": {"view0": "center-crop", "scale": list(V.SCALE), "ratio": list(V.RATIO),
+                        "flip": V.FLIP_P, "store_size": cfg.store_size},
+        "source": {"spec": str(cfg.data), "kind": source.name, "report": source.report(),
+                   "split_file": cfg.split_file, "keep_leaky": cfg.keep_leaky},
+        "classnames": source.classnames(),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+        "splits": {},
+    }
+
+
+def compatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why an existing cache can't be resumed with this config (None when it can)."""
+    if not same_fingerprint(old.get("teacher", {}), new["teacher"]):
+        return (f"it was made by teacher {describe_teacher(old.get('teacher', {}))}, "
+                f"not {describe_teacher(new['teacher'])}")
+    for key in ("views", "view_policy", "embed_dim"):
+        if old.get(key) != new[key]:
+            return f"its {key} is {old.get(key)!r}, this run asks for {new[key]!r}"
+    return None
+
+
+def prepare_out(root: Path, header: dict[str, Any], overwrite: bool) -> Manifest:
+    """Open (resume) or create the cache directory; refuse another teacher's cache."""
+    existing = Manifest.load(root) if root.exists() else None
+    if existing is not None and not overwrite:
+        problem = compatible(existing.data, header)
+        if problem:
+            raise CacheError(f"{root} already holds a cache, but {problem}; "
+                             "pass --overwrite to replace it or choose another --out")
+    elif root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise CacheError(f"{root} exists and is not a kdpipe cache; choose another --out or pass --overwrite")
+    if overwrite and root.exists():
+        log.warning("--overwrite: removing everything in %s", root)
+        wipe_cache(root)
+        existing = None
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(root, {**header, "splits": existing.data.get("splits", {}) if existing else {}})
+    return manifest
+
+
+def wipe_cache(root: Path) -> None:
+    for child in root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def finished_entry(split_dir: Path, index: int) -> dict[str, Any] | None:
+    """The shard's entry when its files are complete and match their sha256."""
+    entry = read_sidecar(split_dir, index)
+    if entry is None or verify_shard(split_dir, entry, full=True) is not None:
+        return None
+    return entry
+
+
+# --------------------------------------------------------------------------- the split loop
+
+
+def extract_split(cfg: ExtractConfig, teacher: Teacher, source: Source, split: str,
+                  manifest: Manifest, dist: runtime.DistInfo, precision: str) -> None:
+    split_dir = Path(cfg.out) / split
+    units = source.units(split)[dist.rank::dist.world_size]
+    todo = []
+    for unit in units:
+        entry = finished_entry(split_dir, unit.index)
+        if entry is None:
+            todo.append(unit)
+        elif not dist.enabled:
+            manifest.add_shard(split, entry)
+    if not dist.enabled:
+        manifest.save()
+    log.info("%s: %d shards for this process, %d already done", split, len(units), len(units) - len(todo))
+    if todo:
+        run_units(cfg, teacher, split, split_dir, todo, manifest, dist, precision)
+
+
+def run_units(cfg: ExtractConfig, teacher: Teacher, split: str, split_dir: Path, units: list,
+              manifest: Manifest, dist: runtime.DistInfo, precision: str) -> None:
+    pre = teacher.preprocess
+    stream = UnitStream(units, cfg.batch_size, dict(
+        n_views=cfg.views, store_size=cfg.store_size, size=pre.size,
+        interpolation=pre.interpolation, mean=tuple(pre.mean), std=tuple(pre.std)))
+    loader = DataLoader(stream, batch_size=None, num_workers=min(cfg.workers, len(units)),
+                        pin_memory=runtime.pin_memory(teacher.device))
+    pending: dict[int, list[CachedSample]] = {}
+    sizes = [u.size for u in units]
+    total = None if None in sizes else sum(sizes)
+    with make_progress("img", disable=not cfg.progress) as progress:
+        task = progress.add_task(f"extract {split}", total=total, info="")
+        for item in loader:
+            if isinstance(item, UnitDone):
+                entry = write_shard(split_dir, item.index, pending.pop(item.index, []),
+                                    teacher.embed_dim, item.skipped)
+                if not dist.enabled:
+                    manifest.add_shard(split, entry)
+                    manifest.save()
+                progress.update(task, advance=sum(entry["skipped"].values()),
+                                info=f"shard {entry['name']}: {entry['count']} ok")
+                continue
+            index, batch = item
+            pending.setdefault(index, []).extend(embed_batch(teacher, batch, precision))
+            progress.update(task, advance=len(batch))
+
+
+def collect_manifest(manifest: Manifest, source: Source, splits: list[str]) -> None:
+    """Rank 0 after the barrier: record every finished shard; refuse if one is missing."""
+    for split in splits:
+        split_dir = manifest.root / split
+        for unit in source.units(split):
+            entry = finished_entry(split_dir, unit.index)
+            if entry is None:
+                raise CacheError(f"shard {unit.index} of {split} is missing or corrupt after extraction")
+            manifest.add_shard(split, entry)
+    manifest.save()
+
+
+def write_prompt_sets(root: Path, teacher: Teacher, classnames: list[str] | None) -> None:
+    """CACHE/prompts.h5: teacher embeddings of class prompts x templates (zero-shot eval)."""
+    from kdpipe import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
+
+    sets = prompts.build_prompt_sets(teacher, extra_classnames=classnames)
+    prompts.write_prompts(root / PROMPTS, sets)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    return {split: {k: info[k] for k in ("count", "captions", "skipped")} | {"shards": len(info["shards"])}
+            for split, info in manifest.data["splits"].items()}
+
+
+def run(cfg: ExtractConfig) -> dict[str, Any]:
+    """Extract every split of cfg.data into the cache cfg.out; returns the split summary."""
+    if cfg.views < 1:
+        raise ValueError("--views must be at least 1 (view 0 is the teacher's eval transform)")
+    dist = runtime.init_distributed(cfg.device)
+    device = runtime.dist_device(dist, cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    source = open_source(cfg.data, shard_size=cfg.shard_size, split_file=cfg.split_file,
+                         keep_leaky=cfg.keep_leaky)
+    splits = cfg.splits or source.splits()
+    missing = sorted(set(splits) - set(source.splits()))
+    if missing:
+        raise ValueError(f"split(s) {missing} not in {cfg.data}; it has {source.splits()}")
+    teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device,
+                           allow_random_init=cfg.allow_random_init)
+    root = Path(cfg.out)
+    header = manifest_header(cfg, teacher, source)
+    manifest = prepare_out(root, header, cfg.overwrite) if dist.is_main else None
+    runtime.barrier(dist)
+    if manifest is None:
+        manifest = Manifest(root, {**header, "splits": {}})
+    if dist.is_main:
+        manifest.save()
+    for split in splits:
+        extract_split(cfg, teacher, source, split, manifest, dist, precision)
+    runtime.barrier(dist)
+    if dist.is_main:
+        collect_manifest(manifest, source, splits)
+        if not (root / PROMPTS).exists():
+            write_prompt_sets(root, teacher, source.classnames())
+    runtime.barrier(dist)
+    return summary(Manifest.load(root))

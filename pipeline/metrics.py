@@ -1,0 +1,162 @@
+"""Evaluation math on embeddings: retrieval Recall@K, zero-shot classification, agreement.
+
+Pure torch, no files: the eval stage loads embeddings and calls these. Every function
+works in float32 whatever the input dtype (caches hold fp16) and on the inputs' device.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _unit(x: Tensor) -> Tensor:
+    """[N, D] -> float32 rows of unit length."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _recall_from_ranks(ranks: Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
+    """ranks [Q] (0 = best) -> {"{prefix}_R@K": share of queries with rank < K}."""
+    return {f"{prefix}_R@{k}": (ranks < k).double().mean().item() for k in ks}
+
+
+def _i2t_ranks(img: Tensor, txt: Tensor, txt_to_img: Tensor, chunk: int) -> Tensor:
+    """Rank of each image's best-scoring caption among all texts -> LongTensor [N].
+
+    An image with no caption gets the largest long (never a hit, whatever K).
+    """
+    ranks = []
+    for start in range(0, img.shape[0], chunk):
+        sims = img[start : start + chunk] @ txt.T  # [c, M]: the only big tensor, c x M
+        ids = torch.arange(start, start + sims.shape[0], device=img.device)
+        positive = txt_to_img[None, :] == ids[:, None]  # [c, M]
+        best = sims.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        rank = (sims > best).sum(dim=1)
+        ranks.append(rank.masked_fill(~positive.any(dim=1), torch.iinfo(torch.long).max))
+    return torch.cat(ranks)
+
+
+def _t2i_ranks(img: Tensor, txt: Tensor, txt_to_img: Tensor, chunk: int) -> Tensor:
+    """Rank of each caption's own image among all images -> LongTensor [M]."""
+    ranks = []
+    for start in range(0, txt.shape[0], chunk):
+        sims = txt[start : start + chunk] @ img.T  # [c, N]
+        correct = sims.gather(1, txt_to_img[start : start + chunk, None])  # [c, 1]
+        ranks.append((sims > correct).sum(dim=1))
+    return torch.cat(ranks)
+
+
+def retrieval_recall(
+    img: Tensor,
+    txt: Tensor,
+    txt_to_img: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Recall@K both ways with every caption of every image (CLIP_benchmark definition).
+
+    img [N, D], txt [M, D] (normalised here), txt_to_img [M] long: the image of each caption.
+    Image -> text: an image is a hit at K when ANY of its captions is among the K most
+    similar texts. Text -> image: a caption is a hit when its image is among the K most
+    similar images. Returns {"i2t_R@1": ..., "t2i_R@1": ..., ...}, each in [0, 1].
+
+    A query's rank is the number of candidates scoring strictly higher than its (best)
+    correct one, so ties resolve in the query's favour and the result does not depend on
+    how a top-k kernel orders equal scores. Similarities are computed ``chunk`` queries at a
+    time: peak memory is chunk x max(N, M) floats, never N x M (COCO 5k x 25k, or 25k x 125k).
+    """
+    img, txt = _unit(img), _unit(txt)
+    txt_to_img = txt_to_img.to(device=img.device, dtype=torch.long)
+    if txt_to_img.shape != (txt.shape[0],):
+        raise ValueError(f"txt_to_img must have shape [{txt.shape[0]}], got {list(txt_to_img.shape)}")
+    if txt_to_img.numel() and (txt_to_img.min() < 0 or txt_to_img.max() >= img.shape[0]):
+        raise ValueError(f"txt_to_img holds image indices outside [0, {img.shape[0]})")
+    i2t = _recall_from_ranks(_i2t_ranks(img, txt, txt_to_img, chunk), ks, "i2t")
+    t2i = _recall_from_ranks(_t2i_ranks(img, txt, txt_to_img, chunk), ks, "t2i")
+    return {**i2t, **t2i}
+
+
+def zero_shot_classifier(class_emb: Tensor) -> Tensor:
+    """Prompt-ensemble classifier: class_emb [K, T, D] (class x template) -> weights [D, K].
+
+    Each template embedding is normalised, averaged per class, and the mean re-normalised:
+    the same arithmetic as ``open_clip.build_zero_shot_classifier``, so cached prompt
+    embeddings give the classifier the teacher would have built live.
+    """
+    per_class = _unit(class_emb).mean(dim=1)  # [K, D]
+    per_class = per_class / per_class.norm(dim=1, keepdim=True)
+    return per_class.T
+
+
+def _logits(img: Tensor, classifier: Tensor) -> Tensor:
+    """img [N, D] @ classifier [D, K] -> [N, K] cosine scores."""
+    if img.shape[1] != classifier.shape[0]:
+        raise ValueError(f"image dim {img.shape[1]} does not match classifier dim {classifier.shape[0]}")
+    return _unit(img) @ classifier.float().to(img.device)
+
+
+def zero_shot_predictions(img: Tensor, classifier: Tensor, chunk: int = 4096) -> Tensor:
+    """Predicted class per image: img [N, D], classifier [D, K] -> LongTensor [N]."""
+    preds = [_logits(img[s : s + chunk], classifier).argmax(dim=1) for s in range(0, img.shape[0], chunk)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=img.device)
+
+
+def zero_shot_accuracy(
+    img: Tensor,
+    classifier: Tensor,
+    labels: Tensor,
+    ks: Sequence[int] = (1, 5),
+    chunk: int = 4096,
+) -> dict[str, float]:
+    """Top-K accuracy: img [N, D], classifier [D, K], labels [N] long -> {"top1": ..., "top5": ...}.
+
+    With fewer classes than K, top-K is 1.0 by definition (every class is in the top K).
+    """
+    if img.shape[0] == 0:
+        raise ValueError("zero_shot_accuracy needs at least one image")
+    labels = labels.to(device=img.device, dtype=torch.long)
+    k_max = min(max(ks), classifier.shape[1])
+    hits = []  # [N, k_max]: whether the label sits at each of the first k_max positions
+    for s in range(0, img.shape[0], chunk):
+        top = _logits(img[s : s + chunk], classifier).topk(k_max, dim=1).indices
+        hits.append(top == labels[s : s + chunk, None])
+    hit = torch.cat(hits)
+    return {f"top{k}": hit[:, :k].any(dim=1).double().mean().item() for k in ks}
+
+
+def agreement(
+    student_img: Tensor,
+    teacher_img: Tensor,
+    classifier_s: Tensor | None = None,
+    classifier_t: Tensor | None = None,
+) -> dict[str, float]:
+    """How closely a student follows its teacher on the same images.
+
+    student_img, teacher_img [N, D] (same space, e.g. the student projected to the teacher
+    dim). Returns {"cosine": mean cosine}, plus {"top1_agreement": share of images whose
+    zero-shot top-1 class is the same} when a classifier [D, K] is given. ``classifier_t``
+    defaults to ``classifier_s`` (an image-only student classifies with the teacher's text).
+    """
+    if student_img.shape != teacher_img.shape:
+        raise ValueError(f"student {list(student_img.shape)} and teacher {list(teacher_img.shape)} shapes differ")
+    out = {"cosine": (_unit(student_img) * _unit(teacher_img)).sum(dim=1).mean().item()}
+    if classifier_s is not None:
+        classifier_t = classifier_s if classifier_t is None else classifier_t
+        same = zero_shot_predictions(student_img, classifier_s) == zero_shot_predictions(teacher_img, classifier_t)
+        out["top1_agreement"] = same.double().mean().item()
+    return out
+
+
+def with_ratios(student: dict[str, float], teacher: dict[str, float]) -> dict[str, dict]:
+    """Pair each student metric with the teacher's: {m: {"student", "teacher", "ratio"}}.
+
+    ratio = student / teacher; None when the teacher lacks the metric or scores 0.
+    """
+    out = {}
+    for name, s in student.items():
+        t = teacher.get(name)
+        out[name] = {"student": s, "teacher": t, "ratio": s / t if t else None}
+    return out

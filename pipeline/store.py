@@ -1,0 +1,393 @@
+"""The cache on disk: shard writer, manifest and readers (DESIGN §3, docs/ARCHITECTURE.md).
+
+Knows files, not math. A shard is three files written in this order, each under a temporary
+name, fsynced and renamed: ``shard-NNNNNN.tar`` (WebDataset), ``shard-NNNNNN.h5`` (the same
+embeddings, contiguous) and ``shard-NNNNNN.json`` (the sidecar: its manifest entry). The
+sidecar is written last, so a shard with a sidecar is complete; the manifest lists a shard
+only after its sidecar exists, and every reader checks sizes (and on request sha256) against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import webdataset as wds
+
+log = logging.getLogger("kdpipe")
+
+MANIFEST = "manifest.json"
+PROMPTS = "prompts.h5"
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, incomplete, corrupt or from another teacher."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{'bytes': size, 'sha256': hex} of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def commit_tmp(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+# --------------------------------------------------------------------------- samples and shards
+
+
+@dataclass
+class CachedSample:
+    """One image's cache entry. Embeddings are L2-normalised float16."""
+
+    key: str
+    jpg: bytes
+    views: list[dict]  # [{"box": [x0, y0, x1, y1], "flip": bool}] relative to the stored image
+    img: np.ndarray  # [V, D] float16
+    txt: np.ndarray  # [C, D] float16
+    img_norms: np.ndarray  # [V] float32, norms before normalisation
+    txt_norms: np.ndarray  # [C] float32
+    captions: list[str]
+    label: int = -1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tar_sample(s: CachedSample) -> dict[str, Any]:
+    sample = {
+        "__key__": s.key,
+        "jpg": s.jpg,
+        "views.json": json.dumps(s.views).encode(),
+        "img.npy": _npy_bytes(s.img.astype(np.float16)),
+        "txt.npy": _npy_bytes(s.txt.astype(np.float16)),
+        "norms.npy": _npy_bytes(np.concatenate([s.img_norms, s.txt_norms]).astype(np.float32)),
+        "captions.json": json.dumps(s.captions).encode(),
+    }
+    if s.label >= 0:
+        sample["cls.txt"] = str(s.label).encode()
+    return sample
+
+
+def _write_tar(path: Path, samples: list[CachedSample]) -> None:
+    with open(path, "wb") as f:
+        with wds.TarWriter(f) as sink:
+            for s in samples:
+                sink.write(_tar_sample(s))
+
+
+def _write_h5(path: Path, samples: list[CachedSample], embed_dim: int) -> None:
+    n_views = samples[0].img.shape[0] if samples else 0
+    counts = [len(s.captions) for s in samples]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    with h5py.File(path, "w") as f:
+        f.attrs["embed_dim"] = embed_dim
+        f.create_dataset("keys", data=np.array([s.key for s in samples], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("img", data=_stack([s.img for s in samples], (0, n_views, embed_dim)))
+        f.create_dataset("txt", data=_concat([s.txt for s in samples], (0, embed_dim)))
+        f.create_dataset("txt_offsets", data=offsets)
+        f.create_dataset("img_norms", data=_stack([s.img_norms for s in samples], (0, n_views), np.float32))
+        f.create_dataset("txt_norms", data=_concat([s.txt_norms for s in samples], (0,), np.float32))
+        f.create_dataset("labels", data=np.array([s.label for s in samples], dtype=np.int64))
+
+
+def _stack(arrays: list[np.ndarray], empty: tuple, dtype=np.float16) -> np.ndarray:
+    return np.stack(arrays).astype(dtype) if arrays else np.zeros(empty, dtype)
+
+
+def _concat(arrays: list[np.ndarray], empty: tuple, dtype=np.float16) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(empty, dtype)
+
+
+def write_shard(
+    split_dir: Path,
+    index: int,
+    samples: list[CachedSample],
+    embed_dim: int,
+    skipped: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Write one shard (tar, h5, sidecar) crash-safely and return its manifest entry.
+
+    ``skipped`` maps a reason ("corrupt", "no_caption", ...) to the keys skipped for it.
+    """
+    split_dir.mkdir(parents=True, exist_ok=True)
+    name = shard_name(index)
+    for ext, writer in (("tar", _write_tar), ("h5", _write_h5)):
+        tmp = split_dir / f".{name}.{ext}.tmp"
+        writer(tmp, samples) if ext == "tar" else writer(tmp, samples, embed_dim)
+        commit_tmp(tmp, split_dir / f"{name}.{ext}")
+    skipped = skipped or {}
+    entry = {
+        "name": name,
+        "index": index,
+        "count": len(samples),
+        "captions": int(sum(len(s.captions) for s in samples)),
+        "tar": file_digest(split_dir / f"{name}.tar"),
+        "h5": file_digest(split_dir / f"{name}.h5"),
+        "skipped": {reason: len(keys) for reason, keys in sorted(skipped.items()) if keys},
+        "skipped_keys": {reason: list(keys) for reason, keys in sorted(skipped.items()) if keys},
+    }
+    atomic_write_json(split_dir / f"{name}.json", entry)
+    return entry
+
+
+def verify_shard(split_dir: Path, entry: dict[str, Any], full: bool = True) -> str | None:
+    """None when the shard's files match its entry, else a reason. ``full`` checks sha256."""
+    for ext in ("tar", "h5"):
+        path = split_dir / f"{entry['name']}.{ext}"
+        if not path.exists():
+            return f"{path} is missing"
+        if path.stat().st_size != entry[ext]["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {entry[ext]['bytes']}"
+        if full and file_digest(path)["sha256"] != entry[ext]["sha256"]:
+            return f"{path} does not match its sha256 in the manifest"
+    return None
+
+
+def read_sidecar(split_dir: Path, index: int) -> dict[str, Any] | None:
+    path = split_dir / f"{shard_name(index)}.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    """``CACHE/manifest.json``; always rewritten atomically."""
+
+    root: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST
+
+    @classmethod
+    def load(cls, root: Path) -> "Manifest | None":
+        path = Path(root) / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return cls(Path(root), json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise CacheError(f"{path} is not valid JSON ({err}); re-run extract with --overwrite") from None
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def split(self, name: str) -> dict[str, Any]:
+        return self.data.setdefault("splits", {}).setdefault(
+            name, {"count": 0, "captions": 0, "skipped": {}, "shards": []})
+
+    def add_shard(self, split: str, entry: dict[str, Any]) -> None:
+        """Record (or replace) a shard entry and recompute the split's totals."""
+        info = self.split(split)
+        shards = [s for s in info["shards"] if s["name"] != entry["name"]] + [entry]
+        shards.sort(key=lambda s: s["name"])
+        info["shards"] = shards
+        info["count"] = sum(s["count"] for s in shards)
+        info["captions"] = sum(s["captions"] for s in shards)
+        skipped: dict[str, int] = {}
+        for s in shards:
+            for reason, n in s["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        info["skipped"] = dict(sorted(skipped.items()))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class H5Shard:
+    """One HDF5 shard loaded in memory (see docs/ARCHITECTURE.md for shapes)."""
+
+    path: Path
+    keys: list[str]
+    img: np.ndarray  # [N, V, D] float16
+    txt: np.ndarray  # [M, D] float16
+    txt_offsets: np.ndarray  # [N + 1] int64
+    img_norms: np.ndarray  # [N, V] float32
+    txt_norms: np.ndarray  # [M] float32
+    labels: np.ndarray  # [N] int64, -1 unknown
+
+    @property
+    def txt_to_img(self) -> np.ndarray:
+        """[M] index of each caption's image within this shard."""
+        return np.repeat(np.arange(len(self.keys)), np.diff(self.txt_offsets))
+
+
+def read_h5_shard(path: Path, fields: tuple[str, ...] | None = None) -> H5Shard:
+    """Load a shard's arrays; ``fields`` limits which embedding arrays are read (others empty)."""
+    wanted = fields or ("img", "txt", "img_norms", "txt_norms")
+    with h5py.File(path, "r") as f:
+        arrays = {k: (f[k][()] if k in wanted else np.zeros((0,), np.float16))
+                  for k in ("img", "txt", "img_norms", "txt_norms")}
+        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
+        return H5Shard(path, keys, txt_offsets=f["txt_offsets"][()], labels=f["labels"][()], **arrays)
+
+
+@dataclass
+class Cache:
+    """A verified cache directory. ``open_cache`` builds it."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def teacher(self) -> dict[str, Any]:
+        return self.manifest["teacher"]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    @property
+    def classnames(self) -> list[str] | None:
+        return self.manifest.get("classnames")
+
+    def splits(self) -> list[str]:
+        return list(self.manifest.get("splits", {}))
+
+    def require_split(self, split: str) -> dict[str, Any]:
+        splits = self.manifest.get("splits", {})
+        if split not in splits or not splits[split]["shards"]:
+            raise CacheError(f"cache {self.root} has no shards for split {split!r}; it has {sorted(splits)}")
+        return splits[split]
+
+    def shard_paths(self, split: str, ext: str) -> list[Path]:
+        """Paths of the split's ``tar`` or ``h5`` files, in shard order.
+
+        Shards whose every input was skipped (count 0) are left out: WebDataset refuses empty
+        tars, and they hold nothing to read.
+        """
+        info = self.require_split(split)
+        return [self.root / split / f"{s['name']}.{ext}" for s in info["shards"] if s["count"]]
+
+    def count(self, split: str) -> int:
+        return int(self.require_split(split)["count"])
+
+    def iter_h5(self, split: str, fields: tuple[str, ...] | None = None) -> Iterator[H5Shard]:
+        """Shards of a split one at a time (memory: one shard)."""
+        for path in self.shard_paths(split, "h5"):
+            yield read_h5_shard(path, fields)
+
+    def load_split(self, split: str, fields: tuple[str, ...] | None = None) -> H5Shard:
+        """All shards of a split concatenated in memory (val/test eval and analysis)."""
+        shards = list(self.iter_h5(split, fields))
+        offsets = [np.zeros(1, np.int64)]
+        base = 0
+        for s in shards:
+            offsets.append(s.txt_offsets[1:] + base)
+            base += int(s.txt_offsets[-1])
+        cat = lambda name: np.concatenate([getattr(s, name) for s in shards])  # noqa: E731
+        return H5Shard(self.root / split, [k for s in shards for k in s.keys], cat("img"), cat("txt"),
+                       np.concatenate(offsets), cat("img_norms"), cat("txt_norms"), cat("labels"))
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.root / PROMPTS
+
+
+def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict | None = None) -> Cache:
+    """Open a cache and check it against its manifest.
+
+    verify: "none", "size" (every file exists with the recorded size; cheap) or "sha256".
+    expect_teacher: refuse a cache whose teacher fingerprint differs.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CacheError(f"no cache at {root}; create one with `kdpipe extract --out {root}`")
+    manifest = Manifest.load(root)
+    if manifest is None or "teacher" not in manifest.data:
+        raise CacheError(f"{root} has no {MANIFEST}; it is not a finished kdpipe cache (run `kdpipe extract`)")
+    cache = Cache(root, manifest.data)
+    if expect_teacher is not None and not same_fingerprint(cache.teacher, expect_teacher):
+        raise CacheError(
+            f"cache {root} was made by teacher {describe_teacher(cache.teacher)}, "
+            f"not {describe_teacher(expect_teacher)}")
+    if verify != "none":
+        for split, info in cache.manifest.get("splits", {}).items():
+            for entry in info["shards"]:
+                problem = verify_shard(root / split, entry, full=verify == "sha256")
+                if problem:
+                    raise CacheError(f"cache {root} is corrupt: {problem}; re-run the same "
+                                     "`kdpipe extract` command to rewrite that shard")
+    return cache
+
+
+def same_fingerprint(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Fingerprints match, ignoring the open_clip version (it changes no numbers)."""
+    strip = lambda d: {k: v for k, v in d.items() if k != "open_clip_version"}  # noqa: E731
+    return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
+
+
+def describe_teacher(fp: dict[str, Any]) -> str:
+    weights = fp.get("pretrained") or (fp.get("checkpoint_sha256") or "")[:12] or "random init"
+    return f"{fp.get('name')} ({weights})"

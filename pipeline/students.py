@@ -1,0 +1,387 @@
+"""Student models: image backbones (torchvision / timm) and small text transformers (open_clip).
+
+A student maps its input to the teacher's embedding dim D through a linear projection and
+returns *un-normalised* features; the losses normalise. Everything is built with
+``pretrained=False`` (no downloads); ``init_checkpoint`` loads a local ImageNet file instead.
+
+Checkpoints describe how to rebuild themselves (nanoGPT's ``model_args``): ``student.json``
+holds builder names and kwargs, ``student.safetensors`` the weights, so ``load_student``
+needs nothing but the run directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import timm
+import torch
+import torchvision
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdpipe.registry import Registry
+
+log = logging.getLogger("kdpipe")
+
+WEIGHTS_FILE = "student.safetensors"
+SPEC_FILE = "student.json"
+VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer (CLIP BPE); the EOT id 49407 is the largest
+
+
+# --------------------------------------------------------------------------- image backbones
+
+
+@dataclass
+class Backbone:
+    """What a builder returns: a module emitting pooled features [B, dim] and how to mask it."""
+
+    module: nn.Module
+    dim: int
+    mask_kind: str  # "patch" (ViTs: zero whole patches) or "block" (CNNs: random block erasing)
+    patch_size: int  # ViT patch size; for CNNs the network's total stride (informational)
+
+
+BackboneBuilder = Callable[..., Backbone]
+STUDENTS: Registry[BackboneBuilder] = Registry("student")
+
+
+def _strip_torchvision_head(model: nn.Module, attr: str) -> int:
+    """Replace ``model.<attr>`` (classifier / fc) with Identity; returns the pooled feature dim."""
+    head = getattr(model, attr)
+    first_linear = head if isinstance(head, nn.Linear) else next(m for m in head if isinstance(m, nn.Linear))
+    setattr(model, attr, nn.Identity())
+    return first_linear.in_features
+
+
+def _torchvision(fn: Callable[..., nn.Module], head_attr: str) -> Backbone:
+    model = fn(weights=None)
+    dim = _strip_torchvision_head(model, head_attr)
+    return Backbone(model, dim, mask_kind="block", patch_size=32)
+
+
+@STUDENTS.register("mobilenetv3", "mobilenetv3_small")
+def mobilenetv3_small(image_size: int) -> Backbone:
+    """torchvision mobilenet_v3_small, 576 pooled features (BN momentum 0.01: use precise_bn)."""
+    return _torchvision(torchvision.models.mobilenet_v3_small, "classifier")
+
+
+@STUDENTS.register("mobilenetv3_large")
+def mobilenetv3_large(image_size: int) -> Backbone:
+    return _torchvision(torchvision.models.mobilenet_v3_large, "classifier")
+
+
+@STUDENTS.register("resnet18")
+def resnet18(image_size: int) -> Backbone:
+    return _torchvision(torchvision.models.resnet18, "fc")
+
+
+@STUDENTS.register("resnet34")
+def resnet34(image_size: int) -> Backbone:
+    return _torchvision(torchvision.models.resnet34, "fc")
+
+
+@STUDENTS.register("resnet50")
+def resnet50(image_size: int) -> Backbone:
+    return _torchvision(torchvision.models.resnet50, "fc")
+
+
+@STUDENTS.register("efficientnet_b0")
+def efficientnet_b0(image_size: int) -> Backbone:
+    return _torchvision(torchvision.models.efficientnet_b0, "classifier")
+
+
+@STUDENTS.register("vit_tiny")
+def vit_tiny(image_size: int, patch_size: int = 16) -> Backbone:
+    """timm vit_tiny_patch16_224 at ``image_size`` (dynamic size: other resolutions interpolate)."""
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0,
+        img_size=image_size, patch_size=patch_size, dynamic_img_size=True,
+    )
+    return Backbone(model, model.num_features, mask_kind="patch", patch_size=patch_size)
+
+
+@STUDENTS.register("mobilevit_s")
+def mobilevit_s(image_size: int) -> Backbone:
+    """timm mobilevit_s (needs image_size divisible by 32)."""
+    model = timm.create_model("mobilevit_s", pretrained=False, num_classes=0)
+    return Backbone(model, model.num_features, mask_kind="block", patch_size=32)
+
+
+class TinyConvNet(nn.Module):
+    """Three stride-2 conv-BN-ReLU layers and global average pooling: a test student, fast on CPU."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [3, width, 2 * width, 4 * width]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.num_features = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, S, S] -> [B, 4·width]."""
+        return self.features(x).mean(dim=(2, 3))
+
+
+@STUDENTS.register("tiny")
+def tiny(image_size: int, width: int = 16) -> Backbone:
+    model = TinyConvNet(width)
+    return Backbone(model, model.num_features, mask_kind="block", patch_size=8)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A local checkpoint as a flat state dict (safetensors, or torch.load with weights_only)."""
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):  # common wrappers of training checkpoints
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_init_checkpoint(module: nn.Module, path: str) -> dict[str, list[str]]:
+    """Load ImageNet weights into a backbone, non-strictly, and log what did not fit.
+
+    Classifier weights and shape mismatches are skipped (they are expected: the head is
+    stripped); a checkpoint matching *nothing* is an error, since it is surely the wrong file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init checkpoint {path!r} does not exist")
+    state = _read_state_dict(path)
+    own = module.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    loaded = sum(k in own for k in state)
+    if loaded == 0:
+        raise ValueError(f"init checkpoint {path!r} matches no parameter of the student backbone")
+    result = module.load_state_dict(state, strict=False)
+    log.info(
+        "init checkpoint %s: loaded %d/%d tensors; missing %d %s; unexpected %d %s; shape mismatch %d %s",
+        path, loaded, len(own), len(result.missing_keys), result.missing_keys[:5],
+        len(result.unexpected_keys), result.unexpected_keys[:5], len(mismatched), mismatched[:5],
+    )
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "mismatched": mismatched}
+
+
+class ImageStudent(nn.Module):
+    """Backbone + linear projection to the teacher's embedding dim.
+
+    Attributes used by the trainer: ``mask_kind`` / ``patch_size`` (for ``losses.mask_images``),
+    ``mean`` / ``std`` (input normalisation), ``spec`` (how to rebuild it).
+    """
+
+    def __init__(
+        self, backbone: Backbone, embed_dim: int, image_size: int,
+        mean: tuple[float, ...], std: tuple[float, ...], spec: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.module
+        self.proj = nn.Linear(backbone.dim, embed_dim)
+        self.feature_dim, self.embed_dim, self.image_size = backbone.dim, embed_dim, image_size
+        self.mask_kind, self.patch_size = backbone.mask_kind, backbone.patch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, S, S] normalised images -> [B, D] un-normalised embeddings."""
+        return self.proj(self.backbone(x))
+
+
+def build_student(
+    name: str, embed_dim: int, image_size: int,
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN, std: tuple[float, ...] = OPENAI_DATASET_STD,
+    init_checkpoint: str | None = None, **kwargs: Any,
+) -> ImageStudent:
+    """Build ``STUDENTS[name]`` (+ projection to ``embed_dim``); kwargs go to the builder."""
+    builder = STUDENTS.get(name)
+    backbone = builder(image_size, **kwargs)
+    if init_checkpoint is not None:
+        load_init_checkpoint(backbone.module, init_checkpoint)
+    spec = {"name": name, "kwargs": dict(kwargs), "init_checkpoint": init_checkpoint}
+    return ImageStudent(backbone, embed_dim, image_size, mean, std, spec)
+
+
+# --------------------------------------------------------------------------- text students
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(context_length: int) -> SimpleTokenizer:
+    return SimpleTokenizer(context_length=context_length)  # bundled BPE file, no download
+
+
+class TextStudent(nn.Module):
+    """open_clip ``TextTransformer`` (causal, EOT pooling) whose projection outputs D directly."""
+
+    def __init__(self, embed_dim: int, width: int, heads: int, layers: int, context_length: int = 77,
+                 spec: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.tower = TextTransformer(
+            context_length=context_length, vocab_size=VOCAB_SIZE, width=width, heads=heads,
+            layers=layers, output_dim=embed_dim,
+        )
+        self.embed_dim, self.context_length = embed_dim, context_length
+        self.spec = spec or {}
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """captions -> [C, context_length] int64 token ids (SOT … EOT, zero padded)."""
+        return _tokenizer(self.context_length)(list(captions))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [C, L] (L ≤ context_length) -> [C, D] un-normalised embeddings.
+
+        The tower is causal and pools at EOT (the largest id), so tokens after the last EOT of
+        the batch cannot change the output: they are trimmed before the transformer runs.
+        """
+        tower = self.tower
+        eot = tokens.argmax(dim=-1)
+        n = int(eot.max()) + 1
+        tokens = tokens[:, :n]
+        x = tower.token_embedding(tokens) + tower.positional_embedding[:n]
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+        x = tower.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        return pooled @ tower.text_projection
+
+
+TextBuilder = Callable[..., TextStudent]
+TEXT_STUDENTS: Registry[TextBuilder] = Registry("text student")
+
+
+@TEXT_STUDENTS.register("text_tiny")
+def text_tiny(embed_dim: int, context_length: int = 77) -> TextStudent:
+    """2 layers, width 64: test student."""
+    return TextStudent(embed_dim, width=64, heads=2, layers=2, context_length=context_length)
+
+
+@TEXT_STUDENTS.register("text_small")
+def text_small(embed_dim: int, context_length: int = 77) -> TextStudent:
+    """4 layers, width 256."""
+    return TextStudent(embed_dim, width=256, heads=4, layers=4, context_length=context_length)
+
+
+@TEXT_STUDENTS.register("text_base")
+def text_base(embed_dim: int, context_length: int = 77) -> TextStudent:
+    """12 layers, width 512: the size of CLIP ViT-B's text tower."""
+    return TextStudent(embed_dim, width=512, heads=8, layers=12, context_length=context_length)
+
+
+def build_text_student(name: str, embed_dim: int, **kwargs: Any) -> TextStudent:
+    student = TEXT_STUDENTS.get(name)(embed_dim, **kwargs)
+    student.spec = {"name": name, "kwargs": dict(kwargs)}
+    return student
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, meta: dict[str, Any]) -> None:
+    """Write RUN/student.safetensors ("image.*", "text.*" weights) and RUN/student.json.
+
+    ``meta`` (teacher fingerprint, whitening, ...) is merged into the JSON; it must be JSON-able.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"image.{k}": v for k, v in image.state_dict().items()}
+    if text is not None:
+        tensors.update({f"text.{k}": v for k, v in text.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    spec = {
+        **meta,
+        "format": 1,
+        "image": {"name": image.spec["name"], "kwargs": image.spec["kwargs"],
+                  "init_checkpoint": image.spec.get("init_checkpoint")},
+        "text": None if text is None else {"name": text.spec["name"], "kwargs": text.spec["kwargs"]},
+        "embed_dim": image.embed_dim, "image_size": image.image_size,
+        "mean": list(image.mean), "std": list(image.std),
+    }
+    _atomic_write(run_dir / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+    _atomic_write(run_dir / SPEC_FILE, lambda p: Path(p).write_text(json.dumps(spec, indent=2)))
+
+
+def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ImageStudent, TextStudent | None, dict]:
+    """Rebuild the students from RUN/student.json alone and load RUN/student.safetensors (strict)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / SPEC_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / SPEC_FILE} not found: is {run_dir} a kdpipe run directory?")
+    spec = json.loads((run_dir / SPEC_FILE).read_text())
+    weights = load_file(str(run_dir / WEIGHTS_FILE), device=str(device))
+    image = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],
+                          mean=tuple(spec["mean"]), std=tuple(spec["std"]), **spec["image"]["kwargs"])
+    image.spec["init_checkpoint"] = spec["image"].get("init_checkpoint")  # provenance only, not reloaded
+    image.load_state_dict(_with_prefix(weights, "image."))
+    text = None
+    if spec["text"] is not None:
+        text = build_text_student(spec["text"]["name"], spec["embed_dim"], **spec["text"]["kwargs"])
+        text.load_state_dict(_with_prefix(weights, "text."))
+        text = text.to(device).eval()
+    return image.to(device).eval(), text, spec
+
+
+def _with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- precise BN
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], max_samples: int = 512) -> int:
+    """Re-estimate every BatchNorm's running stats over up to ``max_samples`` inputs.
+
+    Why: torchvision MobileNetV3 uses BN momentum 0.01; on a short schedule its running
+    stats lag the weights and eval-mode outputs collapse (DESIGN §5). Stats are reset and
+    accumulated as a cumulative average (momentum=None) with only the BN layers in train
+    mode (dropout / stochastic depth stay off); modes and momenta are restored afterwards.
+    Returns the number of samples used (0 when the model has no BatchNorm).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    device = next(model.parameters()).device
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    seen = 0
+    try:
+        for x in batches:
+            x = x[: max_samples - seen].to(device)
+            model(x)
+            seen += x.shape[0]
+            if seen >= max_samples:
+                break
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    if seen == 0:  # keep the old statistics rather than the blank reset ones
+        for bn, state in zip(bns, saved):
+            bn.load_state_dict(state)
+        raise ValueError("precise_bn got no batches")
+    log.debug("precise_bn: re-estimated %d BatchNorm layers on %d samples", len(bns), seen)
+    return seen

@@ -1,0 +1,458 @@
+"""Stage 2: fit whitening transforms on the cached teacher embeddings (DESIGN §4).
+
+Flow: stream the TRAIN split shard by shard (memory: one shard + D×D float64 per modality),
+accumulating float64 moments of every image view (``image``) and every caption (``text``);
+``joint`` is the two pooled, so all three cost one pass. Fit ZCA/PCA (kdpipe.zca), write
+``CACHE/whitening.h5`` atomically, then check what was written:
+
+- train: the whitened train covariance (a second pass, float32 apply as the trainer does)
+  against I — or against I − εWWᵀ where ε, not the data, limits whiteness;
+- held out (val/test, never used to fit): whitened eigenvalues next to the Marchenko–Pastur
+  band expected from sampling alone;
+- the teacher's own retrieval R@1 and zero-shot top-1 on the held-out split (view 0), raw and
+  in each whitened space (per-modality modes: images through the image transform, texts and
+  prompts through the text transform; joint: everything through the joint transform).
+
+The results go to ``CACHE/whitening.json`` and a table. ``load_whitening`` is the reader
+the trainer and evaluator use; it refuses a file fitted for another teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from kdpipe import metrics, zca
+from kdpipe.progress import console, make_progress
+from kdpipe.store import (
+    Cache,
+    CacheError,
+    H5Shard,
+    Manifest,
+    atomic_write_json,
+    commit_tmp,
+    describe_teacher,
+    open_cache,
+    same_fingerprint,
+)
+
+log = logging.getLogger("kdpipe")
+
+
+@dataclass
+class WhitenConfig:
+    cache: str | Path
+    mode: str = "all"  # image | text | joint | all (= all three)
+    eps_rel: float = 1e-4  # ε = eps_rel × mean eigenvalue
+    method: str = "zca"  # zca | pca (zca.METHODS)
+    eval_split: str | None = None  # held-out split for the checks; None: "val", else "test", else none
+    check_train: bool = True  # second pass over train for the whitened covariance (else analytic)
+    verify: str = "size"  # cache verification: none | size | sha256
+    progress: bool = True
+
+
+MODES = ("image", "text", "joint")
+MODE_CHOICES = (*MODES, "all")
+WHITENING_H5 = "whitening.h5"
+WHITENING_JSON = "whitening.json"
+FORMAT_VERSION = 1
+EMBEDDINGS = "normalised features as stored in the cache (fp16, L2-normalised teacher embeddings)"
+FIT_SPLIT = "train"  # the only split a fit ever reads
+VERIFY_CHOICES = ("none", "size", "sha256")
+COV_TOL = 1e-3  # max |whitened train covariance − I| accepted
+
+
+def resolve_modes(mode: str) -> list[str]:
+    """'all' -> every mode; otherwise the one named. Unknown names raise listing the valid ones."""
+    if mode not in MODE_CHOICES:
+        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(MODE_CHOICES)}")
+    return list(MODES) if mode == "all" else [mode]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def check_finite(shard: H5Shard) -> None:
+    """Refuse NaN/Inf embeddings, naming the shard file, the dataset and the first sample key."""
+    for name, rows, owner in (("img", shard.img, np.arange(len(shard.keys))),
+                              ("txt", shard.txt, shard.txt_to_img)):
+        if rows.size == 0:
+            continue
+        bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        if bad.any():
+            first = shard.keys[int(owner[np.argmax(bad)])]
+            raise ValueError(
+                f"{shard.path}: dataset {name!r} holds NaN/Inf embeddings in {int(bad.sum())} row(s), "
+                f"first at sample key {first!r}; the teacher produced non-finite features — "
+                "delete this shard and re-run the same `kdpipe extract` to rewrite it")
+
+
+def modality_rows(shard: H5Shard) -> dict[str, np.ndarray]:
+    """{"image": every view of every image [N·V, D], "text": every caption [M, D]} (fp16)."""
+    return {"image": shard.img.reshape(-1, shard.img.shape[-1]), "text": shard.txt}
+
+
+def accumulate(cache: Cache, progress=None) -> dict[str, zca.RunningMoments]:
+    """One pass over the train split -> float64 moments for "image", "text" and "joint"."""
+    moments = {m: zca.RunningMoments(cache.embed_dim) for m in ("image", "text")}
+    paths = cache.shard_paths(FIT_SPLIT, "h5")
+    task = progress.add_task(f"fit   {FIT_SPLIT}", total=len(paths), info="") if progress else None
+    for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt")):
+        check_finite(shard)
+        for modality, rows in modality_rows(shard).items():
+            moments[modality].update(rows)
+        if progress:
+            progress.update(task, advance=1, info=f"{moments['image'].n:,} img / {moments['text'].n:,} txt")
+    moments["joint"] = zca.merged(moments["image"], moments["text"])
+    return moments
+
+
+def fit_modes(moments: dict[str, zca.RunningMoments], modes: list[str], eps_rel: float,
+              method: str) -> dict[str, zca.Whitening]:
+    """Fit one transform per mode; too few rows for the dimension is refused, not shrunk."""
+    out = {}
+    for mode in modes:
+        m = moments[mode]
+        if m.n <= m.dim:
+            what = {"image": "image views", "text": "captions", "joint": "image views + captions"}[mode]
+            raise ValueError(
+                f"the {FIT_SPLIT} split has {m.n} {what} for {m.dim}-dim embeddings; fitting a "
+                f"{m.dim}×{m.dim} covariance needs more than {m.dim} rows (≥ 10×{m.dim} for a stable "
+                "estimate): extract more training images (or views) first")
+        out[mode] = zca.fit(m, eps_rel=eps_rel, method=method)
+    return out
+
+
+# --------------------------------------------------------------------------- whitening.h5
+
+
+def write_whitening(path: Path, fitted: dict[str, zca.Whitening], teacher: dict, eps_rel: float) -> None:
+    """Write whitening.h5 under a temporary name, check it reopens, then rename it into place.
+
+    One group per mode (datasets mu, W, W_inv, eigvals in float64; attrs eps, n, method);
+    root attrs: format, teacher fingerprint (JSON), embeddings, modes (JSON), eps_rel.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"format": FORMAT_VERSION, "teacher": json.dumps(teacher, sort_keys=True),
+                            "embeddings": EMBEDDINGS, "modes": json.dumps(list(fitted)),
+                            "eps_rel": eps_rel, "fit_split": FIT_SPLIT})
+            for mode, w in fitted.items():
+                g = f.create_group(mode)
+                for name in ("mu", "W", "W_inv", "eigvals"):
+                    g.create_dataset(name, data=getattr(w, name).astype(np.float64))
+                g.attrs.update({"eps": w.eps, "n": w.n, "method": w.method})
+        for mode, w in fitted.items():  # a file that does not read back must never replace a good one
+            back = _read_group(tmp, mode)
+            if not np.array_equal(back.W, w.W) or not np.isfinite(back.W_inv).all():
+                raise CacheError(f"{tmp} did not read back what was written; disk problem?")
+        commit_tmp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_group(path: Path, mode: str) -> zca.Whitening:
+    with h5py.File(path, "r") as f:
+        g = f[mode]
+        arrays = {k: g[k][()] for k in ("mu", "W", "W_inv", "eigvals")}
+        return zca.Whitening(**arrays, eps=float(g.attrs["eps"]), n=int(g.attrs["n"]),
+                             method=str(g.attrs["method"]))
+
+
+def whitening_info(path: str | Path) -> dict[str, Any]:
+    """Root attributes of a whitening file: {"teacher": dict, "modes": list, "embeddings", "eps_rel", ...}."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except OSError as err:
+        raise CacheError(f"{path} is not a readable whitening file ({err}); re-run `kdpipe fit-whitening`") from None
+    attrs["teacher"] = json.loads(attrs["teacher"])
+    attrs["modes"] = json.loads(attrs["modes"])
+    return attrs
+
+
+def load_whitening(cache_or_path: Cache | str | Path, mode: str,
+                   expect_teacher: dict | None = None) -> zca.Whitening:
+    """The fitted transform of ``mode`` for the trainer/evaluator.
+
+    cache_or_path: a Cache, a cache directory, or a whitening.h5 file. The file's teacher
+    fingerprint must equal ``expect_teacher`` — by default the teacher of the cache it sits in
+    (or the given Cache), so a whitening file copied next to another teacher's cache is refused.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(MODES)}")
+    path, expect_teacher = _locate(cache_or_path, expect_teacher)
+    if not path.exists():
+        raise FileNotFoundError(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
+    info = whitening_info(path)
+    if expect_teacher is not None and not same_fingerprint(info["teacher"], expect_teacher):
+        raise CacheError(f"{path} was fitted on embeddings of teacher {describe_teacher(info['teacher'])}, "
+                         f"not {describe_teacher(expect_teacher)}; re-run `kdpipe fit-whitening` on this cache")
+    if mode not in info["modes"]:
+        raise ValueError(f"{path} holds modes {info['modes']}, not {mode!r}; re-run "
+                         f"`kdpipe fit-whitening {path.parent} --mode {mode}` (or --mode all)")
+    return _read_group(path, mode)
+
+
+def _locate(cache_or_path: Cache | str | Path, expect: dict | None) -> tuple[Path, dict | None]:
+    if isinstance(cache_or_path, Cache):
+        return cache_or_path.root / WHITENING_H5, expect or cache_or_path.teacher
+    path = Path(cache_or_path)
+    if path.is_dir():
+        manifest = Manifest.load(path)
+        if expect is None and manifest is not None:
+            expect = manifest.data.get("teacher")
+        return path / WHITENING_H5, expect
+    return path, expect
+
+
+# --------------------------------------------------------------------------- checks: train
+
+
+def _params(w: zca.Whitening) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ and W as float32 tensors: the precision the trainer applies them in."""
+    t = zca.to_torch(w, dtype=torch.float32)
+    return t["mu"], t["W"]
+
+
+def _space(mode: str, fitted: dict[str, zca.Whitening]) -> dict[str, zca.Whitening]:
+    """Which transform whitens each modality in ``mode``'s space."""
+    if mode == "joint":
+        return {"image": fitted["joint"], "text": fitted["joint"]}
+    return {"image": fitted["image"], "text": fitted["text"]}
+
+
+def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes: list[str],
+                           progress=None) -> dict[str, zca.RunningMoments]:
+    """Second pass over train: moments of each mode's own data after its float32 transform."""
+    params = {m: _params(w) for m, w in fitted.items()}
+    out = {m: zca.RunningMoments(cache.embed_dim) for m in modes}
+    paths = cache.shard_paths(FIT_SPLIT, "h5")
+    task = progress.add_task(f"check {FIT_SPLIT}", total=len(paths), info="") if progress else None
+    for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt")):
+        rows = {k: torch.from_numpy(v).float() for k, v in modality_rows(shard).items()}
+        for mode in modes:
+            for modality in (("image", "text") if mode == "joint" else (mode,)):
+                out[mode].update(zca.apply_torch(rows[modality], *params[mode]))
+        if progress:
+            progress.update(task, advance=1)
+    return out
+
+
+def cov_check(w: zca.Whitening, cov: np.ndarray, how: str) -> dict[str, Any]:
+    """Compare a whitened covariance [D, D] with I, or with I − εWWᵀ when ε dominates."""
+    dev_i = float(np.abs(cov - np.eye(w.dim)).max())
+    dev_target = float(np.abs(cov - zca.eps_target(w)).max())
+    eps_dev = zca.eps_max_deviation(w)
+    dominates = eps_dev > COV_TOL
+    out = {"max_abs_C_minus_I": dev_i, "max_abs_C_minus_target": dev_target, "tolerance": COV_TOL,
+           "eps_max_deviation": eps_dev, "eps_dominates": dominates,
+           "ok": (dev_target if dominates else dev_i) <= COV_TOL, "how": how}
+    if dominates:
+        out["explain"] = (
+            f"ε = {w.eps:.3g} is within {1 / COV_TOL:.0f}× of the smallest eigenvalue {w.eigvals[-1]:.3g}, "
+            f"so by design those directions keep variance λ/(λ+ε) down to {1 - eps_dev:.4f}; the check "
+            "compares with I − εWWᵀ instead of I (lower --eps-rel to whiten them fully, at the cost "
+            "of amplifying noise)")
+    return out
+
+
+def train_checks(cache: Cache, moments: dict[str, zca.RunningMoments], fitted: dict[str, zca.Whitening],
+                 modes: list[str], data_pass: bool, progress=None) -> dict[str, dict]:
+    """Per mode: whitened train covariance vs I (data pass in float32, or analytic in float64)."""
+    if data_pass:
+        white = whitened_train_moments(cache, fitted, modes, progress)
+        return {m: cov_check(fitted[m], white[m].cov(), "second pass over train, float32 apply") for m in modes}
+    return {m: cov_check(fitted[m], zca.whitened_cov(fitted[m], moments[m].cov()), "analytic W C Wᵀ, float64")
+            for m in modes}
+
+
+# --------------------------------------------------------------------------- checks: held out
+
+
+def pick_eval_split(cache: Cache, wanted: str | None) -> str | None:
+    """The held-out split: the one asked for, else "val", else "test", else None."""
+    if wanted is not None:
+        if wanted == FIT_SPLIT:
+            raise ValueError(f"--eval-split must be held out, not {FIT_SPLIT!r}")
+        cache.require_split(wanted)
+        return wanted
+    return next((s for s in ("val", "test") if s in cache.splits() and cache.manifest["splits"][s]["shards"]), None)
+
+
+def heldout_band(held: H5Shard, w: zca.Whitening, mode: str) -> dict[str, Any]:
+    """Eigenvalues of the held-out whitened covariance next to the MP band for that n, D."""
+    rows = modality_rows(held)
+    x = np.concatenate([rows["image"], rows["text"]]) if mode == "joint" else rows[mode]
+    z = zca.apply(w, x.astype(np.float64))
+    lam = np.linalg.eigvalsh(np.cov(z.T, bias=True)) if len(z) > 1 else np.zeros(w.dim)
+    lo, hi = zca.eigen_band(len(z), w.dim)
+    inside = (lam >= lo * 0.999) & (lam <= hi * 1.001)
+    return {"n": int(len(z)), "eig_min": float(lam.min()), "eig_max": float(lam.max()),
+            "eig_mean": float(lam.mean()), "mp_band": [lo, hi], "share_in_band": float(inside.mean())}
+
+
+def read_prompt_sets(path: Path, classnames: list[str] | None) -> dict[str, np.ndarray]:
+    """Prompt sets of prompts.h5 whose class names match the cache's: {name: emb [K, T, D]}."""
+    if classnames is None or not path.exists():
+        return {}
+    out = {}
+    with h5py.File(path, "r") as f:
+        for name, g in f.items():
+            names = [c.decode() if isinstance(c, bytes) else str(c) for c in g["classnames"][()]]
+            if names == list(classnames):
+                out[name] = g["emb"][()]
+    return out
+
+
+def teacher_scores(held: H5Shard, prompt_sets: dict[str, np.ndarray],
+                   space: dict[str, zca.Whitening] | None) -> dict[str, Any]:
+    """Teacher R@K both ways and zero-shot accuracy on held-out view 0, raw (space None) or whitened."""
+    img, txt = held.img[:, 0].astype(np.float64), held.txt.astype(np.float64)
+    if space is not None:
+        img, txt = zca.apply(space["image"], img), zca.apply(space["text"], txt)
+    out: dict[str, Any] = {"retrieval": metrics.retrieval_recall(
+        torch.from_numpy(img).float(), torch.from_numpy(txt).float(), torch.from_numpy(held.txt_to_img))}
+    labelled = held.labels >= 0
+    zero_shot = {}
+    for name, emb in prompt_sets.items():
+        k, t, d = emb.shape
+        e = emb.reshape(-1, d).astype(np.float64)
+        e = zca.apply(space["text"], e) if space is not None else e
+        classifier = metrics.zero_shot_classifier(torch.from_numpy(e.reshape(k, t, d)).float())
+        if labelled.any():
+            zero_shot[name] = metrics.zero_shot_accuracy(torch.from_numpy(img[labelled]).float(), classifier,
+                                                          torch.from_numpy(held.labels[labelled]))
+    out["zero_shot"] = zero_shot
+    return out
+
+
+def heldout_checks(cache: Cache, split: str, fitted: dict[str, zca.Whitening], modes: list[str],
+                   partners: dict[str, zca.Whitening]) -> tuple[dict, dict, list[str]]:
+    """-> (per-mode {heldout, teacher}, raw teacher scores, notes). ``partners`` supply the
+    other modality's transform for per-modality spaces when it was not asked for."""
+    held = cache.load_split(split, fields=("img", "txt"))
+    check_finite(held)
+    prompt_sets = read_prompt_sets(cache.prompts_path, cache.classnames)
+    notes = [] if prompt_sets else ["zero-shot skipped: no prompt set in prompts.h5 matches the cache's class names"]
+    if prompt_sets and not (held.labels >= 0).any():
+        notes.append(f"zero-shot skipped: the {split} split has no labels")
+    everything = {**partners, **fitted}
+    per_mode = {}
+    for mode in modes:
+        space = _space(mode, everything)
+        per_mode[mode] = {"heldout": heldout_band(held, fitted[mode], mode),
+                          "teacher": {"space": _space_name(mode), **teacher_scores(held, prompt_sets, space)}}
+    return per_mode, teacher_scores(held, prompt_sets, None), notes
+
+
+def _space_name(mode: str) -> str:
+    return "images and texts via joint" if mode == "joint" else "images via image, texts/prompts via text"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt_range(a: float, b: float) -> str:
+    return f"{a:.2f}-{b:.2f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """One row per space: the raw teacher first, then each fitted mode."""
+    from rich import box
+    from rich.table import Table
+
+    split = report.get("eval_split") or "held-out"
+    table = Table(title=f"whitening: {report['method']}, eps_rel {report['eps_rel']:g}, fit on {FIT_SPLIT}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("space", "n fit", "λmax/λmin", "max|C−I|", f"{split} eig", "MP band", "i2t@1", "t2i@1", "zs@1"):
+        table.add_column(col, justify="left" if col == "space" else "right", no_wrap=True)
+
+    def scores(t: dict | None) -> list[str]:
+        if not t:
+            return ["–"] * 3
+        r, zs = t["retrieval"], t["zero_shot"]
+        return [f"{r['i2t_R@1']:.3f}", f"{r['t2i_R@1']:.3f}", " ".join(f"{v['top1']:.3f}" for v in zs.values()) or "–"]
+
+    table.add_row("raw", "", "", "", "", "", *scores(report.get("teacher_raw")))
+    for mode, m in report["modes"].items():
+        cov = m["train_cov"]
+        dev = f"{cov['max_abs_C_minus_I']:.1e}" + ("(ε)" if cov["eps_dominates"] else "")
+        dev = dev if cov["ok"] else f"[red]{dev} FAIL[/]"
+        h = m.get("heldout")
+        band = (_fmt_range(h["eig_min"], h["eig_max"]), _fmt_range(*h["mp_band"])) if h else ("–", "–")
+        cond = m["eigvals"]["max"] / max(m["eigvals"]["min"], 1e-300)
+        table.add_row(mode, f"{m['n']:,}", f"{cond:.3g}", dev, *band, *scores(m.get("teacher")))
+    console.print(table)
+
+
+def _mode_summary(w: zca.Whitening) -> dict[str, Any]:
+    return {"n": w.n, "method": w.method, "eps": w.eps,
+            "eigvals": {"max": float(w.eigvals[0]), "min": float(w.eigvals[-1]), "mean": float(w.eigvals.mean())}}
+
+
+def _partners(moments: dict[str, zca.RunningMoments], modes: list[str], cfg: WhitenConfig,
+              notes: list[str]) -> dict[str, zca.Whitening]:
+    """Per-modality spaces pair the image and text transforms: fit the missing one for the checks only."""
+    out = {}
+    for mode, other in (("image", "text"), ("text", "image")):
+        if mode in modes and other not in modes and moments[other].n > moments[other].dim:
+            out[other] = zca.fit(moments[other], cfg.eps_rel, cfg.method)
+            notes.append(f"the {other} transform was fitted for the {mode} mode's retrieval check only (not stored)")
+    return out
+
+
+def run(cfg: WhitenConfig) -> dict[str, Any]:
+    """Fit, write CACHE/whitening.h5, check, write CACHE/whitening.json; returns the report."""
+    modes = resolve_modes(cfg.mode)
+    zca.METHODS.get(cfg.method)  # unknown method: fail before reading anything
+    if cfg.verify not in VERIFY_CHOICES:
+        raise ValueError(f"unknown --verify {cfg.verify!r}; valid: {', '.join(VERIFY_CHOICES)}")
+    cache = open_cache(cfg.cache, verify=cfg.verify)
+    eval_split = pick_eval_split(cache, cfg.eval_split)
+    h5_path, json_path = cache.root / WHITENING_H5, cache.root / WHITENING_JSON
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    with make_progress("shards", disable=not cfg.progress) as progress:
+        moments = accumulate(cache, progress)
+        fitted = fit_modes(moments, modes, cfg.eps_rel, cfg.method)
+        t_fit = time.perf_counter() - t0
+        write_whitening(h5_path, fitted, cache.teacher, cfg.eps_rel)
+        fitted = {m: load_whitening(cache, m) for m in modes}  # check what the trainer will read
+        train = train_checks(cache, moments, fitted, modes, cfg.check_train, progress)
+    report: dict[str, Any] = {
+        "cache": str(cache.root), "whitening": str(h5_path), "teacher": cache.teacher,
+        "embeddings": EMBEDDINGS, "method": cfg.method, "eps_rel": cfg.eps_rel,
+        "fit_split": FIT_SPLIT, "eval_split": eval_split,
+        "train": {"image_rows": moments["image"].n, "captions": moments["text"].n},
+        "modes": {m: {**_mode_summary(fitted[m]), "train_cov": train[m]} for m in modes},
+        "teacher_raw": None, "notes": notes, "config": {**asdict(cfg), "cache": str(cfg.cache)},
+    }
+    if eval_split is None:
+        notes.append("no held-out split (val/test) in the cache: held-out checks skipped")
+    else:
+        partners = _partners(moments, modes, cfg, notes)
+        per_mode, raw, more = heldout_checks(cache, eval_split, fitted, modes, partners)
+        for m in modes:
+            report["modes"][m].update(per_mode[m])
+        report["teacher_raw"], notes[len(notes):] = raw, more
+    report["seconds"] = {"fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)}
+    atomic_write_json(json_path, report)
+    print_table(report)
+    for note in notes:
+        log.info(note)
+    failed = [m for m in modes if not report["modes"][m]["train_cov"]["ok"]]
+    if failed:
+        log.warning("whitened train covariance is not within %g of its target for %s", COV_TOL, failed)
+    return report

@@ -1,0 +1,250 @@
+"""Whitening math: streaming moments, ZCA/PCA fit, apply, invert (DESIGN §4).
+
+Pure numpy/torch, no files. Conventions (row vectors, as embeddings are stored):
+
+    z = (x - mu) @ W.T          apply(w, x)      x [N, D] -> z [N, D]
+    x = z @ W_inv.T + mu        invert(w, z)     z [N, D] -> x [N, D]
+
+so that, with C the (population) covariance of the fitted data, ``W @ C @ W.T ≈ I``.
+
+ZCA: ``W = U diag((λ+ε)^-1/2) Uᵀ`` (the symmetric whitening; it rotates least, so whitened
+features stay closest to the originals). PCA: ``W = diag((λ+ε)^-1/2) Uᵀ`` (coordinates along
+the principal axes, largest variance first). ``ε = eps_rel × mean(λ)``: a relative floor, so
+the same ``eps_rel`` means the same thing whatever the scale of the embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+
+from kdpipe.registry import Registry
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+# --------------------------------------------------------------------------- streaming moments
+
+
+class RunningMoments:
+    """Streaming mean and covariance in float64, merge-able across chunks, shards and ranks.
+
+    Keeps ``n``, ``mean`` [D] and ``m2`` [D, D] = Σ (x − mean)(x − mean)ᵀ, combined chunk by
+    chunk with Chan et al.'s pairwise update. This is the "sum and sum of outer products" of
+    the design, but centred: raw Σ x xᵀ − n μ μᵀ cancels catastrophically when the mean is
+    large against the spread (normalised CLIP features have |μ| ≈ 0.5–0.8, per-axis variance
+    ≈ 1/D), while the centred form loses nothing and costs one subtraction per chunk.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.n = 0
+        self.mean_ = np.zeros(dim, np.float64)
+        self.m2 = np.zeros((dim, dim), np.float64)
+
+    def update(self, x: np.ndarray | torch.Tensor) -> "RunningMoments":
+        """Add rows x [N, D] (any float dtype; accumulated in float64)."""
+        x = _as_float64(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected rows of shape [N, {self.dim}], got {list(x.shape)}")
+        if len(x) == 0:
+            return self
+        mean = x.mean(axis=0)
+        xc = x - mean
+        self._combine(len(x), mean, xc.T @ xc)  # numpy routes a.T @ a to BLAS syrk
+        return self
+
+    def merge(self, other: "RunningMoments") -> "RunningMoments":
+        """Fold another accumulator into this one (in place) and return self."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge moments of dim {other.dim} into dim {self.dim}")
+        if other.n:
+            self._combine(other.n, other.mean_, other.m2)
+        return self
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        n_a, n = self.n, self.n + n_b
+        delta = mean_b - self.mean_
+        self.m2 += m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.mean_ += delta * (n_b / n)
+        self.n = n
+
+    def copy(self) -> "RunningMoments":
+        out = RunningMoments(self.dim)
+        out.n, out.mean_, out.m2 = self.n, self.mean_.copy(), self.m2.copy()
+        return out
+
+    def mean(self) -> np.ndarray:
+        """[D] float64."""
+        return self.mean_.copy()
+
+    def cov(self, unbiased: bool = False) -> np.ndarray:
+        """[D, D] float64. Population covariance (÷ n) by default — the one whitening makes
+        exactly I on the fitted data; ``unbiased=True`` divides by n − 1."""
+        denom = self.n - 1 if unbiased else self.n
+        if denom <= 0:
+            raise ValueError(f"covariance needs more rows, have n = {self.n}")
+        return self.m2 / denom
+
+
+def _as_float64(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def merged(*moments: RunningMoments) -> RunningMoments:
+    """A new accumulator holding all the given ones (e.g. joint = image + text)."""
+    out = RunningMoments(moments[0].dim)
+    for m in moments:
+        out.merge(m)
+    return out
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@dataclass
+class Whitening:
+    """A fitted whitening transform. All arrays float64 numpy.
+
+    mu [D], W [D, D], W_inv [D, D], eigvals [D] (of the fitted covariance, descending),
+    eps (absolute ε added to every eigenvalue), n (rows fitted), method ("zca" | "pca").
+    """
+
+    mu: np.ndarray
+    W: np.ndarray
+    W_inv: np.ndarray
+    eigvals: np.ndarray
+    eps: float
+    n: int
+    method: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+
+# method name -> (U [D, D], s [D] = (λ+ε)^-1/2) -> (W, W_inv)
+Builder = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+METHODS: Registry[Builder] = Registry("whitening method")
+
+
+@METHODS.register("zca")
+def _zca(u: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (u * s) @ u.T, (u / s) @ u.T
+
+
+@METHODS.register("pca")
+def _pca(u: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return s[:, None] * u.T, u / s
+
+
+def eigh_descending(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of a symmetric [D, D] matrix in float64, largest first.
+
+    Eigenvalues are clipped at 0 (rounding can make the smallest slightly negative); each
+    eigenvector's sign is fixed (largest-magnitude entry positive) so PCA output is
+    reproducible across LAPACK builds.
+    """
+    lam, u = np.linalg.eigh(np.asarray(cov, np.float64))
+    lam, u = np.clip(lam[::-1], 0.0, None), u[:, ::-1]
+    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
+    return lam, u * np.where(signs == 0, 1.0, signs)
+
+
+def fit(moments: RunningMoments, eps_rel: float = 1e-4, method: str = "zca") -> Whitening:
+    """Fit a whitening transform to accumulated moments (population covariance)."""
+    build = METHODS.get(method)
+    if eps_rel < 0:
+        raise ValueError(f"eps_rel must be >= 0, got {eps_rel}")
+    if moments.n <= moments.dim:
+        raise ValueError(f"whitening {moments.dim}-dim features needs more than {moments.dim} rows, "
+                         f"got {moments.n}: the covariance would be singular")
+    lam, u = eigh_descending(moments.cov())
+    eps = float(eps_rel * lam.mean())
+    if lam[0] + eps <= 0:
+        raise ValueError("the covariance is zero: every row is identical")
+    s = 1.0 / np.sqrt(lam + eps)
+    w, w_inv = build(u, s)
+    return Whitening(moments.mean(), w, w_inv, lam, eps, moments.n, method)
+
+
+def whitened_cov(w: Whitening, cov: np.ndarray) -> np.ndarray:
+    """Covariance of the whitened data, W C Wᵀ [D, D] (float64), given its input covariance."""
+    return w.W @ cov @ w.W.T
+
+
+def eps_target(w: Whitening) -> np.ndarray:
+    """W C Wᵀ the fit produces on its own data: I shrunk by ε, = I − ε W Wᵀ [D, D].
+
+    (ZCA: U diag(λ/(λ+ε)) Uᵀ; PCA: diag(λ/(λ+ε)).) Its largest gap to I is ε / (λ_min + ε):
+    when that exceeds a tolerance, ε — not the data or the arithmetic — sets how white the
+    result is, and whitened data should be compared with this target instead of I.
+    """
+    return np.eye(w.dim) - w.eps * (w.W @ w.W.T)
+
+
+def eps_max_deviation(w: Whitening) -> float:
+    """max_i ε / (λ_i + ε): how far from 1 the smallest whitened variance is, by design."""
+    return float(w.eps / (w.eigvals[-1] + w.eps)) if w.eps > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- apply / invert
+
+
+def apply(w: Whitening, x: Array) -> Array:
+    """z = (x − μ) Wᵀ. x [N, D] numpy or torch; torch keeps its device and float dtype."""
+    if isinstance(x, torch.Tensor):
+        return apply_torch(x, *_torch_params(w.mu, w.W, x))
+    return (np.asarray(x, np.float64) - w.mu) @ w.W.T
+
+
+def invert(w: Whitening, z: Array) -> Array:
+    """x = z W⁻¹ᵀ + μ. z [N, D] numpy or torch."""
+    if isinstance(z, torch.Tensor):
+        mu, w_inv = _torch_params(w.mu, w.W_inv, z)
+        return invert_torch(z, mu, w_inv)
+    return np.asarray(z, np.float64) @ w.W_inv.T + w.mu
+
+
+def apply_torch(x: torch.Tensor, mu: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """z = (x − μ) Wᵀ on x's device. x [N, D], mu [D], W [D, D] (same dtype as x, or cast here)."""
+    return (x - mu.to(x)) @ W.to(x).T
+
+
+def invert_torch(z: torch.Tensor, mu: torch.Tensor, W_inv: torch.Tensor) -> torch.Tensor:
+    """x = z W⁻¹ᵀ + μ. z [N, D], mu [D], W_inv [D, D]."""
+    return z @ W_inv.to(z).T + mu.to(z)
+
+
+def to_torch(w: Whitening, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """{"mu", "W", "W_inv"} as tensors, for the trainer (apply_torch / invert_torch)."""
+    return {k: torch.as_tensor(getattr(w, k), dtype=dtype, device=device) for k in ("mu", "W", "W_inv")}
+
+
+def _torch_params(mu: np.ndarray, m: np.ndarray, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return (torch.as_tensor(mu, dtype=dtype, device=like.device),
+            torch.as_tensor(m, dtype=dtype, device=like.device))
+
+
+# --------------------------------------------------------------------------- sampling band
+
+
+def eigen_band(n: int, d: int) -> tuple[float, float]:
+    """Marchenko–Pastur support [(1 − √(d/n))², (1 + √(d/n))²].
+
+    Where the eigenvalues of the sample covariance of n truly white d-dim rows fall from
+    sampling alone (large n, d). Whitened held-out data with eigenvalues far outside it
+    differ from the training distribution, or ε shrank those directions. For n < d the
+    lower edge is the support of the non-zero eigenvalues; d − n of them are exactly 0.
+    """
+    if n <= 0 or d <= 0:
+        raise ValueError(f"eigen_band needs n, d > 0, got n={n}, d={d}")
+    r = np.sqrt(d / n)
+    return float((1 - r) ** 2), float((1 + r) ** 2)

@@ -1,0 +1,257 @@
+"""Stage 1 end to end on the tiny teacher and a generated shapes world."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdpipe import extract as extract_mod
+from kdpipe import store
+from kdpipe.cli.main import app
+from kdpipe.data import views as V
+from kdpipe.data.shapes import make_shapes
+from kdpipe.extract import ExtractConfig, run
+from kdpipe.teachers import load_teacher
+
+
+def _cfg(data: Path, out: Path, **kw) -> ExtractConfig:
+    base = dict(teacher="tiny-clip", data=str(data), out=str(out), views=3, batch_size=8,
+                workers=0, device="cpu", shard_size=8, progress=False)
+    return ExtractConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, 20, 10, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "c"
+    run(_cfg(world, out))
+    return out
+
+
+def _tar_samples(cache_dir: Path, split: str) -> dict[str, dict]:
+    samples = {}
+    for path in store.open_cache(cache_dir).shard_paths(split, "tar"):
+        for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            assert s["__key__"] not in samples, "duplicate key"
+            samples[s["__key__"]] = s
+    return samples
+
+
+def _npy(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def test_manifest_verifies_and_counts(cache, world):
+    c = store.open_cache(cache, verify="sha256")
+    m = c.manifest
+    assert m["views"] == 3 and m["embed_dim"] == c.embed_dim
+    assert m["splits"]["train"]["count"] == 20 and m["splits"]["val"]["count"] == 10
+    assert len(m["splits"]["train"]["shards"]) == 3  # 20 images / 8 per shard
+    assert m["teacher"]["name"] == "tiny-clip" and m["teacher"]["preprocess"]["size"] > 0
+    assert (cache / "prompts.h5").exists()
+
+
+def test_round_trip_tar_h5_and_teacher(cache):
+    """tar embeddings == h5 embeddings == the teacher recomputed on the replayed view."""
+    c = store.open_cache(cache)
+    tars = _tar_samples(cache, "val")
+    h5 = c.load_split("val")
+    assert sorted(tars) == sorted(h5.keys)
+    teacher = load_teacher("tiny-clip", None, device=torch.device("cpu"))
+    pre = teacher.preprocess
+    for n, key in enumerate(h5.keys[:4]):
+        s = tars[key]
+        img = _npy(s["img.npy"])
+        np.testing.assert_array_equal(img, h5.img[n])
+        txt = _npy(s["txt.npy"])
+        np.testing.assert_array_equal(txt, h5.txt[h5.txt_offsets[n]:h5.txt_offsets[n + 1]])
+        assert img.dtype == np.float16 and np.allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=2e-3)
+        stored = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
+        for v, view in enumerate(json.loads(s["views.json"])):
+            x = V.to_tensor(V.apply_view(stored, V.View.from_dict(view), pre.size, pre.interpolation),
+                            pre.mean, pre.std)[None]
+            feat = torch.nn.functional.normalize(teacher.encode_images(x).float(), dim=-1)[0]
+            cos = float(feat @ torch.from_numpy(img[v].astype(np.float32)))
+            assert cos >= 0.999, (key, v, cos)
+        captions = json.loads(s["captions.json"])
+        ref = torch.nn.functional.normalize(teacher.encode_texts(captions, trim=False).float(), dim=-1)
+        cos_t = (ref * torch.from_numpy(txt.astype(np.float32))).sum(-1)
+        assert float(cos_t.min()) >= 0.999
+
+
+def test_rerun_is_a_noop_and_keeps_files(cache, world):
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (cache / "train").glob("*.tar")}
+    run(_cfg(world, cache))
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (cache / "train").glob("*.tar")}
+    assert before == after
+
+
+def test_resume_after_crash(world, tmp_path, monkeypatch):
+    """Killed after two shards (with a half-written shard left behind): a re-run completes it."""
+    ref = tmp_path / "ref"
+    run(_cfg(world, ref, splits=["train"]))
+    out = tmp_path / "crash"
+    real_write, calls = store.write_shard, {"n": 0}
+
+    def crashing(split_dir, index, samples, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # leave a truncated tar without sidecar, as a SIGKILL would
+            (split_dir / f"{store.shard_name(index)}.tar").write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt
+        return real_write(split_dir, index, samples, *a, **kw)
+
+    monkeypatch.setattr(extract_mod, "write_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(world, out, splits=["train"]))
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-00000[01].tar")}
+    assert len(first) == 2
+    monkeypatch.setattr(extract_mod, "write_shard", real_write)
+    run(_cfg(world, out, splits=["train"]))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("shard-00000[01].tar")} == first
+    got, want = _tar_samples(out, "train"), _tar_samples(ref, "train")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(_npy(got[key]["img.npy"]), _npy(want[key]["img.npy"]))
+    assert not list((out / "train").glob(".*.tmp"))
+
+
+def test_corrupted_shard_is_detected(cache, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(cache, copy)
+    tar = copy / "train" / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # same size, different bytes
+    tar.write_bytes(bytes(data))
+    store.open_cache(copy, verify="size")  # sizes still match
+    with pytest.raises(store.CacheError, match="sha256"):
+        store.open_cache(copy, verify="sha256")
+    (copy / "train" / "shard-000002.h5").write_bytes(b"x")
+    with pytest.raises(store.CacheError, match="bytes"):
+        store.open_cache(copy)
+
+
+def test_other_teacher_refused_unless_overwrite(cache, world, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(cache, copy)
+    with pytest.raises(store.CacheError, match="views"):
+        run(_cfg(world, copy, views=2))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["teacher"]["checkpoint_sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(store.CacheError, match="teacher"):
+        run(_cfg(world, copy, splits=["val"]))
+    summary = run(_cfg(world, copy, splits=["val"], overwrite=True))
+    assert summary["val"]["count"] == 10 and not (copy / "train").exists()
+
+
+def _write_coco(root: Path, images: dict[str, bytes], captions: dict[str, list[str]]) -> None:
+    (root / "annotations").mkdir(parents=True)
+    (root / "train").mkdir()
+    info = {"images": [], "annotations": []}
+    for i, (name, data) in enumerate(sorted(images.items()), start=1):
+        (root / "train" / name).write_bytes(data)
+        info["images"].append({"id": i, "file_name": name})
+        info["annotations"] += [{"id": 100 * i + j, "image_id": i, "caption": c}
+                                for j, c in enumerate(captions[name])]
+    (root / "annotations" / "captions_train.json").write_text(json.dumps(info))
+
+
+def _encoded(mode: str, fmt: str = "PNG", size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new(mode, size)
+    if mode == "P":
+        img.putpalette([i % 256 for i in range(768)])
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_skipped_and_counted(tmp_path):
+    good = _encoded("RGB", "JPEG")
+    truncated = good[: len(good) // 2]
+    images = {
+        "a_ok.jpg": good, "b_cmyk.jpg": _encoded("CMYK", "JPEG"), "c_gray.png": _encoded("L"),
+        "d_palette.png": _encoded("P"), "e_alpha.png": _encoded("RGBA"),
+        "f_empty.jpg": b"", "g_trunc.jpg": truncated, "h_text.jpg": b"not an image at all",
+        "i_nocap.jpg": good, "j_blank.jpg": good,
+    }
+    captions = {name: ["a picture", "  ", ""] for name in images}
+    captions["i_nocap.jpg"] = []
+    captions["j_blank.jpg"] = ["   ", ""]
+    _write_coco(tmp_path / "coco", images, captions)
+    summary = run(_cfg(tmp_path / "coco", tmp_path / "out", shard_size=4))
+    info = summary["train"]
+    assert info["count"] == 5  # ok, cmyk, gray, palette, alpha
+    assert info["captions"] == 5  # the blank captions were dropped
+    assert sum(info["skipped"].values()) == 5
+    assert info["skipped"].get("no_caption") == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    skipped_keys = {k for s in manifest["splits"]["train"]["shards"] for ks in s["skipped_keys"].values() for k in ks}
+    assert len(skipped_keys) == 5
+    for s in _tar_samples(tmp_path / "out", "train").values():
+        assert Image.open(io.BytesIO(s["jpg"])).mode == "RGB"
+
+
+def test_leakage_guard_reported(tmp_path):
+    images = {f"{i}.jpg": _encoded("RGB", "JPEG") for i in range(6)}
+    _write_coco(tmp_path / "coco", images, {n: ["a cat"] for n in images})
+    # Karpathy test images that are also in the annotation train split (as val2014 in train2017)
+    karpathy = {"images": [
+        {"cocoid": i + 1, "filepath": "train", "filename": f"{i}.jpg",
+         "split": "test", "sentences": [{"raw": "a cat"}]} for i in range(2)]}
+    (tmp_path / "split.json").write_text(json.dumps(karpathy))
+    summary = run(_cfg(tmp_path / "coco", tmp_path / "out", split_file=str(tmp_path / "split.json")))
+    assert summary["train"]["count"] == 4 and summary["test"]["count"] == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"]["report"]["leakage_removed"] == 2
+
+
+def test_cli_help_and_bad_flags(world, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["extract", "--help"])
+    assert result.exit_code == 0 and "--teacher" in result.output and "--views" in result.output
+    result = runner.invoke(app, ["extract", "--teacher", "tiny-clip", "--bogus"])
+    assert result.exit_code != 0 and "bogus" in result.output
+    result = runner.invoke(app, ["extract", "--teacher", "no-such-teacher", "--data", str(world),
+                                 "--out", str(tmp_path / "x"), "--device", "cpu"])
+    assert result.exit_code == 2 and "tiny-clip" in result.output
+    result = runner.invoke(app, ["extract", "--teacher", "tiny-clip", "--data", str(tmp_path / "missing"),
+                                 "--out", str(tmp_path / "x"), "--device", "cpu"])
+    assert result.exit_code == 2 and "missing" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process(world, cache, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "kdpipe.cli", "extract", "--teacher", "tiny-clip", "--data", str(world), "--out", str(out),
+           "--views", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--shard-size", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store.open_cache(out, verify="sha256")
+    for split in ("train", "val"):
+        got, want = _tar_samples(out, split), _tar_samples(cache, split)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_allclose(_npy(got[key]["img.npy"]).astype(np.float32),
+                                       _npy(want[key]["img.npy"]).astype(np.float32), atol=2e-3)
+            np.testing.assert_allclose(_npy(got[key]["txt.npy"]).astype(np.float32),
+                                       _npy(want[key]["txt.npy"]).astype(np.float32), atol=2e-3)

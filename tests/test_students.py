@@ -1,0 +1,239 @@
+"""Student registries: every entry builds, runs forward/backward, round-trips through save/load."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from kdpipe.students import (
+    STUDENTS,
+    TEXT_STUDENTS,
+    build_student,
+    build_text_student,
+    load_student,
+    precise_bn,
+    save_student,
+)
+
+D = 24  # teacher embed dim used throughout (small, not a multiple of any backbone width)
+
+
+def _unique(registry) -> list[str]:
+    """One name per builder (aliases such as mobilenetv3_small share mobilenetv3's builder)."""
+    seen, names = set(), []
+    for name in registry.names():
+        builder = registry.get(name)
+        if builder not in seen:
+            seen.add(builder)
+            names.append(name)
+    return names
+
+
+IMAGE_NAMES = _unique(STUDENTS)
+TEXT_NAMES = _unique(TEXT_STUDENTS)
+HEAVY = {"resnet50", "efficientnet_b0", "mobilevit_s", "resnet34", "mobilenetv3_large"}
+
+
+def _images(name: str, size: int = 64, seed: int = 0) -> torch.Tensor:
+    batch = 2 if name in HEAVY else 4
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registries_hold_the_designed_students():
+    expected = {"mobilenetv3", "mobilenetv3_small", "mobilenetv3_large", "resnet18", "resnet34", "resnet50",
+                "efficientnet_b0", "vit_tiny", "mobilevit_s", "tiny"}
+    assert expected <= set(STUDENTS.names())
+    assert STUDENTS.get("mobilenetv3") is STUDENTS.get("mobilenetv3_small")
+    assert {"text_tiny", "text_small"} <= set(TEXT_STUDENTS.names())
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_image_student_forward_backward_every_param_gets_grad(name):
+    torch.manual_seed(0)
+    student = build_student(name, embed_dim=D, image_size=64).train()
+    x = _images(name)
+    out = student(x)
+    assert out.shape == (x.shape[0], D)
+    assert torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    no_grad = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []  # no exceptions needed: every parameter of every entry is used
+    bad = [n for n, p in student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert bad == []
+    assert student.mask_kind == ("patch" if name == "vit_tiny" else "block")
+    assert student.patch_size > 0
+
+
+@pytest.mark.parametrize("name", TEXT_NAMES)
+def test_text_student_forward_backward_every_param_gets_grad(name):
+    torch.manual_seed(0)
+    student = build_text_student(name, embed_dim=D)
+    tokens = student.tokenize(["a red circle at the top left", "two small blue squares"])
+    assert tokens.shape == (2, 77) and tokens.dtype == torch.long
+    out = student(tokens)
+    assert out.shape == (2, D) and torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    assert [n for n, p in student.named_parameters() if p.grad is None] == []
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+def test_text_trimming_matches_the_full_open_clip_tower():
+    torch.manual_seed(0)
+    student = build_text_student("text_tiny", embed_dim=D).eval()
+    # "!" is a real token mid-caption; trimming must follow EOT, not the non-zero count
+    tokens = student.tokenize(["wow! a big green triangle!", "a dot", "one two three four five six seven"])
+    with torch.no_grad():
+        trimmed = student(tokens)
+        full = student.tower(tokens)  # open_clip's own forward over all 77 positions
+        one_by_one = torch.cat([student(t[None]) for t in tokens])
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_by_one, full, atol=1e-5, rtol=1e-5)
+
+
+def test_text_context_length_is_a_builder_kwarg():
+    student = build_text_student("text_tiny", embed_dim=D, context_length=16)
+    tokens = student.tokenize(["a " * 40])
+    assert tokens.shape == (1, 16) and tokens[0, -1] == tokens.max()  # truncated, EOT kept
+    assert student(tokens).shape == (1, D)
+
+
+def test_vit_tiny_dynamic_size_and_patch_size():
+    student = build_student("vit_tiny", embed_dim=D, image_size=32, patch_size=8)
+    assert student.patch_size == 8
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, D)
+    assert student(torch.randn(2, 3, 48, 48)).shape == (2, D)  # position embeddings interpolated
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, name):
+    torch.manual_seed(0)
+    image = build_student(name, embed_dim=D, image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    text = build_text_student("text_tiny", embed_dim=D) if name == "tiny" else None
+    x = _images(name)
+    image.train()(x)  # move BN running stats off their initial values so buffers are tested too
+    image.eval()
+    meta = {"teacher": {"name": "ViT-T", "embed_dim": D}, "whitening": None}
+    save_student(tmp_path, image, text, meta)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.json", "student.safetensors"]
+    spec = json.loads((tmp_path / "student.json").read_text())
+    assert spec["image"]["name"] == name and spec["embed_dim"] == D and spec["image_size"] == 64
+    assert spec["mean"] == [0.5] * 3 and spec["teacher"] == meta["teacher"]
+
+    image2, text2, meta2 = load_student(tmp_path)
+    assert not image2.training and image2.mean == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(image2(x), image(x), rtol=0, atol=0)
+    assert meta2["teacher"] == meta["teacher"]
+    if text is None:
+        assert text2 is None
+    else:
+        tokens = text.tokenize(["a red circle"])
+        with torch.no_grad():
+            torch.testing.assert_close(text2(tokens), text(tokens), rtol=0, atol=0)
+
+
+def test_save_load_keeps_builder_kwargs(tmp_path):
+    image = build_student("vit_tiny", embed_dim=D, image_size=32, patch_size=8)
+    save_student(tmp_path, image, None, {})
+    image2, _, _ = load_student(tmp_path)
+    assert image2.patch_size == 8 and image2.image_size == 32
+
+
+def test_load_student_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="student.json"):
+        load_student(tmp_path)
+
+
+def test_bad_names_list_the_valid_ones():
+    with pytest.raises(KeyError, match="resnet18"):
+        build_student("resnet19", embed_dim=D, image_size=64)
+    with pytest.raises(KeyError, match="text_tiny"):
+        build_text_student("text_huge", embed_dim=D)
+
+
+# --------------------------------------------------------------------------- init checkpoints
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_init_checkpoint_loads_backbone_and_reports_leftovers(tmp_path, fmt, caplog):
+    torch.manual_seed(1)
+    source = build_student("tiny", embed_dim=D, image_size=32)
+    state = {k: v.clone() for k, v in source.backbone.state_dict().items()}
+    state["classifier.weight"] = torch.randn(10, 64)  # an ImageNet head: expected, skipped
+    path = tmp_path / f"imagenet.{fmt}"
+    if fmt == "pt":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file(state, str(path))
+    torch.manual_seed(2)
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
+        student = build_student("tiny", embed_dim=D, image_size=32, init_checkpoint=str(path))
+    for k, v in source.backbone.state_dict().items():
+        torch.testing.assert_close(student.backbone.state_dict()[k], v)
+    assert "unexpected 1" in caplog.text and "classifier.weight" in caplog.text
+
+
+def test_init_checkpoint_matching_nothing_is_an_error(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        build_student("tiny", embed_dim=D, image_size=32, init_checkpoint=str(path))
+    with pytest.raises(FileNotFoundError):
+        build_student("tiny", embed_dim=D, image_size=32, init_checkpoint=str(tmp_path / "absent.pt"))
+
+
+# --------------------------------------------------------------------------- precise BN
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name, halves", [("tiny", 2), ("mobilenetv3", 1)])
+def test_precise_bn_makes_eval_outputs_match_batch_statistics(name, halves):
+    torch.manual_seed(0)
+    student = build_student(name, embed_dim=D, image_size=64)
+    # inputs far from the initial running stats (mean 0, var 1), like real data after training
+    x = 3.0 * torch.rand(32, 3, 64, 64) + 1.0
+    with torch.no_grad():
+        batch_stats = student.train()(x)
+        before = student.eval()(x)
+    assert _rel_err(before, batch_stats) > 0.2  # stale running stats: eval output is off
+
+    momenta = [m.momentum for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
+    student.train()
+    used = precise_bn(student, list(x.chunk(halves)), max_samples=32)
+    assert used == 32
+    assert student.training  # mode restored
+    assert [m.momentum for m in student.modules() if isinstance(m, nn.BatchNorm2d)] == momenta
+    with torch.no_grad():
+        after = student.eval()(x)
+    # equal up to BN's unbiased-vs-biased variance (and, for tiny, the half-batches' averaging;
+    # deep nets compound per-batch differences, so mobilenetv3 is fed the batch whole)
+    assert _rel_err(after, batch_stats) < 0.05
+
+
+def test_precise_bn_respects_max_samples_and_no_bn_models():
+    student = build_student("tiny", embed_dim=D, image_size=32)
+    batches = (torch.randn(8, 3, 32, 32) for _ in range(100))  # a long stream: must stop early
+    assert precise_bn(student, batches, max_samples=20) == 20
+    bn = next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 3  # 8 + 8 + 4
+    vit = build_student("vit_tiny", embed_dim=D, image_size=32)
+    assert precise_bn(vit, [torch.randn(2, 3, 32, 32)]) == 0
+
+
+def test_precise_bn_without_batches_keeps_old_stats():
+    student = build_student("tiny", embed_dim=D, image_size=32)
+    student.train()(torch.rand(4, 3, 32, 32) + 2)
+    bn = next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d))
+    old = bn.running_mean.clone()
+    with pytest.raises(ValueError, match="no batches"):
+        precise_bn(student, [])
+    torch.testing.assert_close(bn.running_mean, old)

@@ -1,9 +1,51 @@
-"""CLI for the demo stage (filled in by the stage's issue)."""
+"""CLI for the demo stage: ``kdpipe pretrain-teacher`` (and ``kdpipe demo``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from kdpipe.cli.errors import user_errors
+from kdpipe.progress import console
+
+
+def _print_pretrain_summary(summary: dict) -> None:
+    verb = "reused" if summary["reused"] else f"trained in {summary['seconds']:.0f}s"
+    console.print(f"teacher {summary['arch']} {verb}: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
+    val = summary.get("val") or {}
+    if "i2t_R@1" in val:
+        console.print(f"val retrieval R@1: image->text {val['i2t_R@1']:.3f}, text->image {val['t2i_R@1']:.3f}")
+    if "zeroshot_top1" in val:
+        console.print(f"val zero-shot top-1: {val['zeroshot_top1']:.3f} (chance {val['zeroshot_chance']:.3f})")
+    console.print(f"use it: kdpipe extract --teacher {summary['config']} --pretrained {summary['weights']}")
+
+
+def pretrain_teacher(
+    data: str = typer.Option(..., "--data", "-d", help="Captioned dataset with a train split (and val for "
+                             "metrics), e.g. a shapes world from `kdpipe make-shapes data/shapes`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Teacher directory: config.json, model.safetensors, train.json."),
+    arch: str = typer.Option("shapes-vit", "--arch", help="Architecture: a shipped config (shapes-vit, tiny-clip), "
+                             "an open_clip model name or an open_clip model-config JSON."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: the shapes-world "
+                                         "setting, a few minutes on 2 CPU cores)."),
+    batch_size: int = typer.Option(128, "--batch-size", "-b", min=2, help="Images per step (one random caption each)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and crops."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain even if OUT holds a teacher (any settings)."),
+) -> None:
+    """Train a small open_clip CLIP from scratch (a teacher for offline demos); reuses OUT when already trained."""
+    from kdpipe.pretrain import DEFAULT_STEPS, PretrainConfig, run
+
+    with user_errors():
+        cfg = PretrainConfig(data=data, out=str(out), arch=arch, steps=steps or DEFAULT_STEPS,
+                             batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite)
+        summary = run(cfg)
+    _print_pretrain_summary(summary)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the kdpipe app."""
+    app.command("pretrain-teacher")(pretrain_teacher)

@@ -1,9 +1,62 @@
-"""CLI for the eval stage (filled in by the stage's issue)."""
+"""`kdpipe eval` (a student run, or the teacher from its cache) and `kdpipe report` (runs side by side)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from kdpipe.cli.errors import user_errors
+from kdpipe.progress import console
+
+
+def eval_cmd(
+    run: Optional[Path] = typer.Argument(None, help="Run directory written by `kdpipe train`."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Evaluate the teacher itself from this CACHE's "
+                                           "embeddings (no teacher forward) instead of a RUN."),
+    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache to evaluate on (default: the one "
+                                         "RUN/student.json records)."),
+    split: str = typer.Option("val", "--split", help="Held-out split of the cache: val or test."),
+    zeroshot: Optional[list[str]] = typer.Option(
+        None, "--zeroshot", "-z", help="Extra zero-shot dataset (repeatable): folder:PATH (ImageFolder layout, "
+        "class = subfolder), cifar10:ROOT or cifar100:ROOT (a local torchvision root; never downloaded). The "
+        "cache's own labels are always used when it has them."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images (or captions) per student forward."),
+    workers: int = typer.Option(0, "--workers", "-w", min=0, help="DataLoader workers decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N)."),
+    chunk: int = typer.Option(1024, "--chunk", min=1, help="Queries per similarity block (memory bound)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output JSON (default: RUN/eval.json, "
+                                       "or CACHE/teacher_eval.json with --teacher)."),
+    verify: str = typer.Option("size", "--verify", help="Cache check before reading: none, size or sha256."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Retrieval R@1/5/10 both ways, zero-shot top-1/top-5 and agreement with the teacher, each next to the
+    teacher's own figure on the same split and their ratio. Writes RUN/eval.json and prints a table."""
+    from kdpipe.evaluate import EvalConfig, run as evaluate
+
+    with user_errors():
+        evaluate(EvalConfig(run=run, teacher=teacher, cache=cache, split=split, zeroshot=list(zeroshot or []),
+                            batch_size=batch_size, workers=workers, device=device, chunk=chunk, out=out,
+                            verify=verify, progress=not no_progress))
+
+
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run directories to compare."),
+    out: Path = typer.Option(Path("report.md"), "--out", "-o", help="Markdown file to write."),
+) -> None:
+    """One Markdown table comparing runs: student, losses, whitening, R@1 both ways, zero-shot, agreement,
+    size and latency, each with its ratio to the teacher. Reads each RUN's student.json, config.toml,
+    eval.json and bench.json ("–" where missing); written to --out and printed."""
+    from kdpipe.report import ReportConfig, run as report
+
+    with user_errors():
+        result = report(ReportConfig(runs=list(runs), out=out))
+    typer.echo(result["markdown"])
+    console.print(f"report: {result['path']}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the kdpipe app."""
+    app.command("eval")(eval_cmd)
+    app.command("report")(report_cmd)

@@ -1,9 +1,75 @@
-"""CLI for the train stage (filled in by the stage's issue)."""
+"""`kdpipe train`: distil a student from a cache (the teacher is never loaded).
+
+Every option defaults to "not given" so precedence is explicit: built-in defaults <
+RUN/config.toml (with --resume) < --config FILE.toml < flags on the command line.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from kdpipe.cli.errors import user_errors
+from kdpipe.progress import console
+
+
+def train(
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="Image student (STUDENTS registry): "
+                                          "mobilenetv3, mobilenetv3_large, resnet18/34/50, efficientnet_b0, "
+                                          "vit_tiny, mobilevit_s, tiny. Default mobilenetv3."),
+    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache directory from `kdpipe extract`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write."),
+    losses: Optional[str] = typer.Option(None, "--losses", "-l", help="Weighted losses, e.g. 'fd=7.8,crd=1,icl=1' "
+                                         "(clip, fd, mfd, crd, icl, gd, afd, hinton; fd/mfd weight = λ of λ·(1−cos))."),
+    whiten: Optional[str] = typer.Option(None, "--whiten", help="none | image | text | joint: learn whitened "
+                                         "targets (needs `kdpipe fit-whitening`); joint keeps image-text alignment."),
+    text_student: Optional[str] = typer.Option(None, "--text-student", help="none (use the teacher's cached text "
+                                               "embeddings) or a text student: text_tiny, text_small, text_base."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs (default 10)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Batch per process (default 64)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate, AdamW (default 1e-3)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.05)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps (default 100)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=8, help="Student input size "
+                                             "(default: the teacher's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, "
+                                            "bf16, fp16."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="DataLoader workers (default 2)."),
+    views_used: Optional[str] = typer.Option(None, "--views-used", help="all (a random cached view per sample) "
+                                             "or 0 (the teacher's eval view only)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (data order, views, init)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps "
+                                            "(the schedule still spans all epochs)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Validate every N steps "
+                                            "(default: each epoch end)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log a metrics row every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with defaults (any TrainConfig "
+                                          "field); flags override it."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Distil STUDENT from the teacher embeddings cached in CACHE; writes OUT/ (config, metrics, student)."""
+    from kdpipe.train import resolve_config, run
+
+    flags = dict(student=student, cache=str(cache) if cache else None, out=str(out) if out else None,
+                 losses=losses, whiten=whiten, text_student=text_student, epochs=epochs, batch_size=batch_size,
+                 lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, image_size=image_size,
+                 precision=precision, device=device, workers=workers, views_used=views_used, seed=seed,
+                 max_steps=max_steps, val_every=val_every, log_every=log_every,
+                 resume=resume or None, progress=False if no_progress else None)
+    with user_errors():
+        cfg = resolve_config(flags, config)
+        result = run(cfg)
+    if result["rank"] != 0:  # under torchrun only rank 0 reports
+        return
+    val = result["val"] or {}
+    shown = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in val.items() if k != "val_images")
+    console.print(f"[green]trained[/] {result['step']} steps; val: {shown or 'n/a'}")
+    console.print(f"student: {result['run']}/student.safetensors (+ student.json)")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the kdpipe app."""
+    app.command("train")(train)

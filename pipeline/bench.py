@@ -1,8 +1,10 @@
-"""Benchmark primitives: parameters, serialised size, FLOPs, latency, throughput, ONNX.
+"""Benchmark: measurement primitives, then the bench stage (``BenchConfig``, ``run(cfg)``).
 
-Each function measures one thing on a callable or module it is given; the bench stage
-(later in this file: config + ``run(cfg)``) builds teacher and student towers from a run
-directory and feeds them here. JSON-ready dicts for machines, ``render_table`` for people.
+The primitives measure one thing on a callable or module they are given: parameters,
+serialised size, FLOPs, latency, throughput, ONNX export/check/latency. The stage (bottom of
+this file) rebuilds the teacher's architecture and every run's student, feeds their towers
+to the primitives in one process, and writes JSON for machines (RUN/bench.json), a rich
+table for people and an accuracy-vs-latency PNG.
 
 Callers put the module (and whatever ``fn`` closes over) on ``device`` first; the
 functions here move only the example tensors.
@@ -11,10 +13,12 @@ functions here move only the example tensors.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,6 +28,8 @@ from rich.table import Table
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from kdpipe.store import Manifest, atomic_write_json, same_fingerprint
 
 log = logging.getLogger("kdpipe")
 
@@ -164,7 +170,8 @@ def measure_tower(
 
 
 # Bigger is worse for these (teacher / student = "times smaller / faster") ...
-_COST_KEYS = ("params", "size_fp32_bytes", "size_fp16_bytes", "flops_per_sample", "latency_b1_p50_ms", "latency_b1_p90_ms")
+_COST_KEYS = ("params", "size_fp32_bytes", "size_fp16_bytes", "flops_per_sample", "latency_b1_p50_ms",
+              "latency_b1_p90_ms")
 # ... and better for this one (student / teacher = "times faster").
 _RATE_KEYS = ("throughput",)
 
@@ -316,15 +323,361 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def render_table(rows: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
-    """A rich table with one row per dict; columns are the keys in first-seen order."""
+def render_table(rows: Iterable[Mapping[str, Any]], title: str | None = None, left: int = 1) -> Table:
+    """A rich table with one row per dict; columns are the keys in first-seen order.
+
+    The first ``left`` columns (labels) are left-aligned, the rest (numbers) right-aligned.
+    """
     rows = list(rows)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
     table = Table(title=title)
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        table.add_column(col, justify="left" if i < left else "right")
     for row in rows:
         table.add_row(*(_cell(row.get(col)) for col in columns))
     return table
+
+
+# =========================================================================== the bench stage
+#
+# `kdpipe bench RUN [RUN ...]`: the teacher and every student measured in one process, on
+# the same device and threads. The teacher is rebuilt from its architecture with random
+# weights (speed does not depend on them). Each tower's callable returns its output on the
+# host as float32 (as a service would hand it back), teacher and student alike.
+
+
+@dataclass
+class BenchConfig:
+    runs: list[str | Path]
+    teacher: str | None = None  # a model name, model-config JSON or CACHE dir; default: the runs' teacher
+    device: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 64)  # latency at batch 1; throughput at every size > 1
+    warmup: int = 5
+    iters: int = 30  # timed batch-1 calls per tower (p50 / p90)
+    throughput_iters: int = 10  # back-to-back calls at batch N
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    onnx: bool = False  # export the student image tower, check it against PyTorch, time it
+    onnx_tol: float = 1e-4
+    caption: str = "a photo of a small red circle to the left of a big blue square."  # the text example
+    out: str | Path | None = None  # several runs: where bench_compare.{json,png} go (default: the first run)
+
+
+BENCH_JSON, BENCH_PNG = "bench.json", "bench.png"
+COMPARE_JSON, COMPARE_PNG = "bench_compare.json", "bench_compare.png"
+ONNX_FILE = "student_image.onnx"
+ACCURACY_METRIC = "i2t_R@1"
+TEACHER_WEIGHTS_NOTE = "random init: the architecture is rebuilt from its name; speed does not depend on weights"
+SHARED_TEXT_NOTE = ("image-only student: captions and prompts go through the teacher's text tower, so its "
+                    "text row is the teacher's (not re-measured) and the total includes it")
+NOT_TEXT = ("visual", "logit_scale", "logit_bias")  # an open_clip model's children that are not its text tower
+_SUM_KEYS = ("params", "size_fp32_bytes", "size_fp16_bytes", "flops_per_sample", "latency_b1_p50_ms",
+             "latency_b1_p90_ms")
+
+
+@dataclass
+class Tower:
+    """One tower to time: fn(example [B, ...]) -> output, the module that holds its weights, inputs."""
+
+    name: str
+    fn: Fn
+    module: nn.Module
+    example: Callable[[int], Tensor]  # batch size -> input batch on the device
+
+
+class _Parts(nn.Module):
+    """A view on some children / parameters of a model (shared, not copied): e.g. CLIP minus its visual tower."""
+
+    def __init__(self, model: nn.Module, skip: tuple[str, ...]) -> None:
+        super().__init__()
+        for name, child in model.named_children():
+            if name not in skip:
+                self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            if name not in skip:
+                self.register_parameter(name, p)
+
+
+def _host(fn: Callable[[Tensor], Tensor]) -> Fn:
+    return lambda x: fn(x).float().cpu()
+
+
+def teacher_towers(teacher: Any, device: torch.device, caption: str) -> dict[str, Tower]:
+    """Image and text towers of a kdpipe Teacher (fp32, trimmed text forward as in extraction)."""
+    size = teacher.preprocess.size
+    tokens = teacher.tokenize([caption]).to(device)
+    return {
+        "image": Tower("teacher/image", teacher.encode_images, teacher.model.visual,
+                       lambda b: torch.randn(b, 3, size, size, device=device)),
+        "text": Tower("teacher/text", teacher.encode_tokens, _Parts(teacher.model, NOT_TEXT),
+                      lambda b: tokens.expand(b, -1).contiguous()),
+    }
+
+
+def student_towers(image: nn.Module, text: nn.Module | None, device: torch.device, caption: str,
+                   label: str) -> dict[str, Tower]:
+    size = image.image_size
+    towers = {"image": Tower(f"{label}/image", _host(image), image,
+                             lambda b: torch.randn(b, 3, size, size, device=device))}
+    if text is not None:
+        tokens = text.tokenize([caption]).to(device)
+        towers["text"] = Tower(f"{label}/text", _host(text), text, lambda b: tokens.expand(b, -1).contiguous())
+    return towers
+
+
+def measure(tower: Tower, cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """measure_tower at batch 1 and the largest N, plus throughput at every other N > 1."""
+    sizes = sorted({n for n in cfg.batch_sizes if n > 1}) or [1]
+    row = measure_tower(tower.name, tower.fn, tower.example(1), tower.example(sizes[-1]), tower.module, device,
+                        warmup=cfg.warmup, iters=cfg.iters, throughput_iters=cfg.throughput_iters)
+    row["throughput_by_batch"] = {str(n): throughput(tower.fn, tower.example(n), cfg.throughput_iters, device)
+                                  for n in sizes[:-1]}
+    row["throughput_by_batch"][str(sizes[-1])] = row["throughput"]
+    return row
+
+
+def total(image: Mapping[str, Any], text: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Both towers together: sizes, FLOPs and latencies add (one image + one caption); throughput in
+    image-caption pairs per second when the towers run one after the other (1 / (1/a + 1/b))."""
+    row: dict[str, Any] = {"name": name, **{k: image[k] + text[k] for k in _SUM_KEYS}}
+    row["throughput"] = 1.0 / (1.0 / image["throughput"] + 1.0 / text["throughput"])
+    row.update({k: image[k] for k in ("batch_n", "threads", "device")})
+    return row
+
+
+def measure_model(towers: dict[str, Tower], cfg: BenchConfig, device: torch.device, label: str,
+                  shared_text: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    """{"image", "text", "total"} rows; ``shared_text`` stands in for a missing text tower."""
+    rows = {kind: measure(t, cfg, device) for kind, t in towers.items()}
+    if "text" not in rows:
+        rows["text"] = {**shared_text, "name": f"{label}/text", "shared": "teacher text tower"}
+    rows["total"] = total(rows["image"], rows["text"], f"{label}/total")
+    return rows
+
+
+def onnx_report(image: nn.Module, path: Path, cfg: BenchConfig) -> dict[str, Any]:
+    """Export the student image tower (dynamic batch), check it against PyTorch, time it (ONNX Runtime, CPU)."""
+    size = image.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    export_onnx(image, example, path)
+    diff = check_onnx(path, image, example)
+    lat = onnx_latency(path, example[:1], warmup=cfg.warmup, iters=cfg.iters, threads=cfg.threads)
+    ok = diff < cfg.onnx_tol
+    if not ok:
+        log.error("ONNX export of the image tower differs from PyTorch by %.3g (> %g)", diff, cfg.onnx_tol)
+    return {"path": str(path), "max_abs_diff": diff, "tolerance": cfg.onnx_tol, "ok": ok, "device": "cpu (onnxruntime)",
+            "latency_b1_p50_ms": lat["p50_ms"], "latency_b1_p90_ms": lat["p90_ms"], "bytes": path.stat().st_size}
+
+
+# --------------------------------------------------------------------------- the teacher to compare with
+
+
+def _read_spec(run: Path) -> dict[str, Any]:
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} does not exist")
+    path = run / "student.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} holds no student.json: not a finished `kdpipe train` run")
+    return json.loads(path.read_text())
+
+
+def teacher_fingerprint(cfg: BenchConfig, specs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fingerprint to rebuild: --teacher CACHE's, else the runs' (which must agree); None for a bare name."""
+    if cfg.teacher is not None and not Path(cfg.teacher).is_dir():
+        return None
+    if cfg.teacher is not None:
+        manifest = Manifest.load(Path(cfg.teacher))
+        if manifest is None or "teacher" not in manifest.data:
+            raise FileNotFoundError(f"--teacher {cfg.teacher} is a directory without a cache manifest.json")
+        return manifest.data["teacher"]
+    fps = [s.get("teacher") for s in specs]
+    if not isinstance(fps[0], dict):
+        raise ValueError(f"{cfg.runs[0]}/student.json records no teacher; pass --teacher NAME or CACHE")
+    for run, fp in zip(cfg.runs[1:], fps[1:]):
+        if not isinstance(fp, dict) or not same_fingerprint(fp, fps[0]):
+            raise ValueError(f"{run} was distilled from another teacher than {cfg.runs[0]}; bench them separately "
+                             "or pass --teacher")
+    return fps[0]
+
+
+def build_teacher(cfg: BenchConfig, fp: dict[str, Any] | None, device: torch.device) -> Any:
+    """The teacher's architecture with random weights (fp32)."""
+    from kdpipe.teachers import load_teacher  # noqa: PLC0415
+
+    name = fp["name"] if fp is not None else cfg.teacher
+    try:
+        teacher = load_teacher(name, None, device=device, precision="fp32", allow_random_init=True)
+    except (KeyError, FileNotFoundError) as err:
+        raise FileNotFoundError(f"cannot rebuild teacher architecture {name!r}: {err.args[0]}") from None
+    log.info("teacher %s for the benchmark: %s", name, TEACHER_WEIGHTS_NOTE)
+    return teacher
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def read_accuracy(run: Path) -> dict[str, float | None] | None:
+    """{"student", "teacher"} i2t R@1 from RUN/eval.json, or None when it was not evaluated."""
+    path = run / "eval.json"
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text()).get("metrics", {}).get(ACCURACY_METRIC)
+    return {"metric": ACCURACY_METRIC, "student": row.get("student"), "teacher": row.get("teacher")} if row else None
+
+
+def plot_accuracy_latency(points: list[dict[str, Any]], path: Path) -> Path | None:
+    """Scatter of accuracy vs image-tower latency: points [{"label", "latency_ms", "accuracy", "teacher"}]."""
+    points = [p for p in points if p.get("accuracy") is not None]
+    if not points:
+        return None
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for p in points:
+        ax.scatter(p["latency_ms"], p["accuracy"], marker="*" if p["teacher"] else "o",
+                   s=180 if p["teacher"] else 60, color="black" if p["teacher"] else None, zorder=3)
+        ax.annotate(p["label"], (p["latency_ms"], p["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"image tower latency, batch 1, p50 (ms, {points[0]['device']})")
+    ax.set_ylabel(f"{ACCURACY_METRIC} (image→text)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _points(teacher_rows: dict, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    teacher_acc = next((r["accuracy"]["teacher"] for r in results if r["accuracy"]), None)
+    device = teacher_rows["image"]["device"]
+    out = [{"label": "teacher", "latency_ms": teacher_rows["image"]["latency_b1_p50_ms"], "accuracy": teacher_acc,
+            "teacher": True, "device": device}]
+    for r in results:
+        out.append({"label": r["student"]["label"], "latency_ms": r["student"]["image"]["latency_b1_p50_ms"],
+                    "accuracy": (r["accuracy"] or {}).get("student"), "teacher": False, "device": device})
+    return out
+
+
+def _si(n: float) -> str:
+    """3.27M, 812k, 95: counts short enough for an 80-column table."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def print_tables(teacher_rows: dict, results: list[dict[str, Any]]) -> None:
+    """Measurements (one row per tower) and ratios teacher / student (> 1: the student is smaller / faster)."""
+    from kdpipe.progress import console  # noqa: PLC0415
+
+    def row(model: str, kind: str, r: Mapping[str, Any]) -> dict[str, Any]:
+        return {"model": model, "tower": kind + ("*" if r.get("shared") else ""), "params": _si(r["params"]),
+                "fp16 MB": r["size_fp16_bytes"] / 2**20, "FLOPs": _si(r["flops_per_sample"]),
+                "p50 ms": r["latency_b1_p50_ms"], "p90 ms": r["latency_b1_p90_ms"],
+                f"/s @{r['batch_n']}": r["throughput"]}
+
+    towers = ("image", "text", "total")
+    rows = [row("teacher", k, teacher_rows[k]) for k in towers]
+    rows += [row(r["student"]["label"], k, r["student"][k]) for r in results for k in towers]
+    first = teacher_rows["image"]
+    shared = any(r["student"]["text_tower"] == "teacher" for r in results)
+    console.print(render_table(rows, title=f"bench: {first['device']}, {first['threads']} threads, latency at batch 1",
+                               left=2))
+    if shared:
+        console.print("* the teacher's text tower (image-only student): not re-measured, counted in its total")
+    ratio_rows = [{"model": r["student"]["label"], "tower": k, "params ×": v["params"],
+                   "fp16 size ×": v["size_fp16_bytes"], "FLOPs ×": v["flops_per_sample"],
+                   "p50 ×": v["latency_b1_p50_ms"], "throughput ×": v["throughput"]}
+                  for r in results for k, v in r["ratios"].items()]
+    console.print(render_table(ratio_rows, title="teacher / student (> 1: the student is smaller or faster)",
+                               left=2))
+    for r in results:
+        if r["onnx"]:
+            o = r["onnx"]
+            console.print(f"{r['student']['label']}: ONNX max |diff| {o['max_abs_diff']:.2g} "
+                          f"({'ok' if o['ok'] else 'FAILED'}), b1 p50 {o['latency_b1_p50_ms']:.3g} ms (onnxruntime)")
+
+
+def _check_config(cfg: BenchConfig) -> None:
+    if not cfg.runs:
+        raise ValueError("give at least one RUN directory")
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive integers, got {list(cfg.batch_sizes)}")
+    if cfg.iters < 1 or cfg.warmup < 0 or cfg.throughput_iters < 1:
+        raise ValueError("iters and throughput_iters must be at least 1, warmup at least 0")
+
+
+def _config_dict(cfg: BenchConfig) -> dict[str, Any]:
+    out = asdict(cfg)
+    out["runs"] = [str(r) for r in cfg.runs]
+    out["out"] = None if cfg.out is None else str(cfg.out)
+    out["batch_sizes"] = list(cfg.batch_sizes)
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+
+def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Measure one run's student against the already measured teacher; write RUN/bench.json."""
+    from kdpipe.students import load_student  # noqa: PLC0415
+
+    image, text, spec = load_student(run, device)
+    label = run.name
+    rows = measure_model(student_towers(image, text, device, cfg.caption, label), cfg, device, label,
+                         shared_text=teacher_rows["text"])
+    ratios = {k: ratio_table(teacher_rows[k], {label: rows[k]})[label] for k in ("image", "text", "total")}
+    result = {
+        "run": str(run),
+        "student": {"label": label, "image_name": spec["image"]["name"],
+                    "text_name": (spec.get("text") or {}).get("name"),
+                    "text_tower": "student" if text is not None else "teacher", **rows},
+        "ratios": ratios,
+        "onnx": onnx_report(image.cpu(), run / ONNX_FILE, cfg) if cfg.onnx else None,
+        "accuracy": read_accuracy(run),
+        "notes": [] if text is not None else [SHARED_TEXT_NOTE],
+    }
+    if cfg.onnx:
+        image.to(device)
+    return result
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Bench the teacher once and every run's student; write RUN/bench.{json,png} (+ a comparison when
+    several runs are given). Returns {"teacher": rows, "results": [per run], "files": [...]}."""
+    from kdpipe.runtime import resolve_device, torch_threads  # noqa: PLC0415
+
+    _check_config(cfg)
+    runs = [Path(r) for r in cfg.runs]
+    specs = [_read_spec(r) for r in runs]
+    device = resolve_device(cfg.device)
+    fp = teacher_fingerprint(cfg, specs)
+    with torch_threads(cfg.threads):
+        teacher = build_teacher(cfg, fp, device)
+        teacher_rows = measure_model(teacher_towers(teacher, device, cfg.caption), cfg, device, "teacher")
+        del teacher
+        results = [bench_run(r, teacher_rows, cfg, device) for r in runs]
+    header = {"device": str(device), "threads": teacher_rows["image"]["threads"], "torch": torch.__version__,
+              "teacher": {"name": fp["name"] if fp else cfg.teacher, "fingerprint": fp,
+                          "weights": TEACHER_WEIGHTS_NOTE, **teacher_rows},
+              "config": _config_dict(cfg)}
+    files = []
+    for r, result in zip(runs, results):
+        atomic_write_json(r / BENCH_JSON, {**header, **result})
+        files += [r / BENCH_JSON, plot_accuracy_latency(_points(teacher_rows, [result]), r / BENCH_PNG)]
+    if len(runs) > 1:
+        out = Path(cfg.out) if cfg.out else runs[0]
+        atomic_write_json(out / COMPARE_JSON, {**header, "results": results})
+        files += [out / COMPARE_JSON, plot_accuracy_latency(_points(teacher_rows, results), out / COMPARE_PNG)]
+    print_tables(teacher_rows, results)
+    if not any(r["accuracy"] for r in results):
+        log.info("no eval.json in the runs: accuracy-vs-latency plot skipped (run `kdpipe eval RUN` first)")
+    for path in files:
+        if path is not None:
+            log.info("wrote %s", path)
+    return {"teacher": teacher_rows, "results": results, "files": [str(p) for p in files if p is not None]}

@@ -22,8 +22,8 @@ every rank first (open_clip's ``gather_features``) and passes the gathered tenso
 parameters (logit scales, fusion heads): the trainer optimises them, syncs their gradients
 across ranks, and saves them in its checkpoints.
 
-Computation is in float32 for half inputs (logits under bf16 autocast lose the ranking), in
-the inputs' dtype otherwise (float64 for gradcheck).
+Computation is in float32 for half inputs and with autocast switched off (bf16 logits lose the
+ranking), in the inputs' dtype otherwise (float64 for gradcheck).
 """
 
 from __future__ import annotations
@@ -109,7 +109,11 @@ class LogitScale(nn.Module):
 
 
 class DistillLoss(nn.Module):
-    """Base class: holds the weight; subclasses implement ``forward(batch) -> {term: tensor}``."""
+    """Base class: holds the weight; subclasses implement ``terms(batch) -> {term: tensor}``.
+
+    ``forward`` runs ``terms`` with autocast off, so logits and softmaxes stay in float32 even
+    when the student ran under bf16/fp16 autocast.
+    """
 
     default_weight: float = 1.0
 
@@ -119,6 +123,13 @@ class DistillLoss(nn.Module):
         self.embed_dim = embed_dim
         self.teacher_logit_scale = float(teacher_logit_scale)
         self.text_student = text_student
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.autocast(device_type=batch["t_img"].device.type, enabled=False):
+            return self.terms(batch)
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     @staticmethod
     def sides(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +155,7 @@ class ClipTaskLoss(DistillLoss):
         self.logit_scale = LogitScale(init_scale)
         self.clip_loss = OpenClipLoss()  # world_size=1: features arrive gathered
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, _, _ = self.sides(batch)
         return {"clip": self.weight * self.clip_loss(s_img, s_txt, self.logit_scale())}
 
@@ -161,7 +172,7 @@ class FeatureDistillation(DistillLoss):
 
     default_weight = 7.8125
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = {"fd_img": self.weight * one_minus_cos(batch["s_img"], batch["t_img"])}
         if "s_txt" in batch:
             terms["fd_txt"] = self.weight * one_minus_cos(batch["s_txt"], batch["t_txt"])
@@ -182,7 +193,7 @@ class MaskedFeatureDistillation(DistillLoss):
 
     default_weight = 7.8125
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "s_img_masked" not in batch:
             raise KeyError("mfd needs 's_img_masked' (the student's embeddings of mask_images(x))")
         return {"mfd": self.weight * one_minus_cos(batch["s_img_masked"], batch["t_img"])}
@@ -203,7 +214,7 @@ class ContrastiveRelationalDistillation(DistillLoss):
         super().__init__(weight, embed_dim, teacher_logit_scale, text_student)
         self.logit_scale = LogitScale(teacher_logit_scale, learnable=learn_scale)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, t_img, t_txt = self.sides(batch)
         student = self.logit_scale() * s_img @ s_txt.T
         teacher = self.teacher_logit_scale * t_img @ t_txt.T
@@ -228,7 +239,7 @@ class InteractiveContrastiveLearning(DistillLoss):
         super().__init__(weight, embed_dim, teacher_logit_scale, text_student)
         self.logit_scale = LogitScale(init_scale)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, _, t_img, t_txt = self.sides(batch)
         scale = self.logit_scale()
         loss = info_nce(scale * s_img @ t_txt.T)
@@ -254,7 +265,7 @@ class GradientDistillation(DistillLoss):
     the term is O(1) for any B, D, τ, so the default weight is 1, not 1e8.
     """
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, t_img, t_txt = self.sides(batch)
         tau = self.teacher_logit_scale
         loss = s_img.new_zeros(())
@@ -281,7 +292,7 @@ class AugmentedFeatureDistillation(DistillLoss):
         self.logit_scale = LogitScale(init_scale)
         self.clip_loss = OpenClipLoss()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, _, t_img, t_txt = self.sides(batch)
         img = _unit(self.fuse_img(torch.cat([s_img, t_img], dim=-1)))
         if "s_txt" in batch:
@@ -310,7 +321,7 @@ class HintonDistillation(DistillLoss):
             raise ValueError(f"hinton needs T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}")
         self.T, self.alpha = T, alpha
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, t_img, t_txt = self.sides(batch)
         tau = self.teacher_logit_scale
         if "class_emb" in batch:

@@ -43,7 +43,8 @@ CIFAR100_CLASSNAMES = (
     "mouse", "mushroom", "oak tree", "orange", "orchid", "otter", "palm tree", "pear", "pickup truck", "pine tree",
     "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
     "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor",
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf", "woman", "worm",
 )
 # CLIP's CIFAR-10/100 templates (openai/CLIP data/prompts.md; CLIP_benchmark uses the same).
@@ -103,7 +104,8 @@ class PromptSet:
     def __post_init__(self) -> None:
         want = (len(self.classnames), len(self.templates))
         if self.emb.ndim != 3 or self.emb.shape[:2] != want:
-            raise ValueError(f"prompt emb shape {self.emb.shape} does not match {want[0]} classes x {want[1]} templates")
+            raise ValueError(f"prompt emb shape {self.emb.shape} does not match "
+                             f"{want[0]} classes x {want[1]} templates")
 
 
 def prompt_texts(classnames: list[str], templates: list[str]) -> list[str]:

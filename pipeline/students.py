@@ -299,6 +299,9 @@ def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | N
 
     ``meta`` (teacher fingerprint, whitening, ...) is merged into the JSON; it must be JSON-able.
     """
+    reserved = {"format", "image", "text", "embed_dim", "image_size", "mean", "std"} & set(meta)
+    if reserved:
+        raise ValueError(f"meta may not set {sorted(reserved)}: save_student writes them")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"image.{k}": v for k, v in image.state_dict().items()}
@@ -324,7 +327,7 @@ def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     if not (run_dir / SPEC_FILE).is_file():
         raise FileNotFoundError(f"{run_dir / SPEC_FILE} not found: is {run_dir} a kdpipe run directory?")
     spec = json.loads((run_dir / SPEC_FILE).read_text())
-    weights = load_file(str(run_dir / WEIGHTS_FILE), device=str(device))
+    weights = load_file(str(run_dir / WEIGHTS_FILE))
     image = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],
                           mean=tuple(spec["mean"]), std=tuple(spec["std"]), **spec["image"]["kwargs"])
     image.spec["init_checkpoint"] = spec["image"].get("init_checkpoint")  # provenance only, not reloaded

@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.model import CLIP, get_model_preprocess_cfg
+from open_clip.transform import merge_preprocess_dict
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor
 
 from kdpipe.registry import Registry
@@ -74,7 +80,7 @@ class Preprocess:
 class TeacherArch:
     """A resolved architecture: the name open_clip builds it by, and where it came from."""
 
-    name: str                 # name recorded in the fingerprint (as the user gave it, or the -quickgelu variant)
+    name: str                 # as the user gave it (a shipped name, a JSON path or an open_clip name)
     open_clip_name: str       # name registered in open_clip's model-config registry
     kind: str                 # "shipped" | "config" | "open_clip"
     config_preprocess: dict[str, Any] = field(default_factory=dict)  # from an open_clip_config.json
@@ -91,8 +97,6 @@ def _register_shipped() -> None:
     """Make open_clip's factory know the shipped configs (its public add_model_config)."""
     global _registered_shipped
     if not _registered_shipped:
-        import open_clip
-
         open_clip.add_model_config(CONFIG_DIR)
         _registered_shipped = True
 
@@ -115,8 +119,6 @@ def _register_config_file(path: Path) -> TeacherArch:
     between runs), so a copy is registered as ``kdpipe-<stem>-<sha>`` and then removed; open_clip
     keeps the parsed dict.
     """
-    import open_clip
-
     model_cfg, preprocess_cfg = _read_config_json(path)
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
     reg_name = f"kdpipe-{path.stem}-{digest}"
@@ -125,13 +127,13 @@ def _register_config_file(path: Path) -> TeacherArch:
             copy = Path(tmp) / f"{reg_name}.json"
             copy.write_text(json.dumps(model_cfg))
             open_clip.add_model_config(copy)
-    return TeacherArch(name=str(path), open_clip_name=reg_name, kind="config", config_preprocess=preprocess_cfg)
+    # The content-derived name (not the path as typed) goes into the fingerprint, so a moved or
+    # relatively-addressed run directory is still the same teacher.
+    return TeacherArch(name=reg_name, open_clip_name=reg_name, kind="config", config_preprocess=preprocess_cfg)
 
 
 def resolve_arch(name: str) -> TeacherArch:
     """Teacher name -> architecture. Unknown names raise KeyError listing the shipped ones."""
-    import open_clip
-
     if name in TEACHERS:
         _register_shipped()
         return TeacherArch(name=name, open_clip_name=name, kind="shipped")
@@ -154,8 +156,6 @@ def resolve_quickgelu(name: str, tag: str) -> tuple[str, bool]:
     ViT-B-32 ``laion400m_*``, ...) silently lose accuracy in a GELU model. Prefer the shipped
     ``-quickgelu`` config; if none exists, force QuickGELU on the given one.
     """
-    import open_clip
-
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -200,8 +200,6 @@ def _url_cache_dir(cache_dir: str | None) -> str:
 
 def _hf_filenames(tag_cfg: dict[str, Any]) -> tuple[str, list[str]]:
     """open_clip's hf_hub entry 'org/repo/[file]' -> (repo id, files to look for, safetensors first)."""
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
     repo, filename = os.path.split(tag_cfg["hf_hub"])
     filename = filename or HF_WEIGHTS_NAME
     names = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else []
@@ -212,8 +210,6 @@ def _hf_filenames(tag_cfg: dict[str, Any]) -> tuple[str, list[str]]:
 
 def cached_checkpoint(tag_cfg: dict[str, Any], cache_dir: str | None = None) -> str | None:
     """The local file of a pretrained tag if it is already downloaded, else None. Never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
-
     if tag_cfg.get("file"):
         return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
     if tag_cfg.get("hf_hub"):
@@ -267,8 +263,6 @@ def fetch_tag_checkpoint(name: str, tag: str, cache_dir: str | None = None) -> s
     Offline (HF_HUB_OFFLINE=1 or the host unreachable) with nothing cached fails at once with
     a message saying where it looked and how to pass a local file.
     """
-    import open_clip
-
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     hit = cached_checkpoint(tag_cfg, cache_dir)
     if hit:
@@ -311,9 +305,6 @@ class _TextTower:
 
 def _text_tower(model: torch.nn.Module) -> _TextTower | None:
     """The native open_clip text transformer, or None (HF text towers, CoCa's cls token, pad masks)."""
-    from open_clip.model import CLIP
-    from open_clip.transformer import TextTransformer
-
     if isinstance(model, CLIP):
         return _TextTower(model, model.text_pool_type, getattr(model, "text_eos_id", None))
     text = getattr(model, "text", None)
@@ -410,8 +401,6 @@ class Teacher:
     def _encode_trimmed(self, tokens: Tensor) -> Tensor:
         """open_clip's text forward on L' <= context tokens: slice the positional embedding and
         the causal mask to L' (open_clip's encode_text adds both at full length)."""
-        from open_clip.transformer import text_global_pool
-
         t = self._tower.module
         n = tokens.shape[1]
         cast_dtype = t.transformer.get_cast_dtype()
@@ -433,8 +422,6 @@ class Teacher:
 
 def _preprocess_of(model: torch.nn.Module) -> Preprocess:
     """The preprocessing open_clip attached to the model (model.visual.preprocess_cfg)."""
-    from open_clip.model import get_model_preprocess_cfg
-
     cfg = get_model_preprocess_cfg(model)
     size = cfg["size"]
     if isinstance(size, (tuple, list)):
@@ -451,8 +438,6 @@ def make_fingerprint(
     preprocess_source: str, embed_dim: int, logit_scale: float, context_length: int,
 ) -> dict[str, Any]:
     """The teacher's identity as recorded in a cache manifest (docs/ARCHITECTURE.md)."""
-    import open_clip
-
     return {
         "name": name, "pretrained": tag, "checkpoint_sha256": sha256,
         "open_clip_version": open_clip.__version__, "quickgelu": quickgelu,
@@ -483,27 +468,45 @@ class _Weights:
 
 def _resolve_weights(arch: TeacherArch, pretrained: str | None, allow_random_init: bool,
                      cache_dir: str | None) -> _Weights:
-    from open_clip import get_pretrained_cfg
-
-    src = "config" if arch.config_preprocess else "architecture-default"
     if pretrained is None:
-        if arch.kind != "shipped":
-            if not allow_random_init:
-                raise ValueError(f"teacher {arch.name!r} without --pretrained would have random weights; pass an "
-                                 f"open_clip tag or a local file ({PASS_A_FILE}), or allow_random_init for tests")
-            log.warning("TEACHER %s HAS RANDOM WEIGHTS (no --pretrained): its embeddings mean nothing", arch.name)
-        return _Weights(arch.open_clip_name, arch.name, False, None, None, None, arch.config_preprocess, src)
-    if arch.kind == "open_clip" and not _looks_like_file(pretrained):
-        name, force_qg = resolve_quickgelu(arch.open_clip_name, pretrained)
-        path = fetch_tag_checkpoint(name, pretrained, cache_dir)
-        tag_cfg = get_pretrained_cfg(name, pretrained)
-        return _Weights(name, name, force_qg, path, pretrained, None, tag_cfg, "pretrained-tag")
-    if arch.kind != "open_clip" and not _looks_like_file(pretrained):
+        return _random_weights(arch, allow_random_init)
+    if _looks_like_file(pretrained):
+        return _file_weights(arch, pretrained)
+    return _tag_weights(arch, pretrained, cache_dir)
+
+
+def _default_preprocess_source(arch: TeacherArch) -> str:
+    return "config" if arch.config_preprocess else "architecture-default"
+
+
+def _random_weights(arch: TeacherArch, allow_random_init: bool) -> _Weights:
+    if arch.kind != "shipped":
+        if not allow_random_init:
+            raise ValueError(f"teacher {arch.name!r} without --pretrained would have random weights; pass an "
+                             f"open_clip tag or a local file ({PASS_A_FILE}), or allow_random_init for tests")
+        log.warning("TEACHER %s HAS RANDOM WEIGHTS (no --pretrained): its embeddings mean nothing", arch.name)
+    return _Weights(arch.open_clip_name, arch.name, False, None, None, None, arch.config_preprocess,
+                    _default_preprocess_source(arch))
+
+
+def _file_weights(arch: TeacherArch, path: str) -> _Weights:
+    """A local weights file: preprocessing stays the architecture's (a bare file carries none)."""
+    _check_checkpoint_file(path)
+    if arch.kind == "open_clip":
+        log.info("weights from %s: %s uses its architecture's default preprocessing, not a tag's; "
+                 "for openai/laion400m weights name the -quickgelu model", path, arch.name)
+    return _Weights(arch.open_clip_name, arch.name, False, path, None, file_sha256(path),
+                    arch.config_preprocess, _default_preprocess_source(arch))
+
+
+def _tag_weights(arch: TeacherArch, tag: str, cache_dir: str | None) -> _Weights:
+    """An open_clip pretrained tag: the tag's preprocessing and QuickGELU setting apply."""
+    if arch.kind == "config":
         raise ValueError(f"teacher {arch.name!r} has no pretrained tags; --pretrained must be a local weights "
-                         f"file ({', '.join(CHECKPOINT_SUFFIXES)}), got {pretrained!r}")
-    _check_checkpoint_file(pretrained)
-    return _Weights(arch.open_clip_name, arch.name, False, pretrained, None, file_sha256(pretrained),
-                    arch.config_preprocess, src)
+                         f"file ({', '.join(CHECKPOINT_SUFFIXES)}), got {tag!r}")
+    name, force_qg = resolve_quickgelu(arch.open_clip_name, tag)
+    path = fetch_tag_checkpoint(name, tag, cache_dir)
+    return _Weights(name, name, force_qg, path, tag, None, open_clip.get_pretrained_cfg(name, tag), "pretrained-tag")
 
 
 def load_teacher(
@@ -521,17 +524,18 @@ def load_teacher(
     tag (e.g. "laion2b_s34b_b79k"), or a local .pt/.pth/.bin/.safetensors file.
     precision: fp32 | bf16 | fp16 | auto; weights stay fp32 and encoding runs under autocast.
     """
-    import open_clip
-    from open_clip.transform import merge_preprocess_dict
-
     device = resolve_device(device) if isinstance(device, str) else device
     precision = resolve_precision(precision, device)
     arch = resolve_arch(name)
     w = _resolve_weights(arch, pretrained, allow_random_init, cache_dir)
-    model = open_clip.create_model(
-        w.arch_name, pretrained=w.checkpoint, precision="fp32", device=device,
-        force_quick_gelu=w.force_quick_gelu, force_preprocess_cfg=merge_preprocess_dict({}, w.preprocess),
-        weights_only=True, cache_dir=cache_dir)
+    # Random init is seeded, so a weightless teacher (tiny-clip in tests) is the same teacher
+    # every time it is loaded: re-runs resume and recomputed embeddings match the cache.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(
+            w.arch_name, pretrained=w.checkpoint, precision="fp32", device=device,
+            force_quick_gelu=w.force_quick_gelu, force_preprocess_cfg=merge_preprocess_dict({}, w.preprocess),
+            weights_only=True, cache_dir=cache_dir)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(w.arch_name)
     return _make_teacher(model, tokenizer, w, device, precision)
@@ -539,8 +543,6 @@ def load_teacher(
 
 def _make_teacher(model: torch.nn.Module, tokenizer: Any, w: _Weights, device: torch.device,
                   precision: str) -> Teacher:
-    import open_clip
-
     cfg = open_clip.get_model_config(w.arch_name) or {}
     preprocess = _preprocess_of(model)
     tower = _text_tower(model)
@@ -550,8 +552,9 @@ def _make_teacher(model: torch.nn.Module, tokenizer: Any, w: _Weights, device: t
     quickgelu = bool(cfg.get("quick_gelu", False)) or w.force_quick_gelu
     fingerprint = make_fingerprint(w.fingerprint_name, w.tag, w.sha256, quickgelu, preprocess,
                                    w.preprocess_source, embed_dim, logit_scale, context_length)
-    log.info("teacher %s: dim %d, input %d px, text %s", w.fingerprint_name, embed_dim, preprocess.size,
-             "causal (trimmed)" if causal else "not trimmed")
-    return Teacher(model=model, tokenizer=tokenizer, preprocess=preprocess, fingerprint=fingerprint,
-                   embed_dim=embed_dim, logit_scale=logit_scale, context_length=context_length,
-                   is_causal_text=causal, device=device, precision=precision, _tower=tower)
+    teacher = Teacher(model=model, tokenizer=tokenizer, preprocess=preprocess, fingerprint=fingerprint,
+                      embed_dim=embed_dim, logit_scale=logit_scale, context_length=context_length,
+                      is_causal_text=causal, device=device, precision=precision, _tower=tower)
+    log.info("teacher %s: dim %d, input %d px (%s preprocessing), text tokens %s", w.fingerprint_name, embed_dim,
+             preprocess.size, w.preprocess_source, "trimmed per batch" if teacher.can_trim else "not trimmed")
+    return teacher

@@ -32,6 +32,7 @@ import torch
 
 from kdpipe import metrics, zca
 from kdpipe.progress import console, make_progress
+from kdpipe.prompts import read_prompts
 from kdpipe.store import (
     Cache,
     CacheError,
@@ -307,13 +308,7 @@ def read_prompt_sets(path: Path, classnames: list[str] | None) -> dict[str, np.n
     """Prompt sets of prompts.h5 whose class names match the cache's: {name: emb [K, T, D]}."""
     if classnames is None or not path.exists():
         return {}
-    out = {}
-    with h5py.File(path, "r") as f:
-        for name, g in f.items():
-            names = [c.decode() if isinstance(c, bytes) else str(c) for c in g["classnames"][()]]
-            if names == list(classnames):
-                out[name] = g["emb"][()]
-    return out
+    return {name: s.emb for name, s in read_prompts(path).items() if list(s.classnames) == list(classnames)}
 
 
 def teacher_scores(held: H5Shard, prompt_sets: dict[str, np.ndarray],
@@ -343,7 +338,12 @@ def heldout_checks(cache: Cache, split: str, fitted: dict[str, zca.Whitening], m
     """-> (per-mode {heldout, teacher}, raw teacher scores, notes). ``partners`` supply the
     other modality's transform for per-modality spaces when it was not asked for."""
     held = cache.load_split(split, fields=("img", "txt"))
-    check_finite(held)
+    try:
+        check_finite(held)
+    except ValueError:  # name the shard, not the split: rescan shard by shard (rare path)
+        for shard in cache.iter_h5(split, fields=("img", "txt")):
+            check_finite(shard)
+        raise
     prompt_sets = read_prompt_sets(cache.prompts_path, cache.classnames)
     notes = [] if prompt_sets else ["zero-shot skipped: no prompt set in prompts.h5 matches the cache's class names"]
     if prompt_sets and not (held.labels >= 0).any():
@@ -413,22 +413,38 @@ def _partners(moments: dict[str, zca.RunningMoments], modes: list[str], cfg: Whi
     return out
 
 
-def run(cfg: WhitenConfig) -> dict[str, Any]:
-    """Fit, write CACHE/whitening.h5, check, write CACHE/whitening.json; returns the report."""
+def _validate(cfg: WhitenConfig) -> list[str]:
+    """Check every name before reading anything; -> the modes to fit."""
     modes = resolve_modes(cfg.mode)
-    zca.METHODS.get(cfg.method)  # unknown method: fail before reading anything
+    zca.METHODS.get(cfg.method)
     if cfg.verify not in VERIFY_CHOICES:
         raise ValueError(f"unknown --verify {cfg.verify!r}; valid: {', '.join(VERIFY_CHOICES)}")
+    return modes
+
+
+def _add_heldout(report: dict[str, Any], cache: Cache, split: str, moments: dict[str, zca.RunningMoments],
+                 fitted: dict[str, zca.Whitening], cfg: WhitenConfig) -> None:
+    notes = report["notes"]
+    per_mode, raw, more = heldout_checks(cache, split, fitted, list(fitted), _partners(moments, list(fitted), cfg, notes))
+    for mode, checks in per_mode.items():
+        report["modes"][mode].update(checks)
+    report["teacher_raw"] = raw
+    notes.extend(more)
+
+
+def run(cfg: WhitenConfig) -> dict[str, Any]:
+    """Fit, write CACHE/whitening.h5, check, write CACHE/whitening.json; returns the report."""
+    modes = _validate(cfg)
     cache = open_cache(cfg.cache, verify=cfg.verify)
     eval_split = pick_eval_split(cache, cfg.eval_split)
     h5_path, json_path = cache.root / WHITENING_H5, cache.root / WHITENING_JSON
-    notes: list[str] = []
     t0 = time.perf_counter()
     with make_progress("shards", disable=not cfg.progress) as progress:
         moments = accumulate(cache, progress)
         fitted = fit_modes(moments, modes, cfg.eps_rel, cfg.method)
         t_fit = time.perf_counter() - t0
         write_whitening(h5_path, fitted, cache.teacher, cfg.eps_rel)
+        json_path.unlink(missing_ok=True)  # it described the previous fit
         fitted = {m: load_whitening(cache, m) for m in modes}  # check what the trainer will read
         train = train_checks(cache, moments, fitted, modes, cfg.check_train, progress)
     report: dict[str, Any] = {
@@ -437,20 +453,16 @@ def run(cfg: WhitenConfig) -> dict[str, Any]:
         "fit_split": FIT_SPLIT, "eval_split": eval_split,
         "train": {"image_rows": moments["image"].n, "captions": moments["text"].n},
         "modes": {m: {**_mode_summary(fitted[m]), "train_cov": train[m]} for m in modes},
-        "teacher_raw": None, "notes": notes, "config": {**asdict(cfg), "cache": str(cfg.cache)},
+        "teacher_raw": None, "notes": [], "config": {**asdict(cfg), "cache": str(cfg.cache)},
     }
     if eval_split is None:
-        notes.append("no held-out split (val/test) in the cache: held-out checks skipped")
+        report["notes"].append("no held-out split (val/test) in the cache: held-out checks skipped")
     else:
-        partners = _partners(moments, modes, cfg, notes)
-        per_mode, raw, more = heldout_checks(cache, eval_split, fitted, modes, partners)
-        for m in modes:
-            report["modes"][m].update(per_mode[m])
-        report["teacher_raw"], notes[len(notes):] = raw, more
+        _add_heldout(report, cache, eval_split, moments, fitted, cfg)
     report["seconds"] = {"fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)}
     atomic_write_json(json_path, report)
     print_table(report)
-    for note in notes:
+    for note in report["notes"]:
         log.info(note)
     failed = [m for m in modes if not report["modes"][m]["train_cov"]["ok"]]
     if failed:

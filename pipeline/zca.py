@@ -47,14 +47,14 @@ class RunningMoments:
 
     def update(self, x: np.ndarray | torch.Tensor) -> "RunningMoments":
         """Add rows x [N, D] (any float dtype; accumulated in float64)."""
-        x = _as_float64(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected rows of shape [N, {self.dim}], got {list(x.shape)}")
         if len(x) == 0:
             return self
-        mean = x.mean(axis=0)
-        xc = x - mean
-        self._combine(len(x), mean, xc.T @ xc)  # numpy routes a.T @ a to BLAS syrk
+        xc = _as_float64(x, copy=True)  # a private copy, centred in place
+        mean = xc.mean(axis=0)
+        xc -= mean
+        self._combine(len(xc), mean, xc.T @ xc)  # numpy routes a.T @ a to BLAS syrk
         return self
 
     def merge(self, other: "RunningMoments") -> "RunningMoments":
@@ -90,10 +90,10 @@ class RunningMoments:
         return self.m2 / denom
 
 
-def _as_float64(x: np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_float64(x: np.ndarray | torch.Tensor, copy: bool = False) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    return np.array(x, dtype=np.float64, copy=True) if copy else np.asarray(x, dtype=np.float64)
 
 
 def merged(*moments: RunningMoments) -> RunningMoments:

@@ -19,11 +19,11 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 from PIL import Image
 
 from kdpipe import store
+from kdpipe.prompts import PromptSet, write_prompts
 
 DEFAULT_CLASSES = ("circle", "square", "triangle", "cross")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.")
@@ -106,16 +106,10 @@ def _samples(world: _World, split: str, n: int, views: int, captions: int,
 
 
 def _write_prompts(path: Path, world: _World, classnames: Sequence[str]) -> None:
-    """CACHE/prompts.h5: group per prompt set with classnames, templates, emb [K, T, D] fp16."""
-    k, t = len(classnames), len(TEMPLATES)
-    latent = np.repeat(world.centers[:, None], t, axis=1)  # [K, T, D]
+    """CACHE/prompts.h5 with one "shapes" set: emb [K, T, D] fp16, normalised."""
+    latent = np.repeat(world.centers[:, None], len(TEMPLATES), axis=1)  # [K, T, D]
     emb = world.embed(latent, 0.2, world.txt_offset)
-    strings = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w") as f:
-        g = f.create_group("shapes")
-        g.create_dataset("classnames", data=np.array(list(classnames), dtype=object), dtype=strings)
-        g.create_dataset("templates", data=np.array(list(TEMPLATES), dtype=object), dtype=strings)
-        g.create_dataset("emb", data=emb.reshape(k, t, -1))
+    write_prompts(path, {"shapes": PromptSet(list(classnames), list(TEMPLATES), emb)})
 
 
 def make_fake_cache(

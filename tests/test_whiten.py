@@ -128,12 +128,26 @@ def test_pca_and_eps_dominated_fit(tmp_path):
 
 def test_single_modality_mode_fits_partner_for_check_only(tmp_path):
     root = fresh_cache(tmp_path)
+    (root / "prompts.h5").unlink()  # no prompts: zero-shot is skipped with a note, retrieval still runs
     report = whiten.run(whiten.WhitenConfig(cache=root, mode="text", check_train=False, progress=False))
     assert list(report["modes"]) == ["text"] and "analytic" in report["modes"]["text"]["train_cov"]["how"]
+    assert report["modes"]["text"]["train_cov"]["max_abs_C_minus_I"] <= 1e-3
     assert any("image transform was fitted" in n for n in report["notes"])
-    assert "retrieval" in report["modes"]["text"]["teacher"]
+    assert any("zero-shot skipped" in n for n in report["notes"])
+    assert report["modes"]["text"]["teacher"]["zero_shot"] == {}
+    assert report["modes"]["text"]["teacher"]["retrieval"]["i2t_R@1"] > 0
     with pytest.raises(ValueError, match=r"holds modes \['text'\], not 'image'"):
         whiten.load_whitening(root, "image")
+
+
+def test_without_a_heldout_split_only_train_checks_run(tmp_path):
+    root = fresh_cache(tmp_path, n_val=0)
+    report = whiten.run(whiten.WhitenConfig(cache=root, mode="joint", progress=False))
+    assert report["eval_split"] is None and report["teacher_raw"] is None
+    assert "heldout" not in report["modes"]["joint"] and report["modes"]["joint"]["train_cov"]["ok"]
+    assert any("held-out checks skipped" in n for n in report["notes"])
+    with pytest.raises(ValueError, match="must be held out"):
+        whiten.run(whiten.WhitenConfig(cache=root, eval_split="train", progress=False))
 
 
 # --------------------------------------------------------------------------- what is read
@@ -163,10 +177,10 @@ def test_fit_pass_reads_train_shards_only(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("dataset,row", [("img", 17), ("txt", 5)])
-def test_nan_embedding_is_refused_naming_shard_and_key(tmp_path, dataset, row):
-    root = fresh_cache(tmp_path)
-    shard = root / "train" / "shard-000001.h5"
+@pytest.mark.parametrize("split,dataset,row", [("train", "img", 17), ("train", "txt", 5), ("val", "img", 2)])
+def test_nan_embedding_is_refused_naming_shard_and_key(tmp_path, split, dataset, row):
+    root = fresh_cache(tmp_path, n_val=80)
+    shard = root / split / "shard-000001.h5"
     with h5py.File(shard, "r+") as f:  # in place: same size, so the cache still verifies by size
         data = f[dataset][()]
         if dataset == "img":
@@ -178,7 +192,8 @@ def test_nan_embedding_is_refused_naming_shard_and_key(tmp_path, dataset, row):
     with pytest.raises(ValueError, match="NaN/Inf") as err:
         whiten.run(whiten.WhitenConfig(cache=root, progress=False))
     assert str(shard) in str(err.value) and f"'{dataset}'" in str(err.value) and key in str(err.value)
-    assert not (root / whiten.WHITENING_H5).exists()
+    assert (root / whiten.WHITENING_H5).exists() == (split == "val")  # a bad train shard stops the fit
+    assert not (root / whiten.WHITENING_JSON).exists()
 
 
 def test_too_few_rows_for_the_dimension_is_refused(tmp_path):

@@ -288,8 +288,10 @@ def make_loader(cfg: StreamConfig, pin_memory: bool = False) -> DataLoader:
     workers = cfg.workers
     if not cfg.train:
         workers = min(workers, len(cfg.shards))  # an ordered pass: one shard per worker at least
+    # A private generator: DataLoader draws its base seed from it, not from the global torch RNG
+    # (which training owns and checkpoints); nothing in the stream uses the seed anyway.
     return DataLoader(CacheStream(replace(cfg, workers=workers)), batch_size=None, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
 
 def steps_per_epoch(n_samples: int, batch_size: int, world: int) -> int:

@@ -44,6 +44,8 @@ POSITIONS = {  # region centre (relative x, y) and phrases
     "centre": ((0.5, 0.5), ("in the centre", "in the middle")),
 }
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+MAIN_RADIUS = {"small": (0.12, 0.155), "large": (0.19, 0.25)}  # relative to the image side
+LARGE_FROM = 0.17  # radius from which an object is called large
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at small sizes
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -60,7 +62,7 @@ class Obj:
 
     @property
     def size(self) -> str:
-        return "large" if self.radius >= 0.16 else "small"
+        return "large" if self.radius >= LARGE_FROM else "small"
 
 
 # ---------------------------------------------------------------- scene sampling
@@ -81,10 +83,11 @@ def _object(rng: np.random.Generator, region: str, radius: float) -> Obj:
 def sample_scene(rng: np.random.Generator) -> list[Obj]:
     """1-2 objects; the first is the largest (its shape is the label) and they do not overlap."""
     large = rng.random() < 0.5
-    main = _object(rng, list(POSITIONS)[rng.integers(len(POSITIONS))], rng.uniform(*((0.18, 0.24) if large else (0.11, 0.145))))
+    radius = rng.uniform(*MAIN_RADIUS["large" if large else "small"])
+    main = _object(rng, list(POSITIONS)[rng.integers(len(POSITIONS))], radius)
     if rng.random() < 0.4:
         return [main]
-    radius = max(0.08, main.radius * rng.uniform(0.55, 0.8))
+    radius = max(0.09, main.radius * rng.uniform(0.55, 0.8))
     for region in rng.permutation([p for p in POSITIONS if p != main.position]):
         second = _object(rng, str(region), radius)
         if math.hypot(second.x - main.x, second.y - main.y) > main.radius + radius + 0.02:

@@ -94,8 +94,10 @@ def decode_image(data: bytes | str | Path | None, max_pixels: int = 64_000_000) 
         except Exception as err:  # noqa: BLE001  (PIL raises many types on corrupt headers)
             raise BadImage(_failure_reason(err), f"{type(err).__name__}: {err}") from err
         w, h = img.size
-        if w * h > max_pixels:
-            raise BadImage("decompression_bomb", f"{w}x{h} pixels > max_pixels {max_pixels}")
+        # PIL's own limit applies too, so a bomb is refused even if the warning filter races (threads).
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        if w * h > limit:
+            raise BadImage("decompression_bomb", f"{w}x{h} pixels > limit {limit}")
         if w == 0 or h == 0:
             raise BadImage("corrupt", f"size {w}x{h}")
         return _load(img)
@@ -159,6 +161,12 @@ def store_image(img: Image.Image, store_size: int = STORE_SIZE) -> tuple[bytes, 
 
 
 # ---------------------------------------------------------------- views
+
+
+def view_policy(store_size: int = STORE_SIZE) -> dict:
+    """How views are made, for the cache manifest."""
+    return {"view0": "center-crop", "scale": list(SCALE), "ratio": [round(r, 3) for r in RATIO], "flip": FLIP_P,
+            "store_size": store_size}  # fmt: skip
 
 
 def center_view(w: int, h: int) -> View:
@@ -238,4 +246,5 @@ __all__ = [
     "to_rgb",
     "to_tensor",
     "view_area",
+    "view_policy",
 ]

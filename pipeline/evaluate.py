@@ -1,0 +1,629 @@
+"""Stage 4: judge a student (or the teacher itself) on a cache's held-out split (DESIGN §6).
+
+Flow for a student run: read RUN/student.json (how to rebuild it, its teacher, its cache,
+its whitening), open the cache it was trained from, then
+
+- images: stream the split's tar shards, replay view 0 (the teacher's eval crop) at the
+  student's input size with the teacher's interpolation and the student's mean/std, run the
+  student in eval mode, and line the embeddings up by key with the HDF5 order;
+- texts: an image-only student is paired with the teacher's cached caption embeddings; a
+  student with a text tower encodes the captions itself;
+- the teacher's figures come from the cached view-0 and caption embeddings of the same
+  split (no teacher forward), so every student figure has its ratio.
+
+Metrics (``kdpipe.metrics``): Recall@1/5/10 both ways with every caption (CLIP_benchmark),
+zero-shot top-1/top-5 with prompt ensembles, and agreement with the teacher (mean cosine of
+image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
+embeddings ready-made, so the teacher's numbers and a student's go through the same code.
+
+Whitened students (trained against whitened targets) output directions in the whitened
+space; they are mapped back to the teacher's space exactly as `kdpipe train` does in its
+validation (``BackMap``: t̂ = normalise(r · ŝ W⁻¹ᵀ + μ)) before anything is compared with
+teacher embeddings, and eval.json says so in ``space``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from kdpipe import metrics, prompts, zca
+from kdpipe.data import views as V
+from kdpipe.progress import console, make_progress
+from kdpipe.registry import Registry
+from kdpipe.runtime import resolve_device
+from kdpipe.store import Cache, CacheError, H5Shard, atomic_write_json, describe_teacher, open_cache
+
+log = logging.getLogger("kdpipe")
+
+
+@dataclass
+class EvalConfig:
+    run: str | Path | None = None  # RUN directory written by `kdpipe train`
+    teacher: str | Path | None = None  # CACHE: evaluate the teacher from its cached embeddings instead
+    cache: str | Path | None = None  # override the cache recorded in RUN/student.json
+    split: str = "val"
+    zeroshot: list[str] = field(default_factory=list)  # extra datasets: folder:PATH, cifar10:ROOT, cifar100:ROOT
+    batch_size: int = 64
+    workers: int = 0  # DataLoader workers decoding images
+    device: str = "auto"
+    chunk: int = 1024  # queries per similarity block (bounded memory)
+    out: str | Path | None = None  # default: RUN/eval.json, or CACHE/teacher_eval.json
+    verify: str = "size"  # cache check: none | size | sha256
+    progress: bool = True
+
+
+EVAL_JSON = "eval.json"
+TEACHER_EVAL_JSON = "teacher_eval.json"
+RAW_SPACE = "teacher"
+EvalRow = dict[str, Any]  # {"student": float | None, "teacher": float | None, "ratio": float | None}
+
+
+# --------------------------------------------------------------------------- metrics on embeddings
+
+
+@dataclass
+class Embeddings:
+    """One model's view of the split, in the teacher's space.
+
+    img [N, D] (one row per image, the split's HDF5 order), txt [M, D] (every caption),
+    classifiers {dataset: [D, K]} zero-shot weights. Rows need not be normalised.
+    """
+
+    img: Tensor
+    txt: Tensor
+    classifiers: dict[str, Tensor] = field(default_factory=dict)
+
+
+def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024) -> dict[str, float]:
+    """Retrieval R@1/5/10 both ways, plus zero-shot top-1/top-5 per classifier on the labelled images.
+
+    txt_to_img [M] long, labels [N] long (−1: unknown). Keys: "i2t_R@1", ...,
+    "zeroshot/{dataset}/top1".
+    """
+    out = metrics.retrieval_recall(e.img, e.txt, txt_to_img, chunk=chunk)
+    known = labels >= 0
+    if known.any():
+        for name, classifier in e.classifiers.items():
+            acc = metrics.zero_shot_accuracy(e.img[known], classifier, labels[known])
+            out.update({f"zeroshot/{name}/{k}": v for k, v in acc.items()})
+    return out
+
+
+def agreement_metrics(student: Embeddings, teacher: Embeddings) -> dict[str, float]:
+    """Mean image cosine ("agreement/cosine") and, per shared classifier, the share of equal top-1."""
+    out = {"agreement/cosine": metrics.agreement(student.img, teacher.img)["cosine"]}
+    for name, classifier in student.classifiers.items():
+        if name in teacher.classifiers:
+            same = metrics.agreement(student.img, teacher.img, classifier, teacher.classifiers[name])
+            out[f"agreement/{name}/top1"] = same["top1_agreement"]
+    return out
+
+
+def evaluate_embeddings(
+    student: Embeddings, teacher: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024,
+) -> dict[str, EvalRow]:
+    """Every metric of the student next to the teacher's and their ratio (``metrics.with_ratios``).
+
+    Both sides go through the same functions; the teacher's agreement with itself is computed
+    too (1 by construction), so feeding the teacher's embeddings as the "student" reproduces
+    the teacher column exactly.
+    """
+    s = {**split_metrics(student, txt_to_img, labels, chunk), **agreement_metrics(student, teacher)}
+    t = {**split_metrics(teacher, txt_to_img, labels, chunk), **agreement_metrics(teacher, teacher)}
+    return metrics.with_ratios(s, t)
+
+
+# --------------------------------------------------------------------------- whitened space
+
+
+@dataclass
+class BackMap:
+    """How one modality's whitened student outputs return to the teacher's space (as `kdpipe train`
+    maps them in its validation): t̂ = normalise(r · normalise(s) W⁻¹ᵀ + μ).
+
+    mu [D], w_inv [D, D], scale r = √(Σ λ/(λ+ε)): the RMS norm of whitened train targets, i.e. the
+    length the student's direction lost (every loss normalises, so only the direction is learnt).
+    """
+
+    mu: Tensor
+    w_inv: Tensor
+    scale: float
+
+    def __call__(self, s: Tensor) -> Tensor:
+        """s [N, D] raw student outputs -> [N, D] unit rows in teacher space."""
+        s = F.normalize(s.float(), dim=-1)
+        return F.normalize(zca.invert_torch(self.scale * s, self.mu.float(), self.w_inv.float()), dim=-1)
+
+
+@dataclass
+class Space:
+    """Where a student's outputs live: a back-map per whitened modality (None: teacher space already)."""
+
+    image: BackMap | None = None
+    text: BackMap | None = None
+    description: str = RAW_SPACE
+
+    def image_out(self, z: Tensor) -> Tensor:
+        """Student image outputs [N, D] -> unit rows in teacher space."""
+        return self.image(z) if self.image else F.normalize(z.float(), dim=-1)
+
+    def text_out(self, z: Tensor) -> Tensor:
+        return self.text(z) if self.text else F.normalize(z.float(), dim=-1)
+
+
+WHITENED_MODALITIES = {"image": ("image",), "text": ("text",), "joint": ("image", "text")}
+
+
+def whitening_mode(meta: dict[str, Any]) -> str | None:
+    """The run's whitening mode ("image" | "text" | "joint") or None, read defensively."""
+    w = meta.get("whitening")
+    mode = w.get("mode") if isinstance(w, dict) else w
+    if mode in (None, "none", False):
+        return None
+    if mode not in WHITENED_MODALITIES:
+        raise ValueError(f"student.json has whitening mode {mode!r}; known: none, {', '.join(WHITENED_MODALITIES)}")
+    return mode
+
+
+def _run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap]:
+    """RUN/whitening.safetensors ({modality}.{mu, W, W_inv, scale}, written by train)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    t = load_file(str(path))
+    missing = [f"{m}.{k}" for m in modalities for k in ("mu", "W_inv", "scale") if f"{m}.{k}" not in t]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; re-run `kdpipe train` to rewrite it")
+    return {m: BackMap(t[f"{m}.mu"], t[f"{m}.W_inv"], float(t[f"{m}.scale"])) for m in modalities}
+
+
+def _cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> dict[str, BackMap]:
+    """The same maps rebuilt from CACHE/whitening.h5, when the run kept no copy."""
+    from kdpipe.whiten import load_whitening  # noqa: PLC0415  (only whitened runs need it)
+
+    w = load_whitening(cache, mode, expect_teacher=cache.teacher)
+    scale = float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum()))
+    back = BackMap(torch.as_tensor(w.mu), torch.as_tensor(w.W_inv), scale)
+    return {m: back for m in modalities}
+
+
+def student_space(run: Path, meta: dict[str, Any], cache: Cache, text_tower: bool) -> Space:
+    """The back-maps a whitened run needs, from the run's own whitening file (else the cache's).
+
+    An image-only student is paired with the teacher's (raw) text embeddings, so only its image
+    side can be whitened; a text-whitened image-only run has nothing to map.
+    """
+    mode = whitening_mode(meta)
+    if mode is None:
+        return Space()
+    mapped = tuple(m for m in WHITENED_MODALITIES[mode] if m == "image" or text_tower)
+    if not mapped:
+        return Space()
+    name = (meta.get("whitening") or {}).get("file") if isinstance(meta.get("whitening"), dict) else None
+    path = run / name if name else None
+    maps = _run_back_maps(path, mapped) if path and path.is_file() else _cache_back_maps(cache, mode, mapped)
+    return Space(image=maps.get("image"), text=maps.get("text"),
+                 description=f"{RAW_SPACE} (mapped back from whitened {mode}: {', '.join(mapped)})")
+
+
+# --------------------------------------------------------------------------- images: view 0 of the split
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """How the student's input is cut from a stored image: view 0 at its size."""
+
+    size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, img: Any, view: V.View | None = None) -> Tensor:
+        """PIL image (+ its view 0; default the centred square crop) -> [3, size, size]."""
+        view = view or V.center_view(*img.size)
+        return V.to_tensor(V.apply_view(V.to_rgb(img), view, self.size, self.interpolation), self.mean, self.std)
+
+
+WANTED_MEMBERS = (".jpg", ".views.json", ".captions.json")  # never decode the npy members
+
+
+def _prepare_sample(sample: dict[str, Any], prep: ImagePrep, captions: bool) -> tuple[str, Tensor, list[str]]:
+    """A raw tar sample -> (key, view-0 tensor [3, S, S], captions or [])."""
+    view0 = V.View.from_dict(json.loads(sample["views.json"])[0])
+    pixels = prep(V.decode_image(sample["jpg"]), view0)
+    return sample["__key__"], pixels, json.loads(sample["captions.json"]) if captions else []
+
+
+def _collate(items: list[tuple[str, Tensor, list[str]]]) -> tuple[list[str], Tensor, list[list[str]]]:
+    keys, pixels, caps = zip(*items)
+    return list(keys), torch.stack(pixels), list(caps)
+
+
+def split_batches(cache: Cache, split: str, prep: ImagePrep, batch_size: int, workers: int,
+                  captions: bool) -> Iterable[tuple[list[str], Tensor, list[list[str]]]]:
+    """Batches (keys, pixels [B, 3, S, S], captions per key) of the split's tar shards, any order."""
+    paths = [str(p) for p in cache.shard_paths(split, "tar")]
+    ds = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None,
+                        select_files=lambda name: name.endswith(WANTED_MEMBERS))
+    ds = ds.map(functools.partial(_prepare_sample, prep=prep, captions=captions))
+    workers = min(workers, len(paths))  # webdataset gives a worker with no shard nothing to do
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+
+
+@torch.no_grad()
+def encode_text(tower: nn.Module, texts: list[str], batch_size: int, device: torch.device) -> Tensor:
+    """A student text tower on texts -> raw outputs [len(texts), D] float32 on CPU."""
+    out = [tower(tower.tokenize(texts[s : s + batch_size]).to(device)).float().cpu()
+           for s in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, tower.embed_dim)
+
+
+def align(keys: list[str], rows: Tensor, wanted: list[str], what: str) -> Tensor:
+    """Reorder rows [len(keys), ...] to the order of ``wanted``; every wanted key must be present."""
+    index = {k: i for i, k in enumerate(keys)}
+    missing = [k for k in wanted if k not in index]
+    if missing:
+        raise CacheError(f"{len(missing)} of {len(wanted)} {what} in the HDF5 shards are missing from the tar "
+                         f"shards (first key {missing[0]!r}); the cache is inconsistent: re-run `kdpipe extract`")
+    return rows[torch.tensor([index[k] for k in wanted], dtype=torch.long)]
+
+
+@torch.no_grad()
+def student_split_embeddings(
+    image: nn.Module, text: nn.Module | None, cache: Cache, split: str, held: H5Shard, prep: ImagePrep,
+    space: Space, cfg: EvalConfig, device: torch.device,
+) -> tuple[Tensor, Tensor | None]:
+    """Student image embeddings [N, D] (and its caption embeddings [M, D] when it has a text tower),
+    unit rows in teacher space, in the HDF5 order of ``held``."""
+    keys, img_rows, caps = [], [], {}
+    with make_progress("images", disable=not cfg.progress) as progress:
+        task = progress.add_task(f"eval  {split}", total=len(held.keys), info="")
+        for batch_keys, pixels, batch_caps in split_batches(cache, split, prep, cfg.batch_size, cfg.workers,
+                                                            captions=text is not None):
+            img_rows.append(space.image_out(image(pixels.to(device)).float().cpu()))
+            keys += batch_keys
+            caps.update(zip(batch_keys, batch_caps))
+            progress.update(task, advance=len(batch_keys))
+    img = align(keys, torch.cat(img_rows), held.keys, "images")
+    if text is None:
+        return img, None
+    return img, space.text_out(encode_text(text, _captions_in_order(caps, held), cfg.batch_size, device))
+
+
+def _captions_in_order(caps: dict[str, list[str]], held: H5Shard) -> list[str]:
+    """Captions concatenated in the HDF5 order; counts must match txt_offsets."""
+    out = []
+    for n, key in enumerate(held.keys):
+        want = int(held.txt_offsets[n + 1] - held.txt_offsets[n])
+        if len(caps[key]) != want:
+            raise CacheError(f"sample {key!r} has {len(caps[key])} captions in its tar but {want} embeddings in "
+                             "its HDF5 shard; the cache is inconsistent: re-run `kdpipe extract`")
+        out += caps[key]
+    return out
+
+
+# --------------------------------------------------------------------------- zero-shot classifiers
+
+
+def read_prompt_sets(cache: Cache) -> dict[str, prompts.PromptSet]:
+    return prompts.read_prompts(cache.prompts_path) if cache.prompts_path.exists() else {}
+
+
+def text_classifier(tower: nn.Module, classnames: list[str], templates: list[str], space: Space,
+                    batch_size: int, device: torch.device) -> Tensor:
+    """A student text tower's prompt-ensemble classifier [D, K] (teacher space)."""
+    emb = space.text_out(encode_text(tower, prompts.prompt_texts(classnames, templates), batch_size, device))
+    return metrics.zero_shot_classifier(emb.reshape(len(classnames), len(templates), -1))
+
+
+def cache_classifiers(sets: dict[str, prompts.PromptSet], classnames: list[str] | None,
+                      notes: list[str]) -> dict[str, Tensor]:
+    """The teacher's classifier for the cache's own labels: {set name: [D, K]} (empty when none fits)."""
+    if not classnames:
+        return {}
+    name = prompts.find_set(sets, classnames)
+    if name is None:
+        notes.append("zero-shot on the cache's labels skipped: no prompt set in prompts.h5 has its class names")
+        return {}
+    return {name: metrics.zero_shot_classifier(torch.from_numpy(sets[name].emb).float())}
+
+
+# --------------------------------------------------------------------------- zero-shot: other datasets
+
+
+@dataclass
+class LabelledImages:
+    """A zero-shot dataset: class names and a map-style dataset of (PIL image, label)."""
+
+    name: str
+    classnames: list[str]
+    images: Dataset
+    prompt_set: str | None = None  # the prompts.h5 set holding the teacher's prompt embeddings
+
+
+ZeroShotBuilder = Callable[[str], LabelledImages]
+ZEROSHOT_DATASETS: Registry[ZeroShotBuilder] = Registry("zero-shot dataset")
+
+
+@ZEROSHOT_DATASETS.register("folder")
+def _folder(path: str) -> LabelledImages:
+    """ImageFolder layout: PATH/<class name>/<image>; underscores in folder names read as spaces."""
+    from torchvision.datasets import ImageFolder  # noqa: PLC0415
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"zero-shot folder {path} does not exist (expected PATH/<class>/<image files>)")
+    ds = ImageFolder(path)
+    return LabelledImages(f"folder:{Path(path).name}", [c.replace("_", " ") for c in ds.classes], ds)
+
+
+def _cifar(path: str, which: str) -> LabelledImages:
+    from torchvision import datasets  # noqa: PLC0415
+
+    cls, folder = {"cifar10": (datasets.CIFAR10, "cifar-10-batches-py"),
+                   "cifar100": (datasets.CIFAR100, "cifar-100-python")}[which]
+    try:
+        ds = cls(path, train=False, download=False)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+        raise FileNotFoundError(
+            f"{which} test set not found under {path} ({err}); kdpipe never downloads datasets: expected "
+            f"{Path(path) / folder}/ as torchvision.datasets.{cls.__name__}(root, download=True) writes it "
+            "on a machine with network — copy that folder here") from None
+    classnames = prompts.PROMPT_SETS.get(which)()[0]
+    if [c.replace("_", " ") for c in ds.classes] != classnames:
+        raise ValueError(f"{which} at {path} has classes {ds.classes[:5]}..., not CLIP's {which} class names")
+    return LabelledImages(which, classnames, ds, prompt_set=which)
+
+
+ZEROSHOT_DATASETS.register("cifar10")(functools.partial(_cifar, which="cifar10"))
+ZEROSHOT_DATASETS.register("cifar100")(functools.partial(_cifar, which="cifar100"))
+
+
+def open_zeroshot(spec: str) -> LabelledImages:
+    """'KIND:PATH' (e.g. folder:/data/pets, cifar10:~/data) -> LabelledImages. Unknown kinds list the valid ones."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise ValueError(f"--zeroshot {spec!r}: expected KIND:PATH with KIND one of "
+                         f"{', '.join(ZEROSHOT_DATASETS.names())} (e.g. folder:/data/pets, cifar10:~/data)")
+    return ZEROSHOT_DATASETS.get(kind)(str(Path(path).expanduser()))
+
+
+class _Prepped(Dataset):
+    """(PIL, label) -> (student input [3, S, S], label)."""
+
+    def __init__(self, base: Dataset, prep: ImagePrep) -> None:
+        self.base, self.prep = base, prep
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img, label = self.base[i]
+        return self.prep(img), int(label)
+
+
+@torch.no_grad()
+def embed_labelled(image: nn.Module, data: LabelledImages, prep: ImagePrep, space: Space, cfg: EvalConfig,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """Student image embeddings [N, D] (teacher space) and labels [N] of a zero-shot dataset."""
+    loader = DataLoader(_Prepped(data.images, prep), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    rows, labels = [], []
+    with make_progress("images", disable=not cfg.progress) as progress:
+        task = progress.add_task(f"zero-shot {data.name}", total=len(data.images), info="")
+        for pixels, y in loader:
+            rows.append(space.image_out(image(pixels.to(device)).float().cpu()))
+            labels.append(y)
+            progress.update(task, advance=len(y))
+    return torch.cat(rows), torch.cat(labels)
+
+
+def labelled_classifier(data: LabelledImages, sets: dict[str, prompts.PromptSet], text: nn.Module | None,
+                        space: Space, cfg: EvalConfig, device: torch.device) -> tuple[Tensor, str]:
+    """The student's classifier [D, K] for a zero-shot dataset and where its class embeddings came from."""
+    name = data.prompt_set if data.prompt_set in sets else prompts.find_set(sets, data.classnames)
+    if text is not None:
+        templates = sets[name].templates if name else list(prompts.SHAPES_TEMPLATES)
+        return text_classifier(text, data.classnames, templates, space, cfg.batch_size, device), "student text tower"
+    if name is None:
+        raise ValueError(
+            f"zero-shot on {data.name}: this student has no text tower, so it classifies with the teacher's "
+            f"prompt embeddings from prompts.h5, and no set there has these {len(data.classnames)} class names "
+            f"(sets: {', '.join(f'{n} ({len(s.classnames)} classes)' for n, s in sets.items()) or 'none'}). "
+            "Evaluate a student with a text tower, or extract a cache whose source has these classes")
+    return metrics.zero_shot_classifier(torch.from_numpy(sets[name].emb).float()), f"teacher prompts.h5 [{name}]"
+
+
+def external_zeroshot(image: nn.Module, text: nn.Module | None, sets: dict[str, prompts.PromptSet],
+                      prep: ImagePrep, space: Space, cfg: EvalConfig, device: torch.device,
+                      datasets: list[LabelledImages]) -> tuple[dict[str, float], dict[str, dict]]:
+    """Top-1/top-5 of the student on each extra dataset (the teacher's need a forward: not computed)."""
+    scores, info = {}, {}
+    for data in datasets:
+        classifier, source = labelled_classifier(data, sets, text, space, cfg, device)
+        emb, labels = embed_labelled(image, data, prep, space, cfg, device)
+        acc = metrics.zero_shot_accuracy(emb, classifier, labels)
+        scores.update({f"zeroshot/{data.name}/{k}": v for k, v in acc.items()})
+        info[data.name] = {"images": len(labels), "classes": len(data.classnames), "class_embeddings": source}
+    return scores, info
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def read_run(run: str | Path) -> Path:
+    """A run directory that holds a saved student, else a clear error."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} does not exist")
+    if not (run / "student.json").is_file():
+        raise FileNotFoundError(f"{run} holds no student.json: not a finished `kdpipe train` run")
+    return run
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    """RUN/config.toml as a dict ({} when absent)."""
+    path = run / "config.toml"
+    return tomllib.loads(path.read_text()) if path.is_file() else {}
+
+
+def cache_of(run: Path, meta: dict[str, Any], override: str | Path | None) -> Path:
+    """The cache to evaluate on: --cache, else the one student.json (or config.toml) records."""
+    if override is not None:
+        return Path(override)
+    found = meta.get("cache") or run_config(run).get("cache")
+    if not found:
+        raise ValueError(f"{run}/student.json records no cache; pass --cache CACHE")
+    return Path(found)
+
+
+def teacher_of(meta: dict[str, Any], run: Path) -> dict[str, Any]:
+    fp = meta.get("teacher")
+    if not isinstance(fp, dict):
+        raise ValueError(f"{run}/student.json records no teacher fingerprint; was it written by `kdpipe train`?")
+    return fp
+
+
+def image_prep(meta: dict[str, Any], teacher: dict[str, Any]) -> ImagePrep:
+    """View 0 at the student's size, with the teacher's interpolation and the student's mean/std."""
+    interpolation = meta.get("interpolation") or teacher.get("preprocess", {}).get("interpolation", "bicubic")
+    return ImagePrep(int(meta["image_size"]), interpolation, tuple(meta["mean"]), tuple(meta["std"]))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """metric | student | teacher | student/teacher (teacher evals: metric | teacher)."""
+    from rich import box  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    student = report["kind"] == "student"
+    title = f"{report['model'].get('image') or 'teacher'} on {report['dataset']['cache']} [{report['split']}]"
+    table = Table(title=title, caption=f"space: {report['space']}", box=box.SIMPLE_HEAD)
+    columns = ("metric", "student", "teacher", "ratio") if student else ("metric", "teacher")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for name, row in report["metrics"].items():
+        cells = (row["student"], row["teacher"], row["ratio"]) if student else (row["teacher"],)
+        table.add_row(name, *(_fmt(v) for v in cells))
+    console.print(table)
+
+
+def _dataset_info(cache: Cache, split: str, held: H5Shard) -> dict[str, Any]:
+    return {"cache": str(cache.root), "source": cache.manifest.get("source", {}).get("spec"), "split": split,
+            "images": len(held.keys), "captions": int(held.txt_offsets[-1]),
+            "labelled": int((held.labels >= 0).sum()), "classnames": cache.classnames}
+
+
+def _teacher_embeddings(held: H5Shard, classifiers: dict[str, Tensor]) -> Embeddings:
+    """The teacher's cached view-0 image and caption embeddings (float32)."""
+    img = torch.from_numpy(held.img[:, 0].astype(np.float32))
+    return Embeddings(img, torch.from_numpy(held.txt.astype(np.float32)), classifiers)
+
+
+def _write(report: dict[str, Any], path: Path) -> None:
+    atomic_write_json(path, report)
+    print_table(report)
+    for note in report["notes"]:
+        log.info(note)
+    log.info("wrote %s", path)
+
+
+def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def _check(cfg: EvalConfig) -> None:
+    if (cfg.run is None) == (cfg.teacher is None):
+        raise ValueError("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
+    if cfg.batch_size < 1 or cfg.chunk < 1:
+        raise ValueError("--batch-size and the similarity chunk must be at least 1")
+    for spec in cfg.zeroshot:  # a typo fails before any image is read
+        ZEROSHOT_DATASETS.get(spec.partition(":")[0])
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_teacher(cfg: EvalConfig) -> dict[str, Any]:
+    """The teacher's own figures on the split, from cached embeddings only."""
+    if cfg.zeroshot:
+        raise ValueError("--zeroshot datasets need image embeddings, and the teacher is evaluated from cached "
+                         "embeddings only (no teacher forward): only the cache's own split is available")
+    cache = open_cache(cfg.teacher, verify=cfg.verify)
+    held = cache.load_split(cfg.split, fields=("img", "txt"))
+    notes: list[str] = []
+    teacher = _teacher_embeddings(held, cache_classifiers(read_prompt_sets(cache), cache.classnames, notes))
+    txt_to_img, labels = torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels)
+    scores = {**split_metrics(teacher, txt_to_img, labels, cfg.chunk), **agreement_metrics(teacher, teacher)}
+    report = {
+        "kind": "teacher", "dataset": _dataset_info(cache, cfg.split, held), "split": cfg.split,
+        "model": {"image": None, "text": None, "teacher": describe_teacher(cache.teacher)},
+        "teacher": cache.teacher, "space": RAW_SPACE,
+        "metrics": {k: {"student": None, "teacher": v, "ratio": None} for k, v in scores.items()},
+        "zeroshot": {}, "notes": notes, "config": _config_dict(cfg),
+    }
+    _write(report, Path(cfg.out) if cfg.out else cache.root / TEACHER_EVAL_JSON)
+    return report
+
+
+def run_student(cfg: EvalConfig) -> dict[str, Any]:
+    from kdpipe.students import load_student  # noqa: PLC0415  (timm/torchvision: only student evals pay)
+
+    run = read_run(cfg.run)
+    device = resolve_device(cfg.device)
+    extra = [open_zeroshot(spec) for spec in cfg.zeroshot]  # a missing dataset fails before the slow part
+    image, text, meta = load_student(run, device)
+    fp = teacher_of(meta, run)
+    cache = open_cache(cache_of(run, meta, cfg.cache), verify=cfg.verify, expect_teacher=fp)
+    held = cache.load_split(cfg.split, fields=("img", "txt"))
+    space = student_space(run, meta, cache, text is not None)
+    prep = image_prep(meta, fp)
+    sets, notes = read_prompt_sets(cache), []
+    t_cls = cache_classifiers(sets, cache.classnames, notes)
+    s_cls = {n: text_classifier(text, sets[n].classnames, sets[n].templates, space, cfg.batch_size, device)
+             for n in t_cls} if text is not None else t_cls
+    img, txt = student_split_embeddings(image, text, cache, cfg.split, held, prep, space, cfg, device)
+    teacher = _teacher_embeddings(held, t_cls)
+    student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
+    rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels),
+                               cfg.chunk)
+    ext_scores, ext_info = external_zeroshot(image, text, sets, prep, space, cfg, device, extra)
+    rows.update(metrics.with_ratios(ext_scores, {}))
+    if extra:
+        notes.append("teacher figures on --zeroshot datasets are not computed (they would need a teacher forward)")
+    report = {
+        "kind": "student", "run": str(run), "dataset": _dataset_info(cache, cfg.split, held), "split": cfg.split,
+        "model": {"image": meta["image"]["name"], "text": (meta.get("text") or {}).get("name"),
+                  "captions": "teacher (cached)" if text is None else "student text tower",
+                  "teacher": describe_teacher(fp)},
+        "teacher": fp, "space": space.description, "whitening": whitening_mode(meta),
+        "metrics": rows, "zeroshot": {**{n: {"images": int((held.labels >= 0).sum()), "classes": s.shape[1],
+                                            "class_embeddings": "teacher prompts.h5" if text is None
+                                            else "student text tower"} for n, s in s_cls.items()}, **ext_info},
+        "notes": notes, "config": _config_dict(cfg),
+    }
+    _write(report, Path(cfg.out) if cfg.out else run / EVAL_JSON)
+    return report
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate a student run (RUN/eval.json) or, with ``teacher``, the teacher from its cache."""
+    _check(cfg)
+    return run_teacher(cfg) if cfg.teacher is not None else run_student(cfg)

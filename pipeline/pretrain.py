@@ -1,0 +1,522 @@
+"""Pretrain a small open_clip CLIP from scratch on a captioned dataset (DESIGN §7).
+
+No pretrained weights can be downloaded on an offline machine, so the demo first trains its
+own teacher on the shapes world. The model is built by open_clip from a model config (a
+shipped one such as ``shapes-vit``, or a config JSON) and trained with open_clip's
+``ClipLoss``: each step takes a batch of images through a light random-resized crop and one
+random caption of each. The dataset is small, so every image is decoded once into one
+uint8 tensor and every caption tokenised once.
+
+No horizontal flips: shapes-world captions say "on the left" / "to the right of", which a
+flip would make false.
+
+Output (``TEACHER/``), loadable by ``load_teacher("TEACHER/config.json", "TEACHER/model.safetensors")``
+and therefore by ``kdpipe extract --teacher TEACHER/config.json --pretrained TEACHER/model.safetensors``:
+
+- ``config.json``: ``{"model_cfg": ..., "preprocess_cfg": ...}`` (open_clip_config.json format);
+- ``model.safetensors``: the state dict;
+- ``train.json``: the request (what identifies this teacher: model config, schedule, seed,
+  data and its annotations' sha256), the loss curve, val metrics and time. Written last: a
+  teacher directory without it is incomplete. A later run with the same request reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdpipe import runtime
+from kdpipe.progress import make_progress
+
+log = logging.getLogger("kdpipe")
+
+DEFAULT_STEPS = 300
+FILES = ("config.json", "model.safetensors", "train.json")
+FALLBACK_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} shape.")
+
+
+@dataclass
+class PretrainConfig:
+    data: str  # captioned dataset with a train split (COCO layout, e.g. `kdpipe make-shapes`)
+    out: str  # teacher directory to write
+    arch: str = "shapes-vit"  # shipped config name, open_clip model name, or model-config JSON
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int | None = None  # warm-up steps; default 10% of steps
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # autocast on CUDA (bf16); fp32 on CPU
+    overwrite: bool = False
+    log_every: int = 10  # loss curve resolution (steps)
+    eval_batch_size: int = 256
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class CaptionedImages:
+    """A split in memory: every image at the model's size, every caption tokenised."""
+
+    images: Tensor  # uint8 [N, 3, S, S]: view 0 (centred square crop) of each image
+    tokens: Tensor  # long [M, L]: all captions, image after image
+    offsets: Tensor  # long [N + 1]: captions of image n are tokens[offsets[n]:offsets[n + 1]]
+    labels: Tensor  # long [N], -1 where unknown
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def caption_owner(self) -> Tensor:
+        """long [M]: the image index of each caption."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(len(self)), counts)
+
+
+def _image_tensor(record: Any, size: int, interpolation: str) -> Tensor:
+    """A record's image -> uint8 [3, size, size] (the teacher's eval view: centred square crop)."""
+    from kdpipe.data import views as V
+
+    img = V.to_rgb(V.decode_image(record.data if record.data is not None else record.path))
+    view = V.apply_view(img, V.center_view(*img.size), size, interpolation)
+    return torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_split(source: Any, split: str, size: int, interpolation: str, tokenizer: Any) -> CaptionedImages:
+    """Decode every image of ``split`` and tokenise its non-empty captions; skip unusable records."""
+    from kdpipe.data.views import BadImage
+
+    images, captions, offsets, labels, skipped = [], [], [0], [], {}
+    for unit in source.units(split):
+        for record in unit.records():
+            caps = [c.strip() for c in record.captions if c and c.strip()]
+            try:
+                pixels = _image_tensor(record, size, interpolation) if caps else None
+            except BadImage as err:
+                skipped[err.reason] = skipped.get(err.reason, 0) + 1
+                continue
+            if pixels is None:
+                skipped["no_caption"] = skipped.get("no_caption", 0) + 1
+                continue
+            images.append(pixels)
+            captions += caps
+            offsets.append(len(captions))
+            labels.append(-1 if record.label is None else int(record.label))
+    if skipped:
+        log.warning("%s: skipped %s", split, skipped)
+    if not images:
+        raise ValueError(f"split {split!r} of {source.name} has no usable image with a caption")
+    return CaptionedImages(torch.stack(images), tokenizer(captions), torch.tensor(offsets), torch.tensor(labels))
+
+
+def data_digest(spec: str) -> str | None:
+    """sha256 over a COCO-layout source's annotation files (what identifies its content cheaply)."""
+    files = sorted((Path(spec) / "annotations").glob("*.json"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- augmentation (pure)
+
+
+def sample_boxes(n: int, scale: tuple[float, float], generator: torch.Generator,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """RandomResizedCrop boxes: float [n, 4] (x0, y0, x1, y1) relative to the image, inside [0, 1].
+
+    Area share uniform in ``scale``, aspect ratio log-uniform in ``ratio``; sides are clipped to
+    the image (torchvision re-draws instead; with scale near 1 the difference is negligible).
+    """
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
+    h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
+    x0 = torch.rand(n, generator=generator) * (1 - w)
+    y0 = torch.rand(n, generator=generator) * (1 - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def crop_resize(images: Tensor, boxes: Tensor) -> Tensor:
+    """Crop each box and resize it to the full image size, bilinearly, in one batched call.
+
+    images float [B, C, S, S], boxes [B, 4] relative (x0, y0, x1, y1) -> float [B, C, S, S].
+    Crops are at least as large as ``scale[0]`` of the image, so this only up-samples (no
+    aliasing to guard against).
+    """
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    theta = torch.zeros(boxes.shape[0], 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = x1 - x0, x0 + x1 - 1  # output [-1, 1] -> box in input coords
+    theta[:, 1, 1], theta[:, 1, 2] = y1 - y0, y0 + y1 - 1
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 or [0, 255] float [B, 3, S, S] -> (x / 255 - mean) / std."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+# --------------------------------------------------------------------------- text
+
+
+def encode_text(model: torch.nn.Module, tokens: Tensor) -> Tensor:
+    """tokens [B, L] -> unit text embeddings [B, D], running only up to the batch's last EOT.
+
+    Shapes captions fill ~15 of the 32 context positions. CLIP's text tower is causal and
+    pools at the EOT token (argmax pooling), so the positions after it cannot change the
+    result: cutting them gives the same embeddings for about half the text FLOPs (checked by
+    a test). Other towers take open_clip's full forward.
+    """
+    from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
+
+    if not (isinstance(model, CLIP) and model.text_pool_type == "argmax" and _is_causal(model.attn_mask)):
+        return model.encode_text(tokens, normalize=True)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :n]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = text_global_pool(x, tokens, "argmax")
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1)
+
+
+def _is_causal(mask: Tensor | None) -> bool:
+    """mask is the additive causal mask: -inf exactly above the diagonal, 0 elsewhere."""
+    if mask is None or mask.dim() != 2:
+        return False
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.equal(torch.isneginf(mask), above) and (mask[~above] == 0).all())
+
+
+# --------------------------------------------------------------------------- schedule and optimiser
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; gains, biases and the logit scale get no weight decay (as open_clip's training)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def batches(data: CaptionedImages, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (image indices [B], caption rows [B]): epochs of shuffled images, one random caption each."""
+    n = len(data)
+    batch_size = min(batch_size, n)  # contrastive batches need distinct images
+    counts = data.offsets[1:] - data.offsets[:-1]
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            pick = (torch.rand(batch_size, generator=generator) * counts[idx]).long()
+            yield idx, data.offsets[idx] + pick
+
+
+@dataclass
+class Trainer:
+    """Everything one training step needs (built by ``run``)."""
+
+    model: torch.nn.Module
+    loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_scale: tuple[float, float]
+    device: torch.device
+    precision: str
+    generator: torch.Generator
+
+    def step(self, images: Tensor, tokens: Tensor) -> float:
+        """images uint8 [B, 3, S, S], tokens [B, L] -> the batch's ClipLoss (one optimiser step)."""
+        boxes = sample_boxes(images.shape[0], self.crop_scale, self.generator)
+        x = normalise(crop_resize(images.to(self.device).float(), boxes.to(self.device)), self.mean, self.std)
+        with runtime.autocast(self.precision, self.device):
+            img = self.model.encode_image(x, normalize=True)
+            txt = encode_text(self.model, tokens.to(self.device))
+            loss = self.loss(img.float(), txt.float(), self.model.logit_scale.exp())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():  # open_clip clamps the learnt temperature to at most 100
+            self.model.logit_scale.clamp_(0, math.log(100))
+        return float(loss.detach())
+
+
+def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig) -> list[dict[str, float]]:
+    """Run ``cfg.steps`` steps; returns the loss curve [{"step", "loss", "lr"}] (means over log_every steps)."""
+    curve, window = [], []
+    feed = batches(data, cfg.batch_size, trainer.generator)
+    trainer.model.train()
+    with make_progress("samples", disable=not cfg.progress) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps * min(cfg.batch_size, len(data)), info="")
+        for step in range(cfg.steps):
+            idx, rows = next(feed)
+            window.append(trainer.step(data.images[idx], data.tokens[rows]))
+            if len(window) == cfg.log_every or step == cfg.steps - 1:
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                curve.append({"step": step + 1, "loss": sum(window) / len(window), "lr": lr})
+                window = []
+            bar.update(task, advance=len(idx), info=f"loss {curve[-1]['loss']:.3f}" if curve else "")
+    return curve
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def encode(model: torch.nn.Module, data: CaptionedImages, mean: tuple[float, ...], std: tuple[float, ...],
+           device: torch.device, precision: str, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Unit image [N, D] and caption [M, D] embeddings (float32, CPU) of the eval views."""
+    model.eval()
+    img, txt = [], []
+    with runtime.autocast(precision, device):
+        for s in range(0, len(data), batch_size):
+            x = normalise(data.images[s : s + batch_size].to(device), mean, std)
+            img.append(model.encode_image(x, normalize=True).float().cpu())
+        for s in range(0, data.tokens.shape[0], batch_size):
+            txt.append(encode_text(model, data.tokens[s : s + batch_size].to(device)).float().cpu())
+    return torch.cat(img), torch.cat(txt)
+
+
+def prompt_templates() -> tuple[str, ...]:
+    """Zero-shot templates ("a photo of a {}."): kdpipe.prompts' shapes templates when present."""
+    try:
+        from kdpipe import prompts
+    except ImportError:
+        return FALLBACK_TEMPLATES
+    for name in ("SHAPES_TEMPLATES", "SIMPLE_TEMPLATES"):
+        found = getattr(prompts, name, None)
+        if found:
+            return tuple(t if isinstance(t, str) else t("{}") for t in found)
+    return FALLBACK_TEMPLATES
+
+
+@torch.no_grad()
+def class_embeddings(model: torch.nn.Module, tokenizer: Any, classnames: list[str], templates: tuple[str, ...],
+                     device: torch.device) -> Tensor:
+    """Prompt embeddings [K, T, D] (class x template), unit length."""
+    model.eval()
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_text(model, tokenizer(prompts).to(device)).float().cpu()
+    return emb.view(len(classnames), len(templates), -1)
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, classnames: list[str] | None,
+             mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, precision: str,
+             batch_size: int) -> dict[str, float]:
+    """Retrieval R@1/5/10 both ways (all captions) and, with labels, zero-shot top-1/top-5."""
+    from kdpipe.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+
+    img, txt = encode(model, data, mean, std, device, precision, batch_size)
+    out = retrieval_recall(img, txt, data.caption_owner())
+    known = data.labels >= 0
+    if classnames and bool(known.any()):
+        classifier = zero_shot_classifier(class_embeddings(model, tokenizer, classnames, prompt_templates(), device))
+        zs = zero_shot_accuracy(img[known], classifier, data.labels[known])
+        out.update({f"zeroshot_{k}": v for k, v in zs.items()})
+        out["zeroshot_chance"] = 1.0 / len(classnames)
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """write(tmp_path) then fsync + os.replace: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict) -> None:
+    """model.safetensors (state dict) then config.json, each written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_json(out / "config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+
+
+def request_of(cfg: PretrainConfig, model_cfg: dict) -> dict[str, Any]:
+    """What identifies a pretrained teacher: same request, same weights (up to hardware numerics)."""
+    return {"model_cfg": model_cfg, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay, "warmup": warmup_steps(cfg), "crop_scale": list(cfg.crop_scale),
+            "seed": cfg.seed, "data": str(Path(cfg.data).resolve()), "data_sha256": data_digest(cfg.data)}
+
+
+def existing_summary(out: Path, request: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The previous run's train.json if ``out`` holds a complete teacher for the same request.
+
+    A complete teacher for a different request is refused (caches may have been built from it)
+    unless ``overwrite``.
+    """
+    if overwrite or not (out / "train.json").is_file():
+        return None
+    previous = json.loads((out / "train.json").read_text())
+    complete = all((out / f).is_file() for f in FILES)
+    if complete and json.loads(json.dumps(request)) == previous.get("request"):
+        return previous
+    if complete:
+        changed = sorted(k for k in request if json.loads(json.dumps(request[k])) != previous.get("request", {}).get(k))
+        raise FileExistsError(f"{out} holds a teacher trained with other settings ({', '.join(changed)} differ); "
+                              "pass --overwrite to replace it or choose another --out")
+    return None
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def warmup_steps(cfg: PretrainConfig) -> int:
+    return cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 10)
+
+
+def _check(cfg: PretrainConfig) -> None:
+    if cfg.steps < 1 or cfg.batch_size < 2:
+        raise ValueError(f"need steps >= 1 and batch_size >= 2, got {cfg.steps} and {cfg.batch_size}")
+    if not (0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1):
+        raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be positive, got {cfg.lr}")
+
+
+@dataclass
+class Built:
+    """A randomly initialised open_clip model and what describes it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_cfg: dict  # open_clip model config (embed_dim, vision_cfg, text_cfg)
+    preprocess: dict  # open_clip PreprocessCfg as a dict (size, mean, std, interpolation, ...)
+
+
+def build_model(arch_name: str, device: torch.device) -> Built:
+    """Resolve ``arch_name`` like a teacher name and build it with random weights."""
+    import open_clip
+    from open_clip.model import get_model_preprocess_cfg
+
+    from kdpipe.teachers import resolve_arch
+
+    arch = resolve_arch(arch_name)
+    model_cfg = open_clip.get_model_config(arch.open_clip_name)
+    if model_cfg is None:  # resolve_arch found it, so open_clip's config store lost it
+        raise ValueError(f"open_clip has no model config for {arch_name!r}")
+    model = open_clip.create_model(arch.open_clip_name, pretrained=None, device=device, pretrained_text=False)
+    preprocess = dict(get_model_preprocess_cfg(model))
+    preprocess["size"] = list(preprocess["size"]) if isinstance(preprocess["size"], tuple) else preprocess["size"]
+    return Built(model, open_clip.get_tokenizer(arch.open_clip_name), model_cfg, preprocess)
+
+
+def _size(preprocess: dict) -> int:
+    size = preprocess["size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str) -> dict[str, Any]:
+    """Load the data, train ``built.model`` in place, evaluate on val; returns the run's statistics."""
+    from open_clip.loss import ClipLoss
+
+    from kdpipe.data.records import open_source
+
+    source = open_source(cfg.data)
+    if "train" not in source.splits():
+        raise ValueError(f"{cfg.data} has no 'train' split (found {source.splits()})")
+    size, interp = _size(built.preprocess), str(built.preprocess["interpolation"])
+    train = load_split(source, "train", size, interp, built.tokenizer)
+    val = load_split(source, "val", size, interp, built.tokenizer) if "val" in source.splits() else None
+    batch = min(cfg.batch_size, len(train))
+    log.info("pretraining %s on %d train images (%d captions): %d steps x %d", cfg.arch, len(train),
+             train.tokens.shape[0], cfg.steps, batch)
+
+    optimizer = make_optimizer(built.model, cfg.lr, cfg.weight_decay)
+    warmup = warmup_steps(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, cfg.steps))
+    mean, std = tuple(built.preprocess["mean"]), tuple(built.preprocess["std"])
+    trainer = Trainer(built.model, ClipLoss(), optimizer, scheduler, mean, std, tuple(cfg.crop_scale), device,
+                      precision, torch.Generator().manual_seed(cfg.seed))
+    start = time.perf_counter()
+    curve = train_loop(trainer, train, cfg)
+    seconds = time.perf_counter() - start
+    metrics = {} if val is None else evaluate(built.model, built.tokenizer, val, source.classnames(), mean, std,
+                                              device, precision, cfg.eval_batch_size)
+    return {"train_images": len(train), "train_captions": int(train.tokens.shape[0]),
+            "val_images": 0 if val is None else len(val), "final_loss": curve[-1]["loss"], "loss_curve": curve,
+            "val": metrics, "logit_scale": float(built.model.logit_scale.detach().exp()),
+            "seconds": round(seconds, 2), "samples_per_s": round(cfg.steps * batch / seconds, 1)}
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train (or reuse) a teacher in ``cfg.out``; returns the summary also written to train.json."""
+    _check(cfg)
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    runtime.seed_everything(cfg.seed)  # model initialisation
+    built = build_model(cfg.arch, device)
+    out = Path(cfg.out)
+    request = request_of(cfg, built.model_cfg)
+    previous = existing_summary(out, request, cfg.overwrite)
+    if previous is not None:
+        log.info("teacher in %s already trained with these settings: reused (pass --overwrite to retrain)", out)
+        return {**previous, "reused": True}
+
+    stats = fit(cfg, built, device, precision)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").unlink(missing_ok=True)  # the directory is incomplete until train.json is rewritten
+    save_teacher(out, built.model, built.model_cfg, built.preprocess)
+    summary = {"request": request, "arch": cfg.arch, "steps": cfg.steps, "seed": cfg.seed, "data": cfg.data,
+               **stats, "device": str(device), "precision": precision,
+               "config": str(out / "config.json"), "weights": str(out / "model.safetensors")}
+    write_json(out / "train.json", summary)
+    log.info("teacher saved in %s (%.0fs, final loss %.3f)", out, stats["seconds"], stats["final_loss"])
+    return {**summary, "reused": False}

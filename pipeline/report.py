@@ -1,0 +1,247 @@
+"""Stage 5b: one Markdown table comparing runs (`kdpipe report RUN [RUN ...]`).
+
+Reads what the other stages left in each run directory — ``student.json`` (student, whitening,
+teacher), ``config.toml`` (losses), ``eval.json`` (retrieval, zero-shot, agreement, with the
+teacher's values) and ``bench.json`` (size, latency, ratios) — and writes one row per run
+below a teacher row. Anything a run lacks shows as "–", so a report can be made at any stage.
+Knows files, not math: every number is read, none recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe.store import atomic_write_bytes, describe_teacher
+
+log = logging.getLogger("kdpipe")
+
+MISSING = "–"
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str | Path]
+    out: str | Path = "report.md"
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
+def _toml(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML ({err})") from None
+
+
+@dataclass
+class RunFiles:
+    """What one run directory holds (None where a stage has not written its file)."""
+
+    path: Path
+    student: dict[str, Any] | None
+    config: dict[str, Any] | None
+    eval: dict[str, Any] | None
+    bench: dict[str, Any] | None
+
+
+def read_run(path: str | Path) -> RunFiles:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    files = RunFiles(path, _json(path / "student.json"), _toml(path / "config.toml"), _json(path / "eval.json"),
+                     _json(path / "bench.json"))
+    if files.student is None and files.eval is None and files.bench is None:
+        raise FileNotFoundError(f"{path} holds none of student.json, eval.json, bench.json: not a kdpipe run")
+    return files
+
+
+def _recipe(value: Any) -> str | None:
+    """{"fd": 7.8, "crd": 1} or "fd=7.8,crd=1" -> "fd 7.8 + crd 1"; None when unrecognised."""
+    if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+        return " + ".join(f"{k} {v:g}" for k, v in value.items())
+    if isinstance(value, str) and value.strip():
+        return " + ".join(part.strip().replace("=", " ").replace(":", " ") for part in value.split(","))
+    return None
+
+
+def losses_of(spec: dict[str, Any] | None, config: dict[str, Any] | None) -> str:
+    """The loss recipe: student.json's resolved weights, else config.toml's ``losses``; "–" when neither."""
+    losses = (spec or {}).get("losses")
+    recipe = _recipe(losses.get("weights") if isinstance(losses, dict) else losses)
+    return recipe or _recipe((config or {}).get("losses")) or MISSING
+
+
+def student_name(spec: dict[str, Any] | None, ev: dict[str, Any] | None) -> str:
+    """"tiny" for an image-only student, "tiny + text_tiny" with a text tower."""
+    if spec:
+        image, text = spec.get("image", {}).get("name"), (spec.get("text") or {}).get("name")
+    elif ev:
+        image, text = ev.get("model", {}).get("image"), ev.get("model", {}).get("text")
+    else:
+        return MISSING
+    return f"{image} + {text}" if text else str(image)
+
+
+def whitening_of(spec: dict[str, Any] | None, ev: dict[str, Any] | None) -> str:
+    w = (spec or {}).get("whitening", (ev or {}).get("whitening"))
+    mode = w.get("mode") if isinstance(w, dict) else w
+    if spec is None and ev is None:
+        return MISSING
+    return "none" if mode in (None, False, "none") else str(mode)
+
+
+def teacher_of(files: RunFiles) -> dict[str, Any] | None:
+    for source in (files.student, files.eval):
+        if source and isinstance(source.get("teacher"), dict):
+            return source["teacher"]
+    return None
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return MISSING if v is None else f"{v:.{digits}f}"
+
+
+def _metric(ev: dict[str, Any] | None, name: str, who: str) -> float | None:
+    row = (ev or {}).get("metrics", {}).get(name)
+    return row.get(who) if isinstance(row, dict) else None
+
+
+def accuracy_cell(ev: dict[str, Any] | None, name: str) -> str:
+    """"0.512 (0.93×)": the student's value and its ratio to the teacher's."""
+    value, ratio = _metric(ev, name, "student"), _metric(ev, name, "ratio")
+    if value is None:
+        return MISSING
+    return f"{value:.3f}" + ("" if ratio is None else f" ({ratio:.2f}×)")
+
+
+def _tower(bench: dict[str, Any] | None, who: str, tower: str = "image") -> dict[str, Any]:
+    if not bench:
+        return {}
+    side = bench.get("teacher") if who == "teacher" else bench.get("student")
+    return (side or {}).get(tower) or {}
+
+
+def size_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
+    """Image tower, fp16 MB, with "N× smaller" than the teacher's for a student."""
+    row = _tower(bench, who)
+    if "size_fp16_bytes" not in row:
+        return MISSING
+    cell = f"{row['size_fp16_bytes'] / 2**20:.3g} MB"
+    ratio = (bench.get("ratios", {}).get("image") or {}).get("size_fp16_bytes") if who == "student" else None
+    return cell + ("" if ratio is None else f" ({ratio:.3g}× smaller)")
+
+
+def latency_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
+    """Image tower, batch 1, p50 ms, with "N× faster" than the teacher's for a student."""
+    row = _tower(bench, who)
+    if "latency_b1_p50_ms" not in row:
+        return MISSING
+    cell = f"{row['latency_b1_p50_ms']:.3g} ms"
+    ratio = (bench.get("ratios", {}).get("image") or {}).get("latency_b1_p50_ms") if who == "student" else None
+    return cell + ("" if ratio is None else f" ({ratio:.3g}× faster)")
+
+
+def zeroshot_names(runs: list[RunFiles]) -> list[str]:
+    """Zero-shot datasets with a top-1 in any eval.json, first-seen order."""
+    names: list[str] = []
+    for r in runs:
+        for metric in (r.eval or {}).get("metrics", {}):
+            parts = metric.split("/")
+            if len(parts) == 3 and parts[0] == "zeroshot" and parts[2] == "top1" and parts[1] not in names:
+                names.append(parts[1])
+    return names
+
+
+# --------------------------------------------------------------------------- table
+
+
+def columns(zeroshot: list[str]) -> list[str]:
+    return (["run", "student", "losses", "whitening", "i2t R@1", "t2i R@1"]
+            + [f"zero-shot {n} top-1" for n in zeroshot]
+            + ["agreement (cos)", "image size fp16", "image latency b1 p50"])
+
+
+def student_row(r: RunFiles, zeroshot: list[str]) -> list[str]:
+    ev = r.eval
+    return ([r.path.name, student_name(r.student, ev), losses_of(r.student, r.config), whitening_of(r.student, ev),
+             accuracy_cell(ev, "i2t_R@1"), accuracy_cell(ev, "t2i_R@1")]
+            + [accuracy_cell(ev, f"zeroshot/{n}/top1") for n in zeroshot]
+            + [_num(_metric(ev, "agreement/cosine", "student")), size_cell(r.bench), latency_cell(r.bench)])
+
+
+def teacher_row(runs: list[RunFiles], zeroshot: list[str]) -> list[str]:
+    """The teacher's figures from the first run that has each (its eval.json / bench.json)."""
+    ev = next((r.eval for r in runs if r.eval), None)
+    bench = next((r.bench for r in runs if r.bench), None)
+    fp = next((fp for fp in map(teacher_of, runs) if fp), None)
+    name = f"teacher: {describe_teacher(fp)}" if fp else "teacher"
+    t = lambda m: _num(_metric(ev, m, "teacher"))  # noqa: E731
+    return ([name, MISSING, MISSING, "none", t("i2t_R@1"), t("t2i_R@1")]
+            + [t(f"zeroshot/{n}/top1") for n in zeroshot]
+            + ["1.000" if ev else MISSING, size_cell(bench, "teacher"), latency_cell(bench, "teacher")])
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def markdown(runs: list[RunFiles]) -> str:
+    """The report: title, one table (teacher row first), and notes on what is compared."""
+    zeroshot = zeroshot_names(runs)
+    head = columns(zeroshot)
+    lines = ["# kdpipe report", "", _md_row(head), "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+             _md_row(teacher_row(runs, zeroshot))]
+    lines += [_md_row(student_row(r, zeroshot)) for r in runs]
+    lines += ["", *notes(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def notes(runs: list[RunFiles]) -> list[str]:
+    out = ["Accuracy cells: student value (student / teacher). Size and latency: the image tower "
+           "(teacher / student); full per-tower figures are in each RUN/bench.json. \"–\": not measured yet "
+           "(run `kdpipe eval` / `kdpipe bench`)."]
+    splits = {(r.eval or {}).get("split") for r in runs if r.eval}
+    spaces = {(r.eval or {}).get("space") for r in runs if r.eval}
+    if splits:
+        out.append(f"Evaluated on split(s): {', '.join(sorted(map(str, splits)))}; "
+                   f"embedding space(s): {'; '.join(sorted(map(str, spaces)))}.")
+    fps = {json.dumps(fp, sort_keys=True) for fp in map(teacher_of, runs) if fp}
+    if len(fps) > 1:
+        out.append("Warning: these runs were distilled from different teachers; each ratio is to its own "
+                   "teacher, the teacher row shows the first.")
+    devices = {(r.bench or {}).get("device") for r in runs if r.bench}
+    if len(devices) > 1:
+        out.append(f"Warning: latencies were measured on different devices ({', '.join(sorted(map(str, devices)))}).")
+    return [f"- {n}" for n in out]
+
+
+def run(cfg: ReportConfig) -> dict[str, Any]:
+    """Write the Markdown report to cfg.out; returns {"path", "markdown"}."""
+    if not cfg.runs:
+        raise ValueError("give at least one RUN directory")
+    runs = [read_run(r) for r in cfg.runs]
+    text = markdown(runs)
+    out = Path(cfg.out)
+    atomic_write_bytes(out, text.encode())
+    log.info("wrote %s", out)
+    return {"path": str(out), "markdown": text}

@@ -1,0 +1,814 @@
+"""Stage 3: distil a student from the cache, never running the teacher (DESIGN §5).
+
+Flow: verify the cache (manifest, shard sizes, embedding dim) and the whitening file's
+teacher -> build the image student (+ optional text student) with a projection to the
+teacher's dim, and the losses -> stream batches from the cache's train tar shards
+(``kdpipe.data.cache_loader``: the stored view replayed on the stored JPEG, its cached
+embedding as target) -> AdamW + warmup/cosine, AMP on CUDA -> periodic quick validation on
+the val split (precise BN first, eval mode) -> checkpoints (latest, previous, best), the
+student (safetensors + JSON), metrics.jsonl and curves.png in RUN/.
+
+Whitening (``--whiten``). ``joint``: image and text targets go through the same joint
+transform (image-text alignment kept). ``image`` / ``text``: only that modality's targets
+are whitened (with that modality's transform); the other stays in the teacher's space, so
+cross-modal terms (clip, crd, icl, gd, afd, in-batch hinton) then compare two spaces — use
+``joint`` for them (a warning says so). Targets are *not* re-normalised here: every loss
+L2-normalises its inputs, so the student learns the direction of z = (t − μ)Wᵀ. To map a
+student embedding back to the teacher's space: t̂ = normalise(r · ŝ W⁻¹ᵀ + μ), where ŝ is the
+normalised student output and r = √(Σ λ/(λ+ε)) the RMS norm of whitened train targets (the
+scale the direction lost). ``RUN/whitening.safetensors`` holds μ, W, W⁻¹ and r per whitened
+modality; ``to_teacher_space`` applies it; validation does so before comparing with the
+teacher.
+
+DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
+DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's
+``gather_features``) before the losses, so contrastive terms see the global batch. Every
+rank then holds the same global loss; it is back-propagated × world so that, after DDP's
+gradient averaging, student gradients equal those of one process on the global batch, and
+the loss-owned parameters (whose gradient each rank already has in full) are divided back.
+
+Resume: see ``kdpipe.data.cache_loader`` (the batch sequence of an epoch is a function of the
+seed and epoch; a resumed run skips the batches already done) and ``kdpipe.trainstate``.
+``max_steps`` stops a run early without changing its schedule (the cosine spans
+``epochs × steps_per_epoch``), so a run stopped at k and resumed to N logs what an
+uninterrupted run to N logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tomli_w
+import torch
+import torch.distributed as tdist
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kdpipe import losses as L
+from kdpipe import metrics, runtime, trainstate, zca
+from kdpipe.data import cache_loader as CL
+from kdpipe.progress import console, make_progress
+from kdpipe.store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
+from kdpipe.students import ImageStudent, TextStudent, build_student, build_text_student, precise_bn, save_student
+
+log = logging.getLogger("kdpipe")
+
+CONFIG_FILE, METRICS_FILE, CURVES_FILE = "config.toml", "metrics.jsonl", "curves.png"
+WHITENING_FILE = "whitening.safetensors"
+WHITEN_MODES = ("none", "image", "text", "joint")
+CROSS_MODAL = ("clip", "crd", "icl", "gd", "afd", "hinton")
+
+
+@dataclass
+class TrainConfig:
+    student: str = "mobilenetv3"  # STUDENTS registry name
+    cache: str = ""
+    out: str = ""
+    losses: str = "fd=7.8125,crd=1,icl=1"  # CLIP-KD's best recipe (fd as λ of λ·(1−cos); = MSE weight 2000 at D=512)
+    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"hinton": {"T": 2.0}}
+    whiten: str = "none"  # none | image | text | joint
+    text_student: str = "none"  # none (use the teacher's cached text) | TEXT_STUDENTS name
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
+    text_student_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: str | None = None  # local ImageNet weights for the backbone
+    image_size: int | None = None  # default: the teacher's input size
+    mean: list[float] | None = None  # student input normalisation; default: the teacher's
+    std: list[float] | None = None
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    mask_ratio: float = 0.75  # mfd
+    views_used: str = "all"  # all | 0
+    shuffle_buffer: int = 1000
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    max_steps: int | None = None  # stop early (schedule unchanged)
+    log_every: int = 10
+    val_every: int | None = None  # steps; None: at every epoch end
+    val_samples: int = 1000  # val images used by the quick validation
+    bn_samples: int = 256  # train samples for precise BN
+    ckpt_every: int | None = None  # steps; None: at every validation (and epoch end, and the stop)
+    max_nonfinite: int = 5  # consecutive non-finite steps that stop the run
+    verify: str = "size"  # cache verification: none | size | sha256
+    resume: bool = False
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config -> dict of TrainConfig fields (dashes allowed in keys); unknown keys raise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: {err}") from None
+    data = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(data) - _field_names())
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {unknown}; valid: {', '.join(sorted(_field_names()))}")
+    return data
+
+
+def resolve_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
+    """Defaults < RUN/config.toml (with resume) < ``config_file`` < ``overrides`` (flags given).
+
+    ``overrides`` holds only what the user set (None values are ignored).
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged: dict[str, Any] = {}
+    out = given.get("out")
+    if given.get("resume") and out and (Path(out) / CONFIG_FILE).is_file():
+        merged.update(read_toml(Path(out) / CONFIG_FILE))
+    if config_file is not None:
+        merged.update(read_toml(config_file))
+    merged.update(given)
+    unknown = sorted(set(merged) - _field_names())
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}")
+    return TrainConfig(**merged)
+
+
+def write_config(cfg: TrainConfig, path: Path) -> None:
+    """The resolved config as TOML (None values are left out: TOML has no null)."""
+    data = {k: v for k, v in asdict(cfg).items() if v is not None and k != "resume"}
+    path.write_text(tomli_w.dumps(data))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if not cfg.cache or not cfg.out:
+        raise ValueError("both --cache and --out are required")
+    if cfg.whiten not in WHITEN_MODES:
+        raise ValueError(f"unknown --whiten {cfg.whiten!r}; valid: {', '.join(WHITEN_MODES)}")
+    if cfg.views_used not in ("all", "0"):
+        raise ValueError(f"--views-used must be 'all' or '0', got {cfg.views_used!r}")
+    for name in ("epochs", "batch_size", "log_every", "bn_samples", "val_samples", "max_nonfinite"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+
+
+def open_checked_cache(cfg: TrainConfig) -> Cache:
+    """The cache, verified against its manifest; its dims and splits checked before any step."""
+    cache = open_cache(cfg.cache, verify=cfg.verify)
+    teacher = cache.teacher
+    if int(teacher.get("embed_dim", cache.embed_dim)) != cache.embed_dim:
+        raise CacheError(f"cache {cache.root}: manifest embed_dim {cache.embed_dim} differs from its teacher "
+                         f"fingerprint's {teacher.get('embed_dim')}")
+    cache.require_split("train")
+    first = next(cache.iter_h5("train", fields=("img",)))
+    if first.img.ndim != 3 or first.img.shape[1:] != (cache.views, cache.embed_dim):
+        raise CacheError(f"{first.path}: img has shape {first.img.shape}, the manifest says "
+                         f"[N, {cache.views}, {cache.embed_dim}]")
+    return cache
+
+
+# --------------------------------------------------------------------------- whitening
+
+
+@dataclass
+class Targets:
+    """Maps cached (normalised) teacher targets into the space the student learns.
+
+    ``params[modality]`` = {"mu" [D], "W" [D, D], "W_inv" [D, D], "scale" []} for each
+    whitened modality; a modality not in ``params`` stays in the teacher's space.
+    """
+
+    mode: str = "none"
+    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    source: str | None = None
+    method: str | None = None
+
+    def apply(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """x [N, D] teacher embeddings -> the student's target space (identity if not whitened)."""
+        p = self.params.get(modality)
+        return x if p is None else zca.apply_torch(x, p["mu"].to(x.device), p["W"].to(x.device))
+
+    def to(self, device: torch.device) -> "Targets":
+        return replace(self, params={m: {k: v.to(device) for k, v in p.items()} for m, p in self.params.items()})
+
+
+def load_targets(cache: Cache, mode: str) -> Targets:
+    """The stored whitening for ``mode``; its teacher must be the cache's (checked by whiten)."""
+    if mode == "none":
+        return Targets()
+    from kdpipe.whiten import WHITENING_H5, load_whitening  # noqa: PLC0415
+
+    modalities = {"joint": ("image", "text"), "image": ("image",), "text": ("text",)}[mode]
+    w = load_whitening(cache, mode, expect_teacher=cache.teacher)
+    if w.W.shape != (cache.embed_dim, cache.embed_dim):
+        raise CacheError(f"whitening {mode} is {w.W.shape[0]}-dim, the cache is {cache.embed_dim}-dim")
+    t = zca.to_torch(w, dtype=torch.float32)
+    t["scale"] = torch.tensor(float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum())), dtype=torch.float32)
+    return Targets(mode, {m: t for m in modalities}, str(cache.root / WHITENING_H5), w.method)
+
+
+def to_teacher_space(s: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Student embeddings [N, D] -> normalised teacher-space embeddings [N, D].
+
+    Unwhitened modality (``params`` None): just normalise. Whitened: normalise(r·ŝ W⁻¹ᵀ + μ).
+    """
+    s = nn.functional.normalize(s.float(), dim=-1)
+    if params is None:
+        return s
+    x = zca.invert_torch(params["scale"].to(s) * s, params["mu"].to(s.device), params["W_inv"].to(s.device))
+    return nn.functional.normalize(x, dim=-1)
+
+
+def save_whitening(run_dir: Path, targets: Targets) -> dict[str, Any] | None:
+    """RUN/whitening.safetensors ({modality}.{mu,W,W_inv,scale}) and its description for student.json."""
+    if targets.mode == "none":
+        return None
+    tensors = {f"{m}.{k}": v.detach().cpu().contiguous() for m, p in targets.params.items() for k, v in p.items()}
+    save_file(tensors, str(run_dir / WHITENING_FILE))
+    return {"mode": targets.mode, "file": WHITENING_FILE, "source": targets.source, "method": targets.method,
+            "modalities": {m: {"scale": float(p["scale"])} for m, p in targets.params.items()},
+            "map_back": "teacher = normalize(scale * normalize(student) @ W_inv.T + mu)"}
+
+
+# --------------------------------------------------------------------------- model + losses
+
+
+class Distiller(nn.Module):
+    """Students + loss modules in one module (what DDP wraps); forward returns the loss terms."""
+
+    def __init__(self, image: nn.Module, text: TextStudent | None, losses: nn.ModuleDict,
+                 dist: runtime.DistInfo) -> None:
+        super().__init__()
+        self.image, self.text, self.losses = image, text, losses
+        self.dist = dist
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb)."""
+        feats = {"s_img": self.image(batch["image"]), "t_img": batch["t_img"], "t_txt": batch["t_txt"],
+                 "labels": batch["labels"]}
+        if self.text is not None:
+            feats["s_txt"] = self.text(batch["tokens"])
+        if "image_masked" in batch:
+            feats["s_img_masked"] = self.image(batch["image_masked"])
+        if self.dist.enabled:
+            feats = gather_features(feats, self.dist)
+        if "class_emb" in batch:
+            feats["class_emb"] = batch["class_emb"]
+        return L.compute_terms(self.losses, feats)
+
+
+def gather_features(feats: dict[str, torch.Tensor], dist: runtime.DistInfo) -> dict[str, torch.Tensor]:
+    """All-gather every [B, ...] tensor across ranks -> [world·B, ...]; the local slice keeps its grad.
+
+    (open_clip's ``gather_features`` with gather_with_grad=False, for any number of tensors.)
+    """
+    out = {}
+    for name, x in feats.items():
+        parts = [torch.empty_like(x) for _ in range(dist.world_size)]
+        tdist.all_gather(parts, x.detach().contiguous())
+        parts[dist.rank] = x
+        out[name] = torch.cat(parts)
+    return out
+
+
+def build_students(cfg: TrainConfig, cache: Cache) -> tuple[ImageStudent, TextStudent | None]:
+    pre = cache.teacher["preprocess"]
+    image = build_student(cfg.student, cache.embed_dim, cfg.image_size or int(pre["size"]),
+                          mean=tuple(cfg.mean or pre["mean"]), std=tuple(cfg.std or pre["std"]),
+                          init_checkpoint=cfg.init_checkpoint, **cfg.student_kwargs)
+    text = None
+    if cfg.text_student != "none":
+        text = build_text_student(cfg.text_student, cache.embed_dim, **cfg.text_student_kwargs)
+    return image, text
+
+
+def class_embeddings(cache: Cache, targets: Targets) -> torch.Tensor | None:
+    """[K, D] zero-shot classifier of the cache's own classes (for hinton), in the target space."""
+    from kdpipe.prompts import find_set, read_prompts  # noqa: PLC0415
+
+    if cache.classnames is None or not cache.prompts_path.exists():
+        return None
+    sets = read_prompts(cache.prompts_path)
+    name = find_set(sets, list(cache.classnames))
+    if name is None:
+        return None
+    emb = torch.from_numpy(sets[name].emb.astype(np.float32))  # [K, T, D]
+    return targets.apply(metrics.zero_shot_classifier(emb).T.contiguous(), "text")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and logit scales (parameters with < 2 dims)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``floor``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+# --------------------------------------------------------------------------- the run's pieces
+
+
+@dataclass
+class Setup:
+    """Everything built before the first step."""
+
+    cfg: TrainConfig
+    cache: Cache
+    dist: runtime.DistInfo
+    device: torch.device
+    precision: str
+    image: ImageStudent
+    text: TextStudent | None
+    distiller: Distiller
+    model: nn.Module  # the distiller, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    mask_gen: torch.Generator
+    targets: Targets
+    class_emb: torch.Tensor | None
+    weights: dict[str, float]
+    stream: CL.StreamConfig  # train stream template (epoch / skip filled per epoch)
+    steps_per_epoch: int
+    total_steps: int
+    run_dir: Path
+
+
+def build_setup(cfg: TrainConfig) -> Setup:
+    check_config(cfg)
+    dist = runtime.init_distributed(cfg.device)
+    device = runtime.dist_device(dist, cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    cache = open_checked_cache(cfg)
+    targets = load_targets(cache, cfg.whiten)
+    weights = L.parse_losses(cfg.losses)
+    if cfg.whiten in ("image", "text") and set(weights) & set(CROSS_MODAL):
+        log.warning("--whiten %s whitens only %s targets; cross-modal losses (%s) then compare a whitened with "
+                    "an unwhitened space: use --whiten joint to keep image-text alignment", cfg.whiten, cfg.whiten,
+                    ", ".join(sorted(set(weights) & set(CROSS_MODAL))))
+    runtime.seed_everything(cfg.seed + dist.rank)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    image, text = build_students(cfg, cache)
+    loss_modules = L.build_losses(weights, cache.embed_dim, float(cache.manifest["logit_scale"]),
+                                  text_student=text is not None, **cfg.loss_options)
+    distiller = Distiller(image, text, loss_modules, dist).to(device)
+    runtime.seed_everything(cfg.seed + dist.rank)
+    model: nn.Module = distiller
+    if dist.enabled:
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=False)
+    optimizer = torch.optim.AdamW(param_groups(distiller, cfg.weight_decay), lr=cfg.lr)
+    spe = CL.steps_per_epoch(cache.count("train"), cfg.batch_size, dist.world_size)
+    total = cfg.epochs * spe
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, min(cfg.warmup_steps, total),
+                                                                       cfg.min_lr_ratio))
+    pre = cache.teacher["preprocess"]
+    stream = CL.stream_config(cache.shard_paths("train", "tar"), batch_size=cfg.batch_size,
+                              image_size=image.image_size, interpolation=pre["interpolation"], mean=image.mean,
+                              std=image.std, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
+                              views_used=cfg.views_used, shuffle_buffer=cfg.shuffle_buffer, workers=cfg.workers)
+    mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
+    class_emb = class_embeddings(cache, targets) if "hinton" in weights else None
+    return Setup(cfg, cache, dist, device, precision, image, text, distiller, model, optimizer, scheduler,
+                 torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen, targets.to(device),
+                 None if class_emb is None else class_emb.to(device), weights, stream, spe, total, Path(cfg.out))
+
+
+def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
+    run_dir = Path(cfg.out)
+    if not cfg.resume and trainstate.has_checkpoint(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                              "or choose another --out")
+    if cfg.resume and not trainstate.has_checkpoint(run_dir):
+        raise FileNotFoundError(f"--resume: no checkpoint in {trainstate.ckpt_dir(run_dir)}")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir / CONFIG_FILE)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def to_device_batch(s: Setup, batch: dict[str, Any]) -> dict[str, Any]:
+    """The loader's batch on the device, targets mapped to the student's space, extras added."""
+    d = s.device
+    out: dict[str, Any] = {
+        "image": batch["image"].to(d, non_blocking=True),
+        "t_img": s.targets.apply(batch["t_img"].to(d, non_blocking=True), "image"),
+        "t_txt": s.targets.apply(batch["t_txt"].to(d, non_blocking=True), "text"),
+        "labels": batch["labels"].to(d),
+    }
+    if s.text is not None:
+        out["tokens"] = s.text.tokenize(batch["captions"]).to(d)
+    if "mfd" in s.weights:
+        out["image_masked"] = L.mask_images(out["image"], s.image.mask_kind, s.cfg.mask_ratio,
+                                            s.image.patch_size, generator=s.mask_gen)
+    if s.class_emb is not None:
+        out["class_emb"] = s.class_emb
+    return out
+
+
+def backward_global(total: torch.Tensor, distiller: Distiller, world: int) -> None:
+    """Backward of the (gathered, global-batch) loss so gradients equal one process's on the global batch.
+
+    Each rank's student gradient comes only through its local slice of the gathered features:
+    the ranks' gradients *sum* to the global one, and DDP averages them, hence × world. The
+    loss-owned parameters see the whole gathered batch on every rank, so each rank already has
+    their full gradient: divide those back by world.
+    """
+    (total * world).backward()
+    if world > 1:
+        for p in distiller.losses.parameters():
+            if p.grad is not None:
+                p.grad.div_(world)
+
+
+@dataclass
+class StepResult:
+    terms: dict[str, float]
+    total: float
+    finite: bool
+    grad_norm: float
+
+
+def train_step(s: Setup, batch: dict[str, Any]) -> StepResult:
+    """Forward, backward and (if everything is finite) an optimizer step."""
+    s.model.train()
+    inputs = to_device_batch(s, batch)  # outside autocast: whitening is applied in float32
+    with runtime.autocast(s.precision, s.device):
+        terms = s.model(inputs)
+    total = L.total_loss(terms)
+    s.optimizer.zero_grad(set_to_none=True)
+    backward_global(s.scaler.scale(total), s.distiller, s.dist.world_size)  # always: DDP expects one
+    s.scaler.unscale_(s.optimizer)
+    max_norm = s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(s.distiller.parameters(), max_norm))
+    finite = math.isfinite(float(total.detach()))
+    if s.scaler.is_enabled():  # fp16: gradient overflow is the scaler's business (it skips and rescales)
+        if finite:
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            s.scheduler.step()
+    else:
+        finite = finite and math.isfinite(grad_norm)
+        if finite:
+            s.optimizer.step()
+            s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return StepResult({k: float(v.detach()) for k, v in terms.items()}, float(total.detach()), finite, grad_norm)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def bn_batches(s: Setup) -> Iterator[torch.Tensor]:
+    """Training images for precise BN: a fixed stream (epoch −1) that never touches the run's."""
+    cfg = replace(s.stream, epoch=-1, skip_batches=0, workers=min(s.cfg.workers, 1))
+    for batch in CL.make_loader(cfg):
+        yield batch["image"]
+
+
+def refresh_bn(s: Setup) -> int:
+    """Precise BN on the image student (the text tower has LayerNorm only)."""
+    return precise_bn(s.image, bn_batches(s), max_samples=s.cfg.bn_samples)
+
+
+@torch.no_grad()
+def embed_val(s: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+    """Keys [N], student view-0 image embeddings [N, D] (teacher space) and, with a text
+    student, [N, D] embeddings of each image's first caption."""
+    cache, pre = s.cache, s.cache.teacher["preprocess"]
+    cfg = CL.stream_config(cache.shard_paths("val", "tar"), batch_size=s.cfg.batch_size,
+                           image_size=s.image.image_size, interpolation=pre["interpolation"],
+                           mean=s.image.mean, std=s.image.std, train=False, workers=min(s.cfg.workers, 1))
+    keys, img, txt = [], [], []
+    s.image.eval()
+    for batch in CL.make_loader(cfg):
+        with runtime.autocast(s.precision, s.device):
+            out = s.image(batch["image"].to(s.device))
+        img.append(to_teacher_space(out, s.targets.params.get("image")))
+        if s.text is not None:
+            s.text.eval()
+            with runtime.autocast(s.precision, s.device):
+                out = s.text(s.text.tokenize(batch["captions"]).to(s.device))
+            txt.append(to_teacher_space(out, s.targets.params.get("text")))
+        keys += batch["keys"]
+        if len(keys) >= s.cfg.val_samples:
+            break
+    n = min(len(keys), s.cfg.val_samples)
+    return keys[:n], torch.cat(img)[:n].cpu(), torch.cat(txt)[:n].cpu() if txt else None
+
+
+def validate(s: Setup) -> dict[str, float]:
+    """Quick validation: student (view 0, eval mode, after precise BN) vs cached teacher embeddings.
+
+    R@1 both ways against the teacher's text embeddings of the same images' captions, and the
+    mean cosine to the teacher's view-0 embedding (with a text student: its mean cosine to the
+    teacher's first caption embedding).
+    """
+    refresh_bn(s)
+    keys, s_img, s_txt = embed_val(s)
+    val = s.cache.load_split("val", fields=("img", "txt"))
+    index = {k: i for i, k in enumerate(val.keys)}
+    rows = np.array([index[k] for k in keys])
+    t_img = torch.from_numpy(val.img[rows, 0].astype(np.float32))
+    starts, ends = val.txt_offsets[rows], val.txt_offsets[rows + 1]
+    txt_rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+    t_txt = torch.from_numpy(val.txt[txt_rows].astype(np.float32))
+    txt_to_img = torch.from_numpy(np.repeat(np.arange(len(rows)), ends - starts))
+    out = {f"val_{k}": v for k, v in metrics.retrieval_recall(s_img, t_txt, txt_to_img, ks=(1,)).items()}
+    out["val_cos"] = metrics.agreement(s_img, t_img)["cosine"]
+    if s_txt is not None:
+        first = torch.from_numpy(val.txt[starts].astype(np.float32))
+        out["val_txt_cos"] = metrics.agreement(s_txt, first)["cosine"]
+    out["val_score"] = (out["val_i2t_R@1"] + out["val_t2i_R@1"]) / 2 + 1e-3 * out["val_cos"]
+    out["val_images"] = len(keys)
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def gather_rng(s: Setup) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), so a resumed DDP run restores each rank's own."""
+    mine = trainstate.capture_rng(s.mask_gen)
+    if not s.dist.enabled:
+        return [mine]
+    states: list[Any] = [None] * s.dist.world_size
+    tdist.all_gather_object(states, mine)
+    return states
+
+
+def checkpoint_state(s: Setup, pos: trainstate.Position, counters: dict[str, int],
+                     best: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "model": s.distiller.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng,
+        "position": pos.to_dict(), "counters": dict(counters), "best": dict(best),
+        "teacher": s.cache.teacher, "world_size": s.dist.world_size, "workers": s.cfg.workers,
+        "batch_size": s.cfg.batch_size, "seed": s.cfg.seed,
+    }
+
+
+def save_ckpt(s: Setup, pos: trainstate.Position, counters: dict[str, int], best: dict[str, Any],
+              is_best: bool = False) -> None:
+    rng = gather_rng(s)  # collective: every rank calls save_ckpt
+    if not s.dist.is_main:
+        return
+    if not trainstate.all_finite(s.distiller):
+        raise RuntimeError(f"step {pos.step}: the weights are not finite; refusing to overwrite the checkpoint")
+    state = checkpoint_state(s, pos, counters, best, rng)
+    trainstate.save_checkpoint(s.run_dir, state)
+    if is_best:
+        trainstate.save_checkpoint(s.run_dir, state, best=True)
+
+
+def restore(s: Setup) -> tuple[trainstate.Position, dict[str, int], dict[str, Any]]:
+    """Load the newest readable checkpoint into every piece of the run."""
+    state, path = trainstate.load_latest(s.run_dir)
+    if not same_fingerprint(state["teacher"], s.cache.teacher):
+        raise CacheError(f"{path} was trained on teacher {describe_teacher(state['teacher'])}, but the cache "
+                         f"{s.cache.root} is from {describe_teacher(s.cache.teacher)}")
+    s.distiller.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.scaler.load_state_dict(state["scaler"])
+    same_data = all(state[k] == v for k, v in (("world_size", s.dist.world_size), ("workers", s.cfg.workers),
+                                                ("batch_size", s.cfg.batch_size), ("seed", s.cfg.seed)))
+    if not same_data:
+        log.warning("resuming with a different world size / workers / batch size / seed than the checkpoint: "
+                    "the data order from here on differs from the original run's")
+    rngs = state["rng"]
+    if len(rngs) == s.dist.world_size:
+        trainstate.restore_rng(rngs[s.dist.rank], s.mask_gen)
+    pos = trainstate.Position(**state["position"])
+    log.info("resumed from %s: epoch %d, batch %d, step %d", path, pos.epoch, pos.batch, pos.step)
+    return pos, dict(state["counters"]), dict(state["best"])
+
+
+# --------------------------------------------------------------------------- logging and outputs
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl (rank 0). On resume, rows after the checkpoint's step are dropped, so
+    the file continues exactly where the restored state was."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif enabled and resume_step is None:
+            path.write_text("")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """RUN/curves.png: loss terms per step (left), validation R@1 and cosine (right)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = read_metrics(run_dir / METRICS_FILE)
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    if not train:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    for name in ["loss"] + sorted({k for r in train for k in r.get("terms", {})}):
+        ys = [r["loss"] if name == "loss" else r["terms"].get(name, float("nan")) for r in train]
+        ax1.plot(steps, ys, label=name, lw=2 if name == "loss" else 1)
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    ax1.set_yscale("log") if all(y > 0 for y in [r["loss"] for r in train]) else None
+    ax1.legend(fontsize=8)
+    for name in ("val_i2t_R@1", "val_t2i_R@1", "val_cos"):
+        if val:
+            ax2.plot([r["step"] for r in val], [r[name] for r in val], marker="o", label=name)
+    ax2.set(xlabel="step", title="validation (vs teacher)", ylim=(0, 1))
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = run_dir / CURVES_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def finalize(s: Setup, val: dict[str, float] | None, pos: trainstate.Position) -> None:
+    """Precise BN, then RUN/student.safetensors + student.json, whitening and curves (rank 0)."""
+    if not s.dist.is_main:
+        return
+    if not trainstate.all_finite(s.distiller):
+        raise RuntimeError("the final weights are not finite; student not saved")
+    refresh_bn(s)
+    meta = {
+        "teacher": s.cache.teacher, "cache": str(Path(s.cfg.cache).resolve()),
+        "whitening": save_whitening(s.run_dir, s.targets),
+        "losses": {"weights": s.weights, "options": s.cfg.loss_options},
+        "val": val, "step": pos.step, "epoch": pos.epoch, "views_used": s.cfg.views_used,
+        "teacher_logit_scale": float(s.cache.manifest["logit_scale"]),
+    }
+    save_student(s.run_dir, s.image, s.text, meta)
+    plot_curves(s.run_dir)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopState:
+    pos: trainstate.Position
+    counters: dict[str, int]
+    best: dict[str, Any]
+    last_val: dict[str, float] | None = None
+    val_step: int | None = None
+    consecutive_bad: int = 0
+
+
+def on_step(s: Setup, ls: LoopState, res: StepResult, batch: dict[str, Any], epoch: int,
+            rate: float, mlog: MetricsLog) -> None:
+    """Count non-finite steps (stop after too many in a row) and log the step's row."""
+    if res.finite:
+        ls.consecutive_bad = 0
+    else:
+        ls.counters["nonfinite"] += 1
+        ls.consecutive_bad += 1
+        bad = sorted(k for k, v in res.terms.items() if not math.isfinite(v))
+        log.warning("step %d: non-finite loss (terms %s, grad norm %s); step skipped",
+                                            ls.pos.step, bad or "none", res.grad_norm)
+        if ls.consecutive_bad >= s.cfg.max_nonfinite:
+            raise RuntimeError(f"{ls.consecutive_bad} non-finite steps in a row, the last at step {ls.pos.step} "
+                               f"(non-finite terms: {bad or 'none'}; batch keys: {batch['keys'][:8]}); "
+                               "stopping — the last checkpoint holds finite weights")
+    ls.counters["data_errors"] += int(batch.get("data_errors", 0))
+    if ls.pos.step % s.cfg.log_every == 0 or not res.finite:
+        mlog.write({"kind": "train", "step": ls.pos.step, "epoch": epoch, "lr": s.scheduler.get_last_lr()[0],
+                   "loss": res.total, "terms": res.terms, "grad_norm": res.grad_norm,
+                   "samples_per_s": rate, "nonfinite_skipped": ls.counters["nonfinite"],
+                   "data_errors": ls.counters["data_errors"], **L.logit_scales(s.distiller.losses)})
+
+
+def run_validation(s: Setup, ls: LoopState, mlog: MetricsLog) -> bool:
+    """Validate on rank 0 (others wait); returns whether this is the best score so far."""
+    is_best = False
+    if s.dist.is_main and "val" in s.cache.splits():
+        ls.last_val = validate(s)
+        is_best = ls.last_val["val_score"] > ls.best.get("score", -math.inf)
+        if is_best:
+            ls.best = {"score": ls.last_val["val_score"], "step": ls.pos.step}
+        mlog.write({"kind": "val", "step": ls.pos.step, "epoch": ls.pos.epoch, **ls.last_val})
+    ls.val_step = ls.pos.step  # on every rank: they must agree on which collectives follow
+    runtime.barrier(s.dist)
+    flags = [is_best]
+    if s.dist.enabled:
+        tdist.broadcast_object_list(flags, src=0)
+    return bool(flags[0])
+
+
+def train_loop(s: Setup, ls: LoopState, mlog: MetricsLog) -> None:
+    cfg, spe = s.cfg, s.steps_per_epoch
+    stop = min(cfg.max_steps or s.total_steps, s.total_steps)
+    global_batch = cfg.batch_size * s.dist.world_size
+    with make_progress("samples", disable=not (cfg.progress and s.dist.is_main)) as progress:
+        task = progress.add_task("train", total=stop * global_batch, completed=ls.pos.step * global_batch, info="")
+        while ls.pos.step < stop:
+            epoch = ls.pos.epoch
+            stream = replace(s.stream, epoch=epoch, skip_batches=ls.pos.batch)
+            tick = time.perf_counter()
+            for batch in CL.epoch_batches(stream, spe, pin_memory=runtime.pin_memory(s.device)):
+                res = train_step(s, batch)
+                ls.pos.step += 1
+                ls.pos.batch += 1
+                now = time.perf_counter()
+                rate, tick = global_batch / max(now - tick, 1e-9), now
+                on_step(s, ls, res, batch, epoch, rate, mlog)
+                epoch_end = ls.pos.batch >= spe
+                if epoch_end:
+                    ls.pos.epoch, ls.pos.batch = epoch + 1, 0
+                progress.update(task, advance=global_batch, info=f"ep {epoch} loss {res.total:.4f}")
+                events(s, ls, mlog, epoch_end, stop)
+                if ls.pos.step >= stop or epoch_end:
+                    break
+
+
+def events(s: Setup, ls: LoopState, mlog: MetricsLog, epoch_end: bool, stop: int) -> None:
+    """Validation and checkpoints due after this step."""
+    cfg, step = s.cfg, ls.pos.step
+    due_val = (cfg.val_every and step % cfg.val_every == 0) or (cfg.val_every is None and epoch_end)
+    is_best = run_validation(s, ls, mlog) if due_val else False
+    due_ckpt = due_val or epoch_end or step >= stop or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
+    if due_ckpt:
+        save_ckpt(s, ls.pos, ls.counters, ls.best, is_best=is_best)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
+    check_config(cfg)
+    s = build_setup(cfg)
+    try:
+        prepare_run_dir(cfg, s.dist)
+        runtime.barrier(s.dist)
+        ls = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
+        if cfg.resume:
+            ls.pos, ls.counters, ls.best = restore(s)
+        mlog = MetricsLog(s.run_dir / METRICS_FILE, s.dist.is_main, ls.pos.step if cfg.resume else None)
+        if s.dist.is_main:
+            console.print(f"train {cfg.student} on {s.cache.root} (teacher {describe_teacher(s.cache.teacher)}, "
+                          f"D={s.cache.embed_dim}): {s.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                          f"batch {cfg.batch_size} x {s.dist.world_size}, {s.precision} on {s.device}")
+        train_loop(s, ls, mlog)
+        if ls.val_step != ls.pos.step:
+            run_validation(s, ls, mlog)  # the final numbers, after the last step
+        finalize(s, ls.last_val, ls.pos)
+        runtime.barrier(s.dist)
+        return {"run": str(s.run_dir), "step": ls.pos.step, "val": ls.last_val, "counters": ls.counters,
+                "rank": s.dist.rank}
+    finally:
+        runtime.shutdown(s.dist)

@@ -1,0 +1,184 @@
+"""Pretraining a teacher from scratch: augmentation math, exact text trimming, training, files, reuse, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdpipe import pretrain
+from kdpipe.pretrain import PretrainConfig
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kdpipe.data.shapes import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, 32, 16, size=32, seed=0)
+    return root
+
+
+def tiny_cfg(world: Path, out: Path, **kw) -> PretrainConfig:
+    args = dict(data=str(world), out=str(out), arch="tiny-clip", steps=STEPS, batch_size=16, lr=3e-3,
+                device="cpu", log_every=5, progress=False)
+    return PretrainConfig(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return pretrain.run(tiny_cfg(world, tmp_path_factory.mktemp("teacher") / "T"))
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    factors = [pretrain.lr_factor(s, 10, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[55] == pytest.approx(0.5, abs=0.02) and pretrain.lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_boxes_inside_image_with_area_in_scale() -> None:
+    boxes = pretrain.sample_boxes(2000, (0.5, 1.0), torch.Generator().manual_seed(0))
+    x0, y0, x1, y1 = boxes.unbind(1)
+    assert bool((x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 1 + 1e-6).all() and (y1 <= 1 + 1e-6).all())
+    area = (x1 - x0) * (y1 - y0)
+    assert area.max() <= 1.0 + 1e-6 and area.min() >= 0.5 * 0.85  # clipping to the image only shrinks a little
+    assert 0.65 < area.mean() < 0.8
+
+
+def test_crop_resize_full_box_is_identity_and_half_box_zooms() -> None:
+    images = torch.rand(2, 3, 8, 8)
+    full = pretrain.crop_resize(images, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2))
+    assert torch.allclose(full, images, atol=1e-5)
+    left = pretrain.crop_resize(images, torch.tensor([[0.0, 0.0, 0.5, 1.0]] * 2))
+    # the left half stretched 2x horizontally: output column 2k+1 sits between input columns k and k+1
+    assert torch.allclose(left[..., 1:7:2], 0.75 * images[..., 0:3] + 0.25 * images[..., 1:4], atol=1e-5)
+
+
+def test_trimmed_text_equals_open_clip_forward() -> None:
+    built = pretrain.build_model("tiny-clip", torch.device("cpu"))
+    tokens = built.tokenizer(["a red circle on the left", "a photo of a star", "two shapes: a ring and a small cross"])
+    built.model.eval()
+    with torch.no_grad():
+        full = built.model.encode_text(tokens, normalize=True)
+        trimmed = pretrain.encode_text(built.model, tokens)
+    assert torch.allclose(trimmed, full, atol=1e-5)
+
+
+def test_batches_distinct_images_and_their_own_captions(world: Path) -> None:
+    built = pretrain.build_model("tiny-clip", torch.device("cpu"))
+    from kdpipe.data.records import open_source
+
+    data = pretrain.load_split(open_source(str(world)), "train", 32, "bicubic", built.tokenizer)
+    assert data.images.shape == (32, 3, 32, 32) and data.images.dtype == torch.uint8
+    owner = data.caption_owner()
+    feed = pretrain.batches(data, 16, torch.Generator().manual_seed(0))
+    for _ in range(5):
+        idx, rows = next(feed)
+        assert len(set(idx.tolist())) == 16 and torch.equal(owner[rows], idx)
+
+
+# ------------------------------------------------------------------ training and files
+
+
+def test_loss_goes_down_and_metrics_are_reported(trained: dict) -> None:
+    curve = trained["loss_curve"]
+    assert len(curve) == STEPS // 5 and curve[-1]["step"] == STEPS
+    assert curve[0]["loss"] > 1.5 * curve[-1]["loss"], curve  # 16 captions in-batch: random ~ ln 16 = 2.77
+    assert curve[0]["loss"] == pytest.approx(math.log(16), rel=0.2)
+    val = trained["val"]
+    for key in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "zeroshot_top1", "zeroshot_top5"):
+        assert 0.0 <= val[key] <= 1.0
+    assert val["zeroshot_chance"] == pytest.approx(1 / 8)
+    assert trained["train_images"] == 32 and trained["val_images"] == 16 and not trained["reused"]
+
+
+def test_files_written_and_load_teacher_gives_the_saved_model(trained: dict, world: Path) -> None:
+    from kdpipe.data.records import open_source
+    from kdpipe.teachers import load_teacher
+
+    out = Path(trained["config"]).parent
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert set(config) == {"model_cfg", "preprocess_cfg"} and config["model_cfg"]["embed_dim"] == 32
+    assert json.loads((out / "train.json").read_text())["val"] == trained["val"]
+
+    teacher = load_teacher(str(out / "config.json"), str(out / "model.safetensors"), device="cpu")
+    assert teacher.preprocess.size == 32 and teacher.fingerprint["checkpoint_sha256"]
+    # the loaded weights reproduce the val metrics the run reported from its in-memory model
+    val = pretrain.load_split(open_source(str(world)), "val", 32, "bicubic", teacher.tokenizer)
+    metrics = pretrain.evaluate(teacher.model, teacher.tokenizer, val, open_source(str(world)).classnames(),
+                                teacher.preprocess.mean, teacher.preprocess.std, torch.device("cpu"), "fp32", 64)
+    assert metrics == pytest.approx(trained["val"], abs=1e-9)
+
+
+def test_save_then_load_teacher_round_trip_is_exact(world: Path, tmp_path: Path) -> None:
+    from kdpipe.teachers import load_teacher
+
+    cfg = tiny_cfg(world, tmp_path / "T", steps=3)
+    torch.manual_seed(0)
+    built = pretrain.build_model(cfg.arch, torch.device("cpu"))
+    pretrain.fit(cfg, built, torch.device("cpu"), "fp32")
+    pretrain.save_teacher(tmp_path, built.model, built.model_cfg, built.preprocess)
+    teacher = load_teacher(str(tmp_path / "config.json"), str(tmp_path / "model.safetensors"), device="cpu")
+
+    x = torch.randn(4, 3, 32, 32)
+    captions = ["a red circle on the left", "a photo of a star"]
+    built.model.eval()
+    with torch.no_grad():
+        assert torch.equal(teacher.encode_images(x), built.model.encode_image(x))
+        assert torch.allclose(teacher.encode_texts(captions), built.model.encode_text(built.tokenizer(captions)),
+                              atol=1e-6)
+    assert teacher.logit_scale == pytest.approx(float(built.model.logit_scale.exp()))
+
+
+def test_reuse_skips_training_and_other_settings_are_refused(trained: dict, world: Path) -> None:
+    out = Path(trained["config"]).parent
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    again = pretrain.run(tiny_cfg(world, out))
+    assert again["reused"] and again["val"] == trained["val"]
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(FileExistsError, match="steps"):
+        pretrain.run(tiny_cfg(world, out, steps=STEPS + 1))
+
+
+def test_overwrite_retrains(world: Path, tmp_path: Path) -> None:
+    first = pretrain.run(tiny_cfg(world, tmp_path / "T", steps=2))
+    second = pretrain.run(tiny_cfg(world, tmp_path / "T", steps=3, overwrite=True))
+    assert not second["reused"] and second["steps"] == 3 and first["steps"] == 2
+    assert json.loads((tmp_path / "T" / "train.json").read_text())["steps"] == 3
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_help_and_reuse_message(trained: dict, world: Path) -> None:
+    from kdpipe.cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["pretrain-teacher", "--help"])
+    assert result.exit_code == 0 and "--steps" in result.output and "--arch" in result.output
+    out = Path(trained["config"]).parent
+    result = runner.invoke(app, ["pretrain-teacher", "--data", str(world), "--out", str(out), "--arch", "tiny-clip",
+                                 "--steps", str(STEPS), "--batch-size", "16", "--lr", "3e-3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "reused" in result.output and "R@1" in result.output and "--pretrained" in result.output
+
+
+def test_cli_bad_arch_lists_valid_names(world: Path, tmp_path: Path) -> None:
+    from kdpipe.cli.main import app
+
+    result = CliRunner().invoke(app, ["pretrain-teacher", "--data", str(world), "--out", str(tmp_path / "T"),
+                                      "--arch", "no-such-arch"])
+    assert result.exit_code == 2
+    assert "no-such-arch" in result.output and "shapes-vit" in result.output and "tiny-clip" in result.output
+    assert not (tmp_path / "T").exists()

@@ -240,6 +240,10 @@ class ImagePrep:
 WANTED_MEMBERS = (".jpg", ".views.json", ".captions.json")  # never decode the npy members
 
 
+def _wanted(name: str) -> bool:
+    return name.endswith(WANTED_MEMBERS)
+
+
 def _prepare_sample(sample: dict[str, Any], prep: ImagePrep, captions: bool) -> tuple[str, Tensor, list[str]]:
     """A raw tar sample -> (key, view-0 tensor [3, S, S], captions or [])."""
     view0 = V.View.from_dict(json.loads(sample["views.json"])[0])
@@ -256,8 +260,7 @@ def split_batches(cache: Cache, split: str, prep: ImagePrep, batch_size: int, wo
                   captions: bool) -> Iterable[tuple[list[str], Tensor, list[list[str]]]]:
     """Batches (keys, pixels [B, 3, S, S], captions per key) of the split's tar shards, any order."""
     paths = [str(p) for p in cache.shard_paths(split, "tar")]
-    ds = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None,
-                        select_files=lambda name: name.endswith(WANTED_MEMBERS))
+    ds = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, select_files=_wanted)
     ds = ds.map(functools.partial(_prepare_sample, prep=prep, captions=captions))
     workers = min(workers, len(paths))  # webdataset gives a worker with no shard nothing to do
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
@@ -429,20 +432,35 @@ def embed_labelled(image: nn.Module, data: LabelledImages, prep: ImagePrep, spac
     return torch.cat(rows), torch.cat(labels)
 
 
+def match_set(sets: dict[str, prompts.PromptSet], classnames: list[str],
+              preferred: str | None = None) -> tuple[str, list[int]] | None:
+    """A prompt set with exactly these class names in any order (folders sort theirs) -> (name, index of
+    each class in the set); None when there is none."""
+    names = [preferred] if preferred in sets else []
+    names += [n for n in sets if n != preferred]
+    for name in names:
+        own = list(sets[name].classnames)
+        if sorted(own) == sorted(classnames) and len(set(own)) == len(own):
+            return name, [own.index(c) for c in classnames]
+    return None
+
+
 def labelled_classifier(data: LabelledImages, sets: dict[str, prompts.PromptSet], text: nn.Module | None,
                         space: Space, cfg: EvalConfig, device: torch.device) -> tuple[Tensor, str]:
     """The student's classifier [D, K] for a zero-shot dataset and where its class embeddings came from."""
-    name = data.prompt_set if data.prompt_set in sets else prompts.find_set(sets, data.classnames)
+    found = match_set(sets, data.classnames, data.prompt_set)
     if text is not None:
-        templates = sets[name].templates if name else list(prompts.SHAPES_TEMPLATES)
+        templates = sets[found[0]].templates if found else list(prompts.SHAPES_TEMPLATES)
         return text_classifier(text, data.classnames, templates, space, cfg.batch_size, device), "student text tower"
-    if name is None:
+    if found is None:
         raise ValueError(
             f"zero-shot on {data.name}: this student has no text tower, so it classifies with the teacher's "
             f"prompt embeddings from prompts.h5, and no set there has these {len(data.classnames)} class names "
             f"(sets: {', '.join(f'{n} ({len(s.classnames)} classes)' for n, s in sets.items()) or 'none'}). "
             "Evaluate a student with a text tower, or extract a cache whose source has these classes")
-    return metrics.zero_shot_classifier(torch.from_numpy(sets[name].emb).float()), f"teacher prompts.h5 [{name}]"
+    name, order = found
+    emb = torch.from_numpy(sets[name].emb[order]).float()  # [K, T, D] in the dataset's class order
+    return metrics.zero_shot_classifier(emb), f"teacher prompts.h5 [{name}]"
 
 
 def external_zeroshot(image: nn.Module, text: nn.Module | None, sets: dict[str, prompts.PromptSet],
@@ -583,43 +601,73 @@ def run_teacher(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def run_student(cfg: EvalConfig) -> dict[str, Any]:
+@dataclass
+class StudentRun:
+    """A loaded run: its students (eval mode, on device), spec, cache and how to feed / read it."""
+
+    path: Path
+    image: nn.Module
+    text: nn.Module | None
+    meta: dict[str, Any]
+    cache: Cache
+    space: Space
+    prep: ImagePrep
+    device: torch.device
+
+
+def open_student(cfg: EvalConfig) -> StudentRun:
+    """RUN/student.json + weights, and the cache it was trained on (same teacher, checked)."""
     from kdpipe.students import load_student  # noqa: PLC0415  (timm/torchvision: only student evals pay)
 
     run = read_run(cfg.run)
     device = resolve_device(cfg.device)
-    extra = [open_zeroshot(spec) for spec in cfg.zeroshot]  # a missing dataset fails before the slow part
     image, text, meta = load_student(run, device)
     fp = teacher_of(meta, run)
     cache = open_cache(cache_of(run, meta, cfg.cache), verify=cfg.verify, expect_teacher=fp)
-    held = cache.load_split(cfg.split, fields=("img", "txt"))
-    space = student_space(run, meta, cache, text is not None)
-    prep = image_prep(meta, fp)
-    sets, notes = read_prompt_sets(cache), []
-    t_cls = cache_classifiers(sets, cache.classnames, notes)
-    s_cls = {n: text_classifier(text, sets[n].classnames, sets[n].templates, space, cfg.batch_size, device)
-             for n in t_cls} if text is not None else t_cls
-    img, txt = student_split_embeddings(image, text, cache, cfg.split, held, prep, space, cfg, device)
+    return StudentRun(run, image, text, meta, cache, student_space(run, meta, cache, text is not None),
+                      image_prep(meta, fp), device)
+
+
+def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet], cfg: EvalConfig,
+               notes: list[str]) -> tuple[dict[str, EvalRow], dict[str, dict]]:
+    """Student vs teacher on the cache split: metric rows and what each zero-shot classifier used."""
+    t_cls = cache_classifiers(sets, s.cache.classnames, notes)
+    s_cls = t_cls if s.text is None else {
+        n: text_classifier(s.text, sets[n].classnames, sets[n].templates, s.space, cfg.batch_size, s.device)
+        for n in t_cls}
+    img, txt = student_split_embeddings(s.image, s.text, s.cache, cfg.split, held, s.prep, s.space, cfg, s.device)
     teacher = _teacher_embeddings(held, t_cls)
     student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
     rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels),
                                cfg.chunk)
-    ext_scores, ext_info = external_zeroshot(image, text, sets, prep, space, cfg, device, extra)
+    source = "teacher prompts.h5" if s.text is None else "student text tower"
+    info = {n: {"images": int((held.labels >= 0).sum()), "classes": c.shape[1], "class_embeddings": source}
+            for n, c in s_cls.items()}
+    return rows, info
+
+
+def run_student(cfg: EvalConfig) -> dict[str, Any]:
+    """A student on the cache's split (+ any --zeroshot datasets); writes RUN/eval.json."""
+    extra = [open_zeroshot(spec) for spec in cfg.zeroshot]  # a missing dataset fails before the slow part
+    s = open_student(cfg)
+    held = s.cache.load_split(cfg.split, fields=("img", "txt"))
+    sets, notes = read_prompt_sets(s.cache), []
+    rows, zs_info = split_rows(s, held, sets, cfg, notes)
+    ext_scores, ext_info = external_zeroshot(s.image, s.text, sets, s.prep, s.space, cfg, s.device, extra)
     rows.update(metrics.with_ratios(ext_scores, {}))
     if extra:
         notes.append("teacher figures on --zeroshot datasets are not computed (they would need a teacher forward)")
+    fp = s.meta["teacher"]
     report = {
-        "kind": "student", "run": str(run), "dataset": _dataset_info(cache, cfg.split, held), "split": cfg.split,
-        "model": {"image": meta["image"]["name"], "text": (meta.get("text") or {}).get("name"),
-                  "captions": "teacher (cached)" if text is None else "student text tower",
+        "kind": "student", "run": str(s.path), "dataset": _dataset_info(s.cache, cfg.split, held),
+        "split": cfg.split,
+        "model": {"image": s.meta["image"]["name"], "text": (s.meta.get("text") or {}).get("name"),
+                  "captions": "teacher (cached)" if s.text is None else "student text tower",
                   "teacher": describe_teacher(fp)},
-        "teacher": fp, "space": space.description, "whitening": whitening_mode(meta),
-        "metrics": rows, "zeroshot": {**{n: {"images": int((held.labels >= 0).sum()), "classes": s.shape[1],
-                                            "class_embeddings": "teacher prompts.h5" if text is None
-                                            else "student text tower"} for n, s in s_cls.items()}, **ext_info},
-        "notes": notes, "config": _config_dict(cfg),
+        "teacher": fp, "space": s.space.description, "whitening": whitening_mode(s.meta),
+        "metrics": rows, "zeroshot": {**zs_info, **ext_info}, "notes": notes, "config": _config_dict(cfg),
     }
-    _write(report, Path(cfg.out) if cfg.out else run / EVAL_JSON)
+    _write(report, Path(cfg.out) if cfg.out else s.path / EVAL_JSON)
     return report
 
 

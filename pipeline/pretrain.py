@@ -44,7 +44,6 @@ log = logging.getLogger("kdpipe")
 
 DEFAULT_STEPS = 300
 FILES = ("config.json", "model.safetensors", "train.json")
-FALLBACK_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} shape.")
 
 
 @dataclass
@@ -225,7 +224,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; gains, biases and the logit scale get no weight decay (as open_clip's training)."""
+    """AdamW; gains, biases and the logit scale get no weight decay (as open_clip's training).
+
+    Fused: the 49408-row token embedding gets a dense gradient every step, and the fused kernel
+    updates it ~6x faster than the default on CPU (there, the optimiser step otherwise rivals the
+    forward pass of a small model).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -233,7 +237,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
         exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exempt else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 # --------------------------------------------------------------------------- training
@@ -321,26 +326,26 @@ def encode(model: torch.nn.Module, data: CaptionedImages, mean: tuple[float, ...
     return torch.cat(img), torch.cat(txt)
 
 
-def prompt_templates() -> tuple[str, ...]:
-    """Zero-shot templates ("a photo of a {}."): kdpipe.prompts' shapes templates when present."""
-    try:
-        from kdpipe import prompts
-    except ImportError:
-        return FALLBACK_TEMPLATES
-    for name in ("SHAPES_TEMPLATES", "SIMPLE_TEMPLATES"):
-        found = getattr(prompts, name, None)
-        if found:
-            return tuple(t if isinstance(t, str) else t("{}") for t in found)
-    return FALLBACK_TEMPLATES
+def prompt_templates(classnames: list[str]) -> list[str]:
+    """Zero-shot templates as extraction picks them (kdpipe.prompts): a named set's own templates
+    when its class names are exactly ``classnames`` (the shapes world), else the shapes templates."""
+    from kdpipe.prompts import PROMPT_SETS, SHAPES_TEMPLATES
+
+    for name in PROMPT_SETS.names():
+        names, templates = PROMPT_SETS.get(name)()
+        if list(names) == list(classnames):
+            return list(templates)
+    return list(SHAPES_TEMPLATES)
 
 
 @torch.no_grad()
-def class_embeddings(model: torch.nn.Module, tokenizer: Any, classnames: list[str], templates: tuple[str, ...],
-                     device: torch.device) -> Tensor:
+def class_embeddings(model: torch.nn.Module, tokenizer: Any, classnames: list[str], device: torch.device) -> Tensor:
     """Prompt embeddings [K, T, D] (class x template), unit length."""
+    from kdpipe.prompts import prompt_texts
+
     model.eval()
-    prompts = [t.format(c) for c in classnames for t in templates]
-    emb = encode_text(model, tokenizer(prompts).to(device)).float().cpu()
+    templates = prompt_templates(classnames)
+    emb = encode_text(model, tokenizer(prompt_texts(classnames, templates)).to(device)).float().cpu()
     return emb.view(len(classnames), len(templates), -1)
 
 
@@ -354,7 +359,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, clas
     out = retrieval_recall(img, txt, data.caption_owner())
     known = data.labels >= 0
     if classnames and bool(known.any()):
-        classifier = zero_shot_classifier(class_embeddings(model, tokenizer, classnames, prompt_templates(), device))
+        classifier = zero_shot_classifier(class_embeddings(model, tokenizer, classnames, device))
         zs = zero_shot_accuracy(img[known], classifier, data.labels[known])
         out.update({f"zeroshot_{k}": v for k, v in zs.items()})
         out["zeroshot_chance"] = 1.0 / len(classnames)

@@ -21,6 +21,7 @@ from kdpipe.store import atomic_write_bytes, describe_teacher
 log = logging.getLogger("kdpipe")
 
 MISSING = "–"
+LABEL_COLUMNS = 4  # run, student, losses, whitening
 
 
 @dataclass
@@ -209,7 +210,8 @@ def markdown(runs: list[RunFiles]) -> str:
     """The report: title, one table (teacher row first), and notes on what is compared."""
     zeroshot = zeroshot_names(runs)
     head = columns(zeroshot)
-    lines = ["# kdpipe report", "", _md_row(head), "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    align = ["---"] * LABEL_COLUMNS + ["---:"] * (len(head) - LABEL_COLUMNS)  # labels left, numbers right
+    lines = ["# kdpipe report", "", _md_row(head), "|" + "|".join(align) + "|",
              _md_row(teacher_row(runs, zeroshot))]
     lines += [_md_row(student_row(r, zeroshot)) for r in runs]
     lines += ["", *notes(runs)]

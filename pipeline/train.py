@@ -248,7 +248,7 @@ def save_whitening(run_dir: Path, targets: Targets) -> dict[str, Any] | None:
     """RUN/whitening.safetensors ({modality}.{mu,W,W_inv,scale}) and its description for student.json."""
     if targets.mode == "none":
         return None
-    tensors = {f"{m}.{k}": v.detach().cpu().contiguous() for m, p in targets.params.items() for k, v in p.items()}
+    tensors = {f"{m}.{k}": v.detach().cpu().clone() for m, p in targets.params.items() for k, v in p.items()}
     save_file(tensors, str(run_dir / WHITENING_FILE))
     return {"mode": targets.mode, "file": WHITENING_FILE, "source": targets.source, "method": targets.method,
             "modalities": {m: {"scale": float(p["scale"])} for m, p in targets.params.items()},

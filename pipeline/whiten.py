@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from rich.progress import Progress
 
 from kdpipe import metrics, zca
 from kdpipe.progress import console, make_progress
@@ -92,8 +93,8 @@ def check_finite(shard: H5Shard) -> None:
             first = shard.keys[int(owner[np.argmax(bad)])]
             raise ValueError(
                 f"{shard.path}: dataset {name!r} holds NaN/Inf embeddings in {int(bad.sum())} row(s), "
-                f"first at sample key {first!r}; the teacher produced non-finite features — "
-                "delete this shard and re-run the same `kdpipe extract` to rewrite it")
+                f"first at sample key {first!r}; the teacher produced non-finite features (fp16 "
+                "overflow? extract with --precision fp32): delete this shard's files and re-run `kdpipe extract`")
 
 
 def modality_rows(shard: H5Shard) -> dict[str, np.ndarray]:
@@ -101,7 +102,7 @@ def modality_rows(shard: H5Shard) -> dict[str, np.ndarray]:
     return {"image": shard.img.reshape(-1, shard.img.shape[-1]), "text": shard.txt}
 
 
-def accumulate(cache: Cache, progress=None) -> dict[str, zca.RunningMoments]:
+def accumulate(cache: Cache, progress: Progress | None = None) -> dict[str, zca.RunningMoments]:
     """One pass over the train split -> float64 moments for "image", "text" and "joint"."""
     moments = {m: zca.RunningMoments(cache.embed_dim) for m in ("image", "text")}
     paths = cache.shard_paths(FIT_SPLIT, "h5")
@@ -235,7 +236,7 @@ def _space(mode: str, fitted: dict[str, zca.Whitening]) -> dict[str, zca.Whiteni
 
 
 def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes: list[str],
-                           progress=None) -> dict[str, zca.RunningMoments]:
+                           progress: Progress | None = None) -> dict[str, zca.RunningMoments]:
     """Second pass over train: moments of each mode's own data after its float32 transform."""
     params = {m: _params(w) for m, w in fitted.items()}
     out = {m: zca.RunningMoments(cache.embed_dim) for m in modes}
@@ -270,7 +271,7 @@ def cov_check(w: zca.Whitening, cov: np.ndarray, how: str) -> dict[str, Any]:
 
 
 def train_checks(cache: Cache, moments: dict[str, zca.RunningMoments], fitted: dict[str, zca.Whitening],
-                 modes: list[str], data_pass: bool, progress=None) -> dict[str, dict]:
+                 modes: list[str], data_pass: bool, progress: Progress | None = None) -> dict[str, dict]:
     """Per mode: whitened train covariance vs I (data pass in float32, or analytic in float64)."""
     if data_pass:
         white = whitened_train_moments(cache, fitted, modes, progress)

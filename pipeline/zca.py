@@ -166,8 +166,10 @@ def fit(moments: RunningMoments, eps_rel: float = 1e-4, method: str = "zca") -> 
                          f"got {moments.n}: the covariance would be singular")
     lam, u = eigh_descending(moments.cov())
     eps = float(eps_rel * lam.mean())
-    if lam[0] + eps <= 0:
-        raise ValueError("the covariance is zero: every row is identical")
+    if lam[-1] + eps <= 1e-12 * lam[0]:  # numerically singular: its inverse square root is noise
+        rank = int((lam > 0).sum())
+        raise ValueError(f"the covariance is singular (rank {rank} < {moments.dim}) and eps_rel is 0: "
+                         "use eps_rel > 0")
     s = 1.0 / np.sqrt(lam + eps)
     w, w_inv = build(u, s)
     return Whitening(moments.mean(), w, w_inv, lam, eps, moments.n, method)

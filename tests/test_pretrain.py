@@ -13,7 +13,16 @@ from typer.testing import CliRunner
 from kdpipe import pretrain
 from kdpipe.pretrain import PretrainConfig
 
-STEPS = 40
+STEPS = 80
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a machine shared with other jobs."""
+    from kdpipe.runtime import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +35,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_cfg(world: Path, out: Path, **kw) -> PretrainConfig:
-    args = dict(data=str(world), out=str(out), arch="tiny-clip", steps=STEPS, batch_size=16, lr=3e-3,
+    args = dict(data=str(world), out=str(out), arch="tiny-clip", steps=STEPS, batch_size=16, lr=2e-3,
                 device="cpu", log_every=5, progress=False)
     return PretrainConfig(**{**args, **kw})
 
@@ -93,8 +102,9 @@ def test_batches_distinct_images_and_their_own_captions(world: Path) -> None:
 def test_loss_goes_down_and_metrics_are_reported(trained: dict) -> None:
     curve = trained["loss_curve"]
     assert len(curve) == STEPS // 5 and curve[-1]["step"] == STEPS
-    assert curve[0]["loss"] > 1.5 * curve[-1]["loss"], curve  # 16 captions in-batch: random ~ ln 16 = 2.77
+    # in-batch contrastive over 16 pairs: chance is ln 16 = 2.77; it first collapses there, then learns
     assert curve[0]["loss"] == pytest.approx(math.log(16), rel=0.2)
+    assert curve[-1]["loss"] < 0.7 * curve[0]["loss"] and curve[-1]["loss"] < math.log(16) - 0.5, curve
     val = trained["val"]
     for key in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "zeroshot_top1", "zeroshot_top5"):
         assert 0.0 <= val[key] <= 1.0
@@ -138,7 +148,7 @@ def test_save_then_load_teacher_round_trip_is_exact(world: Path, tmp_path: Path)
         assert torch.equal(teacher.encode_images(x), built.model.encode_image(x))
         assert torch.allclose(teacher.encode_texts(captions), built.model.encode_text(built.tokenizer(captions)),
                               atol=1e-6)
-    assert teacher.logit_scale == pytest.approx(float(built.model.logit_scale.exp()))
+    assert teacher.logit_scale == pytest.approx(float(built.model.logit_scale.detach().exp()))
 
 
 def test_reuse_skips_training_and_other_settings_are_refused(trained: dict, world: Path) -> None:
@@ -169,7 +179,7 @@ def test_cli_help_and_reuse_message(trained: dict, world: Path) -> None:
     assert result.exit_code == 0 and "--steps" in result.output and "--arch" in result.output
     out = Path(trained["config"]).parent
     result = runner.invoke(app, ["pretrain-teacher", "--data", str(world), "--out", str(out), "--arch", "tiny-clip",
-                                 "--steps", str(STEPS), "--batch-size", "16", "--lr", "3e-3", "--device", "cpu"])
+                                 "--steps", str(STEPS), "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and "R@1" in result.output and "--pretrained" in result.output
 

@@ -164,6 +164,11 @@ def test_bad_inputs_are_refused():
         zca.fit(good, method="cholesky")
     with pytest.raises(ValueError, match="eps_rel"):
         zca.fit(good, eps_rel=-1)
+    flat = correlated(100, 8)
+    flat[:, 3] = 0.0  # a direction with no variance at all
+    with pytest.raises(ValueError, match="singular .* use eps_rel > 0"):
+        zca.fit(moments_of(flat), eps_rel=0.0)
+    assert np.isfinite(zca.fit(moments_of(flat), eps_rel=1e-4).W).all()
     with pytest.raises(ValueError, match=r"\[N, 8\]"):
         good.update(np.zeros((3, 7)))
     with pytest.raises(ValueError, match="dim"):

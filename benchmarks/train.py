@@ -1,0 +1,169 @@
+"""Cached training vs student-only and vs online-teacher training, measured in one run.
+
+Same student, loss, batch size and batches throughout (D = 512, the ViT-B-32 dim):
+  cached  = `kdpipe.train.train_step` fed by the cache loader (tar read, JPEG decode, view
+            replay, collate, in DataLoader workers) — what `kdpipe train` runs;
+  student = the same train_step on the same batches pre-decoded in memory (no data cost);
+  online  = the same train_step, with an open_clip ViT-B-32 teacher (random init: timing only)
+            run live on each batch's images and captions to make the targets;
+  teacher = the teacher's forward alone on those batches (a component timing).
+Ratios: cached ÷ student throughput (the data path's overhead; target ≥ 0.9) and the cached
+speedup over online training, next to the speedup predicted from the components:
+(t_student + t_teacher) / t_student, i.e. what a free data path would give.
+
+The cache holds shapes-world images stored at --store-size (JPEG, as `kdpipe extract` stores
+them) with real views, and random unit embeddings (their values do not change the timing).
+
+    .venv/bin/python benchmarks/train.py [--images 192] [--batch-size 32] [--steps 5] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdpipe import store
+from kdpipe import train as T
+from kdpipe.data import cache_loader as CL
+from kdpipe.data import views as V
+from kdpipe.data.records import open_source
+from kdpipe.data.shapes import make_shapes
+
+RESULTS = Path(__file__).parent / "results" / "train.jsonl"
+TEACHER = "ViT-B-32"
+
+
+def teacher_fingerprint(dim: int, size: int) -> dict:
+    return {"name": f"{TEACHER} (bench, random)", "pretrained": None, "checkpoint_sha256": None,
+            "open_clip_version": "n/a", "quickgelu": False,
+            "preprocess": {"size": size, "mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                           "resize_mode": "shortest"},
+            "embed_dim": dim, "logit_scale": 100.0, "context_length": 77}
+
+
+def write_cache(root: Path, world: Path, dim: int, views: int, size: int, store_size: int, shard_size: int) -> None:
+    """A cache of the world's images (stored, views drawn as extract does) with random embeddings."""
+    rng = np.random.default_rng(0)
+    source = open_source(str(world), shard_size=shard_size)
+    manifest = store.Manifest(root, {"format": store.FORMAT_VERSION, "teacher": teacher_fingerprint(dim, size),
+                                     "embed_dim": dim, "logit_scale": 100.0, "dtype": "float16", "views": views,
+                                     "classnames": None, "splits": {}})
+
+    def unit_vectors(n: int) -> np.ndarray:
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+    for split in source.splits():
+        for unit in source.units(split):
+            samples = []
+            for r in unit.records():
+                jpg, stored = V.store_image(V.decode_image(r.path), store_size)
+                vs = [v.to_dict() for v in V.sample_views(views, stored.width, stored.height, seed=r.key)]
+                samples.append(store.CachedSample(r.key, jpg, vs, unit_vectors(views), unit_vectors(len(r.captions)),
+                                                  np.ones(views, np.float32), np.ones(len(r.captions), np.float32),
+                                                  list(r.captions), -1))
+            manifest.add_shard(split, store.write_shard(root / split, unit.index, samples, dim))
+    manifest.save()
+
+
+def timed_steps(setup: T.Setup, batches, warmup: int) -> tuple[float, int]:
+    """(seconds, samples) of train_step over ``batches`` after ``warmup`` untimed steps."""
+    n, start = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        T.train_step(setup, batch)
+        n += len(batch["keys"]) if i >= warmup else 0
+    return time.perf_counter() - start, n
+
+
+class OnlineTeacher:
+    def __init__(self) -> None:
+        import open_clip
+
+        self.model = open_clip.create_model(TEACHER).eval().requires_grad_(False)  # random init: timing only
+        self.tokenizer = open_clip.get_tokenizer(TEACHER)
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> dict:
+        """The batch with t_img / t_txt computed by the live teacher."""
+        img = torch.nn.functional.normalize(self.model.encode_image(batch["image"]), dim=-1)
+        txt = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(batch["captions"])), dim=-1)
+        return {**batch, "t_img": img, "t_txt": txt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", default="mobilenetv3")
+    ap.add_argument("--images", type=int, default=192)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 1 warm-up)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--store-size", type=int, default=256)
+    ap.add_argument("--losses", default="fd=7.8,crd=1,icl=1")
+    args = ap.parse_args()
+    warmup, n_batches = 1, args.steps + 1
+    if args.images < n_batches * args.batch_size:
+        ap.error(f"--images must be at least (steps + 1) x batch = {n_batches * args.batch_size}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        world, cache = Path(tmp) / "world", Path(tmp) / "cache"
+        make_shapes(world, args.images, 8, size=args.store_size, seed=0)
+        write_cache(cache, world, 512, 2, args.image_size, args.store_size, shard_size=64)
+        cfg = T.TrainConfig(student=args.student, cache=str(cache), out=str(Path(tmp) / "run"), epochs=1,
+                            batch_size=args.batch_size, workers=args.workers, image_size=args.image_size,
+                            losses=args.losses, precision="fp32", device="cpu", progress=False, warmup_steps=1)
+        setup = T.build_setup(cfg)
+        stream = replace(setup.stream, epoch=0)
+        t_cached, n_cached = timed_steps(setup, CL.epoch_batches(stream, n_batches), warmup)
+        batches = list(CL.epoch_batches(replace(stream, workers=0), n_batches))  # the same batches, in memory
+        t_student, n_student = timed_steps(setup, batches, warmup)
+        teacher = OnlineTeacher()
+        teacher.targets(batches[0])  # warm-up
+        start = time.perf_counter()
+        online_batches = [teacher.targets(b) for b in batches[warmup:]]
+        t_teacher = time.perf_counter() - start
+        start = time.perf_counter()
+        for b in batches[warmup:]:
+            T.train_step(setup, teacher.targets(b))
+        t_online = time.perf_counter() - start
+        del online_batches
+
+    sps = {"cached": n_cached / t_cached, "student": n_student / t_student, "online": n_student / t_online}
+    row = {
+        "bench": "train", "student": args.student, "teacher_online": TEACHER, "images": args.images,
+        "batch_size": args.batch_size, "steps": args.steps, "workers": args.workers, "image_size": args.image_size,
+        "store_size": args.store_size, "losses": args.losses, "threads": torch.get_num_threads(),
+        "cached_samples_per_s": sps["cached"], "student_only_samples_per_s": sps["student"],
+        "online_samples_per_s": sps["online"], "teacher_forward_s_per_step": t_teacher / args.steps,
+        "student_step_s": t_student / args.steps,
+        "cached_over_student": sps["cached"] / sps["student"],
+        "speedup_cached_over_online": sps["cached"] / sps["online"],
+        "speedup_predicted": (t_student + t_teacher) / t_student,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"student {args.student} @ {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps, "
+          f"{args.workers} workers, {row['threads']} threads, losses {args.losses}")
+    print(f"cached training    {sps['cached']:8.1f} samples/s")
+    print(f"student only       {sps['student']:8.1f} samples/s (same batches, pre-decoded)")
+    print(f"online teacher     {sps['online']:8.1f} samples/s ({TEACHER} live, {row['teacher_forward_s_per_step']:.2f} "
+          f"s/step of teacher forward)")
+    print(f"cached / student-only: {row['cached_over_student']:.2f}  (target >= 0.9)")
+    print(f"cached / online: {row['speedup_cached_over_online']:.2f}x  "
+          f"(predicted from components (t_student + t_teacher) / t_student: {row['speedup_predicted']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`kdpipe report`: one Markdown table from what each run directory holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cache_factory import fake_teacher
+from kdpipe import report
+from kdpipe.cli.main import app
+
+TEACHER = fake_teacher(16)
+
+
+def _row(student: float, teacher: float) -> dict:
+    return {"student": student, "teacher": teacher, "ratio": student / teacher}
+
+
+def write_run(path: Path, *, text: str | None = None, whitening: dict | None = None, losses: dict | None = None,
+              config: str | None = None, evaluated: bool = True, benched: bool = True) -> Path:
+    """A run directory with hand-written student.json / config.toml / eval.json / bench.json."""
+    path.mkdir(parents=True)
+    spec = {"image": {"name": "mobilenetv3"}, "text": {"name": text} if text else None, "teacher": TEACHER,
+            "whitening": whitening}
+    if losses is not None:
+        spec["losses"] = {"weights": losses, "options": {}}
+    (path / "student.json").write_text(json.dumps(spec))
+    if config is not None:
+        (path / "config.toml").write_text(config)
+    if evaluated:
+        (path / "eval.json").write_text(json.dumps({
+            "split": "val", "space": "teacher", "metrics": {
+                "i2t_R@1": _row(0.4, 0.5), "t2i_R@1": _row(0.3, 0.6), "zeroshot/shapes/top1": _row(0.45, 0.9),
+                "zeroshot/shapes/top5": _row(0.9, 1.0), "agreement/cosine": _row(0.875, 1.0)}}))
+    if benched:
+        image = {"size_fp16_bytes": 2 * 2**20, "latency_b1_p50_ms": 4.0}
+        (path / "bench.json").write_text(json.dumps({
+            "device": "cpu", "teacher": {"image": {"size_fp16_bytes": 10 * 2**20, "latency_b1_p50_ms": 20.0}},
+            "student": {"image": image}, "ratios": {"image": {"size_fp16_bytes": 5.0, "latency_b1_p50_ms": 5.0}}}))
+    return path
+
+
+def table_rows(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+
+
+def test_report_table(tmp_path):
+    a = write_run(tmp_path / "a", losses={"fd": 7.8125, "crd": 1.0}, whitening={"mode": "joint", "file": "w"})
+    b = write_run(tmp_path / "b", text="text_tiny", config='losses = "fd=2,icl=1"\n', benched=False)
+    c = write_run(tmp_path / "c", evaluated=False, benched=False)
+    out = tmp_path / "out" / "report.md"
+    result = report.run(report.ReportConfig(runs=[a, b, c], out=out))
+    assert out.read_text() == result["markdown"]
+    head, teacher, ra, rb, rc = table_rows(result["markdown"])
+    assert head == ["run", "student", "losses", "whitening", "i2t R@1", "t2i R@1", "zero-shot shapes top-1",
+                    "agreement (cos)", "image size fp16", "image latency b1 p50"]
+    assert teacher == ["teacher: fake-vit (ffffffffffff)", "–", "–", "none", "0.500", "0.600", "0.900", "1.000",
+                       "10 MB", "20 ms"]
+    assert ra == ["a", "mobilenetv3", "fd 7.8125 + crd 1", "joint", "0.400 (0.80×)", "0.300 (0.50×)",
+                  "0.450 (0.50×)", "0.875", "2 MB (5× smaller)", "4 ms (5× faster)"]
+    assert rb[:4] == ["b", "mobilenetv3 + text_tiny", "fd 2 + icl 1", "none"] and rb[-2:] == ["–", "–"]
+    assert rc == ["c", "mobilenetv3", "–", "none", "–", "–", "–", "–", "–", "–"]
+
+
+def test_report_warns_about_mixed_teachers(tmp_path):
+    a = write_run(tmp_path / "a")
+    b = write_run(tmp_path / "b")
+    spec = json.loads((b / "student.json").read_text())
+    spec["teacher"] = {**TEACHER, "name": "other"}
+    (b / "student.json").write_text(json.dumps(spec))
+    md = report.run(report.ReportConfig(runs=[a, b], out=tmp_path / "r.md"))["markdown"]
+    assert "different teachers" in md
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.run(report.ReportConfig(runs=[tmp_path / "nope"], out=tmp_path / "r.md"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a kdpipe run"):
+        report.run(report.ReportConfig(runs=[tmp_path / "empty"], out=tmp_path / "r.md"))
+    bad = write_run(tmp_path / "bad", evaluated=False)
+    (bad / "eval.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        report.run(report.ReportConfig(runs=[bad], out=tmp_path / "r.md"))
+
+
+def test_cli(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "--help"])
+    assert result.exit_code == 0 and "Markdown" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+    run = write_run(tmp_path / "run")
+    out = tmp_path / "r.md"
+    result = runner.invoke(app, ["report", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| run | student |" in result.output and out.read_text() in result.output

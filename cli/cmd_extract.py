@@ -35,6 +35,8 @@ def extract(
     split: Optional[list[str]] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
     allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Allow an open_clip model "
                                            "without --pretrained (random weights; for testing only)."),
+    prompts: bool = typer.Option(True, "--prompts/--no-prompts", help="Write prompts.h5: teacher embeddings "
+                                 "of zero-shot class prompts (shapes, CIFAR-10/100, the data's own labels)."),
 ) -> None:
     """Run TEACHER once over DATA and write image/text embeddings of every view and caption to OUT."""
     from kdpipe.extract import ExtractConfig, run
@@ -44,11 +46,12 @@ def extract(
                             batch_size=batch_size, workers=workers, device=device, precision=precision,
                             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
                             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
-                            splits=split or None, allow_random_init=allow_random_init)
+                            splits=split or None, allow_random_init=allow_random_init,
+                            prompts=prompts)
         result = run(cfg)
     for name, info in result.items():
         console.print(f"[green]{name}[/]: {info['count']} images, {info['captions']} captions, "
-                      f"{info['shards']} shards, skipped {info['skipped'] or 'none'}")
+                      f"{info['shards']} shards, skipped {info['skipped'] or 'none'} ({info['seconds']:.1f} s)")
     console.print(f"cache: {out}/manifest.json")
 
 

@@ -379,11 +379,11 @@ def _cifar(path: str, which: str) -> LabelledImages:
                    "cifar100": (datasets.CIFAR100, "cifar-100-python")}[which]
     try:
         ds = cls(path, train=False, download=False)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted."
         raise FileNotFoundError(
-            f"{which} test set not found under {path} ({err}); kdpipe never downloads datasets: expected "
-            f"{Path(path) / folder}/ as torchvision.datasets.{cls.__name__}(root, download=True) writes it "
-            "on a machine with network — copy that folder here") from None
+            f"{which} test set not found under {path}: expected {Path(path) / folder}/ (the folder "
+            f"torchvision.datasets.{cls.__name__}(root, download=True) writes). kdpipe never downloads "
+            "datasets: fetch it on a machine with network and copy that folder here") from None
     classnames = prompts.PROMPT_SETS.get(which)()[0]
     if [c.replace("_", " ") for c in ds.classes] != classnames:
         raise ValueError(f"{which} at {path} has classes {ds.classes[:5]}..., not CLIP's {which} class names")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +58,7 @@ class ExtractConfig:
     store_size: int = 256  # stored image's shorter side, at most
     splits: list[str] | None = None  # default: every split the source has
     allow_random_init: bool = False  # a real open_clip name without weights
+    prompts: bool = True  # write prompts.h5 (zero-shot class prompts) when missing
     progress: bool = True
 
 
@@ -334,12 +336,18 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         manifest = Manifest(root, {**header, "splits": {}})
     if dist.is_main:
         manifest.save()
+    seconds = {}
     for split in splits:
+        start = time.perf_counter()
         extract_split(cfg, teacher, source, split, manifest, dist, precision)
+        seconds[split] = time.perf_counter() - start
     runtime.barrier(dist)
     if dist.is_main:
         collect_manifest(manifest, source, splits)
-        if not (root / PROMPTS).exists():
+        if cfg.prompts and not (root / PROMPTS).exists():
             write_prompt_sets(root, teacher, source.classnames())
     runtime.barrier(dist)
-    return summary(Manifest.load(root))
+    result = summary(Manifest.load(root))
+    for split, info in result.items():
+        info["seconds"] = round(seconds.get(split, 0.0), 3)  # this process's time on the split
+    return result

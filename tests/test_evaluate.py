@@ -106,7 +106,10 @@ def test_whitened_run_is_mapped_back_and_says_so(fake_cache, tmp_path):
     from kdpipe import whiten
     from kdpipe.train import load_targets, save_whitening
 
-    whiten.run(whiten.WhitenConfig(cache=fake_cache, mode="joint", progress=False))
+    fitted = whiten.run(whiten.WhitenConfig(cache=fake_cache, mode="joint", progress=False))
+    teacher = E.run(E.EvalConfig(teacher=fake_cache, out=tmp_path / "t.json", progress=False))
+    for name, value in fitted["teacher_raw"]["retrieval"].items():  # the whiten stage's own teacher check
+        assert teacher["metrics"][name]["teacher"] == value
     run = tmp_path / "run"
     run.mkdir()
     meta = save_whitening(run, load_targets(open_cache(fake_cache), "joint"))  # what train writes

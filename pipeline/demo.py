@@ -1,0 +1,123 @@
+"""The embedded default: every stage on the shapes world, offline, on CPU (DESIGN §7).
+
+generate the world -> pretrain a small open_clip teacher -> extract the cache -> fit
+whitening -> train students (CLIP-KD's recipe crd + icl + fd, raw and whitened targets) ->
+eval (teacher and students) -> bench -> report. Each stage is the library stage the CLI runs,
+at demo size; each is skipped when its output is already there, so a re-run reuses work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from kdpipe import bench, evaluate, extract, pretrain, report, train, whiten
+from kdpipe.data.shapes import make_shapes
+from kdpipe.progress import console
+
+log = logging.getLogger("kdpipe")
+
+RECIPE = "crd=1,icl=1,fd=7.8125"  # CLIP-KD's best: CRD 1 + ICL 1 + FD 2000 (MSE at D=512 = 7.8125·(1−cos))
+
+
+@dataclass
+class DemoSize:
+    """How big each stage is. The default fits ~15 minutes on 2 CPU cores; quick ~3."""
+
+    n_train: int
+    n_val: int
+    teacher_steps: int
+    views: int
+    students: tuple[str, ...]
+    whiten: tuple[str, ...]
+    epochs: int
+    batch_size: int = 64
+    bench_iters: int = 20
+
+
+SIZES = {
+    "default": DemoSize(n_train=2000, n_val=500, teacher_steps=pretrain.DEFAULT_STEPS, views=2,
+                        students=("mobilenetv3", "resnet18"), whiten=("none", "joint"), epochs=6),
+    "quick": DemoSize(n_train=400, n_val=100, teacher_steps=60, views=2,
+                      students=("mobilenetv3",), whiten=("none", "joint"), epochs=3, bench_iters=5),
+}
+
+
+@dataclass
+class DemoConfig:
+    out: str = "data/demo"
+    quick: bool = False
+    image_size: int = 64  # the shapes world's size (and the teacher's input)
+    seed: int = 0
+    workers: int = 1
+    progress: bool = True
+    size: DemoSize | None = None  # override SIZES (tests)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def stage(cfg: DemoConfig, name: str, done: bool, fn: Callable[[], Any]) -> Any:
+    """Run one stage (or say it is reused) and record its time."""
+    if done:
+        console.print(f"[dim]· {name}: reused[/]")
+        return None
+    console.rule(f"[bold]{name}")
+    start = time.perf_counter()
+    result = fn()
+    cfg.timings[name] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def run_name(student: str, whiten_mode: str) -> str:
+    return f"{student}-{'raw' if whiten_mode == 'none' else 'white-' + whiten_mode}"
+
+
+def demo_runs(cfg: DemoConfig, size: DemoSize, cache: Path, root: Path) -> list[Path]:
+    runs = []
+    for student in size.students:
+        for mode in size.whiten:
+            run_dir = root / "runs" / run_name(student, mode)
+            tcfg = train.TrainConfig(
+                student=student, cache=str(cache), out=str(run_dir), losses=RECIPE, whiten=mode,
+                epochs=size.epochs, batch_size=size.batch_size, lr=2e-3, warmup_steps=20,
+                image_size=cfg.image_size, workers=cfg.workers, device="cpu", seed=cfg.seed,
+                progress=cfg.progress)
+            stage(cfg, f"train {run_dir.name}", (run_dir / "student.safetensors").exists(),
+                  lambda c=tcfg: train.run(c))
+            runs.append(run_dir)
+    return runs
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    """Every stage on the shapes world; returns the report (also printed and written)."""
+    size = cfg.size or SIZES["quick" if cfg.quick else "default"]
+    root = Path(cfg.out)
+    world, teacher, cache = root / "shapes", root / "teacher", root / "cache"
+    stage(cfg, "make-shapes", (world / "annotations" / "captions_val.json").exists(),
+          lambda: make_shapes(world, size.n_train, size.n_val, size=cfg.image_size, seed=cfg.seed))
+    stage(cfg, "pretrain-teacher", False, lambda: pretrain.run(pretrain.PretrainConfig(
+        data=str(world), out=str(teacher), steps=size.teacher_steps, seed=cfg.seed, device="cpu",
+        progress=cfg.progress)))
+    stage(cfg, "extract", False, lambda: extract.run(extract.ExtractConfig(
+        teacher=str(teacher / "config.json"), pretrained=str(teacher / "model.safetensors"), data=str(world),
+        out=str(cache), views=size.views, batch_size=64, workers=cfg.workers, device="cpu",
+        shard_size=500, progress=cfg.progress)))
+    stage(cfg, "fit-whitening", (cache / "whitening.json").exists(),
+          lambda: whiten.run(whiten.WhitenConfig(cache=str(cache), mode="all", progress=cfg.progress)))
+    stage(cfg, "eval teacher", (cache / evaluate.TEACHER_EVAL_JSON).exists(),
+          lambda: evaluate.run(evaluate.EvalConfig(teacher=str(cache), device="cpu", progress=cfg.progress)))
+    runs = demo_runs(cfg, size, cache, root)
+    for run_dir in runs:
+        stage(cfg, f"eval {run_dir.name}", (run_dir / evaluate.EVAL_JSON).exists(),
+              lambda r=run_dir: evaluate.run(evaluate.EvalConfig(run=str(r), device="cpu", progress=cfg.progress)))
+    stage(cfg, "bench", all((r / bench.BENCH_JSON).exists() for r in runs),
+          lambda: bench.run(bench.BenchConfig(runs=[str(r) for r in runs], device="cpu",
+                                              iters=size.bench_iters, batch_sizes=(1, 32))))
+    result = report.run(report.ReportConfig(runs=[str(r) for r in runs], out=str(root / "report.md")))
+    (root / "demo.json").write_text(json.dumps({"timings_s": cfg.timings, "runs": [str(r) for r in runs],
+                                                "size": size.__dict__}, indent=1, default=list))
+    console.print(f"\nreport: {root / 'report.md'}   timings (s): {cfg.timings}")
+    return result

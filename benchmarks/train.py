@@ -9,18 +9,21 @@ Same student, loss, batch size and batches throughout (D = 512, the ViT-B-32 dim
   teacher = the teacher's forward alone on those batches (a component timing).
 Ratios: cached ÷ student throughput (the data path's overhead; target ≥ 0.9) and the cached
 speedup over online training, next to the speedup predicted from the components:
-(t_student + t_teacher) / t_student, i.e. what a free data path would give.
+(t_student + t_teacher) / t_student, i.e. what a free data path would give. The kinds
+alternate round by round and each ratio is the median over rounds, so a load spike from
+another process spoils one round, not the figure.
 
 The cache holds shapes-world images stored at --store-size (JPEG, as `kdpipe extract` stores
 them) with real views, and random unit embeddings (their values do not change the timing).
 
-    .venv/bin/python benchmarks/train.py [--images 192] [--batch-size 32] [--steps 5] [--workers 1]
+    .venv/bin/python benchmarks/train.py [--images 256] [--batch-size 32] [--rounds 5] [--block 1] [--workers 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -74,15 +77,38 @@ def write_cache(root: Path, world: Path, dim: int, views: int, size: int, store_
     manifest.save()
 
 
-def timed_steps(setup: T.Setup, batches, warmup: int) -> tuple[float, int]:
-    """(seconds, samples) of train_step over ``batches`` after ``warmup`` untimed steps."""
-    n, start = 0, None
-    for i, batch in enumerate(batches):
-        if i == warmup:
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def interleaved(setup: T.Setup, stream: CL.StreamConfig, batches: list[dict], teacher: "OnlineTeacher",
+                rounds: int, block: int) -> dict[str, list[float]]:
+    """Seconds per block of ``block`` steps, for each kind, alternating kinds round by round.
+
+    Alternating keeps the three measurements under the same machine load (other processes,
+    thermal state); the cached kind draws from one live loader, as `kdpipe train` does.
+    """
+    loader = CL.epoch_batches(stream, len(batches))
+    T.train_step(setup, next(loader))  # warm-up (first batch, allocator, worker start)
+    T.train_step(setup, batches[0])
+    teacher.targets(batches[0])
+    out: dict[str, list[float]] = {"cached": [], "student": [], "online": [], "teacher": []}
+    for r in range(rounds):
+        chunk = batches[1 + r * block: 1 + (r + 1) * block]
+        out["cached"].append(sum(timed(T.train_step, setup, next(loader)) for _ in chunk))
+        out["student"].append(sum(timed(T.train_step, setup, b) for b in chunk))
+        t_teacher = t_online = 0.0
+        for b in chunk:
             start = time.perf_counter()
-        T.train_step(setup, batch)
-        n += len(batch["keys"]) if i >= warmup else 0
-    return time.perf_counter() - start, n
+            online = teacher.targets(b)
+            t_teacher += time.perf_counter() - start
+            T.train_step(setup, online)
+            t_online += time.perf_counter() - start
+        out["online"].append(t_online)
+        out["teacher"].append(t_teacher)
+    return out
 
 
 class OnlineTeacher:
@@ -91,11 +117,14 @@ class OnlineTeacher:
 
         self.model = open_clip.create_model(TEACHER).eval().requires_grad_(False)  # random init: timing only
         self.tokenizer = open_clip.get_tokenizer(TEACHER)
+        pre = open_clip.get_model_preprocess_cfg(self.model)
+        self.mean, self.std = pre["mean"], pre["std"]
 
     @torch.no_grad()
     def targets(self, batch: dict) -> dict:
         """The batch with t_img / t_txt computed by the live teacher."""
-        img = torch.nn.functional.normalize(self.model.encode_image(batch["image"]), dim=-1)
+        pixels = CL.normalize_images(batch["image"], self.mean, self.std)
+        img = torch.nn.functional.normalize(self.model.encode_image(pixels), dim=-1)
         txt = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(batch["captions"])), dim=-1)
         return {**batch, "t_img": img, "t_txt": txt}
 
@@ -103,17 +132,18 @@ class OnlineTeacher:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="mobilenetv3")
-    ap.add_argument("--images", type=int, default=192)
+    ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 1 warm-up)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (cached, student, online)")
+    ap.add_argument("--block", type=int, default=1, help="steps per kind per round")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--store-size", type=int, default=256)
     ap.add_argument("--losses", default="fd=7.8,crd=1,icl=1")
     args = ap.parse_args()
-    warmup, n_batches = 1, args.steps + 1
+    n_batches = 1 + args.rounds * args.block
     if args.images < n_batches * args.batch_size:
-        ap.error(f"--images must be at least (steps + 1) x batch = {n_batches * args.batch_size}")
+        ap.error(f"--images must be at least (1 + rounds x block) x batch = {n_batches * args.batch_size}")
 
     with tempfile.TemporaryDirectory() as tmp:
         world, cache = Path(tmp) / "world", Path(tmp) / "cache"
@@ -124,44 +154,46 @@ def main() -> None:
                             losses=args.losses, precision="fp32", device="cpu", progress=False, warmup_steps=1)
         setup = T.build_setup(cfg)
         stream = replace(setup.stream, epoch=0)
-        t_cached, n_cached = timed_steps(setup, CL.epoch_batches(stream, n_batches), warmup)
         batches = list(CL.epoch_batches(replace(stream, workers=0), n_batches))  # the same batches, in memory
-        t_student, n_student = timed_steps(setup, batches, warmup)
-        teacher = OnlineTeacher()
-        teacher.targets(batches[0])  # warm-up
-        start = time.perf_counter()
-        online_batches = [teacher.targets(b) for b in batches[warmup:]]
-        t_teacher = time.perf_counter() - start
-        start = time.perf_counter()
-        for b in batches[warmup:]:
-            T.train_step(setup, teacher.targets(b))
-        t_online = time.perf_counter() - start
-        del online_batches
+        times = interleaved(setup, stream, batches, OnlineTeacher(), args.rounds, args.block)
 
-    sps = {"cached": n_cached / t_cached, "student": n_student / t_student, "online": n_student / t_online}
+    steps = args.rounds * args.block
+    total = {k: sum(v) for k, v in times.items()}
+    sps = {k: steps * args.batch_size / total[k] for k in ("cached", "student", "online")}
+    # Headline ratios: the median over rounds of each round's ratio (a load spike from another
+    # process hits one round, not the median); the totals' ratios are kept next to them.
+    rounds = list(zip(times["cached"], times["student"], times["online"], times["teacher"]))
+    per_round = [s_ / c for c, s_, _, _ in rounds]
+    speedups = [o / c for c, _, o, _ in rounds]
+    predicted = [(s_ + t) / s_ for _, s_, _, t in rounds]
     row = {
         "bench": "train", "student": args.student, "teacher_online": TEACHER, "images": args.images,
-        "batch_size": args.batch_size, "steps": args.steps, "workers": args.workers, "image_size": args.image_size,
-        "store_size": args.store_size, "losses": args.losses, "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "rounds": args.rounds, "block": args.block, "workers": args.workers,
+        "image_size": args.image_size, "store_size": args.store_size, "losses": args.losses,
+        "threads": torch.get_num_threads(),
         "cached_samples_per_s": sps["cached"], "student_only_samples_per_s": sps["student"],
-        "online_samples_per_s": sps["online"], "teacher_forward_s_per_step": t_teacher / args.steps,
-        "student_step_s": t_student / args.steps,
-        "cached_over_student": sps["cached"] / sps["student"],
-        "speedup_cached_over_online": sps["cached"] / sps["online"],
-        "speedup_predicted": (t_student + t_teacher) / t_student,
+        "online_samples_per_s": sps["online"], "teacher_forward_s_per_step": total["teacher"] / steps,
+        "student_step_s": total["student"] / steps,
+        "cached_over_student": statistics.median(per_round),
+        "cached_over_student_per_round": per_round,
+        "cached_over_student_totals": sps["cached"] / sps["student"],
+        "speedup_cached_over_online": statistics.median(speedups),
+        "speedup_predicted": statistics.median(predicted),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     RESULTS.parent.mkdir(exist_ok=True)
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"student {args.student} @ {args.image_size}px, batch {args.batch_size}, {args.steps} timed steps, "
+    print(f"student {args.student} @ {args.image_size}px, batch {args.batch_size}, {steps} timed steps per kind "
+          f"({args.rounds} alternating rounds), "
           f"{args.workers} workers, {row['threads']} threads, losses {args.losses}")
     print(f"cached training    {sps['cached']:8.1f} samples/s")
     print(f"student only       {sps['student']:8.1f} samples/s (same batches, pre-decoded)")
     print(f"online teacher     {sps['online']:8.1f} samples/s ({TEACHER} live, {row['teacher_forward_s_per_step']:.2f} "
           f"s/step of teacher forward)")
-    print(f"cached / student-only: {row['cached_over_student']:.2f}  (target >= 0.9)")
-    print(f"cached / online: {row['speedup_cached_over_online']:.2f}x  "
+    print(f"cached / student-only: {row['cached_over_student']:.2f} median of rounds (target >= 0.9; per round "
+          f"{', '.join(f'{r:.2f}' for r in per_round)}; totals {row['cached_over_student_totals']:.2f})")
+    print(f"cached / online: {row['speedup_cached_over_online']:.2f}x median of rounds "
           f"(predicted from components (t_student + t_teacher) / t_student: {row['speedup_predicted']:.2f}x)")
 
 

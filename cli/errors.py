@@ -6,6 +6,7 @@ import contextlib
 from typing import Iterator
 
 import typer
+from rich.markup import escape
 
 from kdpipe.progress import console
 
@@ -19,5 +20,5 @@ def user_errors() -> Iterator[None]:
         yield
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        console.print(f"[bold red]error:[/] {message}")
+        console.print(f"[bold red]error:[/] {escape(str(message))}")
         raise typer.Exit(code=2) from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from kdpipe import bench, evaluate, extract, pretrain, report, train, whiten
+from kdpipe import bench, evaluate, extract, pretrain, report, train, trainstate, whiten
 from kdpipe.data.shapes import make_shapes
 from kdpipe.progress import console
 
@@ -84,7 +84,7 @@ def demo_runs(cfg: DemoConfig, size: DemoSize, cache: Path, root: Path) -> list[
                 student=student, cache=str(cache), out=str(run_dir), losses=RECIPE, whiten=mode,
                 epochs=size.epochs, batch_size=size.batch_size, lr=2e-3, warmup_steps=20,
                 image_size=cfg.image_size, workers=cfg.workers, device="cpu", seed=cfg.seed,
-                progress=cfg.progress)
+                progress=cfg.progress, resume=trainstate.has_checkpoint(run_dir))
             stage(cfg, f"train {run_dir.name}", (run_dir / "student.safetensors").exists(),
                   lambda c=tcfg: train.run(c))
             runs.append(run_dir)

@@ -146,6 +146,8 @@ def resolve_config(overrides: dict[str, Any], config_file: str | Path | None = N
     if config_file is not None:
         merged.update(read_toml(config_file))
     merged.update(given)
+    if "views_used" in merged:  # TOML may say views_used = 0
+        merged["views_used"] = str(merged["views_used"])
     unknown = sorted(set(merged) - _field_names())
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}")
@@ -399,8 +401,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
                                                                        cfg.min_lr_ratio))
     pre = cache.teacher["preprocess"]
     stream = CL.stream_config(cache.shard_paths("train", "tar"), batch_size=cfg.batch_size,
-                              image_size=image.image_size, interpolation=pre["interpolation"], mean=image.mean,
-                              std=image.std, seed=cfg.seed, rank=dist.rank, world=dist.world_size,
+                              image_size=image.image_size, interpolation=pre["interpolation"],
+                              seed=cfg.seed, rank=dist.rank, world=dist.world_size,
                               views_used=cfg.views_used, shuffle_buffer=cfg.shuffle_buffer, workers=cfg.workers)
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
     class_emb = class_embeddings(cache, targets) if "hinton" in weights else None
@@ -424,11 +426,16 @@ def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
 # --------------------------------------------------------------------------- one step
 
 
+def images_on(s: Setup, batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's uint8 images, on the device, normalised with the student's mean/std."""
+    return CL.normalize_images(batch["image"].to(s.device, non_blocking=True), s.image.mean, s.image.std)
+
+
 def to_device_batch(s: Setup, batch: dict[str, Any]) -> dict[str, Any]:
     """The loader's batch on the device, targets mapped to the student's space, extras added."""
     d = s.device
     out: dict[str, Any] = {
-        "image": batch["image"].to(d, non_blocking=True),
+        "image": images_on(s, batch),
         "t_img": s.targets.apply(batch["t_img"].to(d, non_blocking=True), "image"),
         "t_txt": s.targets.apply(batch["t_txt"].to(d, non_blocking=True), "text"),
         "labels": batch["labels"].to(d),
@@ -500,7 +507,7 @@ def bn_batches(s: Setup) -> Iterator[torch.Tensor]:
     """Training images for precise BN: a fixed stream (epoch −1) that never touches the run's."""
     cfg = replace(s.stream, epoch=-1, skip_batches=0, workers=min(s.cfg.workers, 1))
     for batch in CL.make_loader(cfg):
-        yield batch["image"]
+        yield images_on(s, batch)
 
 
 def refresh_bn(s: Setup) -> int:
@@ -515,12 +522,12 @@ def embed_val(s: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     cache, pre = s.cache, s.cache.teacher["preprocess"]
     cfg = CL.stream_config(cache.shard_paths("val", "tar"), batch_size=s.cfg.batch_size,
                            image_size=s.image.image_size, interpolation=pre["interpolation"],
-                           mean=s.image.mean, std=s.image.std, train=False, workers=min(s.cfg.workers, 1))
+                           train=False, workers=min(s.cfg.workers, 1))
     keys, img, txt = [], [], []
     s.image.eval()
     for batch in CL.make_loader(cfg):
         with runtime.autocast(s.precision, s.device):
-            out = s.image(batch["image"].to(s.device))
+            out = s.image(images_on(s, batch))
         img.append(to_teacher_space(out, s.targets.params.get("image")))
         if s.text is not None:
             s.text.eval()
@@ -790,7 +797,6 @@ def events(s: Setup, ls: LoopState, mlog: MetricsLog, epoch_end: bool, stop: int
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
-    check_config(cfg)
     s = build_setup(cfg)
     try:
         prepare_run_dir(cfg, s.dist)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,7 @@ def fake(tmp_path_factory) -> store.Cache:
 
 def _cfg(cache: store.Cache, split: str = "train", **kw) -> CL.StreamConfig:
     pre = cache.teacher["preprocess"]
-    base = dict(batch_size=8, image_size=32, interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
-                std=tuple(pre["std"]), seed=3)
+    base = dict(batch_size=8, image_size=32, interpolation=pre["interpolation"], seed=3)
     return CL.stream_config(cache.shard_paths(split, "tar"), **{**base, **kw})
 
 
@@ -48,7 +46,7 @@ def test_batch_targets_are_the_cached_embeddings_of_the_drawn_view_and_caption(f
     train = fake.load_split("train")
     index = {k: i for i, k in enumerate(train.keys)}
     batch = _epoch(_cfg(fake))[0]
-    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.uint8
     assert batch["t_img"].shape == (8, fake.embed_dim) and batch["t_txt"].shape == (8, fake.embed_dim)
     for i, key in enumerate(batch["keys"]):
         n, v, c = index[key], int(batch["view"][i]), int(batch["caption_idx"][i])
@@ -137,13 +135,20 @@ def test_bad_samples_are_counted_not_slept_on_and_pickles_never_read(tmp_path, f
         raise AssertionError("pickle.loads called")
 
     monkeypatch.setattr("pickle.loads", boom)
-    cfg = CL.stream_config([path], batch_size=3, image_size=32, interpolation="bicubic",
-                           mean=(0.5,) * 3, std=(0.5,) * 3, train=False)
+    cfg = CL.stream_config([path], batch_size=3, image_size=32, interpolation="bicubic", train=False)
     t0 = time.perf_counter()
     batches = list(CL.make_loader(cfg))
     assert time.perf_counter() - t0 < 5  # warn_and_continue would sleep 0.5 s per bad sample
     assert _keys(batches) == ["k0", "k4", "k5"]
     assert sum(b["data_errors"] for b in batches) == 3
+
+
+def test_uint8_images_normalise_exactly_like_the_teachers_to_tensor(fake):
+    sample = next(iter(wds.WebDataset(str(fake.shard_paths("train", "tar")[0]), shardshuffle=False)))
+    img = V.apply_view(V.decode_image(sample["jpg"]), V.View((0.1, 0.0, 0.9, 0.8), True), 32, "bicubic")
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    ours = CL.normalize_images(CL.pil_to_uint8(img)[None], mean, std)[0]
+    assert torch.equal(ours, V.to_tensor(img, mean, std))
 
 
 def test_too_small_split_is_a_clear_error():
@@ -181,7 +186,8 @@ def test_replayed_views_give_the_teachers_cached_embedding(real_cache):
     views = torch.cat([b["view"] for b in batches])
     assert (views > 0).any() and (views == 0).any()
     for b in batches:
-        feats = torch.nn.functional.normalize(teacher.encode_images(b["image"]), dim=-1)
+        pixels = CL.normalize_images(b["image"], pre["mean"], pre["std"])
+        feats = torch.nn.functional.normalize(teacher.encode_images(pixels), dim=-1)
         cos = (feats * b["t_img"]).sum(-1)
         assert cos.min() > 0.999, cos  # fp16 storage only; a wrong crop or flip gives far less
     # and a wrong view does not match: shift every crop -> the check above would fail

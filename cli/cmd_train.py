@@ -23,8 +23,9 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write."),
     losses: Optional[str] = typer.Option(None, "--losses", "-l", help="Weighted losses, e.g. 'fd=7.8,crd=1,icl=1' "
                                          "(clip, fd, mfd, crd, icl, gd, afd, hinton; fd/mfd weight = λ of λ·(1−cos))."),
-    whiten: Optional[str] = typer.Option(None, "--whiten", help="none | image | text | joint: learn whitened "
-                                         "targets (needs `kdpipe fit-whitening`); joint keeps image-text alignment."),
+    whiten: Optional[str] = typer.Option(None, "--whiten", help="none | image | text | joint | separate: learn "
+                                         "whitened targets (needs `kdpipe fit-whitening`); joint keeps image-text "
+                                         "alignment, separate whitens each modality with its own transform."),
     text_student: Optional[str] = typer.Option(None, "--text-student", help="none (use the teacher's cached text "
                                                "embeddings) or a text student: text_tiny, text_small, text_base."),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs (default 10)."),

@@ -165,7 +165,8 @@ class Space:
         return self.text(z) if self.text else F.normalize(z.float(), dim=-1)
 
 
-WHITENED_MODALITIES = {"image": ("image",), "text": ("text",), "joint": ("image", "text")}
+WHITENED_MODALITIES = {"image": ("image",), "text": ("text",), "joint": ("image", "text"),
+                       "separate": ("image", "text")}
 
 
 def whitening_mode(meta: dict[str, Any]) -> str | None:
@@ -194,10 +195,12 @@ def _cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> di
     """The same maps rebuilt from CACHE/whitening.h5, when the run kept no copy."""
     from kdpipe.whiten import load_whitening  # noqa: PLC0415  (only whitened runs need it)
 
-    w = load_whitening(cache, mode, expect_teacher=cache.teacher)
-    scale = float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum()))
-    back = BackMap(torch.as_tensor(w.mu), torch.as_tensor(w.W_inv), scale)
-    return {m: back for m in modalities}
+    maps = {}
+    for m in modalities:
+        w = load_whitening(cache, m if mode == "separate" else mode, expect_teacher=cache.teacher)
+        scale = float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum()))
+        maps[m] = BackMap(torch.as_tensor(w.mu), torch.as_tensor(w.W_inv), scale)
+    return maps
 
 
 def student_space(run: Path, meta: dict[str, Any], cache: Cache, text_tower: bool) -> Space:

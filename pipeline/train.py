@@ -64,7 +64,7 @@ log = logging.getLogger("kdpipe")
 
 CONFIG_FILE, METRICS_FILE, CURVES_FILE = "config.toml", "metrics.jsonl", "curves.png"
 WHITENING_FILE = "whitening.safetensors"
-WHITEN_MODES = ("none", "image", "text", "joint")
+WHITEN_MODES = ("none", "image", "text", "joint", "separate")
 CROSS_MODAL = ("clip", "crd", "icl", "gd", "afd", "hinton")
 
 
@@ -75,7 +75,7 @@ class TrainConfig:
     out: str = ""
     losses: str = "fd=7.8125,crd=1,icl=1"  # CLIP-KD's best recipe (fd as λ of λ·(1−cos); = MSE weight 2000 at D=512)
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"hinton": {"T": 2.0}}
-    whiten: str = "none"  # none | image | text | joint
+    whiten: str = "none"  # none | image | text | joint | separate (image and text, each its own transform)
     text_student: str = "none"  # none (use the teacher's cached text) | TEXT_STUDENTS name
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     text_student_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -225,13 +225,20 @@ def load_targets(cache: Cache, mode: str) -> Targets:
         return Targets()
     from kdpipe.whiten import WHITENING_H5, load_whitening  # noqa: PLC0415
 
-    modalities = {"joint": ("image", "text"), "image": ("image",), "text": ("text",)}[mode]
-    w = load_whitening(cache, mode, expect_teacher=cache.teacher)
-    if w.W.shape != (cache.embed_dim, cache.embed_dim):
-        raise CacheError(f"whitening {mode} is {w.W.shape[0]}-dim, the cache is {cache.embed_dim}-dim")
-    t = zca.to_torch(w, dtype=torch.float32)
-    t["scale"] = torch.tensor(float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum())), dtype=torch.float32)
-    return Targets(mode, {m: t for m in modalities}, str(cache.root / WHITENING_H5), w.method)
+    # modality -> the fitted transform it uses; "separate" = each modality its own (the
+    # Whitened-CLIP KD seed's per-modality whitening), "joint" = one shared transform.
+    fitted = {"joint": {"image": "joint", "text": "joint"}, "separate": {"image": "image", "text": "text"},
+              "image": {"image": "image"}, "text": {"text": "text"}}[mode]
+    params, method = {}, None
+    for modality, fit_mode in fitted.items():
+        w = load_whitening(cache, fit_mode, expect_teacher=cache.teacher)
+        if w.W.shape != (cache.embed_dim, cache.embed_dim):
+            raise CacheError(f"whitening {fit_mode} is {w.W.shape[0]}-dim, the cache is {cache.embed_dim}-dim")
+        params[modality] = zca.to_torch(w, dtype=torch.float32)
+        params[modality]["scale"] = torch.tensor(float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum())),
+                                                 dtype=torch.float32)
+        method = w.method
+    return Targets(mode, params, str(cache.root / WHITENING_H5), method)
 
 
 def to_teacher_space(s: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:

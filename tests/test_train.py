@@ -241,6 +241,18 @@ def test_single_modality_whitening_warns_about_cross_modal_losses(cache_dir, tmp
         "image.mu", "image.W", "image.W_inv", "image.scale"}
 
 
+def test_separate_whitening_uses_each_modality_s_own_transform(cache_dir, tmp_path):
+    T.run(_cfg(cache_dir, tmp_path / "run", whiten="separate", max_steps=1))
+    saved = load_file(str(tmp_path / "run/whitening.safetensors"))
+    cache = open_cache(cache_dir)
+    from kdpipe.whiten import load_whitening
+
+    for modality in ("image", "text"):
+        w = load_whitening(cache, modality)
+        torch.testing.assert_close(saved[f"{modality}.W"], torch.as_tensor(w.W, dtype=torch.float32))
+    assert not torch.allclose(saved["image.W"], saved["text.W"])
+
+
 def test_whitening_fitted_for_another_teacher_is_refused_before_training(cache_dir, tmp_path):
     other_fp = {**fake_teacher(DIM), "name": "another-vit"}
     other = make_fake_cache(tmp_path / "other", n_train=40, n_val=8, dim=DIM, teacher=other_fp)

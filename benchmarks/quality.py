@@ -1,0 +1,202 @@
+"""Quality on the shapes world: does distillation work, and does whitening help?
+
+For each student and recipe (and seed), train from one cache, evaluate on the held-out split,
+and compare with the teacher (same split, from its cached embeddings) and with a no-teacher
+baseline of the same architecture (image + text student trained with the `clip` loss on the
+captions alone). Prints a Markdown table (mean ± std over seeds), writes
+benchmarks/results/quality.json, and checks the targets of the demo issue.
+
+    .venv/bin/python benchmarks/quality.py [--root data/quality] [--seeds 0,1,2]
+        [--students mobilenetv3,resnet18,vit_tiny] [--epochs 6]
+
+Runs are reused when their eval.json exists, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdpipe import evaluate, extract, pretrain, train, whiten
+from kdpipe.bench import flops_per_sample
+from kdpipe.data.shapes import make_shapes
+from kdpipe.students import load_student
+from kdpipe.teachers import load_teacher
+
+RESULTS = Path(__file__).parent / "results" / "quality.json"
+KD = "crd=1,icl=1,fd=7.8125"  # CLIP-KD's best recipe (fd 2000 as MSE at D=512)
+RECIPES: dict[str, dict[str, Any]] = {
+    "fd": {"losses": "fd=7.8125"},
+    "crd+icl+fd": {"losses": KD},
+    "+white-joint": {"losses": KD, "whiten": "joint"},
+    "+white-separate": {"losses": KD, "whiten": "separate"},
+    "hinton": {"losses": "hinton=1"},
+    "no-teacher": {"losses": "clip=1", "text_student": "text_tiny"},
+}
+METRICS = ("i2t_R@1", "t2i_R@1", "zeroshot/shapes/top1", "agreement/cosine")
+
+
+def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """World, teacher, cache and whitening (each reused when present)."""
+    world, teacher, cache = root / "shapes", root / "teacher", root / "cache"
+    if not (world / "annotations" / "captions_val.json").exists():
+        make_shapes(world, args.n_train, args.n_val, size=64, seed=0)
+    pretrain.run(pretrain.PretrainConfig(data=str(world), out=str(teacher), steps=args.teacher_steps,
+                                         device="cpu", progress=False))
+    extract.run(extract.ExtractConfig(teacher=str(teacher / "config.json"),
+                                      pretrained=str(teacher / "model.safetensors"), data=str(world),
+                                      out=str(cache), views=args.views, batch_size=64, workers=1,
+                                      device="cpu", shard_size=500, progress=False))
+    if not (cache / "whitening.json").exists():
+        whiten.run(whiten.WhitenConfig(cache=str(cache), mode="all", progress=False))
+    if not (cache / evaluate.TEACHER_EVAL_JSON).exists():
+        evaluate.run(evaluate.EvalConfig(teacher=str(cache), device="cpu", progress=False))
+    return teacher, cache
+
+
+def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: dict[str, Any], seed: int,
+                   epochs: int) -> dict[str, Any]:
+    if not (run_dir / evaluate.EVAL_JSON).exists():
+        if not (run_dir / "student.safetensors").exists():
+            cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=epochs,
+                                    batch_size=64, lr=2e-3, warmup_steps=20, image_size=64, workers=1,
+                                    device="cpu", seed=seed, progress=False,
+                                    resume=(run_dir / "checkpoints").exists(), **recipe)
+            train.run(cfg)
+        evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
+    ev = json.loads((run_dir / evaluate.EVAL_JSON).read_text())
+    vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["val_i2t_R@1"] for r in vals if r.get("kind") == "val"]
+    return {"metrics": {m: ev["metrics"][m] for m in METRICS if m in ev["metrics"]},
+            "epochs_to_90": epochs_to_fraction(curve, 0.9)}
+
+
+def epochs_to_fraction(curve: list[float], fraction: float) -> int | None:
+    """First epoch (1-based) whose val R@1 reaches `fraction` of the final value."""
+    if not curve or curve[-1] <= 0:
+        return None
+    return next(i + 1 for i, v in enumerate(curve) if v >= fraction * curve[-1])
+
+
+def image_flops(teacher_dir: Path, run_dir: Path, size: int = 64) -> tuple[int, int]:
+    teacher = load_teacher(str(teacher_dir / "config.json"), str(teacher_dir / "model.safetensors"))
+    image, _, _ = load_student(run_dir)
+    x = torch.randn(2, 3, size, size)
+    return flops_per_sample(teacher.model.encode_image, x), flops_per_sample(image.eval(), x)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        students = [r["metrics"][m]["student"] for r in rows if m in r["metrics"]]
+        ratios = [r["metrics"][m]["ratio"] for r in rows if m in r["metrics"] and r["metrics"][m]["ratio"]]
+        if students:
+            out[m] = {"mean": mean_std(students)[0], "std": mean_std(students)[1],
+                      "ratio_mean": mean_std(ratios)[0] if ratios else None,
+                      "teacher": rows[0]["metrics"][m]["teacher"]}
+    e90 = [r["epochs_to_90"] for r in rows if r["epochs_to_90"] is not None]
+    out["epochs_to_90"] = mean_std(e90) if e90 else None
+    return out
+
+
+def fmt(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "–"
+    ratio = f" ({cell['ratio_mean']:.2f}×)" if cell.get("ratio_mean") is not None else ""
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f}{ratio}"
+
+
+def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
+    head = "| student | recipe | " + " | ".join(METRICS) + " | epochs to 90% R@1 |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    lines.append("| teacher | – | " + " | ".join(f"{teacher.get(m, float('nan')):.3f}" for m in METRICS) + " | – |")
+    for key, agg in summary.items():
+        student, recipe = key.split("/", 1)
+        e90 = agg["epochs_to_90"]
+        lines.append(f"| {student} | {recipe} | " + " | ".join(fmt(agg.get(m)) for m in METRICS)
+                     + f" | {'–' if e90 is None else f'{e90[0]:.1f} ± {e90[1]:.1f}'} |")
+    return "\n".join(lines)
+
+
+def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int]]) -> list[str]:
+    out = []
+    small = [k for k in summary if k.split("/")[1] != "no-teacher"
+             and flops[k.split("/")[0]][1] * 4 <= flops[k.split("/")[0]][0]]
+    if small:
+        best = max(small, key=lambda k: summary[k]["i2t_R@1"]["ratio_mean"] or 0)
+        r1, zs = summary[best]["i2t_R@1"]["ratio_mean"], summary[best].get("zeroshot/shapes/top1", {}).get("ratio_mean")
+        ok = r1 is not None and r1 >= 0.9 and zs is not None and zs >= 0.9
+        out.append(f"best image-only student with <= 1/4 of the teacher's image FLOPs: {best}: I->T R@1 "
+                   f"{r1:.2f}x, zero-shot top-1 {zs:.2f}x of the teacher -> target (>= 0.9 both) "
+                   f"{'MET' if ok else 'NOT MET'}")
+    for student in sorted({k.split("/")[0] for k in summary}):
+        base = summary.get(f"{student}/no-teacher")
+        if not base:
+            continue
+        for k, agg in summary.items():
+            if k.startswith(student + "/") and not k.endswith("no-teacher"):
+                beats = agg["i2t_R@1"]["mean"] > base["i2t_R@1"]["mean"]
+                out.append(f"{k} vs no-teacher baseline I->T R@1: {agg['i2t_R@1']['mean']:.3f} vs "
+                           f"{base['i2t_R@1']['mean']:.3f} -> {'beats' if beats else 'DOES NOT beat'} it")
+        kd, white = summary.get(f"{student}/crd+icl+fd"), summary.get(f"{student}/+white-joint")
+        if kd and white:
+            d = white["i2t_R@1"]["mean"] - kd["i2t_R@1"]["mean"]
+            noise = max(kd["i2t_R@1"]["std"], white["i2t_R@1"]["std"])
+            verdict = "no difference beyond seed noise" if abs(d) <= noise else ("helped" if d > 0 else "hurt")
+            out.append(f"{student}: joint whitening {verdict} (I->T R@1 {d:+.3f}, seed std {noise:.3f})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="data/quality")
+    ap.add_argument("--students", default="mobilenetv3,resnet18,vit_tiny")
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--teacher-steps", type=int, default=pretrain.DEFAULT_STEPS)
+    args = ap.parse_args()
+    root = Path(args.root)
+    start = time.perf_counter()
+    teacher_dir, cache = prepare(root, args)
+    teacher_eval = json.loads((cache / evaluate.TEACHER_EVAL_JSON).read_text())["metrics"]
+    teacher_figures = {m: v["teacher"] for m, v in teacher_eval.items()}
+    summary, flops, per_run = {}, {}, {}
+    for student in args.students.split(","):
+        for recipe in args.recipes.split(","):
+            rows = []
+            for seed in (int(s) for s in args.seeds.split(",")):
+                run_dir = root / "runs" / f"{student}-{recipe}-s{seed}"
+                rows.append(train_and_eval(cache, run_dir, student, RECIPES[recipe], seed, args.epochs))
+                per_run[run_dir.name] = rows[-1]
+                print(f"{run_dir.name}: " + ", ".join(f"{m} {rows[-1]['metrics'][m]['student']:.3f}"
+                                                      for m in METRICS if m in rows[-1]["metrics"]), flush=True)
+            summary[f"{student}/{recipe}"] = aggregate(rows)
+            flops.setdefault(student, image_flops(teacher_dir, run_dir))
+    md = table(summary, teacher_figures)
+    notes = verdicts(summary, flops)
+    print(md)
+    print("\n".join(f"- {n}" for n in notes))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "command": "benchmarks/quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "minutes": round((time.perf_counter() - start) / 60, 1), "teacher": teacher_figures,
+        "flops_image": {s: {"teacher": t, "student": f} for s, (t, f) in flops.items()},
+        "summary": summary, "runs": per_run, "markdown": md, "verdicts": notes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

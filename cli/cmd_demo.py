@@ -1,4 +1,4 @@
-"""CLI for the demo stage: ``kdpipe pretrain-teacher`` (and ``kdpipe demo``)."""
+"""CLI for the embedded default: ``kdpipe pretrain-teacher`` and ``kdpipe demo``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,23 @@ def pretrain_teacher(
     _print_pretrain_summary(summary)
 
 
+def demo(
+    out: Path = typer.Option(Path("data/demo"), "--out", "-o", help="Where everything goes: shapes/, teacher/, "
+                             "cache/, runs/, report.md. Re-running reuses finished stages."),
+    quick: bool = typer.Option(False, "--quick", help="A small world, a short teacher and one student "
+                               "(about 3 minutes on 2 CPU cores) instead of the full demo (about 15)."),
+    workers: int = typer.Option(1, "--workers", "-w", min=0, help="DataLoader workers for extract and train."),
+) -> None:
+    """Every stage on the embedded shapes world, offline on CPU: make-shapes -> pretrain-teacher -> extract ->
+    fit-whitening -> train (mobilenetv3, resnet18; raw and whitened CLIP-KD recipe) -> eval -> bench -> report."""
+    from kdpipe.demo import DemoConfig, run
+
+    with user_errors():
+        result = run(DemoConfig(out=str(out), quick=quick, workers=workers))
+    console.print(result["markdown"])
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the kdpipe app."""
     app.command("pretrain-teacher")(pretrain_teacher)
+    app.command("demo")(demo)

@@ -1,0 +1,76 @@
+"""`kdpipe demo --quick` end to end: every stage on the shapes world, offline, CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdpipe import evaluate
+from kdpipe.cli.main import app
+from kdpipe.students import build_student, load_student, save_student
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    return out
+
+
+def _random_init_copy(run: Path, dest: Path) -> Path:
+    """The same student architecture and metadata as `run`, with untrained weights."""
+    image, _, spec = load_student(run)
+    fresh = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],
+                          **spec["image"].get("kwargs", {}))
+    dest.mkdir(parents=True)
+    meta = {k: v for k, v in spec.items() if k not in ("image", "text", "embed_dim", "image_size", "mean", "std",
+                                                        "format", "kdpipe_version")}
+    save_student(dest, fresh, None, meta)
+    if (run / "whitening.safetensors").exists():
+        shutil.copy(run / "whitening.safetensors", dest / "whitening.safetensors")
+    return dest
+
+
+@pytest.mark.slow
+def test_every_stage_leaves_its_files(demo_dir):
+    for rel in ("shapes/annotations/captions_train.json", "teacher/config.json", "teacher/model.safetensors",
+                "teacher/train.json", "cache/manifest.json", "cache/prompts.h5", "cache/whitening.h5",
+                "cache/whitening.json", "cache/teacher_eval.json", "report.md", "demo.json"):
+        assert (demo_dir / rel).is_file(), rel
+    runs = sorted((demo_dir / "runs").iterdir())
+    assert {r.name for r in runs} == {"mobilenetv3-raw", "mobilenetv3-white-joint"}
+    for run in runs:
+        for rel in ("config.toml", "metrics.jsonl", "student.safetensors", "student.json", "curves.png",
+                    "eval.json", "bench.json", "checkpoints/latest.pt"):
+            assert (run / rel).is_file(), (run.name, rel)
+        ev = json.loads((run / "eval.json").read_text())
+        assert 0 <= ev["metrics"]["i2t_R@1"]["student"] <= 1 and ev["metrics"]["i2t_R@1"]["teacher"] > 0
+        bench = json.loads((run / "bench.json").read_text())
+        assert bench["student"]["image"]["params"] < bench["teacher"]["image"]["params"] * 10
+    report = (demo_dir / "report.md").read_text()
+    assert "mobilenetv3-raw" in report and "teacher" in report
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_a_random_init_student(demo_dir, tmp_path):
+    run = demo_dir / "runs" / "mobilenetv3-raw"
+    trained = json.loads((run / "eval.json").read_text())["metrics"]
+    fresh = _random_init_copy(run, tmp_path / "random")
+    evaluate.run(evaluate.EvalConfig(run=str(fresh), device="cpu", progress=False))
+    untrained = json.loads((fresh / "eval.json").read_text())["metrics"]
+    assert trained["agreement/cosine"]["student"] > untrained["agreement/cosine"]["student"] + 0.3
+    assert trained["i2t_R@1"]["student"] > untrained["i2t_R@1"]["student"]
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_stage(demo_dir):
+    before = {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*.safetensors")}
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(demo_dir)])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "reused" in result.output
+    assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*.safetensors")} == before

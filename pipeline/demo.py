@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,7 @@ class DemoSize:
 SIZES = {
     "default": DemoSize(n_train=2000, n_val=500, teacher_steps=pretrain.DEFAULT_STEPS, views=2,
                         students=("mobilenetv3", "resnet18"), whiten=("none", "joint"), epochs=6),
-    "quick": DemoSize(n_train=400, n_val=100, teacher_steps=60, views=2,
+    "quick": DemoSize(n_train=400, n_val=100, teacher_steps=150, views=2,
                       students=("mobilenetv3",), whiten=("none", "joint"), epochs=3, bench_iters=5),
 }
 

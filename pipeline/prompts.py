@@ -16,13 +16,13 @@ prompts.h5 layout: one group per set, datasets ``classnames`` [K] and ``template
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from kdpipe.atomic import atomic_write
 from kdpipe.registry import Registry
 
 if TYPE_CHECKING:
@@ -151,19 +151,20 @@ def find_set(sets: dict[str, PromptSet], classnames: list[str]) -> str | None:
 
 
 def write_prompts(path: str | Path, sets: dict[str, PromptSet]) -> None:
-    """Write prompts.h5 atomically (path.tmp, then os.replace): a killed writer leaves no half file."""
+    """Write prompts.h5 atomically: a killed writer leaves no half file."""
     import h5py  # noqa: PLC0415
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     strings = h5py.string_dtype("utf-8")
-    with h5py.File(tmp, "w") as f:
-        for name, s in sets.items():
-            g = f.create_group(name)
-            g.create_dataset("classnames", data=np.array(s.classnames, dtype=object), dtype=strings)
-            g.create_dataset("templates", data=np.array(s.templates, dtype=object), dtype=strings)
-            g.create_dataset("emb", data=np.ascontiguousarray(s.emb, dtype=np.float16))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            for name, s in sets.items():
+                g = f.create_group(name)
+                g.create_dataset("classnames", data=np.array(s.classnames, dtype=object), dtype=strings)
+                g.create_dataset("templates", data=np.array(s.templates, dtype=object), dtype=strings)
+                g.create_dataset("emb", data=np.ascontiguousarray(s.emb, dtype=np.float16))
+
+    atomic_write(path, write)
 
 
 def read_prompts(path: str | Path) -> dict[str, PromptSet]:

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +21,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 import webdataset as wds
+
+from kdpipe.atomic import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401  (re-exported)
 
 log = logging.getLogger("kdpipe")
 
@@ -34,36 +35,7 @@ class CacheError(RuntimeError):
     """The cache is missing, incomplete, corrupt or from another teacher."""
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+# --------------------------------------------------------------------------- files
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -169,10 +141,8 @@ def write_shard(
     """
     split_dir.mkdir(parents=True, exist_ok=True)
     name = shard_name(index)
-    for ext, writer in (("tar", _write_tar), ("h5", _write_h5)):
-        tmp = split_dir / f".{name}.{ext}.tmp"
-        writer(tmp, samples) if ext == "tar" else writer(tmp, samples, embed_dim)
-        commit_tmp(tmp, split_dir / f"{name}.{ext}")
+    atomic_write(split_dir / f"{name}.tar", lambda tmp: _write_tar(tmp, samples))
+    atomic_write(split_dir / f"{name}.h5", lambda tmp: _write_h5(tmp, samples, embed_dim))
     skipped = skipped or {}
     entry = {
         "name": name,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -28,6 +27,7 @@ from open_clip.transformer import TextTransformer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdpipe.atomic import atomic_write
 from kdpipe.registry import Registry
 
 log = logging.getLogger("kdpipe")
@@ -286,14 +286,6 @@ def build_text_student(name: str, embed_dim: int, **kwargs: Any) -> TextStudent:
 # --------------------------------------------------------------------------- save / load
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, meta: dict[str, Any]) -> None:
     """Write RUN/student.safetensors ("image.*", "text.*" weights) and RUN/student.json.
 
@@ -317,8 +309,8 @@ def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | N
         "embed_dim": image.embed_dim, "image_size": image.image_size,
         "mean": list(image.mean), "std": list(image.std),
     }
-    _atomic_write(run_dir / WEIGHTS_FILE, lambda p: save_file(tensors, p))
-    _atomic_write(run_dir / SPEC_FILE, lambda p: Path(p).write_text(json.dumps(spec, indent=2)))
+    atomic_write(run_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    atomic_write(run_dir / SPEC_FILE, lambda p: p.write_text(json.dumps(spec, indent=2)))
 
 
 def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ImageStudent, TextStudent | None, dict]:

@@ -30,8 +30,8 @@ def pretrain_teacher(
                              "an open_clip model name or an open_clip model-config JSON."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: the shapes-world "
                                          "setting, a few minutes on 2 CPU cores)."),
-    batch_size: int = typer.Option(128, "--batch-size", "-b", min=2, help="Images per step (one random caption each)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=2, help="Images per step (one random caption each)."),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and crops."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain even if OUT holds a teacher (any settings)."),

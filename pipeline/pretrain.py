@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +43,7 @@ from kdpipe.progress import make_progress
 
 log = logging.getLogger("kdpipe")
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 700  # shapes world, 2000 train images: ~3.5 min on 2 shared CPU cores, val i2t R@1 ~0.35
 FILES = ("config.json", "model.safetensors", "train.json")
 
 
@@ -52,8 +53,8 @@ class PretrainConfig:
     out: str  # teacher directory to write
     arch: str = "shapes-vit"  # shipped config name, open_clip model name, or model-config JSON
     steps: int = DEFAULT_STEPS
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 256
+    lr: float = 5e-4
     weight_decay: float = 0.1
     warmup: int | None = None  # warm-up steps; default 10% of steps
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range
@@ -96,28 +97,34 @@ def _image_tensor(record: Any, size: int, interpolation: str) -> Tensor:
     return torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_split(source: Any, split: str, size: int, interpolation: str, tokenizer: Any) -> CaptionedImages:
-    """Decode every image of ``split`` and tokenise its non-empty captions; skip unusable records."""
+def _usable(record: Any, size: int, interpolation: str) -> tuple[Tensor | None, list[str], str | None]:
+    """(pixels, non-empty captions, None), or (None, [], why the record is skipped)."""
     from kdpipe.data.views import BadImage
 
-    images, captions, offsets, labels, skipped = [], [], [0], [], {}
+    captions = [c.strip() for c in record.captions if c and c.strip()]
+    if not captions:
+        return None, [], "no_caption"
+    try:
+        return _image_tensor(record, size, interpolation), captions, None
+    except BadImage as err:
+        return None, [], err.reason
+
+
+def load_split(source: Any, split: str, size: int, interpolation: str, tokenizer: Any) -> CaptionedImages:
+    """Decode every image of ``split`` and tokenise its non-empty captions; skip unusable records."""
+    images, captions, offsets, labels, skipped = [], [], [0], [], Counter()
     for unit in source.units(split):
         for record in unit.records():
-            caps = [c.strip() for c in record.captions if c and c.strip()]
-            try:
-                pixels = _image_tensor(record, size, interpolation) if caps else None
-            except BadImage as err:
-                skipped[err.reason] = skipped.get(err.reason, 0) + 1
-                continue
-            if pixels is None:
-                skipped["no_caption"] = skipped.get("no_caption", 0) + 1
+            pixels, caps, reason = _usable(record, size, interpolation)
+            if reason:
+                skipped[reason] += 1
                 continue
             images.append(pixels)
             captions += caps
             offsets.append(len(captions))
             labels.append(-1 if record.label is None else int(record.label))
     if skipped:
-        log.warning("%s: skipped %s", split, skipped)
+        log.warning("%s: skipped %s", split, dict(skipped))
     if not images:
         raise ValueError(f"split {split!r} of {source.name} has no usable image with a caption")
     return CaptionedImages(torch.stack(images), tokenizer(captions), torch.tensor(offsets), torch.tensor(labels))
@@ -374,11 +381,18 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600; make it like the others
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj: Any) -> None:

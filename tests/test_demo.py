@@ -37,6 +37,7 @@ def _random_init_copy(run: Path, dest: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture runs the whole quick demo (~2 min on 2 idle cores)
 def test_every_stage_leaves_its_files(demo_dir):
     for rel in ("shapes/annotations/captions_train.json", "teacher/config.json", "teacher/model.safetensors",
                 "teacher/train.json", "cache/manifest.json", "cache/prompts.h5", "cache/whitening.h5",

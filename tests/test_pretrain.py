@@ -96,6 +96,21 @@ def test_batches_distinct_images_and_their_own_captions(world: Path) -> None:
         assert len(set(idx.tolist())) == 16 and torch.equal(owner[rows], idx)
 
 
+def test_unreadable_images_are_skipped_and_counted(world: Path, tmp_path: Path, caplog) -> None:
+    import shutil
+
+    from kdpipe.data.records import open_source
+
+    copy = tmp_path / "w"
+    shutil.copytree(world, copy)
+    victim = sorted((copy / "train").iterdir())[3]
+    victim.write_bytes(b"not an image")
+    built = pretrain.build_model("tiny-clip", torch.device("cpu"))
+    data = pretrain.load_split(open_source(str(copy)), "train", 32, "bicubic", built.tokenizer)
+    assert len(data) == 31 and data.offsets[-1] == data.tokens.shape[0]
+    assert "unreadable" in caplog.text
+
+
 # ------------------------------------------------------------------ training and files
 
 
@@ -182,6 +197,18 @@ def test_cli_help_and_reuse_message(trained: dict, world: Path) -> None:
                                  "--steps", str(STEPS), "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and "R@1" in result.output and "--pretrained" in result.output
+
+
+def test_cli_defaults_match_the_config_defaults() -> None:
+    import inspect
+
+    from kdpipe.cli.cmd_demo import pretrain_teacher
+
+    options = {name: p.default.default for name, p in inspect.signature(pretrain_teacher).parameters.items()}
+    defaults = PretrainConfig(data="d", out="o")
+    for name in ("arch", "batch_size", "lr", "seed", "device"):
+        assert options[name] == getattr(defaults, name), name
+    assert options["steps"] is None and defaults.steps == pretrain.DEFAULT_STEPS
 
 
 def test_cli_bad_arch_lists_valid_names(world: Path, tmp_path: Path) -> None:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdpipe import runtime
+from kdpipe.atomic import atomic_write
 from kdpipe.progress import make_progress
 
 log = logging.getLogger("kdpipe")
@@ -376,27 +376,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, clas
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then fsync + os.replace: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600; make it like the others
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict) -> None:
@@ -404,7 +385,7 @@ def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     write_json(out / "config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 

@@ -29,17 +29,12 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdpipe import runtime
 from kdpipe.store import Manifest, atomic_write_json, same_fingerprint
 
 log = logging.getLogger("kdpipe")
 
 Fn = Callable[[Tensor], Any]
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so wall-clock time covers the work (CUDA runs async)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------- size
@@ -84,11 +79,11 @@ def _timed_calls(fn: Fn, example: Tensor, warmup: int, iters: int, device: torch
     with torch.inference_mode():
         for _ in range(warmup):
             fn(example)
-        _synchronize(device)
+        runtime.synchronize(device)
         for _ in range(iters):
             start = time.perf_counter()
             fn(example)
-            _synchronize(device)
+            runtime.synchronize(device)
             times.append(time.perf_counter() - start)
     return times
 
@@ -127,11 +122,11 @@ def throughput(
     with torch.inference_mode():
         for _ in range(warmup):
             fn(example_batch)
-        _synchronize(device)
+        runtime.synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
             fn(example_batch)
-        _synchronize(device)
+        runtime.synchronize(device)
         elapsed = time.perf_counter() - start
     return example_batch.shape[0] * iters / elapsed
 

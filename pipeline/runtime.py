@@ -106,6 +106,12 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock time covers the work (CUDA runs async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pin_memory(device: torch.device) -> bool:
     return device.type == "cuda"
 

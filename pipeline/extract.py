@@ -228,10 +228,10 @@ def wipe_cache(root: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def finished_entry(split_dir: Path, index: int) -> dict[str, Any] | None:
-    """The shard's entry when its files are complete and match their sha256."""
+def finished_entry(split_dir: Path, index: int, full: bool = True) -> dict[str, Any] | None:
+    """The shard's entry when its files are complete and match it (sha256 too when ``full``)."""
     entry = read_sidecar(split_dir, index)
-    if entry is None or verify_shard(split_dir, entry, full=True) is not None:
+    if entry is None or verify_shard(split_dir, entry, full=full) is not None:
         return None
     return entry
 
@@ -286,11 +286,15 @@ def run_units(cfg: ExtractConfig, teacher: Teacher, split: str, split_dir: Path,
 
 
 def collect_manifest(manifest: Manifest, source: Source, splits: list[str]) -> None:
-    """Rank 0 after the barrier: record every finished shard; refuse if one is missing."""
+    """Rank 0 after the barrier: record every finished shard; refuse if one is missing.
+
+    Sizes only: every shard's sha256 was computed when it was written, or verified when a
+    resumed run kept it, moments ago; re-hashing the whole cache here would read it twice.
+    """
     for split in splits:
         split_dir = manifest.root / split
         for unit in source.units(split):
-            entry = finished_entry(split_dir, unit.index)
+            entry = finished_entry(split_dir, unit.index, full=False)
             if entry is None:
                 raise CacheError(f"shard {unit.index} of {split} is missing or corrupt after extraction")
             manifest.add_shard(split, entry)

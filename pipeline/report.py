@@ -14,7 +14,7 @@ import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kdpipe.store import atomic_write_bytes, describe_teacher
 
@@ -142,24 +142,23 @@ def _tower(bench: dict[str, Any] | None, who: str, tower: str = "image") -> dict
     return (side or {}).get(tower) or {}
 
 
-def size_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
-    """Image tower, fp16 MB, with "N× smaller" than the teacher's for a student."""
+def _image_cell(bench: dict[str, Any] | None, who: str, key: str, fmt: Callable[[float], str], better: str) -> str:
+    """An image-tower figure, with "N× <better>" than the teacher's for a student."""
     row = _tower(bench, who)
-    if "size_fp16_bytes" not in row:
+    if key not in row:
         return MISSING
-    cell = f"{row['size_fp16_bytes'] / 2**20:.3g} MB"
-    ratio = (bench.get("ratios", {}).get("image") or {}).get("size_fp16_bytes") if who == "student" else None
-    return cell + ("" if ratio is None else f" ({ratio:.3g}× smaller)")
+    ratio = (bench.get("ratios", {}).get("image") or {}).get(key) if who == "student" else None
+    return fmt(row[key]) + ("" if ratio is None else f" ({ratio:.3g}× {better})")
+
+
+def size_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
+    """Image tower, fp16 MB."""
+    return _image_cell(bench, who, "size_fp16_bytes", lambda b: f"{b / 2**20:.3g} MB", "smaller")
 
 
 def latency_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
-    """Image tower, batch 1, p50 ms, with "N× faster" than the teacher's for a student."""
-    row = _tower(bench, who)
-    if "latency_b1_p50_ms" not in row:
-        return MISSING
-    cell = f"{row['latency_b1_p50_ms']:.3g} ms"
-    ratio = (bench.get("ratios", {}).get("image") or {}).get("latency_b1_p50_ms") if who == "student" else None
-    return cell + ("" if ratio is None else f" ({ratio:.3g}× faster)")
+    """Image tower, batch 1, p50 ms."""
+    return _image_cell(bench, who, "latency_b1_p50_ms", lambda ms: f"{ms:.3g} ms", "faster")
 
 
 def zeroshot_names(runs: list[RunFiles]) -> list[str]:

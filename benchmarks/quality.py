@@ -7,9 +7,11 @@ captions alone). Prints a Markdown table (mean ± std over seeds), writes
 benchmarks/results/quality.json, and checks the targets of the demo issue.
 
     .venv/bin/python benchmarks/quality.py [--root data/quality] [--seeds 0,1,2]
-        [--students mobilenetv3,resnet18,vit_tiny] [--epochs 6]
+        [--students mobilenetv3_050,mobilenetv3,resnet18,vit_tiny] [--recipes fd,hinton] [--epochs 6] [--lr 6e-3]
 
-Runs are reused when their eval.json exists, so an interrupted benchmark resumes.
+Runs are reused when their eval.json exists, so an interrupted benchmark resumes; the table
+and results/quality.json cover every finished run under --root with the same --epochs, so a
+grid can be built up over several invocations (e.g. fewer seeds for the slow students).
 """
 
 from __future__ import annotations
@@ -60,21 +62,44 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return teacher, cache
 
 
-def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: dict[str, Any], seed: int,
-                   epochs: int) -> dict[str, Any]:
-    if not (run_dir / evaluate.EVAL_JSON).exists():
+RUN_JSON = "quality_run.json"  # what the benchmark asked for, and how long it took
+
+
+def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: int,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    if not (run_dir / RUN_JSON).exists():
+        start = time.perf_counter()
         if not (run_dir / "student.safetensors").exists():
-            cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=epochs,
-                                    batch_size=64, lr=2e-3, warmup_steps=20, image_size=64, workers=1,
-                                    device="cpu", seed=seed, progress=False,
-                                    resume=(run_dir / "checkpoints").exists(), **recipe)
+            cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
+                                    batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
+                                    workers=1, device="cpu", seed=seed, progress=False,
+                                    resume=(run_dir / "checkpoints").exists(), **RECIPES[recipe])
             train.run(cfg)
         evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
+        (run_dir / RUN_JSON).write_text(json.dumps({
+            "student": student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,
+            "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1)}))
+    return read_run(run_dir)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
     ev = json.loads((run_dir / evaluate.EVAL_JSON).read_text())
     vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [r["val_i2t_R@1"] for r in vals if r.get("kind") == "val"]
-    return {"metrics": {m: ev["metrics"][m] for m in METRICS if m in ev["metrics"]},
-            "epochs_to_90": epochs_to_fraction(curve, 0.9)}
+    return {**json.loads((run_dir / RUN_JSON).read_text()),
+            "metrics": {m: ev["metrics"][m] for m in METRICS if m in ev["metrics"]},
+            "curve_i2t_R@1": curve, "epochs_to_90": epochs_to_fraction(curve, 0.9)}
+
+
+def finished_runs(root: Path, epochs: int) -> dict[str, list[dict[str, Any]]]:
+    """Every finished run under root/runs with this schedule, grouped as "student/recipe"."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for run_dir in sorted((root / "runs").glob(f"*/{RUN_JSON}")):
+        row = read_run(run_dir.parent)
+        if row["epochs"] == epochs and row["recipe"] in RECIPES:
+            cells.setdefault(f"{row['student']}/{row['recipe']}", []).append(row)
+    order = list(RECIPES)
+    return dict(sorted(cells.items(), key=lambda kv: (kv[0].split("/")[0], order.index(kv[0].split("/", 1)[1]))))
 
 
 def epochs_to_fraction(curve: list[float], fraction: float) -> int | None:
@@ -106,6 +131,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
                       "teacher": rows[0]["metrics"][m]["teacher"]}
     e90 = [r["epochs_to_90"] for r in rows if r["epochs_to_90"] is not None]
     out["epochs_to_90"] = mean_std(e90) if e90 else None
+    out["seeds"] = sorted(r["seed"] for r in rows)
+    out["minutes_per_run"] = round(statistics.fmean(r["seconds"] for r in rows) / 60, 1)
     return out
 
 
@@ -117,21 +144,27 @@ def fmt(cell: dict[str, Any] | None) -> str:
 
 
 def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
-    head = "| student | recipe | " + " | ".join(METRICS) + " | epochs to 90% R@1 |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
-    lines.append("| teacher | – | " + " | ".join(f"{teacher.get(m, float('nan')):.3f}" for m in METRICS) + " | – |")
+    head = "| student | recipe | seeds | " + " | ".join(METRICS) + " | epochs to 90% R@1 | min/run |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
+    lines.append("| teacher | – | – | " + " | ".join(f"{teacher.get(m, float('nan')):.3f}" for m in METRICS)
+                 + " | – | – |")
     for key, agg in summary.items():
         student, recipe = key.split("/", 1)
         e90 = agg["epochs_to_90"]
-        lines.append(f"| {student} | {recipe} | " + " | ".join(fmt(agg.get(m)) for m in METRICS)
-                     + f" | {'–' if e90 is None else f'{e90[0]:.1f} ± {e90[1]:.1f}'} |")
+        lines.append(f"| {student} | {recipe} | {len(agg['seeds'])} | " + " | ".join(fmt(agg.get(m)) for m in METRICS)
+                     + f" | {'–' if e90 is None else f'{e90[0]:.1f} ± {e90[1]:.1f}'} | {agg['minutes_per_run']} |")
     return "\n".join(lines)
 
 
+def _noise(a: dict[str, Any], b: dict[str, Any], metric: str = "i2t_R@1") -> float:
+    return max(a[metric]["std"], b[metric]["std"])
+
+
 def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int]]) -> list[str]:
-    out = []
-    small = [k for k in summary if k.split("/")[1] != "no-teacher"
-             and flops[k.split("/")[0]][1] * 4 <= flops[k.split("/")[0]][0]]
+    """The issue's targets, each as one plain sentence."""
+    out = [f"{s}: image tower {f / 1e6:.1f} MFLOPs = {f / t:.2f}x the teacher's ({t / 1e6:.1f})"
+           for s, (t, f) in flops.items()]
+    small = [k for k in summary if not k.endswith("/no-teacher") and flops[k.split("/")[0]][1] * 4 <= flops[k.split("/")[0]][0]]
     if small:
         best = max(small, key=lambda k: summary[k]["i2t_R@1"]["ratio_mean"] or 0)
         r1, zs = summary[best]["i2t_R@1"]["ratio_mean"], summary[best].get("zeroshot/shapes/top1", {}).get("ratio_mean")
@@ -139,32 +172,40 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
         out.append(f"best image-only student with <= 1/4 of the teacher's image FLOPs: {best}: I->T R@1 "
                    f"{r1:.2f}x, zero-shot top-1 {zs:.2f}x of the teacher -> target (>= 0.9 both) "
                    f"{'MET' if ok else 'NOT MET'}")
+    else:
+        out.append("no distilled student with <= 1/4 of the teacher's image FLOPs was run: target not measured")
     for student in sorted({k.split("/")[0] for k in summary}):
         base = summary.get(f"{student}/no-teacher")
-        if not base:
-            continue
         for k, agg in summary.items():
-            if k.startswith(student + "/") and not k.endswith("no-teacher"):
-                beats = agg["i2t_R@1"]["mean"] > base["i2t_R@1"]["mean"]
-                out.append(f"{k} vs no-teacher baseline I->T R@1: {agg['i2t_R@1']['mean']:.3f} vs "
-                           f"{base['i2t_R@1']['mean']:.3f} -> {'beats' if beats else 'DOES NOT beat'} it")
-        kd, white = summary.get(f"{student}/crd+icl+fd"), summary.get(f"{student}/+white-joint")
-        if kd and white:
-            d = white["i2t_R@1"]["mean"] - kd["i2t_R@1"]["mean"]
-            noise = max(kd["i2t_R@1"]["std"], white["i2t_R@1"]["std"])
-            verdict = "no difference beyond seed noise" if abs(d) <= noise else ("helped" if d > 0 else "hurt")
-            out.append(f"{student}: joint whitening {verdict} (I->T R@1 {d:+.3f}, seed std {noise:.3f})")
+            if base and k.startswith(student + "/") and not k.endswith("no-teacher"):
+                d = agg["i2t_R@1"]["mean"] - base["i2t_R@1"]["mean"]
+                word = "beats" if d > _noise(agg, base) else ("within seed noise of" if d > -_noise(agg, base) else "is BELOW")
+                out.append(f"{k} {word} the no-teacher baseline: I->T R@1 {agg['i2t_R@1']['mean']:.3f} vs "
+                           f"{base['i2t_R@1']['mean']:.3f}")
+        kd = summary.get(f"{student}/crd+icl+fd")
+        for mode in ("+white-joint", "+white-separate"):
+            white = summary.get(f"{student}/{mode}")
+            if not (kd and white):
+                continue
+            d, noise = white["i2t_R@1"]["mean"] - kd["i2t_R@1"]["mean"], _noise(kd, white)
+            verdict = "made no difference beyond seed noise" if abs(d) <= noise else ("helped" if d > 0 else "hurt")
+            e_kd, e_w = kd["epochs_to_90"], white["epochs_to_90"]
+            speed = f"; epochs to 90% of final R@1 {e_w[0]:.1f} vs {e_kd[0]:.1f}" if e_kd and e_w else ""
+            out.append(f"{student}: whitening {mode[7:]} {verdict} (I->T R@1 {d:+.3f} vs crd+icl+fd, "
+                       f"seed std {noise:.3f}{speed})")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/quality")
-    ap.add_argument("--students", default="mobilenetv3,resnet18,vit_tiny")
+    ap.add_argument("--students", default="mobilenetv3_050,mobilenetv3,resnet18,vit_tiny")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=6e-3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--n-train", type=int, default=5000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--teacher-steps", type=int, default=pretrain.DEFAULT_STEPS)
@@ -174,18 +215,20 @@ def main() -> None:
     teacher_dir, cache = prepare(root, args)
     teacher_eval = json.loads((cache / evaluate.TEACHER_EVAL_JSON).read_text())["metrics"]
     teacher_figures = {m: v["teacher"] for m, v in teacher_eval.items()}
-    summary, flops, per_run = {}, {}, {}
     for student in args.students.split(","):
         for recipe in args.recipes.split(","):
-            rows = []
             for seed in (int(s) for s in args.seeds.split(",")):
                 run_dir = root / "runs" / f"{student}-{recipe}-s{seed}"
-                rows.append(train_and_eval(cache, run_dir, student, RECIPES[recipe], seed, args.epochs))
-                per_run[run_dir.name] = rows[-1]
-                print(f"{run_dir.name}: " + ", ".join(f"{m} {rows[-1]['metrics'][m]['student']:.3f}"
-                                                      for m in METRICS if m in rows[-1]["metrics"]), flush=True)
-            summary[f"{student}/{recipe}"] = aggregate(rows)
-            flops.setdefault(student, image_flops(teacher_dir, run_dir))
+                row = train_and_eval(cache, run_dir, student, recipe, seed, args)
+                print(f"{run_dir.name} ({row['seconds']:.0f} s): " + ", ".join(
+                    f"{m} {row['metrics'][m]['student']:.3f}" for m in METRICS if m in row["metrics"]), flush=True)
+    cells = finished_runs(root, args.epochs)
+    summary = {key: aggregate(rows) for key, rows in cells.items()}
+    flops = {}
+    for key in cells:
+        student = key.split("/")[0]
+        if student not in flops:
+            flops[student] = image_flops(teacher_dir, root / "runs" / f"{student}-{cells[key][0]['recipe']}-s{cells[key][0]['seed']}")
     md = table(summary, teacher_figures)
     notes = verdicts(summary, flops)
     print(md)
@@ -193,9 +236,10 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "command": "benchmarks/quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "minutes": round((time.perf_counter() - start) / 60, 1), "teacher": teacher_figures,
+        "minutes_this_invocation": round((time.perf_counter() - start) / 60, 1), "teacher": teacher_figures,
         "flops_image": {s: {"teacher": t, "student": f} for s, (t, f) in flops.items()},
-        "summary": summary, "runs": per_run, "markdown": md, "verdicts": notes}, indent=1))
+        "summary": summary, "runs": {k: rows for k, rows in cells.items()}, "markdown": md, "verdicts": notes},
+        indent=1))
 
 
 if __name__ == "__main__":

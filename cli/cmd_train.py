@@ -17,7 +17,8 @@ from kdpipe.progress import console
 
 def train(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Image student (STUDENTS registry): "
-                                          "mobilenetv3, mobilenetv3_large, resnet18/34/50, efficientnet_b0, "
+                                          "mobilenetv3, mobilenetv3_050 (half width), mobilenetv3_large, resnet18/34/50, "
+                                          "efficientnet_b0, "
                                           "vit_tiny, mobilevit_s, tiny. Default mobilenetv3."),
     cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache directory from `kdpipe extract`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write."),

@@ -406,10 +406,12 @@ def existing_summary(out: Path, request: dict[str, Any], overwrite: bool) -> dic
         return None
     previous = json.loads((out / "train.json").read_text())
     complete = all((out / f).is_file() for f in FILES)
-    if complete and json.loads(json.dumps(request)) == previous.get("request"):
+    # the world's path is recorded but is not its identity (data_sha256 is): a moved world is the same
+    changed = sorted(k for k in request if k != "data"
+                     and json.loads(json.dumps(request[k])) != previous.get("request", {}).get(k))
+    if complete and not changed:
         return previous
     if complete:
-        changed = sorted(k for k in request if json.loads(json.dumps(request[k])) != previous.get("request", {}).get(k))
         raise FileExistsError(f"{out} holds a teacher trained with other settings ({', '.join(changed)} differ); "
                               "pass --overwrite to replace it or choose another --out")
     return None

@@ -48,7 +48,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tomli_w
 import torch
-import torch.distributed as tdist
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -292,17 +291,8 @@ class Distiller(nn.Module):
 
 
 def gather_features(feats: dict[str, torch.Tensor], dist: runtime.DistInfo) -> dict[str, torch.Tensor]:
-    """All-gather every [B, ...] tensor across ranks -> [world·B, ...]; the local slice keeps its grad.
-
-    (open_clip's ``gather_features`` with gather_with_grad=False, for any number of tensors.)
-    """
-    out = {}
-    for name, x in feats.items():
-        parts = [torch.empty_like(x) for _ in range(dist.world_size)]
-        tdist.all_gather(parts, x.detach().contiguous())
-        parts[dist.rank] = x
-        out[name] = torch.cat(parts)
-    return out
+    """All-gather every [B, ...] tensor across ranks -> [world·B, ...]; the local slice keeps its grad."""
+    return {name: runtime.all_gather_cat(x, dist) for name, x in feats.items()}
 
 
 def build_students(cfg: TrainConfig, cache: Cache) -> tuple[ImageStudent, TextStudent | None]:
@@ -580,12 +570,7 @@ def validate(s: Setup) -> dict[str, float]:
 
 def gather_rng(s: Setup) -> list[dict[str, Any]]:
     """Every rank's RNG state (rank order), so a resumed DDP run restores each rank's own."""
-    mine = trainstate.capture_rng(s.mask_gen)
-    if not s.dist.enabled:
-        return [mine]
-    states: list[Any] = [None] * s.dist.world_size
-    tdist.all_gather_object(states, mine)
-    return states
+    return runtime.all_gather_objects(trainstate.capture_rng(s.mask_gen), s.dist)
 
 
 def checkpoint_state(s: Setup, pos: trainstate.Position, counters: dict[str, int],
@@ -757,10 +742,7 @@ def run_validation(s: Setup, ls: LoopState, mlog: MetricsLog) -> bool:
         mlog.write({"kind": "val", "step": ls.pos.step, "epoch": ls.pos.epoch, **ls.last_val})
     ls.val_step = ls.pos.step  # on every rank: they must agree on which collectives follow
     runtime.barrier(s.dist)
-    flags = [is_best]
-    if s.dist.enabled:
-        tdist.broadcast_object_list(flags, src=0)
-    return bool(flags[0])
+    return bool(runtime.broadcast_object(is_best, s.dist))
 
 
 def train_loop(s: Setup, ls: LoopState, mlog: MetricsLog) -> None:

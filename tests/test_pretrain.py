@@ -176,6 +176,15 @@ def test_reuse_skips_training_and_other_settings_are_refused(trained: dict, worl
         pretrain.run(tiny_cfg(world, out, steps=STEPS + 1))
 
 
+def test_a_moved_world_is_the_same_world(trained: dict, world: Path, tmp_path: Path) -> None:
+    """Identity is the world's content (data_sha256), not where it lies."""
+    import shutil
+
+    moved = shutil.copytree(world, tmp_path / "elsewhere")
+    again = pretrain.run(tiny_cfg(moved, Path(trained["config"]).parent))
+    assert again["reused"] and again["request"]["data_sha256"] == trained["request"]["data_sha256"]
+
+
 def test_overwrite_retrains(world: Path, tmp_path: Path) -> None:
     first = pretrain.run(tiny_cfg(world, tmp_path / "T", steps=2))
     second = pretrain.run(tiny_cfg(world, tmp_path / "T", steps=3, overwrite=True))

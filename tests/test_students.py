@@ -54,7 +54,7 @@ def _images(name: str, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 def test_registries_hold_the_designed_students():
     expected = {"mobilenetv3", "mobilenetv3_small", "mobilenetv3_large", "resnet18", "resnet34", "resnet50",
-                "efficientnet_b0", "vit_tiny", "mobilevit_s", "tiny"}
+                "efficientnet_b0", "vit_tiny", "mobilevit_s", "tiny", "mobilenetv3_050"}
     assert expected <= set(STUDENTS.names())
     assert STUDENTS.get("mobilenetv3") is STUDENTS.get("mobilenetv3_small")
     assert {"text_tiny", "text_small"} <= set(TEXT_STUDENTS.names())

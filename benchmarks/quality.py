@@ -156,8 +156,17 @@ def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _noise(a: dict[str, Any], b: dict[str, Any], metric: str = "i2t_R@1") -> float:
+def _noise(a: dict[str, Any], b: dict[str, Any], metric: str = "i2t_R@1") -> float | None:
+    """The larger seed std of two cells; None when either has a single seed (no noise estimate)."""
+    if min(len(a["seeds"]), len(b["seeds"])) < 2:
+        return None
     return max(a[metric]["std"], b[metric]["std"])
+
+
+def _compare(d: float, noise: float | None, up: str, down: str, same: str) -> str:
+    if noise is None:
+        return f"single seed, not judged: {up if d > 0 else down}"
+    return same if abs(d) <= noise else (up if d > 0 else down)
 
 
 def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int]]) -> list[str]:
@@ -179,7 +188,7 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
         for k, agg in summary.items():
             if base and k.startswith(student + "/") and not k.endswith("no-teacher"):
                 d = agg["i2t_R@1"]["mean"] - base["i2t_R@1"]["mean"]
-                word = "beats" if d > _noise(agg, base) else ("within seed noise of" if d > -_noise(agg, base) else "is BELOW")
+                word = _compare(d, _noise(agg, base), "beats", "is BELOW", "is within seed noise of")
                 out.append(f"{k} {word} the no-teacher baseline: I->T R@1 {agg['i2t_R@1']['mean']:.3f} vs "
                            f"{base['i2t_R@1']['mean']:.3f}")
         kd = summary.get(f"{student}/crd+icl+fd")
@@ -188,11 +197,11 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
             if not (kd and white):
                 continue
             d, noise = white["i2t_R@1"]["mean"] - kd["i2t_R@1"]["mean"], _noise(kd, white)
-            verdict = "made no difference beyond seed noise" if abs(d) <= noise else ("helped" if d > 0 else "hurt")
+            verdict = _compare(d, noise, "helped", "hurt", "made no difference beyond seed noise")
             e_kd, e_w = kd["epochs_to_90"], white["epochs_to_90"]
             speed = f"; epochs to 90% of final R@1 {e_w[0]:.1f} vs {e_kd[0]:.1f}" if e_kd and e_w else ""
-            out.append(f"{student}: whitening {mode[7:]} {verdict} (I->T R@1 {d:+.3f} vs crd+icl+fd, "
-                       f"seed std {noise:.3f}{speed})")
+            std = "" if noise is None else f", seed std {noise:.3f}"
+            out.append(f"{student}: whitening {mode[7:]} {verdict} (I->T R@1 {d:+.3f} vs crd+icl+fd{std}{speed})")
     return out
 
 

@@ -1,0 +1,84 @@
+"""benchmarks/quality.py's bookkeeping: grouping finished runs, seeds, convergence and verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(quality)
+
+TEACHER = {"i2t_R@1": 0.4, "zeroshot/shapes/top1": 0.6}
+
+
+def _fake_run(root: Path, student: str, recipe: str, seed: int, r1: float, zs: float,
+              curve: list[float], epochs: int = 3) -> None:
+    run = root / "runs" / f"{student}-{recipe}-s{seed}"
+    run.mkdir(parents=True)
+    metrics = {"i2t_R@1": {"student": r1, "teacher": TEACHER["i2t_R@1"], "ratio": r1 / TEACHER["i2t_R@1"]},
+               "zeroshot/shapes/top1": {"student": zs, "teacher": TEACHER["zeroshot/shapes/top1"],
+                                        "ratio": zs / TEACHER["zeroshot/shapes/top1"]}}
+    (run / "eval.json").write_text(json.dumps({"metrics": metrics}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "val", "val_i2t_R@1": v}) for v in curve))
+    (run / quality.RUN_JSON).write_text(json.dumps({"student": student, "recipe": recipe, "seed": seed,
+                                                     "epochs": epochs, "seconds": 60.0}))
+
+
+def test_epochs_to_fraction() -> None:
+    assert quality.epochs_to_fraction([0.1, 0.3, 0.37, 0.4], 0.9) == 3  # 0.37 >= 0.9 * 0.4
+    assert quality.epochs_to_fraction([0.4, 0.4], 0.9) == 1
+    assert quality.epochs_to_fraction([], 0.9) is None
+    assert quality.epochs_to_fraction([0.1, 0.0], 0.9) is None
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    for seed, (a, b) in enumerate([(0.37, 0.30), (0.38, 0.32), (0.39, 0.31)]):
+        _fake_run(tmp_path, "small", "crd+icl+fd", seed, a, 0.56, [0.2, 0.36 if seed else 0.3, a])
+        _fake_run(tmp_path, "small", "+white-joint", seed, a + 0.05, 0.57, [0.4, a + 0.05, a + 0.05])
+        _fake_run(tmp_path, "small", "no-teacher", seed, b, 0.40, [0.1, 0.2, b])
+    _fake_run(tmp_path, "big", "crd+icl+fd", 0, 0.2, 0.3, [0.1, 0.2])
+    _fake_run(tmp_path, "big", "no-teacher", 0, 0.1, 0.2, [0.1, 0.1])
+    _fake_run(tmp_path, "small", "fd", 0, 0.9, 0.9, [0.9], epochs=7)  # another schedule: left out
+    return tmp_path
+
+
+def test_finished_runs_groups_by_cell_in_recipe_order_and_keeps_one_schedule(root: Path) -> None:
+    cells = quality.finished_runs(root, epochs=3)
+    assert list(cells) == ["big/crd+icl+fd", "big/no-teacher", "small/crd+icl+fd", "small/+white-joint",
+                           "small/no-teacher"]
+    assert [r["seed"] for r in cells["small/crd+icl+fd"]] == [0, 1, 2]
+
+
+def test_aggregate_mean_std_ratio_and_convergence(root: Path) -> None:
+    agg = quality.aggregate(quality.finished_runs(root, epochs=3)["small/crd+icl+fd"])
+    assert agg["i2t_R@1"]["mean"] == pytest.approx(0.38)
+    assert agg["i2t_R@1"]["std"] == pytest.approx((2 / 3) ** 0.5 * 0.01)
+    assert agg["i2t_R@1"]["ratio_mean"] == pytest.approx(0.95)
+    assert agg["epochs_to_90"] == (pytest.approx(7 / 3), pytest.approx((2 / 9) ** 0.5))  # epochs 3, 2, 2
+    assert agg["seeds"] == [0, 1, 2] and agg["minutes_per_run"] == 1.0
+
+
+def test_verdicts_state_each_target(root: Path) -> None:
+    summary = {k: quality.aggregate(rows) for k, rows in quality.finished_runs(root, epochs=3).items()}
+    flops = {"small": (100, 20), "big": (100, 300)}
+    notes = quality.verdicts(summary, flops)
+    text = "\n".join(notes)
+    # only "small" is <= 1/4 of the teacher; its best recipe (+white-joint: 0.43/0.4 > 0.9) ...
+    assert "small/+white-joint: I->T R@1 1.07x, zero-shot top-1 0.95x" in text and "MET" in text
+    assert "small/crd+icl+fd beats the no-teacher baseline" in text
+    assert "big/crd+icl+fd single seed, not judged: beats" in text  # one seed: no noise estimate
+    assert "small: whitening joint helped (I->T R@1 +0.050" in text
+    assert "epochs to 90% of final R@1 1.0 vs 2.3" in text
+
+
+def test_verdict_not_met_and_no_small_student(root: Path) -> None:
+    summary = {k: quality.aggregate(rows) for k, rows in quality.finished_runs(root, epochs=3).items()}
+    only_small_kd = {k: v for k, v in summary.items() if k == "small/crd+icl+fd"}
+    only_small_kd["small/crd+icl+fd"]["zeroshot/shapes/top1"]["ratio_mean"] = 0.5
+    assert any("NOT MET" in n for n in quality.verdicts(only_small_kd, {"small": (100, 20)}))
+    assert any("not measured" in n for n in quality.verdicts(summary, {"small": (100, 90), "big": (100, 300)}))

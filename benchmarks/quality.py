@@ -11,7 +11,8 @@ benchmarks/results/quality.json, and checks the targets of the demo issue.
 
 Runs are reused when their eval.json exists, so an interrupted benchmark resumes; the table
 and results/quality.json cover every finished run under --root with the same --epochs, so a
-grid can be built up over several invocations (e.g. fewer seeds for the slow students).
+grid can be built up over several invocations (e.g. fewer seeds for the slow students). Other
+schedules write results/quality-e<epochs>.json.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kdpipe.data.shapes import make_shapes
 from kdpipe.students import load_student
 from kdpipe.teachers import load_teacher
 
-RESULTS = Path(__file__).parent / "results" / "quality.json"
+RESULTS = Path(__file__).parent / "results"
 KD = "crd=1,icl=1,fd=7.8125"  # CLIP-KD's best recipe (fd 2000 as MSE at D=512)
 RECIPES: dict[str, dict[str, Any]] = {
     "fd": {"losses": "fd=7.8125"},
@@ -69,16 +70,17 @@ def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: 
                    args: argparse.Namespace) -> dict[str, Any]:
     if not (run_dir / RUN_JSON).exists():
         start = time.perf_counter()
+        resumed = (run_dir / "checkpoints").exists()  # then the time below is only the rest of the run
         if not (run_dir / "student.safetensors").exists():
             cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
                                     batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
                                     workers=1, device="cpu", seed=seed, progress=False,
-                                    resume=(run_dir / "checkpoints").exists(), **RECIPES[recipe])
+                                    resume=resumed, **RECIPES[recipe])
             train.run(cfg)
         evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
         (run_dir / RUN_JSON).write_text(json.dumps({
             "student": student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,
-            "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1)}))
+            "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1), "resumed": resumed}))
     return read_run(run_dir)
 
 
@@ -86,7 +88,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     ev = json.loads((run_dir / evaluate.EVAL_JSON).read_text())
     vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [r["val_i2t_R@1"] for r in vals if r.get("kind") == "val"]
-    return {**json.loads((run_dir / RUN_JSON).read_text()),
+    return {**json.loads((run_dir / RUN_JSON).read_text()), "run": str(run_dir),
             "metrics": {m: ev["metrics"][m] for m in METRICS if m in ev["metrics"]},
             "curve_i2t_R@1": curve, "epochs_to_90": epochs_to_fraction(curve, 0.9)}
 
@@ -132,7 +134,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     e90 = [r["epochs_to_90"] for r in rows if r["epochs_to_90"] is not None]
     out["epochs_to_90"] = mean_std(e90) if e90 else None
     out["seeds"] = sorted(r["seed"] for r in rows)
-    out["minutes_per_run"] = round(statistics.fmean(r["seconds"] for r in rows) / 60, 1)
+    whole = [r["seconds"] for r in rows if not r.get("resumed")]  # a resumed run timed only its rest
+    out["minutes_per_run"] = round(statistics.fmean(whole) / 60, 1) if whole else None
     return out
 
 
@@ -152,7 +155,7 @@ def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
         student, recipe = key.split("/", 1)
         e90 = agg["epochs_to_90"]
         lines.append(f"| {student} | {recipe} | {len(agg['seeds'])} | " + " | ".join(fmt(agg.get(m)) for m in METRICS)
-                     + f" | {'–' if e90 is None else f'{e90[0]:.1f} ± {e90[1]:.1f}'} | {agg['minutes_per_run']} |")
+                     + f" | {'–' if e90 is None else f'{e90[0]:.1f} ± {e90[1]:.1f}'} | {agg['minutes_per_run'] or '–'} |")
     return "\n".join(lines)
 
 
@@ -227,23 +230,23 @@ def main() -> None:
     for student in args.students.split(","):
         for recipe in args.recipes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                run_dir = root / "runs" / f"{student}-{recipe}-s{seed}"
+                run_dir = root / "runs" / f"{student}-{recipe}-e{args.epochs}-s{seed}"
                 row = train_and_eval(cache, run_dir, student, recipe, seed, args)
                 print(f"{run_dir.name} ({row['seconds']:.0f} s): " + ", ".join(
                     f"{m} {row['metrics'][m]['student']:.3f}" for m in METRICS if m in row["metrics"]), flush=True)
     cells = finished_runs(root, args.epochs)
     summary = {key: aggregate(rows) for key, rows in cells.items()}
     flops = {}
-    for key in cells:
-        student = key.split("/")[0]
-        if student not in flops:
-            flops[student] = image_flops(teacher_dir, root / "runs" / f"{student}-{cells[key][0]['recipe']}-s{cells[key][0]['seed']}")
+    for key, rows in cells.items():
+        if key.split("/")[0] not in flops:
+            flops[key.split("/")[0]] = image_flops(teacher_dir, Path(rows[0]["run"]))
     md = table(summary, teacher_figures)
     notes = verdicts(summary, flops)
     print(md)
     print("\n".join(f"- {n}" for n in notes))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    out = RESULTS / ("quality.json" if args.epochs == 6 else f"quality-e{args.epochs}.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({
         "command": "benchmarks/quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "minutes_this_invocation": round((time.perf_counter() - start) / 60, 1), "teacher": teacher_figures,
         "flops_image": {s: {"teacher": t, "student": f} for s, (t, f) in flops.items()},

@@ -190,10 +190,13 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
         base = summary.get(f"{student}/no-teacher")
         for k, agg in summary.items():
             if base and k.startswith(student + "/") and not k.endswith("no-teacher"):
-                d = agg["i2t_R@1"]["mean"] - base["i2t_R@1"]["mean"]
-                word = _compare(d, _noise(agg, base), "beats", "is BELOW", "is within seed noise of")
-                out.append(f"{k} {word} the no-teacher baseline: I->T R@1 {agg['i2t_R@1']['mean']:.3f} vs "
-                           f"{base['i2t_R@1']['mean']:.3f}")
+                words = []
+                for m, label in (("i2t_R@1", "I->T R@1"), ("zeroshot/shapes/top1", "zero-shot top-1")):
+                    if m in agg and m in base:
+                        d = agg[m]["mean"] - base[m]["mean"]
+                        word = _compare(d, _noise(agg, base, m), "beats", "is BELOW", "is within seed noise of")
+                        words.append(f"{word} it on {label} ({agg[m]['mean']:.3f} vs {base[m]['mean']:.3f})")
+                out.append(f"{k} vs the no-teacher baseline: " + "; ".join(words))
         kd = summary.get(f"{student}/crd+icl+fd")
         for mode in ("+white-joint", "+white-separate"):
             white = summary.get(f"{student}/{mode}")

@@ -70,8 +70,8 @@ def test_verdicts_state_each_target(root: Path) -> None:
     text = "\n".join(notes)
     # only "small" is <= 1/4 of the teacher; its best recipe (+white-joint: 0.43/0.4 > 0.9) ...
     assert "small/+white-joint: I->T R@1 1.07x, zero-shot top-1 0.95x" in text and "MET" in text
-    assert "small/crd+icl+fd beats the no-teacher baseline" in text
-    assert "big/crd+icl+fd single seed, not judged: beats" in text  # one seed: no noise estimate
+    assert "small/crd+icl+fd vs the no-teacher baseline: beats it on I->T R@1 (0.380 vs 0.310); beats it on zero-shot" in text
+    assert "big/crd+icl+fd vs the no-teacher baseline: single seed, not judged: beats it on I->T R@1" in text
     assert "small: whitening joint helped (I->T R@1 +0.050" in text
     assert "epochs to 90% of final R@1 1.0 vs 2.3" in text
 

@@ -139,11 +139,12 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def fmt(cell: dict[str, Any] | None) -> str:
+def fmt(cell: dict[str, Any] | None, seeds: int) -> str:
     if not cell:
         return "–"
     ratio = f" ({cell['ratio_mean']:.2f}×)" if cell.get("ratio_mean") is not None else ""
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f}{ratio}"
+    spread = f" ± {cell['std']:.3f}" if seeds > 1 else ""
+    return f"{cell['mean']:.3f}{spread}{ratio}"
 
 
 def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
@@ -154,8 +155,9 @@ def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
     for key, agg in summary.items():
         student, recipe = key.split("/", 1)
         e90 = agg["epochs_to_90"]
-        lines.append(f"| {student} | {recipe} | {len(agg['seeds'])} | " + " | ".join(fmt(agg.get(m)) for m in METRICS)
-                     + f" | {'–' if e90 is None else f'{e90[0]:.1f} ± {e90[1]:.1f}'} | {agg['minutes_per_run'] or '–'} |")
+        lines.append(f"| {student} | {recipe} | {len(agg['seeds'])} | " + " | ".join(fmt(agg.get(m), len(agg["seeds"])) for m in METRICS)
+                     + f" | {'–' if e90 is None else fmt({'mean': e90[0], 'std': e90[1]}, len(agg['seeds']))}"
+                     + f" | {agg['minutes_per_run'] or '–'} |")
     return "\n".join(lines)
 
 
@@ -168,7 +170,7 @@ def _noise(a: dict[str, Any], b: dict[str, Any], metric: str = "i2t_R@1") -> flo
 
 def _compare(d: float, noise: float | None, up: str, down: str, same: str) -> str:
     if noise is None:
-        return f"single seed, not judged: {up if d > 0 else down}"
+        return f"single seed, not judged: {'no difference' if d == 0 else up if d > 0 else down}"
     return same if abs(d) <= noise else (up if d > 0 else down)
 
 

@@ -142,23 +142,29 @@ def _tower(bench: dict[str, Any] | None, who: str, tower: str = "image") -> dict
     return (side or {}).get(tower) or {}
 
 
-def _image_cell(bench: dict[str, Any] | None, who: str, key: str, fmt: Callable[[float], str], better: str) -> str:
-    """An image-tower figure, with "N× <better>" than the teacher's for a student."""
+def _image_cell(bench: dict[str, Any] | None, who: str, key: str, fmt: Callable[[float], str],
+                better: str, worse: str) -> str:
+    """An image-tower figure; for a student also "N× <better>" (or "N× <worse>") than the teacher's.
+
+    ``ratios`` hold teacher ÷ student, so < 1 means the student is the bigger / slower one.
+    """
     row = _tower(bench, who)
     if key not in row:
         return MISSING
     ratio = (bench.get("ratios", {}).get("image") or {}).get(key) if who == "student" else None
-    return fmt(row[key]) + ("" if ratio is None else f" ({ratio:.3g}× {better})")
+    if ratio is None or ratio <= 0:
+        return fmt(row[key])
+    return fmt(row[key]) + (f" ({ratio:.3g}× {better})" if ratio >= 1 else f" ({1 / ratio:.3g}× {worse})")
 
 
 def size_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
     """Image tower, fp16 MB."""
-    return _image_cell(bench, who, "size_fp16_bytes", lambda b: f"{b / 2**20:.3g} MB", "smaller")
+    return _image_cell(bench, who, "size_fp16_bytes", lambda b: f"{b / 2**20:.3g} MB", "smaller", "larger")
 
 
 def latency_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
     """Image tower, batch 1, p50 ms."""
-    return _image_cell(bench, who, "latency_b1_p50_ms", lambda ms: f"{ms:.3g} ms", "faster")
+    return _image_cell(bench, who, "latency_b1_p50_ms", lambda ms: f"{ms:.3g} ms", "faster", "slower")
 
 
 def zeroshot_names(runs: list[RunFiles]) -> list[str]:

@@ -65,6 +65,13 @@ def test_report_table(tmp_path):
     assert rc == ["c", "mobilenetv3", "–", "none", "–", "–", "–", "–", "–", "–"]
 
 
+def test_a_student_bigger_or_slower_than_its_teacher_says_so():
+    bench = {"student": {"image": {"size_fp16_bytes": 2 * 2**20, "latency_b1_p50_ms": 4.0}},
+             "ratios": {"image": {"size_fp16_bytes": 0.5, "latency_b1_p50_ms": 0.25}}}  # teacher ÷ student
+    assert report.size_cell(bench) == "2 MB (2× larger)"
+    assert report.latency_cell(bench) == "4 ms (4× slower)"
+
+
 def test_report_warns_about_mixed_teachers(tmp_path):
     a = write_run(tmp_path / "a")
     b = write_run(tmp_path / "b")

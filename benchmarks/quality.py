@@ -12,7 +12,7 @@ benchmarks/results/quality.json, and checks the targets of the demo issue.
 Runs are reused when their eval.json exists, so an interrupted benchmark resumes; the table
 and results/quality.json cover every finished run under --root with the same --epochs, so a
 grid can be built up over several invocations (e.g. fewer seeds for the slow students). Other
-schedules write results/quality-e<epochs>.json.
+schedules write results/quality-e<epochs>.json; --report-only rewrites them without training.
 """
 
 from __future__ import annotations
@@ -139,12 +139,12 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def fmt(cell: dict[str, Any] | None, seeds: int) -> str:
+def fmt(cell: dict[str, Any] | None, seeds: int, digits: int = 3) -> str:
     if not cell:
         return "–"
     ratio = f" ({cell['ratio_mean']:.2f}×)" if cell.get("ratio_mean") is not None else ""
-    spread = f" ± {cell['std']:.3f}" if seeds > 1 else ""
-    return f"{cell['mean']:.3f}{spread}{ratio}"
+    spread = f" ± {cell['std']:.{digits}f}" if seeds > 1 else ""
+    return f"{cell['mean']:.{digits}f}{spread}{ratio}"
 
 
 def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
@@ -156,7 +156,7 @@ def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
         student, recipe = key.split("/", 1)
         e90 = agg["epochs_to_90"]
         lines.append(f"| {student} | {recipe} | {len(agg['seeds'])} | " + " | ".join(fmt(agg.get(m), len(agg["seeds"])) for m in METRICS)
-                     + f" | {'–' if e90 is None else fmt({'mean': e90[0], 'std': e90[1]}, len(agg['seeds']))}"
+                     + f" | {'–' if e90 is None else fmt({'mean': e90[0], 'std': e90[1]}, len(agg['seeds']), 1)}"
                      + f" | {agg['minutes_per_run'] or '–'} |")
     return "\n".join(lines)
 
@@ -226,13 +226,14 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--teacher-steps", type=int, default=pretrain.DEFAULT_STEPS)
+    ap.add_argument("--report-only", action="store_true", help="train nothing: summarise the finished runs")
     args = ap.parse_args()
     root = Path(args.root)
     start = time.perf_counter()
     teacher_dir, cache = prepare(root, args)
     teacher_eval = json.loads((cache / evaluate.TEACHER_EVAL_JSON).read_text())["metrics"]
     teacher_figures = {m: v["teacher"] for m, v in teacher_eval.items()}
-    for student in args.students.split(","):
+    for student in [] if args.report_only else args.students.split(","):
         for recipe in args.recipes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 run_dir = root / "runs" / f"{student}-{recipe}-e{args.epochs}-s{seed}"

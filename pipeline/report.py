@@ -224,8 +224,9 @@ def markdown(runs: list[RunFiles]) -> str:
 
 
 def notes(runs: list[RunFiles]) -> list[str]:
-    out = ["Accuracy cells: student value (student / teacher). Size and latency: the image tower "
-           "(teacher / student); full per-tower figures are in each RUN/bench.json. \"–\": not measured yet "
+    out = ["Accuracy cells: student value (student / teacher). Size and latency: the image tower, and how "
+           "many times smaller/faster (or larger/slower) it is than the teacher's; full per-tower figures are "
+           "in each RUN/bench.json. \"–\": not measured yet "
            "(run `kdpipe eval` / `kdpipe bench`)."]
     splits = {(r.eval or {}).get("split") for r in runs if r.eval}
     spaces = {(r.eval or {}).get("space") for r in runs if r.eval}

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdpipe import runtime
-from kdpipe.store import Manifest, atomic_write_json, same_fingerprint
+from kdpipe.atomic import atomic_write_json
+from kdpipe.store import Manifest, same_fingerprint
 
 log = logging.getLogger("kdpipe")
 

@@ -45,7 +45,8 @@ from kdpipe.data import views as V
 from kdpipe.progress import console, make_progress
 from kdpipe.registry import Registry
 from kdpipe.runtime import resolve_device
-from kdpipe.store import Cache, CacheError, H5Shard, atomic_write_json, describe_teacher, open_cache
+from kdpipe.atomic import atomic_write_json
+from kdpipe.store import Cache, CacheError, H5Shard, describe_teacher, open_cache
 
 log = logging.getLogger("kdpipe")
 

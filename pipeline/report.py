@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kdpipe.store import atomic_write_bytes, describe_teacher
+from kdpipe.atomic import atomic_write_bytes
+from kdpipe.store import describe_teacher
 
 log = logging.getLogger("kdpipe")
 

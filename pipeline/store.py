@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +21,7 @@ import h5py
 import numpy as np
 import webdataset as wds
 
-from kdpipe.atomic import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401  (re-exported)
+from kdpipe.atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger("kdpipe")
 
@@ -45,13 +44,6 @@ def file_digest(path: Path) -> dict[str, Any]:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def commit_tmp(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 # --------------------------------------------------------------------------- samples and shards

@@ -34,13 +34,12 @@ from rich.progress import Progress
 from kdpipe import metrics, zca
 from kdpipe.progress import console, make_progress
 from kdpipe.prompts import read_prompts
+from kdpipe.atomic import atomic_write, atomic_write_json
 from kdpipe.store import (
     Cache,
     CacheError,
     H5Shard,
     Manifest,
-    atomic_write_json,
-    commit_tmp,
     describe_teacher,
     open_cache,
     same_fingerprint,
@@ -142,8 +141,7 @@ def write_whitening(path: Path, fitted: dict[str, zca.Whitening], teacher: dict,
     One group per mode (datasets mu, W, W_inv, eigvals in float64; attrs eps, n, method);
     root attrs: format, teacher fingerprint (JSON), embeddings, modes (JSON), eps_rel.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": FORMAT_VERSION, "teacher": json.dumps(teacher, sort_keys=True),
                             "embeddings": EMBEDDINGS, "modes": json.dumps(list(fitted)),
@@ -157,10 +155,8 @@ def write_whitening(path: Path, fitted: dict[str, zca.Whitening], teacher: dict,
             back = _read_group(tmp, mode)
             if not np.array_equal(back.W, w.W) or not np.isfinite(back.W_inv).all():
                 raise CacheError(f"{tmp} did not read back what was written; disk problem?")
-        commit_tmp(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _read_group(path: Path, mode: str) -> zca.Whitening:

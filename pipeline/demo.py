@@ -1,7 +1,7 @@
 """The embedded default: every stage on the shapes world, offline, on CPU (DESIGN §7).
 
 generate the world -> pretrain a small open_clip teacher -> extract the cache -> fit
-whitening -> train students (CLIP-KD's recipe crd + icl + fd, raw and whitened targets) ->
+whitening -> train students (CLIP-KD's full recipe clip + crd + icl + fd, raw and whitened targets) ->
 eval (teacher and students) -> bench -> report. Each stage is the library stage the CLI runs,
 at demo size; each is skipped when its output is already there, so a re-run reuses work.
 """
@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 from kdpipe import bench, evaluate, extract, pretrain, report, train, trainstate, whiten
 from kdpipe.data.shapes import make_shapes
+from kdpipe.losses import DEFAULT_RECIPE
 from kdpipe.progress import console
 
 log = logging.getLogger("kdpipe")
 
-RECIPE = "crd=1,icl=1,fd=7.8125"  # CLIP-KD's best: CRD 1 + ICL 1 + FD 2000 (MSE at D=512 = 7.8125·(1−cos))
+RECIPE = DEFAULT_RECIPE  # CLIP-KD's full recipe: task InfoNCE + CRD 1 + ICL 1 + FD 2000 (= 7.8125·(1−cos) at D=512)
 
 
 @dataclass

@@ -43,6 +43,11 @@ log = logging.getLogger("kdpipe")
 
 LOSSES: Registry[type["DistillLoss"]] = Registry("loss")
 
+# CLIP-KD's full recipe (Yang et al., CVPR 2024): task + CRD 1 + ICL 1 + FD 2000. The task term is
+# CLIP's InfoNCE of the student's image against the (teacher's or student's) text, both ways, so
+# an image-only student keeps the text->image direction. fd 2000 is CLIP-KD's MSE weight at
+# D = 512, i.e. λ = 7.8125 of λ·(1 − cos) (see ``FeatureDistillation``).
+DEFAULT_RECIPE = "clip=1,crd=1,icl=1,fd=7.8125"
 CLIP_INIT_SCALE = 1 / 0.07  # CLIP's initial logit scale (≈ 14.29)
 MAX_SCALE = 100.0  # CLIP clamps the logit scale at 100
 
@@ -92,11 +97,44 @@ def contrastive_grads(anchors: torch.Tensor, keys: torch.Tensor, scale: float | 
     return residual @ keys, residual.T @ anchors
 
 
-class LogitScale(nn.Module):
-    """A learnable logit scale, stored as its log (CLIP's parametrisation), clamped at ``max_scale``.
+def mean_softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the row softmaxes of ``logits`` [..., B, K] -> scalar."""
+    log_p = logits.log_softmax(dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
 
-    The clamp is in forward: beyond the cap the gradient is zero and the effective scale is
-    the cap, the same effective behaviour as open_clip's in-place clamp after each step.
+
+def entropy_matched_scale(ref_cos: torch.Tensor, cos: torch.Tensor, ref_scale: float,
+                          lo: float = 1e-2, hi: float = 1e4, iters: int = 60) -> float:
+    """The logit scale τ at which softmax(τ·cos) is as sharp as softmax(ref_scale·ref_cos).
+
+    ref_cos, cos: [n, B, B] cross-modal cosine blocks of the same image-text pairs in two
+    spaces (e.g. the teacher's raw space and its whitened space). Sharpness is the mean row
+    entropy of the softmax over rows (image→text) and columns (text→image), as CRD uses both.
+    Entropy falls monotonically as τ grows, so τ is found by bisection on log τ in [lo, hi]
+    (clamped to the bounds if the target entropy lies outside what ``cos`` can reach).
+    """
+    def entropy(c: torch.Tensor, tau: float) -> float:
+        return float((mean_softmax_entropy(tau * c) + mean_softmax_entropy(tau * c.transpose(-1, -2))) / 2)
+
+    target = entropy(ref_cos.double(), ref_scale)
+    cos = cos.double()
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        mid = (log_lo + log_hi) / 2
+        if entropy(cos, math.exp(mid)) > target:  # too flat: sharpen
+            log_lo = mid
+        else:
+            log_hi = mid
+    return math.exp((log_lo + log_hi) / 2)
+
+
+class LogitScale(nn.Module):
+    """A learnable logit scale, stored as its log (CLIP's parametrisation), capped at ``max_scale``.
+
+    The cap is applied to the parameter in place after each optimizer step (``clamp_``), as
+    open_clip does, never in ``forward``: a clamp in forward has zero gradient at the cap, so
+    a scale initialised at a real CLIP teacher's 100 (whose exp(log 100) rounds just above 100
+    in float32) could never move, and a scale that crossed the cap could never come back.
     """
 
     def __init__(self, init: float = CLIP_INIT_SCALE, learnable: bool = True, max_scale: float = MAX_SCALE) -> None:
@@ -105,7 +143,19 @@ class LogitScale(nn.Module):
         self.max_scale = max_scale
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Cap the parameter at log(max_scale) in place (call after the optimizer step)."""
+        self.log_scale.clamp_(max=math.log(self.max_scale))
+
+
+def clamp_logit_scales(module: nn.Module) -> None:
+    """Apply every ``LogitScale``'s cap inside ``module`` (after each optimizer step)."""
+    for child in module.modules():
+        if isinstance(child, LogitScale):
+            child.clamp_()
 
 
 class DistillLoss(nn.Module):

@@ -20,6 +20,14 @@ scale the direction lost). ``RUN/whitening.safetensors`` holds μ, W, W⁻¹ and
 modality; ``to_teacher_space`` applies it; validation does so before comparing with the
 teacher.
 
+Temperatures in whitened space. Losses that build a teacher softmax (crd, hinton, gd) use the
+teacher's logit scale τ_t, which is calibrated for cosines in the teacher's own space. Whitened
+targets are nearly orthogonal, so the same τ_t would make those softmaxes far sharper than the
+teacher's. With ``--whiten``, the losses get instead the scale at which the teacher's in-batch
+softmaxes over whitened cosines have the same mean entropy as its raw ones, on the same train
+pairs (``target_logit_scale``); it is logged and recorded as ``target_logit_scale`` in
+student.json.
+
 DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
 DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's
 ``gather_features``) before the losses, so contrastive terms see the global batch. Every
@@ -41,6 +49,7 @@ import logging
 import math
 import time
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -72,7 +81,7 @@ class TrainConfig:
     student: str = "mobilenetv3"  # STUDENTS registry name
     cache: str = ""
     out: str = ""
-    losses: str = "fd=7.8125,crd=1,icl=1"  # CLIP-KD's best recipe (fd as λ of λ·(1−cos); = MSE weight 2000 at D=512)
+    losses: str = L.DEFAULT_RECIPE  # CLIP-KD's full recipe: clip (task) + crd + icl + fd
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"hinton": {"T": 2.0}}
     whiten: str = "none"  # none | image | text | joint | separate (image and text, each its own transform)
     text_student: str = "none"  # none (use the teacher's cached text) | TEXT_STUDENTS name
@@ -240,6 +249,46 @@ def load_targets(cache: Cache, mode: str) -> Targets:
     return Targets(mode, params, str(cache.root / WHITENING_H5), method)
 
 
+def calibration_pairs(cache: Cache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` train images' view-0 embeddings and first-caption embeddings, [n', D] each."""
+    imgs, txts, have = [], [], 0
+    for shard in cache.iter_h5("train", fields=("img", "txt")):
+        keep = np.flatnonzero(np.diff(shard.txt_offsets) > 0)[: n - have]  # images with a caption
+        imgs.append(shard.img[keep, 0])
+        txts.append(shard.txt[shard.txt_offsets[keep]])
+        have += len(keep)
+        if have >= n:
+            break
+    return (torch.from_numpy(np.concatenate(imgs).astype(np.float32)),
+            torch.from_numpy(np.concatenate(txts).astype(np.float32)))
+
+
+def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, batch: int,
+                       blocks: int = 8) -> float:
+    """The teacher's logit scale for the space the student learns (the raw one when not whitened).
+
+    The teacher's scale τ_t (e.g. 100) is calibrated for cosines in its own space. Whitened
+    targets are far more spread out (nearly orthogonal), so τ_t on whitened cosines makes
+    CRD's / hinton's / gd's teacher distributions much sharper than the teacher's own. The
+    whitened-space scale is the one whose in-batch softmaxes are as sharp (same mean
+    entropy) as the teacher's raw ones on the same pairs: up to ``blocks`` train batches of
+    ``batch`` image-caption pairs (``L.entropy_matched_scale``).
+    """
+    if targets.mode == "none":
+        return teacher_scale
+    t_img, t_txt = calibration_pairs(cache, blocks * batch)
+    b = min(batch, t_img.shape[0])
+    n = (t_img.shape[0] // b) * b
+
+    def cos_blocks(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:  # [n/b, b, b]
+        img, txt = (nn.functional.normalize(x[:n], dim=-1).view(-1, b, x.shape[1]) for x in (img, txt))
+        return img @ txt.transpose(1, 2)
+
+    raw = cos_blocks(t_img, t_txt)
+    white = cos_blocks(targets.apply(t_img, "image"), targets.apply(t_txt, "text"))
+    return L.entropy_matched_scale(raw, white, teacher_scale)
+
+
 def to_teacher_space(s: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """Student embeddings [N, D] -> normalised teacher-space embeddings [N, D].
 
@@ -330,11 +379,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def lr_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``floor``."""
+    """LR multiplier of step ``step`` (0-based): linear warmup to 1 over ``warmup`` steps, then
+    cosine down to ``floor``, reached by the last step (``total − 1``)."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
@@ -383,8 +433,13 @@ def build_setup(cfg: TrainConfig) -> Setup:
     runtime.seed_everything(cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     image, text = build_students(cfg, cache)
-    loss_modules = L.build_losses(weights, cache.embed_dim, float(cache.manifest["logit_scale"]),
-                                  text_student=text is not None, **cfg.loss_options)
+    scale = target_logit_scale(cache, targets, float(cache.manifest["logit_scale"]),
+                               cfg.batch_size * dist.world_size)
+    if targets.mode != "none":
+        log.info("teacher logit scale %.2f in the raw space = %.2f in the %s-whitened space (same softmax entropy)",
+                 float(cache.manifest["logit_scale"]), scale, targets.mode)
+    loss_modules = L.build_losses(weights, cache.embed_dim, scale, text_student=text is not None,
+                                  **cfg.loss_options)
     distiller = Distiller(image, text, loss_modules, dist).to(device)
     runtime.seed_everything(cfg.seed + dist.rank)
     model: nn.Module = distiller
@@ -468,11 +523,34 @@ class StepResult:
     total: float
     finite: bool
     grad_norm: float
+    lr: float  # the learning rate this step used (whether or not it was applied)
+
+
+def optimizer_step(s: Setup, finite: bool) -> None:
+    """Apply the gradients if the step is finite; the schedule advances either way.
+
+    fp16: the scaler skips the step by itself when the unscaled gradients overflow, and
+    ``update()`` must follow every ``unscale_()`` (even when the step is skipped), or the
+    next ``unscale_()`` raises. The LR schedule counts steps, not applied updates, so a run
+    with skipped steps still reaches the cosine's floor at its last step. Logit scales are
+    capped after the update, as open_clip does.
+    """
+    if s.scaler.is_enabled():
+        if finite:
+            s.scaler.step(s.optimizer)
+        s.scaler.update()
+    elif finite:
+        s.optimizer.step()
+    with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule leads
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        s.scheduler.step()
+    L.clamp_logit_scales(s.distiller.losses)
 
 
 def train_step(s: Setup, batch: dict[str, Any]) -> StepResult:
     """Forward, backward and (if everything is finite) an optimizer step."""
     s.model.train()
+    lr = s.scheduler.get_last_lr()[0]
     inputs = to_device_batch(s, batch)  # outside autocast: whitening is applied in float32
     with runtime.autocast(s.precision, s.device):
         terms = s.model(inputs)
@@ -483,18 +561,11 @@ def train_step(s: Setup, batch: dict[str, Any]) -> StepResult:
     max_norm = s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(s.distiller.parameters(), max_norm))
     finite = math.isfinite(float(total.detach()))
-    if s.scaler.is_enabled():  # fp16: gradient overflow is the scaler's business (it skips and rescales)
-        if finite:
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-            s.scheduler.step()
-    else:
+    if not s.scaler.is_enabled():  # fp16: gradient overflow is the scaler's business (it skips and rescales)
         finite = finite and math.isfinite(grad_norm)
-        if finite:
-            s.optimizer.step()
-            s.scheduler.step()
+    optimizer_step(s, finite)
     s.optimizer.zero_grad(set_to_none=True)
-    return StepResult({k: float(v.detach()) for k, v in terms.items()}, float(total.detach()), finite, grad_norm)
+    return StepResult({k: float(v.detach()) for k, v in terms.items()}, float(total.detach()), finite, grad_norm, lr)
 
 
 # --------------------------------------------------------------------------- validation
@@ -677,6 +748,11 @@ def plot_curves(run_dir: Path) -> Path | None:
     return path
 
 
+def target_scale(losses: nn.ModuleDict, default: float) -> float:
+    """The teacher logit scale the losses used (calibrated for whitened targets)."""
+    return next((loss.teacher_logit_scale for loss in losses.values()), default)
+
+
 def finalize(s: Setup, val: dict[str, float] | None, pos: trainstate.Position) -> None:
     """Precise BN, then RUN/student.safetensors + student.json, whitening and curves (rank 0)."""
     if not s.dist.is_main:
@@ -690,6 +766,7 @@ def finalize(s: Setup, val: dict[str, float] | None, pos: trainstate.Position) -
         "losses": {"weights": s.weights, "options": s.cfg.loss_options},
         "val": val, "step": pos.step, "epoch": pos.epoch, "views_used": s.cfg.views_used,
         "teacher_logit_scale": float(s.cache.manifest["logit_scale"]),
+        "target_logit_scale": target_scale(s.distiller.losses, float(s.cache.manifest["logit_scale"])),
     }
     save_student(s.run_dir, s.image, s.text, meta)
     plot_curves(s.run_dir)
@@ -725,7 +802,7 @@ def on_step(s: Setup, ls: LoopState, res: StepResult, batch: dict[str, Any], epo
                                "stopping — the last checkpoint holds finite weights")
     ls.counters["data_errors"] += int(batch.get("data_errors", 0))
     if ls.pos.step % s.cfg.log_every == 0 or not res.finite:
-        mlog.write({"kind": "train", "step": ls.pos.step, "epoch": epoch, "lr": s.scheduler.get_last_lr()[0],
+        mlog.write({"kind": "train", "step": ls.pos.step, "epoch": epoch, "lr": res.lr,
                    "loss": res.total, "terms": res.terms, "grad_norm": res.grad_norm,
                    "samples_per_s": rate, "nonfinite_skipped": ls.counters["nonfinite"],
                    "data_errors": ls.counters["data_errors"], **L.logit_scales(s.distiller.losses)})

@@ -14,11 +14,15 @@ import torch.nn.functional as F
 
 from kdpipe.losses import (
     LOSSES,
+    LogitScale,
     build_losses,
+    clamp_logit_scales,
     compute_terms,
     contrastive_grads,
+    entropy_matched_scale,
     fd_lambda_from_mse,
     logit_scales,
+    mean_softmax_entropy,
     mask_images,
     parse_losses,
     total_loss,
@@ -314,12 +318,45 @@ def test_loss_owned_parameters_get_gradients_and_are_in_the_state_dict():
     assert set(params) <= set(losses.state_dict())
 
 
-def test_logit_scale_is_clamped_at_100():
+def test_logit_scale_is_capped_at_100_in_place_after_the_step():
     loss = one("clip")
     with torch.no_grad():
         loss.logit_scale.log_scale.fill_(math.log(500.0))
+    clamp_logit_scales(torch.nn.ModuleDict({"clip": loss, "fd": one("fd")}))
     assert loss.logit_scale().item() == pytest.approx(100.0)
     assert logit_scales(torch.nn.ModuleDict({"clip": loss, "fd": one("fd")})) == {"clip_scale": pytest.approx(100.0)}
+
+
+def test_a_scale_at_the_cap_still_learns_to_go_down():
+    # A real CLIP teacher's scale is 100, and exp(log 100) rounds above 100 in float32: a clamp in
+    # forward gave it zero gradient, so CRD's scale (initialised at τ_t) was frozen from step 0.
+    scale = LogitScale(100.0)
+    assert scale().item() > 100.0  # the float32 rounding that froze it
+    scale().backward()  # d(scale)/d(log_scale) = scale: a loss that asks for a lower scale
+    assert scale.log_scale.grad.item() == pytest.approx(100.0, rel=1e-5)
+    opt = torch.optim.SGD(scale.parameters(), lr=1e-3)
+    opt.step()
+    scale.clamp_()
+    assert scale().item() == pytest.approx(100.0 * math.exp(-0.1), rel=1e-5)
+
+
+def test_crd_scale_initialised_at_a_clip_teacher_s_100_moves_under_training():
+    crd = build_losses({"crd": 1}, D, 100.0)["crd"]
+    batch = aligned_teacher(seed=1, b=16, d=D, noise=0.5)
+    total_loss(compute_terms(torch.nn.ModuleDict({"crd": crd}), batch)).backward()
+    assert crd.logit_scale.log_scale.grad is not None and crd.logit_scale.log_scale.grad.abs().item() > 1e-6
+
+
+def test_entropy_matched_scale_reproduces_the_reference_sharpness():
+    gen = torch.Generator().manual_seed(0)
+    ref = F.normalize(torch.randn(4, 8, D, generator=gen), dim=-1)
+    ref_cos = ref @ F.normalize(ref + 0.5 * torch.randn(4, 8, D, generator=gen), dim=-1).transpose(1, 2)
+    # the same pairs with cosines squeezed 4x (as whitening spreads targets): the matched scale is 4x
+    assert entropy_matched_scale(ref_cos, ref_cos / 4, 30.0) == pytest.approx(120.0, rel=1e-6)
+    assert entropy_matched_scale(ref_cos, ref_cos, 30.0) == pytest.approx(30.0, rel=1e-6)
+    tau = entropy_matched_scale(ref_cos, ref_cos**3, 30.0)
+    both = lambda c: (mean_softmax_entropy(c) + mean_softmax_entropy(c.transpose(1, 2))) / 2  # noqa: E731
+    assert float(both(tau * ref_cos**3)) == pytest.approx(float(both(30.0 * ref_cos)), rel=1e-6)
 
 
 @pytest.mark.parametrize("spec, target", [("fd=8,crd=1,icl=1", 0.95), ("crd=1", 0.5), ("gd=1", 0.4), ("hinton=1", 0.5)])

@@ -197,8 +197,52 @@ def test_nonfinite_steps_are_skipped_and_counted(cache_dir, tmp_path, monkeypatc
     rows = _train_rows(out)
     assert [math.isnan(r["loss"]) for r in rows] == [False, False, True, True, False, False]
     assert rows[-1]["nonfinite_skipped"] == 2
-    assert rows[3]["lr"] == rows[1]["lr"]  # the schedule did not advance on skipped steps
+    assert rows[2]["lr"] > rows[3]["lr"] > rows[4]["lr"]  # the schedule counts skipped steps too
     assert all(torch.isfinite(v).all() for v in _weights(out).values())
+
+
+def test_the_cosine_reaches_its_floor_at_the_last_step_despite_skipped_steps(cache_dir, tmp_path, monkeypatch):
+    _nan_fd_on(monkeypatch, lambda n: n in (5, 9, 10))
+    out = tmp_path / "run"
+    result = T.run(_cfg(cache_dir, out, lr=1e-2, min_lr_ratio=0.1))  # 2 epochs x 12 steps, to the end
+    rows = _train_rows(out)
+    assert result["step"] == 24 and result["counters"]["nonfinite"] == 3 and len(rows) == 24
+    assert rows[-1]["lr"] == pytest.approx(1e-3, rel=1e-9)  # the last step ran at the floor
+    assert rows[-2]["lr"] > 1e-3
+
+
+def _fp16_scaler(monkeypatch, init_scale: float = 2.0**10) -> None:
+    """fp16's loss scaling on CPU: the run's GradScaler enabled (autocast needs CUDA for fp16,
+    but the scaler's unscale/step/update sequence is what breaks on a skipped step)."""
+    build = T.build_setup
+
+    def build_with_scaler(cfg):
+        setup = build(cfg)
+        setup.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        return setup
+
+    monkeypatch.setattr(T, "build_setup", build_with_scaler)
+
+
+def test_fp16_skips_nonfinite_steps_exactly_as_fp32_does(cache_dir, tmp_path, monkeypatch):
+    _fp16_scaler(monkeypatch)
+    _nan_fd_on(monkeypatch, lambda n: n in (3, 4))
+    out = tmp_path / "run"
+    result = T.run(_cfg(cache_dir, out, max_steps=6))  # used to raise "unscale_() has already been called"
+    assert result["counters"]["nonfinite"] == 2 and result["step"] == 6
+    rows = _train_rows(out)
+    assert [math.isnan(r["loss"]) for r in rows] == [False, False, True, True, False, False]
+    assert all(torch.isfinite(v).all() for v in _weights(out).values())
+    scaler = trainstate.read_checkpoint(out / "checkpoints/latest.pt")["scaler"]
+    assert scaler["scale"] == 2.0**8  # halved once per skipped step, as the scaler does on overflow
+
+
+def test_fp16_training_with_a_scaler_matches_fp32_on_finite_steps(cache_dir, tmp_path, monkeypatch):
+    T.run(_cfg(cache_dir, tmp_path / "fp32", max_steps=4))
+    _fp16_scaler(monkeypatch)
+    T.run(_cfg(cache_dir, tmp_path / "scaled", max_steps=4))
+    for name, w in _weights(tmp_path / "fp32").items():
+        torch.testing.assert_close(_weights(tmp_path / "scaled")[name], w, rtol=1e-4, atol=1e-5)
 
 
 def test_repeated_nonfinite_steps_stop_the_run_with_step_and_keys(cache_dir, tmp_path, monkeypatch):
@@ -251,6 +295,34 @@ def test_separate_whitening_uses_each_modality_s_own_transform(cache_dir, tmp_pa
         w = load_whitening(cache, modality)
         torch.testing.assert_close(saved[f"{modality}.W"], torch.as_tensor(w.W, dtype=torch.float32))
     assert not torch.allclose(saved["image.W"], saved["text.W"])
+
+
+def test_whitened_targets_get_a_teacher_scale_as_sharp_as_the_raw_one(cache_dir, tmp_path):
+    # τ_t = 100 is calibrated for raw cosines; on whitened (spread-out) targets it makes the
+    # teacher's in-batch softmax far sharper than the teacher's own
+    out = tmp_path / "run"
+    T.run(_cfg(cache_dir, out, whiten="joint", losses="crd=1,hinton=1", max_steps=1))
+    spec = json.loads((out / "student.json").read_text())
+    tau = spec["target_logit_scale"]
+    assert spec["teacher_logit_scale"] == 100.0 and tau != pytest.approx(100.0, rel=0.05)
+
+    cache = open_cache(cache_dir)
+    targets = T.load_targets(cache, "joint")
+    t_img, t_txt = T.calibration_pairs(cache, 8 * BATCH)  # the 8 train batches it calibrates on
+    assert t_img.shape == t_txt.shape == (8 * BATCH, DIM)
+
+    def cos(img, txt):  # [8, B, B] in-batch cosines
+        img, txt = (torch.nn.functional.normalize(x, dim=-1).view(8, BATCH, DIM) for x in (img, txt))
+        return img @ txt.transpose(1, 2)
+
+    def entropy(logits):  # CRD's softmaxes: rows (image->text) and columns (text->image)
+        logp = logits.double().log_softmax(-1), logits.double().transpose(1, 2).log_softmax(-1)
+        return float(sum(-(lp.exp() * lp).sum(-1).mean() for lp in logp)) / 2
+
+    raw, white = cos(t_img, t_txt), cos(targets.apply(t_img, "image"), targets.apply(t_txt, "text"))
+    assert entropy(tau * white) == pytest.approx(entropy(100.0 * raw), rel=1e-4)
+    assert abs(entropy(100.0 * white) - entropy(100.0 * raw)) > 0.5 * entropy(100.0 * raw)  # what it fixes
+    assert T.target_logit_scale(cache, T.Targets(), 100.0, BATCH) == 100.0  # raw targets keep τ_t
 
 
 def test_whitening_fitted_for_another_teacher_is_refused_before_training(cache_dir, tmp_path):

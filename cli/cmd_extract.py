@@ -21,7 +21,8 @@ def extract(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
                                              "(e.g. laion2b_s34b_b79k, openai) or a local .pt/.bin/.safetensors file."),
     views: int = typer.Option(4, "--views", min=1, help="Views per image; view 0 is the teacher's eval "
-                              "transform, the rest random resized crops + flips the trainer replays exactly."),
+                              "transform (its open_clip resize_mode: shortest, squash or longest), the rest "
+                              "random resized crops + flips the trainer replays exactly."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per teacher forward."),
     workers: int = typer.Option(2, "--workers", "-w", min=0, help="DataLoader workers that decode images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
@@ -31,7 +32,9 @@ def extract(
     keep_leaky: bool = typer.Option(False, "--keep-leaky", help="Keep Karpathy val/test images in train."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per shard."),
-    store_size: int = typer.Option(256, "--store-size", min=32, help="Stored image's shorter side, at most."),
+    store_size: int = typer.Option(256, "--store-size", min=32, help="Stored image's shorter side, at most. "
+                                   "Must be >= the teacher's input size; below ~1.95x it (e.g. 438 for 224 px) "
+                                   "the smallest random views are upsampled (a warning says by how much)."),
     split: Optional[list[str]] = typer.Option(None, "--split", help="Only these splits (repeatable)."),
     allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Allow an open_clip model "
                                            "without --pretrained (random weights; for testing only)."),

@@ -25,6 +25,7 @@ from kdpipe.data import views as V
 from kdpipe.data.records import Record, Source, open_source
 from kdpipe.progress import make_progress
 from kdpipe.store import (
+    FORMAT_VERSION,
     PROMPTS,
     CachedSample,
     CacheError,
@@ -35,7 +36,7 @@ from kdpipe.store import (
     verify_shard,
     write_shard,
 )
-from kdpipe.teachers import Teacher, load_teacher
+from kdpipe.teachers import Preprocess, Teacher, load_teacher
 
 log = logging.getLogger("kdpipe")
 
@@ -55,7 +56,7 @@ class ExtractConfig:
     keep_leaky: bool = False  # keep Karpathy val/test images in train
     overwrite: bool = False
     shard_size: int = 1000  # images per shard (directory sources)
-    store_size: int = 256  # stored image's shorter side, at most
+    store_size: int = V.STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
     splits: list[str] | None = None  # default: every split the source has
     allow_random_init: bool = False  # a real open_clip name without weights
     prompts: bool = True  # write prompts.h5 (zero-shot class prompts) when missing
@@ -82,9 +83,9 @@ def clean_captions(captions: tuple[str, ...] | list[str]) -> list[str]:
     return [c.strip() for c in captions if c and c.strip()]
 
 
-def prepare(record: Record, n_views: int, store_size: int, size: int, interpolation: str,
-            mean: tuple, std: tuple) -> Prepared | str:
-    """Decode, store and cut the views of one record; a skip reason (str) on bad input."""
+def prepare(record: Record, n_views: int, store_size: int, pre: Preprocess) -> Prepared | str:
+    """Decode, store and cut the views of one record for a teacher preprocessing ``pre``;
+    a skip reason (str) on bad input. View 0 is ``pre``'s own eval transform."""
     captions = clean_captions(record.captions)
     if not captions:
         return "no_caption"
@@ -93,8 +94,9 @@ def prepare(record: Record, n_views: int, store_size: int, size: int, interpolat
     except V.BadImage as bad:
         return bad.reason
     jpg, stored = V.store_image(image, store_size)
-    views = V.sample_views(n_views, stored.width, stored.height, seed=record.key)
-    pixels = torch.stack([V.to_tensor(V.apply_view(stored, v, size, interpolation), mean, std)
+    views = V.sample_views(n_views, stored.width, stored.height, seed=record.key,
+                           resize_mode=pre.resize_mode, fill=pre.fill_color)
+    pixels = torch.stack([V.to_tensor(V.apply_view(stored, v, pre.size, pre.interpolation), pre.mean, pre.std)
                           for v in views])
     label = -1 if record.label is None else int(record.label)
     return Prepared(record.key, jpg, [v.to_dict() for v in views], pixels, captions, label)
@@ -175,15 +177,14 @@ def embed_batch(teacher: Teacher, batch: list[Prepared], precision: str) -> list
 
 def manifest_header(cfg: ExtractConfig, teacher: Teacher, source: Source) -> dict[str, Any]:
     return {
-        "format": 1,
+        "format": FORMAT_VERSION,
         "kdpipe_version": __version__,
         "teacher": teacher.fingerprint,
         "embed_dim": teacher.embed_dim,
         "logit_scale": teacher.logit_scale,
         "dtype": "float16",
         "views": cfg.views,
-        "view_policy": {"view0": "center-crop", "scale": list(V.SCALE), "ratio": list(V.RATIO),
-                        "flip": V.FLIP_P, "store_size": cfg.store_size},
+        "view_policy": V.view_policy(cfg.store_size, teacher.preprocess.resize_mode),
         "source": {"spec": str(cfg.data), "kind": source.name, "report": source.report(),
                    "split_file": cfg.split_file, "keep_leaky": cfg.keep_leaky},
         "classnames": source.classnames(),
@@ -259,10 +260,8 @@ def extract_split(cfg: ExtractConfig, teacher: Teacher, source: Source, split: s
 
 def run_units(cfg: ExtractConfig, teacher: Teacher, split: str, split_dir: Path, units: list,
               manifest: Manifest, dist: runtime.DistInfo, precision: str) -> None:
-    pre = teacher.preprocess
-    stream = UnitStream(units, cfg.batch_size, dict(
-        n_views=cfg.views, store_size=cfg.store_size, size=pre.size,
-        interpolation=pre.interpolation, mean=tuple(pre.mean), std=tuple(pre.std)))
+    stream = UnitStream(units, cfg.batch_size, dict(n_views=cfg.views, store_size=cfg.store_size,
+                                                    pre=teacher.preprocess))
     loader = DataLoader(stream, batch_size=None, num_workers=min(cfg.workers, len(units)),
                         pin_memory=runtime.pin_memory(teacher.device))
     pending: dict[int, list[CachedSample]] = {}
@@ -312,6 +311,25 @@ def write_prompt_sets(root: Path, teacher: Teacher, classnames: list[str] | None
 # --------------------------------------------------------------------------- entry point
 
 
+def check_store_size(store_size: int, size: int, n_views: int) -> None:
+    """Refuse a stored size that upsamples view 0; warn when it upsamples random views.
+
+    Below the teacher's input ``size`` even view 0 is enlarged, so the cached embeddings are
+    not the teacher's eval embeddings of the image: refused. Random views are crops down to
+    ``V.SCALE[0]`` of the area; upsampling them only blurs them (replay stays exact), a
+    quality-for-disk trade the user may choose, so it is a warning with the size that avoids it.
+    """
+    if store_size < size:
+        raise ValueError(f"--store-size {store_size} is below the teacher's input size {size}: view 0 would be "
+                         f"upsampled, not the teacher's eval view of the image; pass --store-size >= {size}")
+    enough, side = V.min_store_size(size), store_size * V.smallest_view_fraction()
+    if n_views > 1 and store_size < enough:
+        log.warning("--store-size %d: the smallest random views (%.0f%% of the area) are %.0f px on their shorter "
+                    "side and are upsampled up to %.2fx to the teacher's %d px; pass --store-size >= %d to avoid it "
+                    "(stored images then hold up to %.1fx the pixels)", store_size, 100 * V.SCALE[0], side,
+                    size / side, size, enough, (enough / store_size) ** 2)
+
+
 def summary(manifest: Manifest) -> dict[str, Any]:
     return {split: {k: info[k] for k in ("count", "captions", "skipped")} | {"shards": len(info["shards"])}
             for split, info in manifest.data["splits"].items()}
@@ -332,6 +350,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         raise ValueError(f"split(s) {missing} not in {cfg.data}; it has {source.splits()}")
     teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device,
                            allow_random_init=cfg.allow_random_init)
+    check_store_size(cfg.store_size, teacher.preprocess.size, cfg.views)
     root = Path(cfg.out)
     header = manifest_header(cfg, teacher, source)
     manifest = prepare_out(root, header, cfg.overwrite) if dist.is_main else None

@@ -44,6 +44,7 @@ from open_clip.transform import merge_preprocess_dict
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor
 
+from kdpipe.data.views import RESIZE_MODES
 from kdpipe.registry import Registry
 from kdpipe.runtime import autocast, resolve_device, resolve_precision
 
@@ -69,11 +70,14 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
-    resize_mode: str
+    resize_mode: str  # open_clip's eval resize: "shortest" | "squash" | "longest" (views.RESIZE_MODES)
+    fill_color: int = 0  # pad colour of "longest"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+        d = {"size": self.size, "mean": list(self.mean), "std": list(self.std),
+             "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+        # The fill colour changes pixels only under "longest"; elsewhere the fingerprint stays as it was.
+        return {**d, "fill_color": self.fill_color} if self.resize_mode == "longest" else d
 
 
 @dataclass(frozen=True)
@@ -428,9 +432,12 @@ def _preprocess_of(model: torch.nn.Module) -> Preprocess:
         if len(set(size)) != 1:
             raise ValueError(f"non-square teacher input {tuple(size)} is not supported")
         size = size[0]
+    resize_mode = str(cfg.get("resize_mode", "shortest"))  # open_clip's default when a cfg has none
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"teacher resize_mode {resize_mode!r} is not one of open_clip's {', '.join(RESIZE_MODES)}")
     return Preprocess(size=int(size), mean=tuple(float(m) for m in cfg["mean"]),
                       std=tuple(float(s) for s in cfg["std"]), interpolation=str(cfg["interpolation"]),
-                      resize_mode=str(cfg["resize_mode"]))
+                      resize_mode=resize_mode, fill_color=int(cfg.get("fill_color", 0)))
 
 
 def make_fingerprint(

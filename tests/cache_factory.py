@@ -11,11 +11,16 @@ The embeddings mimic a CLIP teacher's, in a D-dim space:
   features are correlated and worth whitening; the offsets are the modality gap);
 - a class prompt is ``A (center + small noise) + text_offset``.
 So retrieval and zero-shot work from the raw embeddings, but not perfectly.
+
+For real extraction runs: ``write_coco`` (a COCO-layout input from image bytes), ``photo_coco``
+(three photo-like non-square images) and ``teacher_config`` (tiny-clip with an open_clip
+``preprocess_cfg``, e.g. another ``resize_mode``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +29,7 @@ from PIL import Image
 
 from kdpipe import store
 from kdpipe.prompts import PromptSet, write_prompts
+from kdpipe.teachers import CONFIG_DIR
 
 DEFAULT_CLASSES = ("circle", "square", "triangle", "cross")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.")
@@ -147,3 +153,43 @@ def make_fake_cache(
     _write_prompts(root / store.PROMPTS, world, classnames)
     manifest.save()
     return root
+
+
+# --------------------------------------------------------------------------- inputs for real extraction
+
+
+def write_coco(root: Path, images: dict[str, bytes], captions: dict[str, list[str]]) -> None:
+    """A COCO-layout train split at ``root``: image files + annotations/captions_train.json."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train").mkdir()
+    info = {"images": [], "annotations": []}
+    for i, (name, data) in enumerate(sorted(images.items()), start=1):
+        (root / "train" / name).write_bytes(data)
+        info["images"].append({"id": i, "file_name": name})
+        info["annotations"] += [{"id": 100 * i + j, "image_id": i, "caption": c}
+                                for j, c in enumerate(captions[name])]
+    (root / "annotations" / "captions_train.json").write_text(json.dumps(info))
+
+
+def photo_png(w: int, h: int, seed: int) -> bytes:
+    """A photo-like (spatially smooth) RGB PNG, so resampling differences show."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo_coco(root: Path) -> Path:
+    """Three non-square photos (wide, tall, large; shorter sides >= 70 px), one caption each."""
+    sizes = {"wide.png": (150, 70), "tall.png": (70, 130), "big.png": (300, 200)}
+    write_coco(root, {n: photo_png(*wh, seed=i) for i, (n, wh) in enumerate(sizes.items())},
+               {n: [f"a picture {n}"] for n in sizes})
+    return root
+
+
+def teacher_config(path: Path, resize_mode: str, fill_color: int = 77, interpolation: str = "bilinear") -> Path:
+    """tiny-clip's architecture with an open_clip ``preprocess_cfg`` (the open_clip_config.json wrapper)."""
+    model_cfg = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
+    pp = {"resize_mode": resize_mode, "fill_color": fill_color, "interpolation": interpolation}
+    path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}))
+    return path

@@ -12,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from cache_factory import make_fake_cache
+from cache_factory import make_fake_cache, photo_coco, teacher_config
 from kdpipe import store
 from kdpipe.data import cache_loader as CL
 from kdpipe.data import views as V
@@ -200,3 +200,31 @@ def test_replayed_views_give_the_teachers_cached_embedding(real_cache):
     target = torch.from_numpy(np.load(io.BytesIO(sample["img.npy"]))[1].astype(np.float32))
     cos = torch.nn.functional.normalize(teacher.encode_images(torch.stack([right, wrong])), dim=-1) @ target
     assert cos[0] > 0.999 and cos[1] < cos[0] - 1e-3
+
+
+@pytest.mark.parametrize("resize_mode", ["squash", "longest"])
+def test_trainer_replays_view0_as_the_teachers_open_clip_preprocess(resize_mode, tmp_path):
+    """The loader's view-0 pixels (uint8, then normalised as the trainer does) are open_clip's eval
+    preprocess of the stored JPEG bit for bit, whatever the teacher's resize_mode (not a centre crop)."""
+    from open_clip.model import get_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from kdpipe.extract import ExtractConfig, run
+    from kdpipe.teachers import load_teacher
+
+    teacher_path = teacher_config(tmp_path / "open_clip_config.json", resize_mode)
+    run(ExtractConfig(teacher=str(teacher_path), allow_random_init=True, data=str(photo_coco(tmp_path / "coco")),
+                      out=str(tmp_path / "cache"), views=3, store_size=64, workers=0, device="cpu",
+                      prompts=False, progress=False))
+    cache = open_cache(tmp_path / "cache")
+    teacher = load_teacher(str(teacher_path), allow_random_init=True)
+    reference = image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(teacher.model)), is_train=False)
+    jpgs = {s["__key__"]: s["jpg"] for s in wds.WebDataset(str(cache.shard_paths("train", "tar")[0]),
+                                                          shardshuffle=False)}
+    pre = cache.teacher["preprocess"]
+    cfg = _cfg(cache, batch_size=3, image_size=pre["size"], train=False)  # train=False: view 0
+    (batch,) = list(CL.make_loader(cfg))
+    assert batch["view"].eq(0).all() and len(batch["keys"]) == 3
+    pixels = CL.normalize_images(batch["image"], pre["mean"], pre["std"])
+    for key, got in zip(batch["keys"], pixels):
+        assert torch.equal(got, reference(V.decode_image(jpgs[key])))

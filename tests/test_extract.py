@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from typer.testing import CliRunner
 
+from cache_factory import photo_coco, teacher_config, write_coco
 from kdpipe import extract as extract_mod
 from kdpipe import store
 from kdpipe.cli.main import app
@@ -162,18 +166,6 @@ def test_other_teacher_refused_unless_overwrite(cache, world, tmp_path):
     assert summary["val"]["count"] == 10 and not (copy / "train").exists()
 
 
-def _write_coco(root: Path, images: dict[str, bytes], captions: dict[str, list[str]]) -> None:
-    (root / "annotations").mkdir(parents=True)
-    (root / "train").mkdir()
-    info = {"images": [], "annotations": []}
-    for i, (name, data) in enumerate(sorted(images.items()), start=1):
-        (root / "train" / name).write_bytes(data)
-        info["images"].append({"id": i, "file_name": name})
-        info["annotations"] += [{"id": 100 * i + j, "image_id": i, "caption": c}
-                                for j, c in enumerate(captions[name])]
-    (root / "annotations" / "captions_train.json").write_text(json.dumps(info))
-
-
 def _encoded(mode: str, fmt: str = "PNG", size=(40, 30)) -> bytes:
     buf = io.BytesIO()
     img = Image.new(mode, size)
@@ -195,7 +187,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path):
     captions = {name: ["a picture", "  ", ""] for name in images}
     captions["i_nocap.jpg"] = []
     captions["j_blank.jpg"] = ["   ", ""]
-    _write_coco(tmp_path / "coco", images, captions)
+    write_coco(tmp_path / "coco", images, captions)
     summary = run(_cfg(tmp_path / "coco", tmp_path / "out", shard_size=4))
     info = summary["train"]
     assert info["count"] == 5  # ok, cmyk, gray, palette, alpha
@@ -211,7 +203,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path):
 
 def test_leakage_guard_reported(tmp_path):
     images = {f"{i}.jpg": _encoded("RGB", "JPEG") for i in range(6)}
-    _write_coco(tmp_path / "coco", images, {n: ["a cat"] for n in images})
+    write_coco(tmp_path / "coco", images, {n: ["a cat"] for n in images})
     # Karpathy test images that are also in the annotation train split (as val2014 in train2017)
     karpathy = {"images": [
         {"cocoid": i + 1, "filepath": "train", "filename": f"{i}.jpg",
@@ -235,6 +227,67 @@ def test_cli_help_and_bad_flags(world, tmp_path):
     result = runner.invoke(app, ["extract", "--teacher", "tiny-clip", "--data", str(tmp_path / "missing"),
                                  "--out", str(tmp_path / "x"), "--device", "cpu"])
     assert result.exit_code == 2 and "missing" in result.output
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+def test_view0_is_the_teachers_own_open_clip_preprocess(resize_mode, tmp_path, monkeypatch):
+    """The pixels fed to the teacher for view 0, and view 0 replayed from views.json, are open_clip's
+    eval preprocess (create_model_and_transforms') of the decoded stored JPEG, bit for bit."""
+    photo_coco(tmp_path / "coco")
+    teacher_path = teacher_config(tmp_path / "open_clip_config.json", resize_mode)
+    fed: dict[str, torch.Tensor] = {}
+    real_embed = extract_mod.embed_batch
+
+    def spy(teacher, batch, precision):  # records exactly what the teacher is given
+        fed.update({p.key: p.pixels[0] for p in batch})
+        return real_embed(teacher, batch, precision)
+
+    monkeypatch.setattr(extract_mod, "embed_batch", spy)
+    run(_cfg(tmp_path / "coco", tmp_path / "out", teacher=str(teacher_path), allow_random_init=True,
+             store_size=64, views=2, prompts=False))
+    teacher = load_teacher(str(teacher_path), allow_random_init=True)
+    pre = teacher.preprocess
+    # open_clip's own eval transform for this model, as create_model_and_transforms builds it
+    reference = image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(teacher.model)), is_train=False)
+    samples = _tar_samples(tmp_path / "out", "train")
+    assert len(samples) == len(fed) == 3
+    for key, s in samples.items():
+        stored = V.decode_image(s["jpg"])
+        assert min(stored.size) == 64 and stored.width != stored.height
+        expected = reference(stored)
+        assert torch.equal(fed[key], expected)
+        view0 = V.View.from_dict(json.loads(s["views.json"])[0])
+        replayed = V.to_tensor(V.apply_view(stored, view0, pre.size, pre.interpolation), pre.mean, pre.std)
+        assert torch.equal(replayed, expected)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["view_policy"]["view0"] == resize_mode == manifest["teacher"]["preprocess"]["resize_mode"]
+
+
+def test_store_size_below_the_teachers_input_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match=r"input size 32.*pass --store-size >= 32"):
+        run(_cfg(world, tmp_path / "out", store_size=31))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    result = CliRunner().invoke(app, ["extract", "--teacher", "shapes-vit", "--data", str(world), "--out",
+                                      str(tmp_path / "cli"), "--device", "cpu", "--store-size", "48"])
+    assert result.exit_code == 2 and "--store-size >= 64" in " ".join(result.output.split())
+
+
+def test_store_size_that_upsamples_random_views_warns_with_the_fix(caplog):
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        extract_mod.check_store_size(256, 224, n_views=4)  # the default store size, a 224 px teacher
+    assert "pass --store-size >= 438" in caplog.text and "131 px" in caplog.text and "1.71x" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        extract_mod.check_store_size(438, 224, n_views=4)  # big enough
+        extract_mod.check_store_size(256, 224, n_views=1)  # view 0 only: no random views to upsample
+        extract_mod.check_store_size(256, 64, n_views=4)  # shapes-vit at the default store size
+    assert caplog.text == ""
+
+
+def test_extract_warns_about_upsampled_random_views(world, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        run(_cfg(world, tmp_path / "out", store_size=48, splits=["val"], prompts=False))
+    assert "--store-size 48" in caplog.text and "pass --store-size >= 63" in caplog.text
 
 
 @pytest.mark.slow

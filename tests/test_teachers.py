@@ -254,7 +254,19 @@ def test_config_json_wrapper_sets_preprocess(tmp_path):
     t = load_teacher(str(cfg), allow_random_init=True)
     assert t.preprocess.mean == (0.5, 0.5, 0.5) and t.preprocess.std == (0.25, 0.25, 0.25)
     assert t.preprocess.interpolation == "bilinear" and t.preprocess.size == 32
+    assert t.preprocess.resize_mode == "squash" and "fill_color" not in t.fingerprint["preprocess"]
     assert t.fingerprint["preprocess_source"] == "config"
+
+
+def test_longest_records_its_fill_colour_and_unknown_modes_are_refused(tmp_path):
+    pp = {"resize_mode": "longest", "fill_color": 128}
+    t = load_teacher(str(_write_config(tmp_path / "longest.json", wrapper={"preprocess_cfg": pp})),
+                     allow_random_init=True)
+    assert t.preprocess.resize_mode == "longest" and t.preprocess.fill_color == 128
+    assert t.fingerprint["preprocess"]["fill_color"] == 128  # the pad colour changes view 0's pixels
+    bad = _write_config(tmp_path / "letterbox.json", wrapper={"preprocess_cfg": {"resize_mode": "letterbox"}})
+    with pytest.raises(ValueError, match="'letterbox'.*shortest, squash, longest"):
+        load_teacher(str(bad), allow_random_init=True)
 
 
 def test_config_json_needs_weights_or_flag(tmp_path):

@@ -11,18 +11,23 @@ import pytest
 import torch
 from open_clip.transform import image_transform
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
 from kdpipe.data.views import (
     BAD_IMAGE_REASONS,
+    RESIZE_MODES,
     BadImage,
     View,
     apply_view,
     center_view,
     decode_image,
+    eval_view,
+    min_store_size,
     pixel_box,
     sample_views,
     stable_seed,
     store_image,
+    smallest_view_fraction,
     stored_size,
     to_tensor,
 )
@@ -136,7 +141,12 @@ def test_sample_views_deterministic_and_in_policy() -> None:
     views = sample_views(8, w, h, "000000391895")
     assert views == sample_views(8, w, h, "000000391895")
     assert views != sample_views(8, w, h, "000000391896")
-    assert views[0] == center_view(w, h) and sample_views(1, w, h, "k") == [center_view(w, h)]
+    assert views[0] == eval_view(w, h) == View(center_view(w, h).box, False, "shortest")
+    assert sample_views(1, w, h, "k") == [eval_view(w, h)]
+    assert sample_views(2, w, h, "k", resize_mode="squash")[0] == View((0.0, 0.0, 1.0, 1.0), False, "squash")
+    assert sample_views(2, w, h, "k", resize_mode="longest", fill=9)[0] == View((0, 0, 1, 1), False, "longest", 9)
+    assert sample_views(3, w, h, "k", resize_mode="squash")[1:] == sample_views(3, w, h, "k")[1:]
+    assert all(v.resize == "crop" for v in views[1:])
     for v in views[1:]:
         x0, y0, x1, y1 = pixel_box(v, w, h)
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
@@ -171,16 +181,53 @@ def test_views_replay_exactly_from_stored_bytes() -> None:
         apply_view(decoded, views[0], 64, interpolation="cubic-ish")
 
 
-@pytest.mark.parametrize("size", [(500, 333), (320, 240), (241, 333)])
-def test_center_view_matches_open_clip_eval(size) -> None:
-    """View 0 is the teacher's eval transform: Resize(shorter side) + CenterCrop, bicubic."""
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(500, 333), (241, 333), (97, 40)])
+def test_view0_equals_open_clip_eval_preprocess(size, interpolation, mode) -> None:
+    """View 0 is the teacher's own eval transform, bit for bit: the same PIL resizes in the
+    same order (no tolerance needed), for every open_clip resize_mode."""
     _, stored = store_image(smooth_image(*size, seed=1))
-    expected = image_transform(224, is_train=False, mean=MEAN, std=STD)(stored)
-    got = to_tensor(apply_view(stored, center_view(*stored.size), 224), MEAN, STD)
+    fill = 77  # a pad colour that shows: "longest" pads the short side of these non-square images
+    expected = image_transform(224, is_train=False, mean=MEAN, std=STD, resize_mode=mode,
+                               interpolation=interpolation, fill_color=fill)(stored)
+    view = View.from_dict(json.loads(json.dumps(eval_view(*stored.size, mode, fill).to_dict())))  # via views.json
+    got = to_tensor(apply_view(stored, view, 224, interpolation), MEAN, STD)
     assert got.shape == expected.shape == (3, 224, 224)
-    pixel_diff = ((got - expected) * torch.tensor(STD).view(3, 1, 1)).abs().mean().item()  # in [0, 1] units
-    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
-    assert pixel_diff < 0.03 and cosine > 0.99  # rounding of the resized side shifts open_clip by <1 px
+    assert torch.equal(got, expected)
+    if mode != "shortest":  # squash / pad differ from a centre crop on a non-square image
+        crop = to_tensor(apply_view(stored, View(center_view(*stored.size).box, False), 224, interpolation), MEAN, STD)
+        assert ((crop - expected) * torch.tensor(STD).view(3, 1, 1)).abs().mean() > 0.05
+
+
+def test_view_dicts_round_trip_and_old_dicts_are_crops() -> None:
+    for view in (View((0.1, 0.2, 0.9, 1.0), True), eval_view(30, 20, "squash"), eval_view(30, 20, "longest", 255)):
+        assert View.from_dict(json.loads(json.dumps(view.to_dict()))) == view
+    assert eval_view(30, 20, "longest", 255).to_dict() == {"box": [0.0, 0.0, 1.0, 1.0], "flip": False,
+                                                           "resize": "longest", "fill": 255}
+    # views.json written before View.resize existed: a box to crop, which is how their view 0 was made
+    old = View.from_dict({"box": [0.125, 0.0, 0.875, 1.0], "flip": False})
+    assert old == View((0.125, 0.0, 0.875, 1.0), False, "crop") == center_view(320, 240)
+    img = smooth_image(320, 240)
+    expected = img.crop((40, 0, 280, 240)).resize((64, 64), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(apply_view(img, old, 64)), np.asarray(expected))
+    with pytest.raises(ValueError, match="shortest, squash, longest"):
+        View((0, 0, 1, 1), False, "letterbox")
+    with pytest.raises(ValueError, match="shortest, squash, longest"):
+        eval_view(30, 20, "crop")
+
+
+def test_min_store_size_is_where_the_smallest_random_view_reaches_the_input_size() -> None:
+    assert smallest_view_fraction() == pytest.approx((0.35 * 0.75) ** 0.5)  # 0.512: area 35 %, aspect 3:4
+    assert min_store_size(224) == 438 and min_store_size(32) == 63 and min_store_size(224, scale=(1.0, 1.0)) == 259
+    # RandomResizedCrop itself never draws a box whose shorter side is below that fraction (square image:
+    # the worst case), and does draw boxes close to it.
+    s, shortest = 400, []
+    torch.manual_seed(0)
+    for _ in range(4000):
+        _, _, ch, cw = RandomResizedCrop.get_params(torch.empty(1, s, s), [0.35, 1.0], [3 / 4, 4 / 3])
+        shortest.append(min(ch, cw) / s)
+    assert smallest_view_fraction() - 1 / s <= min(shortest) < smallest_view_fraction() + 0.03
 
 
 def test_to_tensor_normalises() -> None:

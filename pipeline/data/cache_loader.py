@@ -1,7 +1,9 @@
 """The cache -> training batches data path (DESIGN §3, §5).
 
-Streams a split's WebDataset tar shards, replays a stored view (crop box + flip) on the
-stored JPEG so the pixels are exactly those the teacher embedded, and pairs them with the
+Streams a split's WebDataset tar shards, replays a stored view (``views.View``: a crop box +
+flip, or view 0's eval resize — shortest, squash or longest — as the teacher's open_clip
+preprocess made it) on the stored JPEG so the pixels are exactly those the teacher embedded
+(at another ``image_size``, the same view cut at that size), and pairs them with the
 cached targets: ``t_img = img.npy[v]`` for the drawn view ``v`` and ``t_txt = txt.npy[c]``
 for one drawn caption ``c``.
 

@@ -4,15 +4,21 @@ The stored image is the original converted to RGB, shrunk so its shorter side is
 ``store_size`` and JPEG-encoded (quality 95). Everything downstream works from the *decoded
 stored JPEG* (``store_image`` returns it), so the trainer sees exactly the teacher's pixels.
 
-A ``View`` is a crop box relative to the stored image plus a flip. View 0 is the teacher's
-eval transform (centred square crop, as open_clip's Resize(shorter side) + CenterCrop);
-views 1..K-1 are RandomResizedCrop parameters drawn from an RNG seeded by the record key.
+A ``View`` says how one view's pixels are cut from the stored image, so a reader can replay
+them. View 0 is the teacher's own eval transform of the whole stored image, whichever
+``resize_mode`` open_clip gives the teacher (``View.resize``): ``shortest`` (shorter side to S,
+centre crop), ``squash`` (both sides to S, aspect not kept) or ``longest`` (longer side to S,
+centred and padded with the fill colour). Views 1..K-1 (``resize="crop"``) are
+RandomResizedCrop boxes + flips drawn from an RNG seeded by the record key; their box is
+cropped and resized to S x S. Views written before ``View.resize`` existed read as ``"crop"``,
+which is how their view 0 (the centred square box) was made.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import RandomResizedCrop
+from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
 
 SCALE = (0.35, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -36,6 +44,9 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+CROP = "crop"  # View.resize of a random view: the box, resized to S x S
+RESIZE_MODES = ("shortest", "squash", "longest")  # open_clip's eval resize modes (PreprocessCfg.resize_mode)
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 BAD_IMAGE_REASONS = ("missing", "empty", "unreadable", "truncated", "corrupt", "decompression_bomb")
 
 
@@ -50,15 +61,31 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class View:
+    """One view of a stored image, as written to views.json.
+
+    ``resize`` is ``"crop"`` (crop ``box``, resize it to S x S) or one of ``RESIZE_MODES`` (the
+    teacher's eval transform of the whole image; ``box`` then only records the part of the
+    image the view shows). ``fill`` is the pad colour of ``"longest"``.
+    """
+
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) relative to the stored image, in [0, 1]
     flip: bool
+    resize: str = CROP
+    fill: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resize != CROP and self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown view resize {self.resize!r}; valid: {CROP}, {', '.join(RESIZE_MODES)}")
 
     def to_dict(self) -> dict:
-        return {"box": list(self.box), "flip": self.flip}
+        d = {"box": list(self.box), "flip": self.flip, "resize": self.resize}
+        return {**d, "fill": self.fill} if self.resize == "longest" else d
 
     @classmethod
     def from_dict(cls, d: dict) -> View:
-        return cls(tuple(float(v) for v in d["box"]), bool(d["flip"]))  # type: ignore[arg-type]
+        """Inverse of ``to_dict``; a dict without ``resize`` (caches before it existed) is a crop."""
+        box = tuple(float(v) for v in d["box"])
+        return cls(box, bool(d["flip"]), str(d.get("resize", CROP)), int(d.get("fill", 0)))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- decoding and storing
@@ -163,9 +190,9 @@ def store_image(img: Image.Image, store_size: int = STORE_SIZE) -> tuple[bytes, 
 # ---------------------------------------------------------------- views
 
 
-def view_policy(store_size: int = STORE_SIZE) -> dict:
-    """How views are made, for the cache manifest."""
-    return {"view0": "center-crop", "scale": list(SCALE), "ratio": [round(r, 3) for r in RATIO], "flip": FLIP_P,
+def view_policy(store_size: int = STORE_SIZE, resize_mode: str = "shortest") -> dict:
+    """How views are made, for the cache manifest (caches before ``View.resize``: view0 "center-crop")."""
+    return {"view0": resize_mode, "scale": list(SCALE), "ratio": [round(r, 3) for r in RATIO], "flip": FLIP_P,
             "store_size": store_size}  # fmt: skip
 
 
@@ -176,20 +203,32 @@ def center_view(w: int, h: int) -> View:
     return View((x0 / w, y0 / h, (x0 + side) / w, (y0 + side) / h), False)
 
 
+def eval_view(w: int, h: int, resize_mode: str = "shortest", fill: int = 0) -> View:
+    """View 0 of a ``w`` x ``h`` stored image: the teacher's eval transform (open_clip ``resize_mode``).
+
+    The box is what the view shows: the centred square for ``shortest``, the whole image otherwise.
+    """
+    _check_resize_mode(resize_mode)
+    box = center_view(w, h).box if resize_mode == "shortest" else FULL_BOX
+    return View(box, False, resize_mode, fill if resize_mode == "longest" else 0)
+
+
 def stable_seed(seed: int | str) -> int:
     """A 63-bit seed from any int or string, identical across runs and machines (not ``hash()``)."""
     return int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def sample_views(
-    k: int, w: int, h: int, seed: int | str, scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO
+    k: int, w: int, h: int, seed: int | str, resize_mode: str = "shortest", fill: int = 0,
+    scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO,
 ) -> list[View]:
-    """``k`` views of a ``w`` x ``h`` stored image: view 0 centred, then RandomResizedCrop + flip.
+    """``k`` views of a ``w`` x ``h`` stored image: view 0 the teacher's eval transform
+    (``eval_view``), then RandomResizedCrop + flip.
 
     ``seed`` is typically the record key (optionally prefixed with a run seed), so views do
     not depend on processing order, rank or batch.
     """
-    views = [center_view(w, h)][:k]
+    views = [eval_view(w, h, resize_mode, fill)][:k]
     shape_only = torch.empty(1, 1, 1).expand(1, h, w)  # get_params only reads the size
     # get_params draws from the global torch RNG: fork it so callers' RNG state is untouched.
     with torch.random.fork_rng(devices=[]):
@@ -210,11 +249,50 @@ def pixel_box(view: View, w: int, h: int) -> tuple[int, int, int, int]:
 
 
 def apply_view(img: Image.Image, view: View, size: int, interpolation: str = "bicubic") -> Image.Image:
-    """Crop the view's pixel box, resize to ``size`` x ``size``, flip. Deterministic."""
+    """The view's ``size`` x ``size`` pixels: crop the box and resize (``"crop"``), or the eval
+    transform of ``view.resize`` (``eval_resize``); then flip. Deterministic."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
-    out = img.crop(pixel_box(view, *img.size)).resize((size, size), INTERPOLATIONS[interpolation])
+    if view.resize == CROP:
+        out = img.crop(pixel_box(view, *img.size)).resize((size, size), INTERPOLATIONS[interpolation])
+    else:
+        out = eval_resize(img, size, view.resize, interpolation, view.fill)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view.flip else out
+
+
+def eval_resize(img: Image.Image, size: int, resize_mode: str, interpolation: str, fill: int = 0) -> Image.Image:
+    """The geometric steps of open_clip's eval ``image_transform`` (no ToTensor / Normalize).
+
+    Built from the same torchvision / open_clip pieces in the same order, so with
+    ``to_tensor`` the result equals open_clip's preprocess of ``img`` bit for bit (tested).
+    """
+    _check_resize_mode(resize_mode)
+    mode = InterpolationMode(interpolation)
+    if resize_mode == "squash":
+        return TF.resize(img, [size, size], mode)
+    if resize_mode == "longest":
+        return CenterCropOrPad(size, fill=fill)(ResizeKeepRatio(size, longest=1, interpolation=mode)(img))
+    return TF.center_crop(TF.resize(img, size, mode), [size, size])  # shortest
+
+
+def _check_resize_mode(resize_mode: str) -> None:
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize_mode {resize_mode!r}; open_clip's are {', '.join(RESIZE_MODES)}")
+
+
+def smallest_view_fraction(scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO) -> float:
+    """Shorter side of the smallest random view / shorter side of the stored image.
+
+    RandomResizedCrop's smallest box has area ``scale[0]`` of the image at the most extreme
+    aspect; on a square image (the worst case: a longer image gives larger boxes) its shorter
+    side is ``sqrt(scale[0] * min(ratio[0], 1 / ratio[1]))`` of the image's (0.51 for the defaults).
+    """
+    return math.sqrt(scale[0] * min(ratio[0], 1 / ratio[1]))
+
+
+def min_store_size(size: int, scale: Sequence[float] = SCALE, ratio: Sequence[float] = RATIO) -> int:
+    """The smallest stored shorter side at which no random view is upsampled to ``size``."""
+    return math.ceil(size / smallest_view_fraction(scale, ratio))
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -233,13 +311,18 @@ def view_area(view: View) -> float:
 
 __all__ = [
     "BAD_IMAGE_REASONS",
+    "RESIZE_MODES",
     "BadImage",
     "View",
     "apply_view",
     "center_view",
     "decode_image",
+    "eval_resize",
+    "eval_view",
+    "min_store_size",
     "pixel_box",
     "sample_views",
+    "smallest_view_fraction",
     "stable_seed",
     "store_image",
     "stored_size",

@@ -19,6 +19,9 @@ def _print_pretrain_summary(summary: dict) -> None:
         console.print(f"val retrieval R@1: image->text {val['i2t_R@1']:.3f}, text->image {val['t2i_R@1']:.3f}")
     if "zeroshot_top1" in val:
         console.print(f"val zero-shot top-1: {val['zeroshot_top1']:.3f} (chance {val['zeroshot_chance']:.3f})")
+    if summary.get("val_tail_gain") is not None:
+        console.print(f"val image->text R@1 over the last 20% of steps: {summary['val_tail_gain']:+.1%} "
+                      "(under +2%: plateaued)")
     console.print(f"use it: kdpipe extract --teacher {summary['config']} --pretrained {summary['weights']}")
 
 
@@ -35,13 +38,17 @@ def pretrain_teacher(
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and crops."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain even if OUT holds a teacher (any settings)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Evaluate on the val split every N "
+                                            "steps (the val curve in train.json, and whether the last 20% of "
+                                            "steps still gained); default: at the end only."),
 ) -> None:
     """Train a small open_clip CLIP from scratch (a teacher for offline demos); reuses OUT when already trained."""
     from kdpipe.pretrain import DEFAULT_STEPS, PretrainConfig, run
 
     with user_errors():
         cfg = PretrainConfig(data=data, out=str(out), arch=arch, steps=steps or DEFAULT_STEPS,
-                             batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite)
+                             batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite,
+                             val_every=val_every)
         summary = run(cfg)
     _print_pretrain_summary(summary)
 

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ class PretrainConfig:
     precision: str = "auto"  # autocast on CUDA (bf16); fp32 on CPU
     overwrite: bool = False
     log_every: int = 10  # loss curve resolution (steps)
+    val_every: int | None = None  # steps between held-out evaluations (the val curve); None: at the end only
     eval_batch_size: int = 256
     progress: bool = True
 
@@ -297,9 +298,11 @@ class Trainer:
         return float(loss.detach())
 
 
-def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig) -> list[dict[str, float]]:
-    """Run ``cfg.steps`` steps; returns the loss curve [{"step", "loss", "lr"}] (means over log_every steps)."""
-    curve, window = [], []
+def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig,
+               on_val: Callable[[int], dict[str, float]] | None = None) -> tuple[list[dict], list[dict]]:
+    """Run ``cfg.steps`` steps; returns the loss curve [{"step", "loss", "lr"}] (means over
+    log_every steps) and the val curve [{"step", **on_val(step)}] (every ``cfg.val_every`` steps)."""
+    curve, val_curve, window = [], [], []
     feed = batches(data, cfg.batch_size, trainer.generator)
     trainer.model.train()
     with make_progress("samples", disable=not cfg.progress) as bar:
@@ -311,8 +314,24 @@ def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig) -> 
                 lr = trainer.optimizer.param_groups[0]["lr"]
                 curve.append({"step": step + 1, "loss": sum(window) / len(window), "lr": lr})
                 window = []
+            if on_val is not None and cfg.val_every and (step + 1) % cfg.val_every == 0 and step + 1 < cfg.steps:
+                val_curve.append({"step": step + 1, **on_val(step + 1)})
+                trainer.model.train()
             bar.update(task, advance=len(idx), info=f"loss {curve[-1]['loss']:.3f}" if curve else "")
-    return curve
+    return curve, val_curve
+
+
+def tail_gain(val_curve: list[dict[str, float]], key: str = "i2t_R@1", tail: float = 0.2) -> float | None:
+    """Relative gain of ``key`` over the last ``tail`` of the steps: (final − v₀) / v₀, where v₀ is
+    the value at the latest evaluation at or before step (1 − tail)·final_step. None if there is
+    no such earlier evaluation (or v₀ is 0). A gain below ~2% means the run has plateaued."""
+    if len(val_curve) < 2:
+        return None
+    final = val_curve[-1]
+    earlier = [r for r in val_curve[:-1] if r["step"] <= (1 - tail) * final["step"]]
+    if not earlier or not earlier[-1][key]:
+        return None
+    return (final[key] - earlier[-1][key]) / earlier[-1][key]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -487,14 +506,27 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str)
     mean, std = tuple(built.preprocess["mean"]), tuple(built.preprocess["std"])
     trainer = Trainer(built.model, ClipLoss(), optimizer, scheduler, mean, std, tuple(cfg.crop_scale), device,
                       precision, torch.Generator().manual_seed(cfg.seed))
+    eval_seconds = [0.0]
+
+    def on_val(step: int) -> dict[str, float]:
+        tick = time.perf_counter()
+        metrics = evaluate(built.model, built.tokenizer, val, source.classnames(), mean, std, device, precision,
+                           cfg.eval_batch_size)
+        eval_seconds[0] += time.perf_counter() - tick
+        log.info("pretrain step %d: val i2t R@1 %.3f", step, metrics["i2t_R@1"])
+        return metrics
+
     start = time.perf_counter()
-    curve = train_loop(trainer, train, cfg)
-    seconds = time.perf_counter() - start
+    curve, val_curve = train_loop(trainer, train, cfg, on_val if val is not None else None)
+    seconds = time.perf_counter() - start - eval_seconds[0]  # training time: the periodic evals are left out
     metrics = {} if val is None else evaluate(built.model, built.tokenizer, val, source.classnames(), mean, std,
                                               device, precision, cfg.eval_batch_size)
+    if metrics:
+        val_curve.append({"step": cfg.steps, **metrics})
     return {"train_images": len(train), "train_captions": int(train.tokens.shape[0]),
             "val_images": 0 if val is None else len(val), "final_loss": curve[-1]["loss"], "loss_curve": curve,
-            "val": metrics, "logit_scale": float(built.model.logit_scale.detach().exp()),
+            "val": metrics, "val_curve": val_curve, "val_tail_gain": tail_gain(val_curve),
+            "logit_scale": float(built.model.logit_scale.detach().exp()),
             "seconds": round(seconds, 2), "samples_per_s": round(cfg.steps * batch / seconds, 1)}
 
 

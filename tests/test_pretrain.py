@@ -127,6 +127,23 @@ def test_loss_goes_down_and_metrics_are_reported(trained: dict) -> None:
     assert trained["train_images"] == 32 and trained["val_images"] == 16 and not trained["reused"]
 
 
+def test_val_curve_every_n_steps_and_its_tail_gain(world: Path, tmp_path: Path) -> None:
+    summary = pretrain.run(tiny_cfg(world, tmp_path / "T", val_every=10))
+    curve = summary["val_curve"]
+    assert [r["step"] for r in curve] == list(range(10, STEPS, 10)) + [STEPS]
+    assert curve[-1] == {"step": STEPS, **summary["val"]}  # the last point is the final evaluation
+    v0 = next(r for r in reversed(curve[:-1]) if r["step"] <= 0.8 * STEPS)["i2t_R@1"]
+    expected = None if v0 == 0 else (curve[-1]["i2t_R@1"] - v0) / v0
+    assert summary["val_tail_gain"] == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_tail_gain_reads_the_last_fifth_of_the_steps() -> None:
+    curve = [{"step": s, "i2t_R@1": v} for s, v in ((100, 0.1), (400, 0.30), (800, 0.40), (900, 0.405), (1000, 0.41))]
+    assert pretrain.tail_gain(curve) == pytest.approx(0.41 / 0.40 - 1)  # from step 800 (= 80% of 1000)
+    assert pretrain.tail_gain(curve[:2]) == pytest.approx(0.30 / 0.1 - 1)
+    assert pretrain.tail_gain(curve[-1:]) is None
+
+
 def test_files_written_and_load_teacher_gives_the_saved_model(trained: dict, world: Path) -> None:
     from kdpipe.data.records import open_source
     from kdpipe.teachers import load_teacher

@@ -89,13 +89,17 @@ class Embeddings:
     classifiers: dict[str, Tensor] = field(default_factory=dict)
 
 
-def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024) -> dict[str, float]:
+def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024,
+                  whose: str = "") -> dict[str, float]:
     """Retrieval R@1/5/10 both ways, plus zero-shot top-1/top-5 per classifier on the labelled images.
 
     txt_to_img [M] long, labels [N] long (−1: unknown). Keys: "i2t_R@1", ...,
-    "zeroshot/{dataset}/top1".
+    "zeroshot/{dataset}/top1". ``whose`` (e.g. "val split: student") prefixes the error that
+    refuses non-finite embeddings.
     """
-    out = metrics.retrieval_recall(e.img, e.txt, txt_to_img, chunk=chunk)
+    who = f"{whose} " if whose else ""
+    out = metrics.retrieval_recall(e.img, e.txt, txt_to_img, chunk=chunk,
+                                   img_name=f"{who}image embeddings", txt_name=f"{who}text embeddings")
     known = labels >= 0
     if known.any():
         for name, classifier in e.classifiers.items():
@@ -116,15 +120,18 @@ def agreement_metrics(student: Embeddings, teacher: Embeddings) -> dict[str, flo
 
 def evaluate_embeddings(
     student: Embeddings, teacher: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024,
+    split: str = "",
 ) -> dict[str, EvalRow]:
     """Every metric of the student next to the teacher's and their ratio (``metrics.with_ratios``).
 
     Both sides go through the same functions; the teacher's agreement with itself is computed
     too (1 by construction), so feeding the teacher's embeddings as the "student" reproduces
-    the teacher column exactly.
+    the teacher column exactly. ``split`` names the split in the non-finite error; the teacher
+    is scored first, so a bad cache is blamed on it, not on a student borrowing its captions.
     """
-    s = {**split_metrics(student, txt_to_img, labels, chunk), **agreement_metrics(student, teacher)}
-    t = {**split_metrics(teacher, txt_to_img, labels, chunk), **agreement_metrics(teacher, teacher)}
+    where = f"{split} split: " if split else ""
+    t = {**split_metrics(teacher, txt_to_img, labels, chunk, f"{where}teacher"), **agreement_metrics(teacher, teacher)}
+    s = {**split_metrics(student, txt_to_img, labels, chunk, f"{where}student"), **agreement_metrics(student, teacher)}
     return metrics.with_ratios(s, t)
 
 
@@ -593,7 +600,8 @@ def run_teacher(cfg: EvalConfig) -> dict[str, Any]:
     notes: list[str] = []
     teacher = _teacher_embeddings(held, cache_classifiers(read_prompt_sets(cache), cache.classnames, notes))
     txt_to_img, labels = torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels)
-    scores = {**split_metrics(teacher, txt_to_img, labels, cfg.chunk), **agreement_metrics(teacher, teacher)}
+    scores = {**split_metrics(teacher, txt_to_img, labels, cfg.chunk, f"{cfg.split} split: teacher"),
+              **agreement_metrics(teacher, teacher)}
     report = {
         "kind": "teacher", "dataset": _dataset_info(cache, cfg.split, held), "split": cfg.split,
         "model": {"image": None, "text": None, "teacher": describe_teacher(cache.teacher)},
@@ -643,7 +651,7 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     teacher = _teacher_embeddings(held, t_cls)
     student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
     rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels),
-                               cfg.chunk)
+                               cfg.chunk, cfg.split)
     source = "teacher prompts.h5" if s.text is None else "student text tower"
     info = {n: {"images": int((held.labels >= 0).sum()), "classes": c.shape[1], "class_embeddings": source}
             for n, c in s_cls.items()}

@@ -23,9 +23,21 @@ def _recall_from_ranks(ranks: Tensor, ks: Sequence[int], prefix: str) -> dict[st
     return {f"{prefix}_R@{k}": (ranks < k).double().mean().item() for k in ks}
 
 
-def _i2t_ranks(img: Tensor, txt: Tensor, txt_to_img: Tensor, chunk: int) -> Tensor:
-    """Rank of each image's best-scoring caption among all texts -> LongTensor [N].
+def require_finite(x: Tensor, what: str) -> None:
+    """Refuse x [N, D] when any row holds NaN or inf: ValueError "{what} have 3 non-finite rows of 500".
 
+    A NaN score compares False with everything, so whatever the rank rule it silently turns
+    into a hit or a miss: a diverged model must fail loudly rather than get a figure.
+    """
+    bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+    if bad:
+        raise ValueError(f"{what} have {bad} non-finite rows of {x.shape[0]}")
+
+
+def _i2t_ranks(img: Tensor, txt: Tensor, txt_to_img: Tensor, chunk: int) -> Tensor:
+    """Rank of each image's best-scoring caption -> LongTensor [N]: other images' texts scoring >= it.
+
+    The image's own captions never count (none beats the best; one that ties it is as correct).
     An image with no caption gets the largest long (never a hit, whatever K).
     """
     ranks = []
@@ -34,18 +46,18 @@ def _i2t_ranks(img: Tensor, txt: Tensor, txt_to_img: Tensor, chunk: int) -> Tens
         ids = torch.arange(start, start + sims.shape[0], device=img.device)
         positive = txt_to_img[None, :] == ids[:, None]  # [c, M]
         best = sims.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-        rank = (sims > best).sum(dim=1)
+        rank = ((sims >= best) & ~positive).sum(dim=1)
         ranks.append(rank.masked_fill(~positive.any(dim=1), torch.iinfo(torch.long).max))
     return torch.cat(ranks)
 
 
 def _t2i_ranks(img: Tensor, txt: Tensor, txt_to_img: Tensor, chunk: int) -> Tensor:
-    """Rank of each caption's own image among all images -> LongTensor [M]."""
+    """Rank of each caption's own image -> LongTensor [M]: other images scoring >= it."""
     ranks = []
     for start in range(0, txt.shape[0], chunk):
         sims = txt[start : start + chunk] @ img.T  # [c, N]
         correct = sims.gather(1, txt_to_img[start : start + chunk, None])  # [c, 1]
-        ranks.append((sims > correct).sum(dim=1))
+        ranks.append((sims >= correct).sum(dim=1) - 1)  # - 1: the own image ties itself
     return torch.cat(ranks)
 
 
@@ -55,6 +67,8 @@ def retrieval_recall(
     txt_to_img: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk: int = 1024,
+    img_name: str = "image embeddings",
+    txt_name: str = "text embeddings",
 ) -> dict[str, float]:
     """Recall@K both ways with every caption of every image (CLIP_benchmark definition).
 
@@ -63,11 +77,17 @@ def retrieval_recall(
     similar texts. Text -> image: a caption is a hit when its image is among the K most
     similar images. Returns {"i2t_R@1": ..., "t2i_R@1": ..., ...}, each in [0, 1].
 
-    A query's rank is the number of candidates scoring strictly higher than its (best)
-    correct one, so ties resolve in the query's favour and the result does not depend on
-    how a top-k kernel orders equal scores. Similarities are computed ``chunk`` queries at a
-    time: peak memory is chunk x max(N, M) floats, never N x M (COCO 5k x 25k, or 25k x 125k).
+    A query's rank is the number of OTHER candidates scoring at least as high as its (best)
+    correct one: ties count against the query, so a collapsed model (a constant tower, two
+    images with identical captions) gets no credit for them, and the result does not depend
+    on how a top-k kernel orders equal scores. Without ties the figures are CLIP_benchmark's
+    ``recall_at_k`` (tested). Rows holding NaN or inf are refused with a ValueError naming
+    them by ``img_name`` / ``txt_name`` (e.g. "val split: student image embeddings").
+    Similarities are computed ``chunk`` queries at a time: peak memory is chunk x max(N, M)
+    floats, never N x M (COCO 5k x 25k, or 25k x 125k).
     """
+    require_finite(img, img_name)
+    require_finite(txt, txt_name)
     img, txt = _unit(img), _unit(txt)
     txt_to_img = txt_to_img.to(device=img.device, dtype=torch.long)
     if txt_to_img.shape != (txt.shape[0],):

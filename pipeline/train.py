@@ -626,9 +626,12 @@ def validate(s: Setup) -> dict[str, float]:
     txt_rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
     t_txt = torch.from_numpy(val.txt[txt_rows].astype(np.float32))
     txt_to_img = torch.from_numpy(np.repeat(np.arange(len(rows)), ends - starts))
-    out = {f"val_{k}": v for k, v in metrics.retrieval_recall(s_img, t_txt, txt_to_img, ks=(1,)).items()}
+    recall = metrics.retrieval_recall(s_img, t_txt, txt_to_img, ks=(1,), img_name="val split: student image embeddings",
+                                      txt_name="val split: teacher text embeddings")
+    out = {f"val_{k}": v for k, v in recall.items()}
     out["val_cos"] = metrics.agreement(s_img, t_img)["cosine"]
-    if s_txt is not None:
+    if s_txt is not None:  # only its cosine is logged, but a NaN text tower must stop the run too
+        metrics.require_finite(s_txt, "val split: student text embeddings")
         first = torch.from_numpy(val.txt[starts].astype(np.float32))
         out["val_txt_cos"] = metrics.agreement(s_txt, first)["cosine"]
     out["val_score"] = (out["val_i2t_R@1"] + out["val_t2i_R@1"]) / 2 + 1e-3 * out["val_cos"]

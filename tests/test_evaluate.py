@@ -77,6 +77,21 @@ def test_a_worse_student_gets_its_ratio(fake_cache):
     assert r["student"] < r["teacher"] and r["ratio"] == pytest.approx(r["student"] / r["teacher"])
 
 
+def test_non_finite_embeddings_are_refused_naming_split_and_model(fake_cache):
+    teacher, txt_to_img, labels = teacher_side(fake_cache)
+    img = teacher.img.clone()
+    img[[0, 5]] = float("nan")  # a diverged student
+    student = E.Embeddings(img, teacher.txt, teacher.classifiers)
+    with pytest.raises(ValueError, match=r"^val split: student image embeddings have 2 non-finite rows of 30$"):
+        E.evaluate_embeddings(student, teacher, txt_to_img, labels, split="val")
+    # an image-only student borrows the teacher's captions: a bad cache is blamed on the teacher
+    txt = teacher.txt.clone()
+    txt[3, 1] = float("inf")
+    bad_cache = E.Embeddings(teacher.img, txt, teacher.classifiers)
+    with pytest.raises(ValueError, match=r"^test split: teacher text embeddings have 1 non-finite rows of "):
+        E.evaluate_embeddings(E.Embeddings(teacher.img, txt), bad_cache, txt_to_img, labels, split="test")
+
+
 def test_align_reorders_by_key_and_refuses_missing():
     rows = torch.arange(3.0)[:, None]
     assert E.align(["b", "c", "a"], rows, ["a", "b", "c"], "images")[:, 0].tolist() == [2.0, 0.0, 1.0]

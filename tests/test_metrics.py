@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_benchmark.metrics import zeroshot_retrieval as clip_benchmark
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from kdpipe.metrics import (
@@ -17,28 +18,26 @@ from kdpipe.metrics import (
 )
 
 
-def dense_recall(img, txt, txt_to_img, ks):
-    """Brute-force reference: full similarity matrix, full sort, position of the first hit."""
-    img, txt = F.normalize(img.float(), dim=1), F.normalize(txt.float(), dim=1)
-    sims = img @ txt.T  # [N, M]
+def reference_recall(img, txt, txt_to_img, ks):
+    """CLIP_benchmark's figures: its ``recall_at_k`` on the scores and positive pairs its
+    ``evaluate`` builds. Hits are averaged in float64 as ours are (it averages in float32)."""
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    scores = txt @ img.T  # [M, N]
+    positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
+    positive_pairs[torch.arange(len(scores)), txt_to_img] = True
     out = {}
-    order = sims.argsort(dim=1, descending=True)  # texts per image, best first
-    owner = txt_to_img[order]  # [N, M] image id of each ranked text
-    first_i2t = (owner == torch.arange(img.shape[0])[:, None]).float().argmax(dim=1)
-    order_t = sims.T.argsort(dim=1, descending=True)  # images per text, best first
-    first_t2i = (order_t == txt_to_img[:, None]).float().argmax(dim=1)
-    for k in ks:
-        out[f"i2t_R@{k}"] = (first_i2t < k).double().mean().item()
-    for k in ks:
-        out[f"t2i_R@{k}"] = (first_t2i < k).double().mean().item()
+    for direction, s, pos in (("i2t", scores.T, positive_pairs.T), ("t2i", scores, positive_pairs)):
+        for k in ks:
+            hit = clip_benchmark.recall_at_k(s, pos, k) > 0
+            out[f"{direction}_R@{k}"] = hit.double().mean().item()
     return out
 
 
-def random_world(n: int, d: int, seed: int):
-    """n images with 1..5 captions each; captions are noisy copies of their image."""
+def random_world(n: int, d: int, seed: int, counts: torch.Tensor | None = None):
+    """n images with 1..5 captions each (or ``counts``); captions are noisy copies of their image."""
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(n, d, generator=g)
-    counts = torch.randint(1, 6, (n,), generator=g)
+    counts = torch.randint(1, 6, (n,), generator=g) if counts is None else counts
     txt_to_img = torch.repeat_interleave(torch.arange(n), counts)
     txt = img[txt_to_img] + 1.2 * torch.randn(len(txt_to_img), d, generator=g)
     # rows of arbitrary length: the function must normalise itself
@@ -70,15 +69,15 @@ def test_hand_built_case_half_recall_at_1():
     assert r["i2t_R@3"] == 1.0
     assert r["t2i_R@1"] == 0.5  # captions 4..7 point at the wrong image
     assert r["t2i_R@2"] == 1.0
-    assert r == dense_recall(img, txt, txt_to_img, (1, 2, 3))
+    assert r == reference_recall(img, txt, txt_to_img, (1, 2, 3))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 10, 37, 1000])
-def test_chunked_recall_equals_dense_reference(chunk):
+def test_chunked_recall_equals_clip_benchmark_recall_at_k(chunk):
     img, txt, txt_to_img = random_world(37, 16, seed=chunk)
     ks = (1, 5, 10)
     got = retrieval_recall(img, txt, txt_to_img, ks=ks, chunk=chunk)
-    want = dense_recall(img, txt, txt_to_img, ks)
+    want = reference_recall(img, txt, txt_to_img, ks)
     assert got == want
     # the noise level makes the task neither trivial nor hopeless, so the check has teeth
     assert 0.0 < got["i2t_R@1"] < 1.0 and 0.0 < got["t2i_R@1"] < 1.0
@@ -87,14 +86,100 @@ def test_chunked_recall_equals_dense_reference(chunk):
 def test_recall_half_precision_inputs_match_float32():
     img, txt, txt_to_img = random_world(25, 32, seed=3)
     img, txt = F.normalize(img, dim=1).half(), F.normalize(txt, dim=1).half()
-    assert retrieval_recall(img, txt, txt_to_img, chunk=4) == dense_recall(img, txt, txt_to_img, (1, 5, 10))
+    assert retrieval_recall(img, txt, txt_to_img, chunk=4) == reference_recall(img, txt, txt_to_img, (1, 5, 10))
 
 
-def test_ties_count_in_the_querys_favour():
-    # two identical images with identical captions: every score ties, rank = #strictly greater = 0
+class IndexedModel(torch.nn.Module):
+    """A CLIP-like model whose "images" and "tokens" are row indices into fixed embedding tables."""
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor) -> None:
+        super().__init__()
+        self.img, self.txt = img, txt
+
+    def encode_image(self, index: torch.Tensor) -> torch.Tensor:
+        return self.img[index]
+
+    def encode_text(self, index: torch.Tensor) -> torch.Tensor:
+        return self.txt[index]
+
+
+def test_recall_equals_clip_benchmark_evaluate():
+    # CLIP_benchmark's whole retrieval path: batches of (images, captions per image), its
+    # dataloader_with_indices, positive pairs, recall_at_k both ways. 32 images and 64 captions
+    # (1..3 per image): every figure is a multiple of 1/64, exact in its float32 average too.
+    counts = torch.tensor([1, 2, 3, 2] * 8)
+    img, txt, txt_to_img = random_world(32, 16, seed=11, counts=counts)
+    captions = [[f"caption {j}" for j in (txt_to_img == i).nonzero().flatten().tolist()] for i in range(32)]
+    batches = [(torch.arange(s, min(s + 5, 32)), captions[s : s + 5]) for s in range(0, 32, 5)]
+
+    def tokenizer(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([int(t.split()[1]) for t in texts])
+
+    ks = (1, 5, 10)
+    want = clip_benchmark.evaluate(IndexedModel(img, txt), batches, tokenizer, "cpu", amp=False, recall_k_list=ks)
+    got = retrieval_recall(img, txt, txt_to_img, ks=ks, chunk=7)
+    for k in ks:
+        assert got[f"i2t_R@{k}"] == want[f"text_retrieval_recall@{k}"]
+        assert got[f"t2i_R@{k}"] == want[f"image_retrieval_recall@{k}"]
+    assert 0.0 < got["i2t_R@1"] < 1.0 and 0.0 < got["t2i_R@1"] < 1.0
+
+
+def test_ties_count_against_the_query():
+    # two identical images with identical captions: every score ties, so each correct candidate
+    # has one other candidate at least as good: rank 1 both ways
     v = F.normalize(torch.ones(1, 4), dim=1)
-    r = retrieval_recall(v.repeat(2, 1), v.repeat(2, 1), torch.tensor([0, 1]), ks=(1,))
-    assert r == {"i2t_R@1": 1.0, "t2i_R@1": 1.0}
+    r = retrieval_recall(v.repeat(2, 1), v.repeat(2, 1), torch.tensor([0, 1]), ks=(1, 2))
+    assert r == {"i2t_R@1": 0.0, "i2t_R@2": 1.0, "t2i_R@1": 0.0, "t2i_R@2": 1.0}
+
+
+def test_hand_built_ties():
+    # 3 images on the axes, 2 captions each. Caption 3 (image 1) is an exact copy of caption 0
+    # (image 0); captions 4, 5 are both exactly image 2 (a tie between correct captions).
+    e = torch.eye(3)
+    txt = torch.stack([e[0], e[0] + 0.5 * e[1], e[1], e[0], e[2], e[2]])
+    txt_to_img = torch.tensor([0, 0, 1, 1, 2, 2])
+    r = retrieval_recall(e, txt, txt_to_img, ks=(1, 2, 3), chunk=2)
+    # I->T: image 0's best caption (0, score 1) ties caption 3 of image 1: rank 1.
+    #       image 2's two captions tie each other at 1 and nothing else reaches 1: rank 0.
+    assert (r["i2t_R@1"], r["i2t_R@2"], r["i2t_R@3"]) == (2 / 3, 1.0, 1.0)
+    # T->I: caption 3 scores 1 on image 0 and 0 on its own image 1, tied by image 2: rank 2.
+    assert (r["t2i_R@1"], r["t2i_R@2"], r["t2i_R@3"]) == (5 / 6, 5 / 6, 1.0)
+
+
+def test_constant_image_tower_scores_chance():
+    # every image embeds to the same vector: all images tie for every caption (rank N - 1),
+    # and only the image that owns the single best-scoring caption finds one first
+    n = 12
+    _, txt, txt_to_img = random_world(n, 16, seed=5)
+    img = torch.randn(1, 16, generator=torch.Generator().manual_seed(6)).repeat(n, 1)
+    r = retrieval_recall(img, txt, txt_to_img, ks=(1, 5, 10, 12))
+    assert (r["t2i_R@1"], r["t2i_R@5"], r["t2i_R@10"], r["t2i_R@12"]) == (0.0, 0.0, 0.0, 1.0)
+    assert r["i2t_R@1"] == 1 / n
+
+
+def test_constant_text_tower_scores_chance():
+    # every caption embeds to the same vector: for I->T every other image's caption ties the
+    # best own one; for T->I only the captions of the image scoring highest are hits
+    img, txt, txt_to_img = random_world(12, 16, seed=7)
+    txt = txt[:1].repeat(len(txt), 1)
+    r = retrieval_recall(img, txt, txt_to_img, ks=(1, 10))
+    others = len(txt) - torch.bincount(txt_to_img, minlength=12)  # texts of other images, per image
+    assert others.min() >= 10 and r["i2t_R@1"] == 0.0 and r["i2t_R@10"] == 0.0
+    top = (F.normalize(img, dim=1) @ F.normalize(txt[0], dim=0)).argmax()
+    assert r["t2i_R@1"] == (txt_to_img == top).double().mean().item()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_are_refused_with_their_count(bad):
+    img, txt, txt_to_img = random_world(10, 8, seed=2)
+    broken = img.clone()
+    broken[[1, 4, 7], 3] = bad
+    with pytest.raises(ValueError, match=r"^image embeddings have 3 non-finite rows of 10$"):
+        retrieval_recall(broken, txt, txt_to_img)
+    broken = txt.clone()
+    broken[[0, 2], :] = bad
+    with pytest.raises(ValueError, match=rf"^val split: teacher text embeddings have 2 non-finite rows of {len(txt)}$"):
+        retrieval_recall(img, broken, txt_to_img, txt_name="val split: teacher text embeddings")
 
 
 def test_image_without_captions_is_a_miss():

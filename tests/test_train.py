@@ -256,6 +256,21 @@ def test_repeated_nonfinite_steps_stop_the_run_with_step_and_keys(cache_dir, tmp
     assert not (out / "student.safetensors").exists()
 
 
+@pytest.mark.parametrize("side", ["image", "text"])
+def test_non_finite_student_embeddings_stop_validation_naming_the_split(cache_dir, tmp_path, monkeypatch, side):
+    embed_val = T.embed_val
+
+    def broken(s):  # the real validation embeddings, 3 rows of one side turned NaN
+        keys, img, txt = embed_val(s)
+        bad = (img if side == "image" else torch.randn_like(img)).clone()
+        bad[[0, 4, 9]] = float("nan")
+        return (keys, bad, txt) if side == "image" else (keys, img, bad)
+
+    monkeypatch.setattr(T, "embed_val", broken)
+    with pytest.raises(ValueError, match=rf"^val split: student {side} embeddings have 3 non-finite rows of {N_VAL}$"):
+        T.run(_cfg(cache_dir, tmp_path / "run", max_steps=2, val_every=2))
+
+
 # --------------------------------------------------------------------------- whitening
 
 

@@ -5,7 +5,9 @@ Same student, loss, batch size and batches throughout (D = 512, the ViT-B-32 dim
             replay, collate, in DataLoader workers) — what `kdpipe train` runs;
   student = the same train_step on the same batches pre-decoded in memory (no data cost);
   online  = the same train_step, with an open_clip ViT-B-32 teacher (random init: timing only)
-            run live on each batch's images and captions to make the targets;
+            run live on each batch's images and captions to make the targets, through
+            `kdpipe.teachers.Teacher` as extraction runs it (captions trimmed to the batch's
+            longest, as `kdpipe extract` does);
   teacher = the teacher's forward alone on those batches (a component timing).
 Ratios: cached ÷ student throughput (the data path's overhead; target ≥ 0.9) and the cached
 speedup over online training, next to the speedup predicted from the components:
@@ -112,20 +114,22 @@ def interleaved(setup: T.Setup, stream: CL.StreamConfig, batches: list[dict], te
 
 
 class OnlineTeacher:
-    def __init__(self) -> None:
-        import open_clip
+    """The teacher run live on each batch, through kdpipe's own ``Teacher``: the same image forward and
+    the same text path as extraction, captions trimmed to the batch's longest (causal towers), so
+    "cached ÷ online" compares like with like."""
 
-        self.model = open_clip.create_model(TEACHER).eval().requires_grad_(False)  # random init: timing only
-        self.tokenizer = open_clip.get_tokenizer(TEACHER)
-        pre = open_clip.get_model_preprocess_cfg(self.model)
-        self.mean, self.std = pre["mean"], pre["std"]
+    def __init__(self, name: str = TEACHER) -> None:
+        from kdpipe.teachers import load_teacher
+
+        self.teacher = load_teacher(name, None, device="cpu", allow_random_init=True)  # random init: timing only
 
     @torch.no_grad()
     def targets(self, batch: dict) -> dict:
         """The batch with t_img / t_txt computed by the live teacher."""
-        pixels = CL.normalize_images(batch["image"], self.mean, self.std)
-        img = torch.nn.functional.normalize(self.model.encode_image(pixels), dim=-1)
-        txt = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(batch["captions"])), dim=-1)
+        pre = self.teacher.preprocess
+        pixels = CL.normalize_images(batch["image"], pre.mean, pre.std)
+        img = torch.nn.functional.normalize(self.teacher.encode_images(pixels), dim=-1)
+        txt = torch.nn.functional.normalize(self.teacher.encode_texts(batch["captions"], trim=True), dim=-1)
         return {**batch, "t_img": img, "t_txt": txt}
 
 
@@ -155,7 +159,8 @@ def main() -> None:
         setup = T.build_setup(cfg)
         stream = replace(setup.stream, epoch=0)
         batches = list(CL.epoch_batches(replace(stream, workers=0), n_batches))  # the same batches, in memory
-        times = interleaved(setup, stream, batches, OnlineTeacher(), args.rounds, args.block)
+        online = OnlineTeacher()
+        times = interleaved(setup, stream, batches, online, args.rounds, args.block)
 
     steps = args.rounds * args.block
     total = {k: sum(v) for k, v in times.items()}
@@ -170,6 +175,7 @@ def main() -> None:
         "bench": "train", "student": args.student, "teacher_online": TEACHER, "images": args.images,
         "batch_size": args.batch_size, "rounds": args.rounds, "block": args.block, "workers": args.workers,
         "image_size": args.image_size, "store_size": args.store_size, "losses": args.losses,
+        "online_text_trimmed": online.teacher.can_trim,
         "threads": torch.get_num_threads(),
         "cached_samples_per_s": sps["cached"], "student_only_samples_per_s": sps["student"],
         "online_samples_per_s": sps["online"], "teacher_forward_s_per_step": total["teacher"] / steps,

@@ -34,6 +34,8 @@ def bench_cmd(
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed calls before timing."),
     iters: int = typer.Option(30, "--iters", min=1, help="Timed batch-1 calls (p50/p90)."),
     throughput_iters: int = typer.Option(10, "--throughput-iters", min=1, help="Timed calls at batch N."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Each run's weights to bench and export: best "
+                                   "or last (speed does not depend on them; the ONNX file does)."),
     onnx: bool = typer.Option(False, "--onnx", help="Export the student image tower to ONNX (dynamic batch), "
                               "check it against PyTorch (max |diff| < 1e-4) and time it with onnxruntime."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With several runs: folder for "
@@ -47,7 +49,7 @@ def bench_cmd(
     with user_errors():
         run(BenchConfig(runs=list(runs), teacher=teacher, device=device, batch_sizes=_sizes(batch_sizes),
                         warmup=warmup, iters=iters, throughput_iters=throughput_iters, threads=threads,
-                        onnx=onnx, out=out))
+                        checkpoint=checkpoint, onnx=onnx, out=out))
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,9 @@ def eval_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache to evaluate on (default: the one "
                                          "RUN/student.json records)."),
     split: str = typer.Option("val", "--split", help="Held-out split of the cache: val or test."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="The run's weights to judge: best (the best "
+                                   "validation score; the last when the run had no validation) or last "
+                                   "(the final step)."),
     zeroshot: Optional[list[str]] = typer.Option(
         None, "--zeroshot", "-z", help="Extra zero-shot dataset (repeatable): folder:PATH (ImageFolder layout, "
         "class = subfolder), cifar10:ROOT or cifar100:ROOT (a local torchvision root; never downloaded). The "
@@ -36,7 +39,8 @@ def eval_cmd(
     from kdpipe.evaluate import EvalConfig, run as evaluate
 
     with user_errors():
-        evaluate(EvalConfig(run=run, teacher=teacher, cache=cache, split=split, zeroshot=list(zeroshot or []),
+        evaluate(EvalConfig(run=run, teacher=teacher, cache=cache, split=split, checkpoint=checkpoint,
+                            zeroshot=list(zeroshot or []),
                             batch_size=batch_size, workers=workers, device=device, chunk=chunk, out=out,
                             verify=verify, progress=not no_progress))
 

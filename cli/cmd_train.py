@@ -73,7 +73,10 @@ def train(
     val = result["val"] or {}
     shown = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in val.items() if k != "val_images")
     console.print(f"[green]trained[/] {result['step']} steps; val: {shown or 'n/a'}")
-    console.print(f"student: {result['run']}/student.safetensors (+ student.json)")
+    best = result["best"].get("step")
+    console.print(f"student: {result['run']}/student.json; weights student-last.safetensors (step {result['step']})"
+                  + ("" if best in (None, result["step"]) else f" and student-best.safetensors (step {best}, "
+                     "best validation score; what eval and bench use by default)"))
 
 
 def register(app: typer.Typer) -> None:

@@ -354,6 +354,7 @@ class BenchConfig:
     iters: int = 30  # timed batch-1 calls per tower (p50 / p90)
     throughput_iters: int = 10  # back-to-back calls at batch N
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    checkpoint: str = "best"  # each run's weights: best | last (timings do not depend on them; ONNX does)
     onnx: bool = False  # export the student image tower, check it against PyTorch, time it
     onnx_tol: float = 1e-4
     caption: str = "a photo of a small red circle to the left of a big blue square."  # the text example
@@ -513,13 +514,18 @@ def build_teacher(cfg: BenchConfig, fp: dict[str, Any] | None, device: torch.dev
 # --------------------------------------------------------------------------- outputs
 
 
-def read_accuracy(run: Path) -> dict[str, float | None] | None:
-    """{"student", "teacher"} i2t R@1 from RUN/eval.json, or None when it was not evaluated."""
+def read_accuracy(run: Path) -> dict[str, Any] | None:
+    """{"metric", "student", "teacher", "checkpoint"} i2t R@1 from RUN/eval.json (and the checkpoint it
+    judged, None for older eval.json files), or None when it was not evaluated."""
     path = run / "eval.json"
     if not path.is_file():
         return None
-    row = json.loads(path.read_text()).get("metrics", {}).get(ACCURACY_METRIC)
-    return {"metric": ACCURACY_METRIC, "student": row.get("student"), "teacher": row.get("teacher")} if row else None
+    report = json.loads(path.read_text())
+    row = report.get("metrics", {}).get(ACCURACY_METRIC)
+    if not row:
+        return None
+    return {"metric": ACCURACY_METRIC, "student": row.get("student"), "teacher": row.get("teacher"),
+            "checkpoint": (report.get("checkpoint") or {}).get("name")}
 
 
 def plot_accuracy_latency(points: list[dict[str, Any]], path: Path) -> Path | None:
@@ -606,6 +612,9 @@ def _check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--batch-sizes must be positive integers, got {list(cfg.batch_sizes)}")
     if cfg.iters < 1 or cfg.warmup < 0 or cfg.throughput_iters < 1:
         raise ValueError("iters and throughput_iters must be at least 1, warmup at least 0")
+    from kdpipe.students import check_checkpoint  # noqa: PLC0415
+
+    check_checkpoint(cfg.checkpoint)
 
 
 def _config_dict(cfg: BenchConfig) -> dict[str, Any]:
@@ -623,7 +632,7 @@ def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.dev
     """Measure one run's student against the already measured teacher; write RUN/bench.json."""
     from kdpipe.students import load_student  # noqa: PLC0415
 
-    image, text, spec = load_student(run, device)
+    image, text, spec = load_student(run, device, checkpoint=cfg.checkpoint)
     label = run.name
     rows = measure_model(student_towers(image, text, device, cfg.caption, label), cfg, device, label,
                          shared_text=teacher_rows["text"])
@@ -633,11 +642,16 @@ def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.dev
         "student": {"label": label, "image_name": spec["image"]["name"],
                     "text_name": (spec.get("text") or {}).get("name"),
                     "text_tower": "student" if text is not None else "teacher", **rows},
+        "checkpoint": {k: v for k, v in spec["checkpoint"].items() if k not in ("val", "score")},
         "ratios": ratios,
         "onnx": onnx_report(image.cpu(), run / ONNX_FILE, cfg) if cfg.onnx else None,
         "accuracy": read_accuracy(run),
         "notes": [] if text is not None else [SHARED_TEXT_NOTE],
     }
+    judged = (result["accuracy"] or {}).get("checkpoint")
+    if judged not in (None, cfg.checkpoint):
+        result["notes"].append(f"accuracy is eval.json's, which judged the {judged} weights; this bench loaded "
+                               f"the {cfg.checkpoint} weights (the timings do not depend on them)")
     if cfg.onnx:
         image.to(device)
     return result

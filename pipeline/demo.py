@@ -19,6 +19,7 @@ from kdpipe import bench, evaluate, extract, pretrain, report, train, trainstate
 from kdpipe.data.shapes import make_shapes
 from kdpipe.losses import DEFAULT_RECIPE
 from kdpipe.progress import console
+from kdpipe.students import SPEC_FILE
 
 log = logging.getLogger("kdpipe")
 
@@ -92,7 +93,7 @@ def demo_runs(cfg: DemoConfig, size: DemoSize, cache: Path, root: Path) -> list[
                 epochs=size.epochs, batch_size=size.batch_size, lr=size.student_lr, warmup_steps=20,
                 image_size=cfg.image_size, workers=cfg.workers, device="cpu", seed=cfg.seed,
                 progress=cfg.progress, resume=trainstate.has_checkpoint(run_dir))
-            stage(cfg, f"train {run_dir.name}", (run_dir / "student.safetensors").exists(),
+            stage(cfg, f"train {run_dir.name}", (run_dir / SPEC_FILE).exists(),  # written last
                   lambda c=tcfg: train.run(c))
             runs.append(run_dir)
     return runs

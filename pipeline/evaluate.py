@@ -16,6 +16,11 @@ zero-shot top-1/top-5 with prompt ensembles, and agreement with the teacher (mea
 image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
 embeddings ready-made, so the teacher's numbers and a student's go through the same code.
 
+A student whose losses trained on class labels (hinton's hard-label CE) is not zero-shot on
+those classes: its accuracy there is reported as ``supervised/{set}/top1`` (no teacher ratio),
+never under ``zeroshot/``. The weights judged are the run's best by default (``checkpoint``:
+best | last), and eval.json records which (name, file, step).
+
 Whitened students (trained against whitened targets) output directions in the whitened
 space; they are mapped back to the teacher's space exactly as `kdpipe train` does in its
 validation (``BackMap``: t̂ = normalise(r · ŝ W⁻¹ᵀ + μ)) before anything is compared with
@@ -40,7 +45,7 @@ import webdataset as wds
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdpipe import metrics, prompts, zca
+from kdpipe import losses, metrics, prompts, zca
 from kdpipe.data import views as V
 from kdpipe.progress import console, make_progress
 from kdpipe.registry import Registry
@@ -56,6 +61,7 @@ class EvalConfig:
     run: str | Path | None = None  # RUN directory written by `kdpipe train`
     teacher: str | Path | None = None  # CACHE: evaluate the teacher from its cached embeddings instead
     cache: str | Path | None = None  # override the cache recorded in RUN/student.json
+    checkpoint: str = "best"  # the run's weights to judge: best (validation) | last (final step)
     split: str = "val"
     zeroshot: list[str] = field(default_factory=list)  # extra datasets: folder:PATH, cifar10:ROOT, cifar100:ROOT
     batch_size: int = 64
@@ -488,6 +494,52 @@ def external_zeroshot(image: nn.Module, text: nn.Module | None, sets: dict[str, 
     return scores, info
 
 
+# --------------------------------------------------------------------------- supervised, not zero-shot
+
+
+SUPERVISED_NOTE = ("supervised/{names}: the student was trained on these classes' labels ({losses}), so this is "
+                   "supervised accuracy, not zero-shot; no teacher figure or ratio is given beside it (the "
+                   "teacher's is zero-shot, in CACHE/teacher_eval.json)")
+
+
+def trained_labels(meta: dict[str, Any], cache: Cache) -> dict[str, Any] | None:
+    """{"losses", "classnames"} when the run's losses trained on class labels (student.json's
+    ``labels_used``), else None.
+
+    Runs saved before student.json recorded it: decided from their recorded losses and options
+    (``losses.label_losses``) and the cache's classes.
+    """
+    if "labels_used" in meta:
+        return meta["labels_used"] or None
+    recorded = meta.get("losses")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("weights"), dict) or not cache.classnames:
+        return None
+    used = losses.label_losses(recorded["weights"], recorded.get("options"))
+    return {"losses": used, "classnames": list(cache.classnames)} if used else None
+
+
+def mark_supervised(rows: dict[str, EvalRow], classnames: dict[str, list[str]], trained: dict[str, Any] | None,
+                    info: dict[str, dict], notes: list[str]) -> list[str]:
+    """Move ``zeroshot/{name}/*`` to ``supervised/{name}/*`` for every classifier over the trained classes.
+
+    classnames: {classifier name: its class names}. A supervised row keeps the student's value
+    only: the teacher's figure on those classes is zero-shot, and a ratio would compare the two.
+    Returns the names moved.
+    """
+    if not trained:
+        return []
+    moved = [n for n, names in classnames.items() if sorted(names) == sorted(trained["classnames"])]
+    for name in moved:
+        for key in [k for k in rows if k.startswith(f"zeroshot/{name}/")]:
+            rows[f"supervised/{name}/{key.rsplit('/', 1)[1]}"] = {"student": rows.pop(key)["student"],
+                                                                 "teacher": None, "ratio": None}
+        if name in info:
+            info[name]["supervised"] = True
+    if moved:
+        notes.append(SUPERVISED_NOTE.format(names=", ".join(moved), losses=", ".join(trained["losses"])))
+    return moved
+
+
 # --------------------------------------------------------------------------- the run directory
 
 
@@ -533,6 +585,14 @@ def image_prep(meta: dict[str, Any], teacher: dict[str, Any]) -> ImagePrep:
 # --------------------------------------------------------------------------- reporting
 
 
+def describe_checkpoint(entry: dict[str, Any] | None) -> str:
+    """{"name": "best", "step": 12} -> "best (step 12)"; "last (step 24)"; "?" for reports without one."""
+    if not entry:
+        return "?"
+    step = entry.get("step")
+    return entry["name"] + ("" if step is None else f" (step {step})")
+
+
 def _fmt(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -544,6 +604,8 @@ def print_table(report: dict[str, Any]) -> None:
 
     student = report["kind"] == "student"
     title = f"{report['model'].get('image') or 'teacher'} on {report['dataset']['cache']} [{report['split']}]"
+    if student:
+        title += f", {describe_checkpoint(report.get('checkpoint'))} weights"
     table = Table(title=title, caption=f"space: {report['space']}", box=box.SIMPLE_HEAD)
     columns = ("metric", "student", "teacher", "ratio") if student else ("metric", "teacher")
     for i, col in enumerate(columns):
@@ -581,6 +643,10 @@ def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
 def _check(cfg: EvalConfig) -> None:
     if (cfg.run is None) == (cfg.teacher is None):
         raise ValueError("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
+    if cfg.run is not None:
+        from kdpipe.students import check_checkpoint  # noqa: PLC0415  (timm/torchvision: only student evals pay)
+
+        check_checkpoint(cfg.checkpoint)
     if cfg.batch_size < 1 or cfg.chunk < 1:
         raise ValueError("--batch-size and the similarity chunk must be at least 1")
     for spec in cfg.zeroshot:  # a typo fails before any image is read
@@ -628,12 +694,12 @@ class StudentRun:
 
 
 def open_student(cfg: EvalConfig) -> StudentRun:
-    """RUN/student.json + weights, and the cache it was trained on (same teacher, checked)."""
+    """RUN/student.json + the ``cfg.checkpoint`` weights, and the cache it was trained on (same teacher, checked)."""
     from kdpipe.students import load_student  # noqa: PLC0415  (timm/torchvision: only student evals pay)
 
     run = read_run(cfg.run)
     device = resolve_device(cfg.device)
-    image, text, meta = load_student(run, device)
+    image, text, meta = load_student(run, device, checkpoint=cfg.checkpoint)
     fp = teacher_of(meta, run)
     cache = open_cache(cache_of(run, meta, cfg.cache), verify=cfg.verify, expect_teacher=fp)
     return StudentRun(run, image, text, meta, cache, student_space(run, meta, cache, text is not None),
@@ -669,6 +735,10 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     rows.update(metrics.with_ratios(ext_scores, {}))
     if extra:
         notes.append("teacher figures on --zeroshot datasets are not computed (they would need a teacher forward)")
+    zs_info = {**zs_info, **ext_info}
+    classnames = {n: list(sets[n].classnames) for n in zs_info if n in sets}
+    classnames.update({d.name: d.classnames for d in extra})
+    mark_supervised(rows, classnames, trained_labels(s.meta, s.cache), zs_info, notes)
     fp = s.meta["teacher"]
     report = {
         "kind": "student", "run": str(s.path), "dataset": _dataset_info(s.cache, cfg.split, held),
@@ -676,8 +746,10 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
         "model": {"image": s.meta["image"]["name"], "text": (s.meta.get("text") or {}).get("name"),
                   "captions": "teacher (cached)" if s.text is None else "student text tower",
                   "teacher": describe_teacher(fp)},
+        "checkpoint": {k: v for k, v in s.meta["checkpoint"].items() if k not in ("val", "score")},
         "teacher": fp, "space": s.space.description, "whitening": whitening_mode(s.meta),
-        "metrics": rows, "zeroshot": {**zs_info, **ext_info}, "notes": notes, "config": _config_dict(cfg),
+        "labels_used": trained_labels(s.meta, s.cache),
+        "metrics": rows, "zeroshot": zs_info, "notes": notes, "config": _config_dict(cfg),
     }
     _write(report, Path(cfg.out) if cfg.out else s.path / EVAL_JSON)
     return report

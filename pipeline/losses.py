@@ -178,6 +178,12 @@ class DistillLoss(nn.Module):
         with torch.autocast(device_type=batch["t_img"].device.type, enabled=False):
             return self.terms(batch)
 
+    @classmethod
+    def uses_labels(cls, **options: Any) -> bool:
+        """Whether this loss, built with ``options``, trains on class labels when the batch has them
+        (accuracy on those classes is then supervised, not zero-shot)."""
+        return False
+
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -354,6 +360,9 @@ class AugmentedFeatureDistillation(DistillLoss):
         return {"afd": self.weight * self.clip_loss(img, txt, self.logit_scale())}
 
 
+HINTON_ALPHA = 0.5  # KD share; the hard-label CE gets 1 − α (the CIFAR seed's mix)
+
+
 @LOSSES.register("hinton")
 class HintonDistillation(DistillLoss):
     """Temperature KD on image logits: α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, y).
@@ -365,11 +374,16 @@ class HintonDistillation(DistillLoss):
     """
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
-                 T: float = 4.0, alpha: float = 0.5) -> None:
+                 T: float = 4.0, alpha: float = HINTON_ALPHA) -> None:
         super().__init__(weight, embed_dim, teacher_logit_scale, text_student)
         if T <= 0 or not 0 <= alpha <= 1:
             raise ValueError(f"hinton needs T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}")
         self.T, self.alpha = T, alpha
+
+    @classmethod
+    def uses_labels(cls, **options: Any) -> bool:
+        """The hard-label CE has weight 1 − α: labels are used unless α = 1."""
+        return float(options.get("alpha", HINTON_ALPHA)) < 1
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, t_img, t_txt = self.sides(batch)
@@ -486,6 +500,13 @@ def build_losses(weights: dict[str, float], embed_dim: int, teacher_logit_scale:
         name: LOSSES.get(name)(weight, embed_dim, teacher_logit_scale, text_student, **options.get(name, {}))
         for name, weight in weights.items()
     })
+
+
+def label_losses(weights: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Names of the weighted losses that train on class labels when the data has them (e.g. hinton, α < 1)."""
+    options = options or {}
+    return [name for name, weight in weights.items()
+            if weight > 0 and LOSSES.get(name).uses_labels(**options.get(name, {}))]
 
 
 def compute_terms(losses: nn.ModuleDict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

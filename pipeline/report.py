@@ -3,7 +3,9 @@
 Reads what the other stages left in each run directory — ``student.json`` (student, whitening,
 teacher), ``config.toml`` (losses), ``eval.json`` (retrieval, zero-shot, agreement, with the
 teacher's values) and ``bench.json`` (size, latency, ratios) — and writes one row per run
-below a teacher row. Anything a run lacks shows as "–", so a report can be made at any stage.
+below a teacher row. Accuracy on classes whose labels a run trained on (``supervised/…`` in
+eval.json) gets its own column, apart from zero-shot. Anything a run lacks shows as "–", so a
+report can be made at any stage.
 Knows files, not math: every number is read, none recomputed.
 """
 
@@ -168,35 +170,46 @@ def latency_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
     return _image_cell(bench, who, "latency_b1_p50_ms", lambda ms: f"{ms:.3g} ms", "faster", "slower")
 
 
-def zeroshot_names(runs: list[RunFiles]) -> list[str]:
-    """Zero-shot datasets with a top-1 in any eval.json, first-seen order."""
+def zeroshot_names(runs: list[RunFiles], kind: str = "zeroshot") -> list[str]:
+    """Datasets with a ``{kind}/{name}/top1`` in any eval.json, first-seen order. ``kind`` "supervised":
+    class sets whose labels a run's losses trained on (its accuracy there is not zero-shot)."""
     names: list[str] = []
     for r in runs:
         for metric in (r.eval or {}).get("metrics", {}):
             parts = metric.split("/")
-            if len(parts) == 3 and parts[0] == "zeroshot" and parts[2] == "top1" and parts[1] not in names:
+            if len(parts) == 3 and parts[0] == kind and parts[2] == "top1" and parts[1] not in names:
                 names.append(parts[1])
     return names
+
+
+def checkpoint_of(ev: dict[str, Any] | None) -> str | None:
+    """"best (step 12)": the weights an eval.json judged; None when it does not say (older eval.json)."""
+    entry = (ev or {}).get("checkpoint")
+    if not isinstance(entry, dict) or "name" not in entry:
+        return None
+    return entry["name"] + ("" if entry.get("step") is None else f" (step {entry['step']})")
 
 
 # --------------------------------------------------------------------------- table
 
 
-def columns(zeroshot: list[str]) -> list[str]:
+def columns(zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
     return (["run", "student", "losses", "whitening", "i2t R@1", "t2i R@1"]
             + [f"zero-shot {n} top-1" for n in zeroshot]
+            + [f"supervised {n} top-1" for n in supervised]
             + ["agreement (cos)", "image size fp16", "image latency b1 p50"])
 
 
-def student_row(r: RunFiles, zeroshot: list[str]) -> list[str]:
+def student_row(r: RunFiles, zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
     ev = r.eval
     return ([r.path.name, student_name(r.student, ev), losses_of(r.student, r.config), whitening_of(r.student, ev),
              accuracy_cell(ev, "i2t_R@1"), accuracy_cell(ev, "t2i_R@1")]
             + [accuracy_cell(ev, f"zeroshot/{n}/top1") for n in zeroshot]
+            + [accuracy_cell(ev, f"supervised/{n}/top1") for n in supervised]
             + [_num(_metric(ev, "agreement/cosine", "student")), size_cell(r.bench), latency_cell(r.bench)])
 
 
-def teacher_row(runs: list[RunFiles], zeroshot: list[str]) -> list[str]:
+def teacher_row(runs: list[RunFiles], zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
     """The teacher's figures from the first run that has each (its eval.json / bench.json)."""
     ev = next((r.eval for r in runs if r.eval), None)
     bench = next((r.bench for r in runs if r.bench), None)
@@ -205,6 +218,7 @@ def teacher_row(runs: list[RunFiles], zeroshot: list[str]) -> list[str]:
     t = lambda m: _num(_metric(ev, m, "teacher"))  # noqa: E731
     return ([name, MISSING, MISSING, "none", t("i2t_R@1"), t("t2i_R@1")]
             + [t(f"zeroshot/{n}/top1") for n in zeroshot]
+            + [MISSING for _ in supervised]  # the teacher never saw labels: its figure is in the zero-shot column
             + ["1.000" if ev else MISSING, size_cell(bench, "teacher"), latency_cell(bench, "teacher")])
 
 
@@ -214,12 +228,12 @@ def _md_row(cells: list[str]) -> str:
 
 def markdown(runs: list[RunFiles]) -> str:
     """The report: title, one table (teacher row first), and notes on what is compared."""
-    zeroshot = zeroshot_names(runs)
-    head = columns(zeroshot)
+    zeroshot, supervised = zeroshot_names(runs), zeroshot_names(runs, "supervised")
+    head = columns(zeroshot, supervised)
     align = ["---"] * LABEL_COLUMNS + ["---:"] * (len(head) - LABEL_COLUMNS)  # labels left, numbers right
     lines = ["# kdpipe report", "", _md_row(head), "|" + "|".join(align) + "|",
-             _md_row(teacher_row(runs, zeroshot))]
-    lines += [_md_row(student_row(r, zeroshot)) for r in runs]
+             _md_row(teacher_row(runs, zeroshot, supervised))]
+    lines += [_md_row(student_row(r, zeroshot, supervised)) for r in runs]
     lines += ["", *notes(runs)]
     return "\n".join(lines) + "\n"
 
@@ -234,6 +248,13 @@ def notes(runs: list[RunFiles]) -> list[str]:
     if splits:
         out.append(f"Evaluated on split(s): {', '.join(sorted(map(str, splits)))}; "
                    f"embedding space(s): {'; '.join(sorted(map(str, spaces)))}.")
+    judged = [f"{r.path.name} {checkpoint_of(r.eval)}" for r in runs if checkpoint_of(r.eval)]
+    if judged:
+        out.append(f"Weights evaluated: {', '.join(judged)}.")
+    if zeroshot_names(runs, "supervised"):
+        out.append("\"supervised\" columns: the run's losses trained on these classes' labels (e.g. hinton's "
+                   "hard-label CE), so its accuracy there is supervised, not zero-shot; it has no teacher ratio "
+                   "and must not be compared with the zero-shot columns.")
     fps = {json.dumps(fp, sort_keys=True) for fp in map(teacher_of, runs) if fp}
     if len(fps) > 1:
         out.append("Warning: these runs were distilled from different teachers; each ratio is to its own "

@@ -5,8 +5,10 @@ returns *un-normalised* features; the losses normalise. Everything is built with
 ``pretrained=False`` (no downloads); ``init_checkpoint`` loads a local ImageNet file instead.
 
 Checkpoints describe how to rebuild themselves (nanoGPT's ``model_args``): ``student.json``
-holds builder names and kwargs, ``student.safetensors`` the weights, so ``load_student``
-needs nothing but the run directory.
+holds builder names and kwargs and which file holds each checkpoint's weights —
+``student-best.safetensors`` (the best validation score) and ``student-last.safetensors`` (the
+final step); "best" may name the last file when they are the same weights — so
+``load_student`` needs nothing but the run directory (and which checkpoint, best by default).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from kdpipe.registry import Registry
 
 log = logging.getLogger("kdpipe")
 
-WEIGHTS_FILE = "student.safetensors"
 SPEC_FILE = "student.json"
+CHECKPOINTS = ("best", "last")  # the best validation score's weights, and the final step's
+LEGACY_WEIGHTS_FILE = "student.safetensors"  # runs saved before best and last were kept apart: the last weights
+NO_BEST = "no validation chose a best: best = last"
 VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer (CLIP BPE); the EOT id 49407 is the largest
 
 
@@ -297,20 +301,41 @@ def build_text_student(name: str, embed_dim: int, **kwargs: Any) -> TextStudent:
 # --------------------------------------------------------------------------- save / load
 
 
-def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, meta: dict[str, Any]) -> None:
-    """Write RUN/student.safetensors ("image.*", "text.*" weights) and RUN/student.json.
+def check_checkpoint(checkpoint: str) -> str:
+    """``checkpoint`` if it names one of ``CHECKPOINTS``, else a ValueError listing them."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"unknown checkpoint {checkpoint!r}; valid: {', '.join(CHECKPOINTS)}")
+    return checkpoint
 
-    ``meta`` (teacher fingerprint, whitening, ...) is merged into the JSON; it must be JSON-able.
-    """
-    reserved = {"format", "image", "text", "embed_dim", "image_size", "mean", "std"} & set(meta)
-    if reserved:
-        raise ValueError(f"meta may not set {sorted(reserved)}: save_student writes them")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def weights_file(checkpoint: str) -> str:
+    """"best" -> "student-best.safetensors"."""
+    return f"student-{check_checkpoint(checkpoint)}.safetensors"
+
+
+def save_weights(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, checkpoint: str) -> str:
+    """Write RUN/student-<checkpoint>.safetensors ("image.*", "text.*" weights); returns its file name."""
+    name = weights_file(checkpoint)
     tensors = {f"image.{k}": v for k, v in image.state_dict().items()}
     if text is not None:
         tensors.update({f"text.{k}": v for k, v in text.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(Path(run_dir) / name, lambda p: save_file(tensors, str(p)))
+    return name
+
+
+def write_spec(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, meta: dict[str, Any],
+               checkpoints: dict[str, dict[str, Any]]) -> None:
+    """Write RUN/student.json: how to rebuild the students, ``meta`` merged in (it must be JSON-able),
+    and ``checkpoints`` {"best": {"file", "step", ...}, "last": {...}}: which weights file holds each.
+
+    Written after the weights, so a run directory with student.json has every file it names.
+    """
+    reserved = {"format", "image", "text", "embed_dim", "image_size", "mean", "std", "checkpoints"} & set(meta)
+    if reserved:
+        raise ValueError(f"meta may not set {sorted(reserved)}: write_spec writes them")
+    if set(checkpoints) != set(CHECKPOINTS) or any("file" not in c for c in checkpoints.values()):
+        raise ValueError(f"checkpoints must describe {list(CHECKPOINTS)}, each with its weights 'file'")
     spec = {
         **meta,
         "format": 1,
@@ -319,18 +344,55 @@ def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | N
         "text": None if text is None else {"name": text.spec["name"], "kwargs": text.spec["kwargs"]},
         "embed_dim": image.embed_dim, "image_size": image.image_size,
         "mean": list(image.mean), "std": list(image.std),
+        "checkpoints": checkpoints,
     }
-    atomic_write(run_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    atomic_write(run_dir / SPEC_FILE, lambda p: p.write_text(json.dumps(spec, indent=2)))
+    atomic_write(Path(run_dir) / SPEC_FILE, lambda p: p.write_text(json.dumps(spec, indent=2)))
 
 
-def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ImageStudent, TextStudent | None, dict]:
-    """Rebuild the students from RUN/student.json alone and load RUN/student.safetensors (strict)."""
+def save_student(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, meta: dict[str, Any]) -> None:
+    """One set of weights (nothing chose a best): RUN/student-last.safetensors, best = last, and student.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = save_weights(run_dir, image, text, "last")
+    write_spec(run_dir, image, text, meta, {"last": {"file": name},
+                                            "best": {"file": name, "same_as": "last", "note": NO_BEST}})
+
+
+def resolve_checkpoint(run_dir: str | Path, spec: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """Which weights ``checkpoint`` means in this run: {"name", "file", "step", ...} from student.json.
+
+    A run saved before best and last were kept apart has one ``student.safetensors``: the last
+    weights; it is used for either name, with a warning.
+    """
+    check_checkpoint(checkpoint)
+    run_dir = Path(run_dir)
+    entries = spec.get("checkpoints")
+    if entries is None:
+        log.warning("%s holds only %s (saved before best and last were kept apart): these are the last "
+                    "weights%s", run_dir, LEGACY_WEIGHTS_FILE, ", used for 'best' too" if checkpoint == "best" else "")
+        entry = {"file": LEGACY_WEIGHTS_FILE, "step": spec.get("step"), "epoch": spec.get("epoch")}
+        if checkpoint == "best":
+            entry.update(same_as="last", note=f"legacy run: only {LEGACY_WEIGHTS_FILE} (the last weights) was saved")
+    else:
+        entry = entries[checkpoint]
+    if not (run_dir / entry["file"]).is_file():
+        raise FileNotFoundError(f"{run_dir / entry['file']} ({checkpoint} weights) not found; re-run `kdpipe train`")
+    return {"name": checkpoint, **entry}
+
+
+def load_student(run_dir: str | Path, device: str | torch.device = "cpu",
+                 checkpoint: str = "best") -> tuple[ImageStudent, TextStudent | None, dict]:
+    """Rebuild the students from RUN/student.json alone and load the ``checkpoint`` weights (strict).
+
+    Returns (image, text or None, spec): spec is student.json plus "checkpoint", the entry of the
+    weights loaded ({"name": "best", "file", "step", ...}, see ``resolve_checkpoint``).
+    """
     run_dir = Path(run_dir)
     if not (run_dir / SPEC_FILE).is_file():
         raise FileNotFoundError(f"{run_dir / SPEC_FILE} not found: is {run_dir} a kdpipe run directory?")
     spec = json.loads((run_dir / SPEC_FILE).read_text())
-    weights = load_file(str(run_dir / WEIGHTS_FILE))
+    spec["checkpoint"] = resolve_checkpoint(run_dir, spec, checkpoint)
+    weights = load_file(str(run_dir / spec["checkpoint"]["file"]))
     image = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],
                           mean=tuple(spec["mean"]), std=tuple(spec["std"]), **spec["image"]["kwargs"])
     image.spec["init_checkpoint"] = spec["image"].get("init_checkpoint")  # provenance only, not reloaded

@@ -66,7 +66,8 @@ from kdpipe import metrics, runtime, trainstate, zca
 from kdpipe.data import cache_loader as CL
 from kdpipe.progress import console, make_progress
 from kdpipe.store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
-from kdpipe.students import ImageStudent, TextStudent, build_student, build_text_student, precise_bn, save_student
+from kdpipe.students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
+                             save_weights, weights_file, write_spec)
 
 log = logging.getLogger("kdpipe")
 
@@ -756,22 +757,69 @@ def target_scale(losses: nn.ModuleDict, default: float) -> float:
     return next((loss.teacher_logit_scale for loss in losses.values()), default)
 
 
-def finalize(s: Setup, val: dict[str, float] | None, pos: trainstate.Position) -> None:
-    """Precise BN, then RUN/student.safetensors + student.json, whitening and curves (rank 0)."""
+def val_row(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The validation figures logged at ``step`` (metrics.jsonl), None when there are none."""
+    rows = [r for r in read_metrics(run_dir / METRICS_FILE) if r["kind"] == "val" and r["step"] == step]
+    return {k: v for k, v in rows[-1].items() if k not in ("kind", "step", "epoch")} if rows else None
+
+
+def save_best(s: Setup, best: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """RUN/student-best.safetensors from best.pt, precise BN re-estimated; its student.json entry.
+
+    When nothing was validated, or the best score is the final step's, "best" names the last
+    weights. The students hold the last weights again afterwards.
+    """
+    if "step" not in best or best["step"] == last["step"]:
+        return {**last, "same_as": "last", "note": NO_BEST if "step" not in best else "the best validation score "
+                "is the last step's"}
+    path = trainstate.ckpt_dir(s.run_dir) / trainstate.BEST
+    state = trainstate.read_checkpoint(path)
+    if state["position"]["step"] != best["step"]:  # a run killed between writing latest.pt and best.pt
+        note = (f"{path} holds step {state['position']['step']}, not the best validation score's step "
+                f"{best['step']}: best = last")
+        log.warning(note)
+        return {**last, "same_as": "last", "note": note}
+    last_state = {k: v.detach().clone() for k, v in s.distiller.state_dict().items()}
+    try:
+        s.distiller.load_state_dict(state["model"])
+        refresh_bn(s)
+        name = save_weights(s.run_dir, s.image, s.text, "best")
+    finally:
+        s.distiller.load_state_dict(last_state)
+    return {"file": name, "step": best["step"], "epoch": state["position"]["epoch"],
+            "val": val_row(s.run_dir, best["step"]), "score": best["score"]}
+
+
+def labels_used(s: Setup) -> dict[str, Any] | None:
+    """The losses that trained on the cache's class labels (hinton's hard-label CE) and those classes,
+    so eval reports accuracy on these classes as supervised, not zero-shot. None: no label was used."""
+    losses = L.label_losses(s.weights, s.cfg.loss_options)
+    if not losses or s.class_emb is None:  # the CE needs the class prompts of the labels
+        return None
+    return {"losses": losses, "classnames": list(s.cache.classnames)}
+
+
+def finalize(s: Setup, val: dict[str, float] | None, pos: trainstate.Position, best: dict[str, Any]) -> None:
+    """RUN/student-last.safetensors (the final step) and student-best.safetensors (the best validation
+    score), each after precise BN; then student.json, whitening and curves (rank 0)."""
     if not s.dist.is_main:
         return
     if not trainstate.all_finite(s.distiller):
         raise RuntimeError("the final weights are not finite; student not saved")
     refresh_bn(s)
+    last = {"file": save_weights(s.run_dir, s.image, s.text, "last"), "step": pos.step, "epoch": pos.epoch,
+            "val": val}
+    checkpoints = {"best": save_best(s, best, last), "last": last}
     meta = {
         "teacher": s.cache.teacher, "cache": str(Path(s.cfg.cache).resolve()),
         "whitening": save_whitening(s.run_dir, s.targets),
-        "losses": {"weights": s.weights, "options": s.cfg.loss_options},
-        "val": val, "step": pos.step, "epoch": pos.epoch, "views_used": s.cfg.views_used,
-        "teacher_logit_scale": float(s.cache.manifest["logit_scale"]),
+        "losses": {"weights": s.weights, "options": s.cfg.loss_options}, "labels_used": labels_used(s),
+        "views_used": s.cfg.views_used, "teacher_logit_scale": float(s.cache.manifest["logit_scale"]),
         "target_logit_scale": target_scale(s.distiller.losses, float(s.cache.manifest["logit_scale"])),
     }
-    save_student(s.run_dir, s.image, s.text, meta)
+    write_spec(s.run_dir, s.image, s.text, meta, checkpoints)
+    if checkpoints["best"]["file"] != weights_file("best"):  # a resumed run's older best, named no more
+        (s.run_dir / weights_file("best")).unlink(missing_ok=True)
     plot_curves(s.run_dir)
 
 
@@ -881,9 +929,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_loop(s, ls, mlog)
         if ls.val_step != ls.pos.step:
             run_validation(s, ls, mlog)  # the final numbers, after the last step
-        finalize(s, ls.last_val, ls.pos)
+        finalize(s, ls.last_val, ls.pos, ls.best)
         runtime.barrier(s.dist)
-        return {"run": str(s.run_dir), "step": ls.pos.step, "val": ls.last_val, "counters": ls.counters,
-                "rank": s.dist.rank}
+        return {"run": str(s.run_dir), "step": ls.pos.step, "val": ls.last_val, "best": ls.best,
+                "counters": ls.counters, "rank": s.dist.rank}
     finally:
         runtime.shutdown(s.dist)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cache_factory import fake_teacher, make_fake_cache
 from kdpipe import bench
 from kdpipe.cli.main import app
-from kdpipe.students import build_student, build_text_student, save_student
+from kdpipe.students import build_student, build_text_student, save_student, save_weights, write_spec
 
 DIM, SIZE = 32, 32  # tiny-clip's embedding dim and input size
 TOWER_KEYS = {"name", "params", "size_fp32_bytes", "size_fp16_bytes", "flops_per_sample", "latency_b1_p50_ms",
@@ -54,7 +54,8 @@ def test_bench_json_has_every_field(benched):
     assert saved["teacher"]["name"] == "tiny-clip" and "random init" in saved["teacher"]["weights"]
     assert saved["teacher"]["image"]["throughput_by_batch"].keys() == {"2", "4"}
     assert saved["teacher"]["image"]["batch_n"] == 4
-    assert saved["accuracy"] == {"metric": "i2t_R@1", "student": 0.4, "teacher": 0.5}
+    assert saved["accuracy"] == {"metric": "i2t_R@1", "student": 0.4, "teacher": 0.5, "checkpoint": None}
+    assert saved["checkpoint"]["name"] == "best" and saved["checkpoint"]["file"] == "student-last.safetensors"
     assert (run / "bench.png").stat().st_size > 1000
 
 
@@ -116,6 +117,25 @@ def test_no_eval_json_no_plot(tmp_path):
     assert result["results"][0]["accuracy"] is None and not (run / bench.BENCH_PNG).exists()
 
 
+def test_bench_loads_the_best_weights_unless_told_last(tmp_path):
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    best, last = build_student("tiny", DIM, SIZE), build_student("tiny", DIM, SIZE)
+    files = {name: save_weights(run, model, None, name) for name, model in (("best", best), ("last", last))}
+    write_spec(run, last, None, {"teacher": tiny_clip_fp(), "whitening": None},
+               {"best": {"file": files["best"], "step": 3}, "last": {"file": files["last"], "step": 9}})
+    (run / "eval.json").write_text(json.dumps({"checkpoint": {"name": "best", "step": 3}, "metrics": {
+        "i2t_R@1": {"student": 0.4, "teacher": 0.5, "ratio": 0.8}}}))
+    by_default = bench.run(bench.BenchConfig(runs=[run], **FAST))["results"][0]
+    assert by_default["checkpoint"] == {"name": "best", "file": "student-best.safetensors", "step": 3}
+    assert by_default["accuracy"]["checkpoint"] == "best" and len(by_default["notes"]) == 1  # the shared-text note
+    with_last = bench.run(bench.BenchConfig(runs=[run], checkpoint="last", **FAST))["results"][0]
+    assert with_last["checkpoint"]["step"] == 9
+    assert any("judged the best weights; this bench loaded the last" in n for n in with_last["notes"])
+    with pytest.raises(ValueError, match="unknown checkpoint 'final'"):
+        bench.run(bench.BenchConfig(runs=[run], checkpoint="final", **FAST))
+
+
 def flat(text: str) -> str:
     return " ".join(text.split())
 
@@ -133,3 +153,5 @@ def test_cli(tmp_path):
                                  "--throughput-iters", "1", "--batch-sizes", "1,2", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "bench.json").read_text())["config"]["batch_sizes"] == [1, 2]
+    result = runner.invoke(app, ["bench", str(run), "--checkpoint", "latest"])
+    assert result.exit_code == 2 and "unknown checkpoint 'latest'; valid: best, last" in flat(result.output)

@@ -29,7 +29,7 @@ def _random_init_copy(run: Path, dest: Path) -> Path:
                           **spec["image"].get("kwargs", {}))
     dest.mkdir(parents=True)
     meta = {k: v for k, v in spec.items() if k not in ("image", "text", "embed_dim", "image_size", "mean", "std",
-                                                        "format", "kdpipe_version")}
+                                                        "format", "kdpipe_version", "checkpoints", "checkpoint")}
     save_student(dest, fresh, None, meta)
     if (run / "whitening.safetensors").exists():
         shutil.copy(run / "whitening.safetensors", dest / "whitening.safetensors")
@@ -46,7 +46,7 @@ def test_every_stage_leaves_its_files(demo_dir):
     runs = sorted((demo_dir / "runs").iterdir())
     assert {r.name for r in runs} == {"mobilenetv3-raw", "mobilenetv3-white-joint"}
     for run in runs:
-        for rel in ("config.toml", "metrics.jsonl", "student.safetensors", "student.json", "curves.png",
+        for rel in ("config.toml", "metrics.jsonl", "student-last.safetensors", "student.json", "curves.png",
                     "eval.json", "bench.json", "checkpoints/latest.pt"):
             assert (run / rel).is_file(), (run.name, rel)
         ev = json.loads((run / "eval.json").read_text())

@@ -30,14 +30,15 @@ def fake_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            shard_size=12, image_size=SIZE)
 
 
-def make_run(path: Path, cache: Path, text: bool = False, whitening: dict | None = None, seed: int = 0) -> Path:
-    """A RUN dir as `kdpipe train` leaves it (student.safetensors + student.json), untrained weights."""
+def make_run(path: Path, cache: Path, text: bool = False, whitening: dict | None = None, seed: int = 0,
+             **meta) -> Path:
+    """A RUN dir as `kdpipe train` leaves it (student-last.safetensors + student.json), untrained weights."""
     c = open_cache(cache)
     torch.manual_seed(seed)
     image = build_student("tiny", c.embed_dim, SIZE)
     tower = build_text_student("text_tiny", c.embed_dim) if text else None
     save_student(path, image, tower, meta={"teacher": c.teacher, "cache": str(c.root), "whitening": whitening,
-                                           "losses": {"weights": {"fd": 7.8, "crd": 1.0}}})
+                                           "losses": {"weights": {"fd": 7.8, "crd": 1.0}}, **meta})
     return path
 
 
@@ -243,6 +244,29 @@ def test_folder_zeroshot(fake_cache, tmp_path):
     assert report["zeroshot"]["folder:pets"]["class_embeddings"] == "student text tower"
 
 
+def test_labels_used_in_training_make_accuracy_on_those_classes_supervised(fake_cache, tmp_path):
+    """A run from before student.json recorded ``labels_used``: decided from its losses (hinton, α 0.5);
+    a folder of the same classes is supervised too. What student.json records wins."""
+    hinton = {"weights": {"hinton": 1.0}, "options": {}}
+    run = make_run(tmp_path / "legacy", fake_cache, losses=hinton)
+    known = write_folder(tmp_path / "known", ["circle", "cross", "square", "triangle"])  # the cache's set
+    report = E.run(E.EvalConfig(run=run, zeroshot=[f"folder:{known}"], device="cpu", progress=False))
+    rows = report["metrics"]
+    assert not [k for k in rows if k.startswith("zeroshot/")]
+    for name in ("shapes", "folder:known"):
+        assert rows[f"supervised/{name}/top1"]["teacher"] is None and rows[f"supervised/{name}/top1"]["ratio"] is None
+        assert report["zeroshot"][name]["supervised"] is True
+    assert report["labels_used"] == {"losses": ["hinton"], "classnames": list(open_cache(fake_cache).classnames)}
+    assert "agreement/shapes/top1" in rows  # prediction agreement with the teacher is not accuracy: kept
+
+    recorded = make_run(tmp_path / "recorded", fake_cache, losses=hinton, labels_used=None)
+    rows = E.run(E.EvalConfig(run=recorded, device="cpu", progress=False))["metrics"]
+    assert "zeroshot/shapes/top1" in rows and not [k for k in rows if k.startswith("supervised/")]
+    soft_hinton = {"weights": {"hinton": 1.0}, "options": {"hinton": {"alpha": 1}}}
+    soft = make_run(tmp_path / "soft", fake_cache, losses=soft_hinton)
+    assert "zeroshot/shapes/top1" in E.run(E.EvalConfig(run=soft, device="cpu", progress=False))["metrics"]
+
+
 def test_cifar_absent_is_a_clear_error(fake_cache, tmp_path):
     run = make_run(tmp_path / "run", fake_cache)
     with pytest.raises(FileNotFoundError, match="never downloads"):
@@ -317,6 +341,21 @@ def test_cli_help_and_bad_run(tmp_path):
     assert result.exit_code == 2 and "holds no student.json" in flat(result.output)
     result = runner.invoke(app, ["eval"])
     assert result.exit_code == 2 and "--teacher CACHE" in flat(result.output)
+
+
+def test_cli_checkpoint_flag(fake_cache, tmp_path):
+    run = make_run(tmp_path / "run", fake_cache)  # one set of weights: best = last
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(run), "--checkpoint", "last", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    judged = json.loads((run / "eval.json").read_text())["checkpoint"]
+    assert judged == {"name": "last", "file": "student-last.safetensors"}
+    result = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    judged = json.loads((run / "eval.json").read_text())["checkpoint"]
+    assert judged["name"] == "best" and judged["same_as"] == "last"
+    result = runner.invoke(app, ["eval", str(run), "--checkpoint", "final"])
+    assert result.exit_code == 2 and "unknown checkpoint 'final'; valid: best, last" in flat(result.output)
 
 
 def test_cli_eval_teacher(fake_cache, tmp_path):

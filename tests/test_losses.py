@@ -21,6 +21,7 @@ from kdpipe.losses import (
     contrastive_grads,
     entropy_matched_scale,
     fd_lambda_from_mse,
+    label_losses,
     logit_scales,
     mean_softmax_entropy,
     mask_images,
@@ -254,6 +255,14 @@ def test_hinton_in_batch_without_labels_is_pure_kd():
     assert one("hinton", T=T, alpha=0.3)(batch)["hinton"].item() == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError):
         one("hinton", T=0.0)
+
+
+def test_label_losses_names_what_trains_on_labels():
+    """hinton's CE (weight 1 − α) uses labels unless α = 1; no other loss reads them; weight 0 is off."""
+    assert label_losses({"hinton": 1.0, "fd": 7.8, "crd": 1.0}) == ["hinton"]
+    assert label_losses({"hinton": 1.0}, {"hinton": {"alpha": 1.0}}) == []
+    assert label_losses({"hinton": 0.0}) == []
+    assert label_losses({name: 1.0 for name in LOSSES.names() if name != "hinton"}) == []
 
 
 # --------------------------------------------------------------------------- student == teacher

@@ -82,3 +82,23 @@ def test_verdict_not_met_and_no_small_student(root: Path) -> None:
     only_small_kd["small/crd+icl+fd"]["zeroshot/shapes/top1"]["ratio_mean"] = 0.5
     assert any("NOT MET" in n for n in quality.verdicts(only_small_kd, {"small": (100, 20)}))
     assert any("not measured" in n for n in quality.verdicts(summary, {"small": (100, 90), "big": (100, 300)}))
+
+
+def test_a_supervised_figure_gets_its_own_column_and_verdict(tmp_path: Path) -> None:
+    """hinton trains on the shapes labels: its shapes top-1 is supervised, never in the zero-shot column."""
+    run = tmp_path / "runs" / "small-hinton-s0"
+    _fake_run(tmp_path, "small", "hinton", 0, 0.01, 0.0, [0.01])
+    ev = json.loads((run / "eval.json").read_text())
+    del ev["metrics"]["zeroshot/shapes/top1"]
+    ev["metrics"]["supervised/shapes/top1"] = {"student": 0.48, "teacher": None, "ratio": None}
+    (run / "eval.json").write_text(json.dumps(ev))
+    summary = {k: quality.aggregate(rows) for k, rows in quality.finished_runs(tmp_path, epochs=3).items()}
+    lines = quality.table(summary, TEACHER).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    teacher, hinton = ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:4])
+    zs, sup = head.index("zeroshot/shapes/top1"), head.index("supervised/shapes/top1")
+    assert (teacher[zs], teacher[sup]) == ("0.600", "–")
+    assert (hinton[zs], hinton[sup]) == ("–", "0.480")
+    notes = "\n".join(quality.verdicts(summary, {"small": (100, 20)}))
+    assert "small/hinton: shapes top-1 0.480 is supervised" in notes
+    assert "zero-shot top-1 – of the teacher" in notes and "NOT MET" in notes

@@ -65,6 +65,24 @@ def test_report_table(tmp_path):
     assert rc == ["c", "mobilenetv3", "–", "none", "–", "–", "–", "–", "–", "–"]
 
 
+def test_supervised_accuracy_has_its_own_column_apart_from_zero_shot(tmp_path):
+    kd = write_run(tmp_path / "kd")
+    hinton = write_run(tmp_path / "hinton")
+    ev = json.loads((hinton / "eval.json").read_text())
+    del ev["metrics"]["zeroshot/shapes/top1"], ev["metrics"]["zeroshot/shapes/top5"]
+    ev["metrics"]["supervised/shapes/top1"] = {"student": 0.8, "teacher": None, "ratio": None}
+    ev["checkpoint"] = {"name": "best", "file": "student-best.safetensors", "step": 12}
+    (hinton / "eval.json").write_text(json.dumps(ev))
+    md = report.run(report.ReportConfig(runs=[kd, hinton], out=tmp_path / "r.md"))["markdown"]
+    head, teacher, row_kd, row_hinton = table_rows(md)
+    zs, sup = head.index("zero-shot shapes top-1"), head.index("supervised shapes top-1")
+    assert (teacher[zs], teacher[sup]) == ("0.900", "–")  # the teacher's figure is zero-shot only
+    assert (row_kd[zs], row_kd[sup]) == ("0.450 (0.50×)", "–")
+    assert (row_hinton[zs], row_hinton[sup]) == ("–", "0.800")  # no ratio to a zero-shot figure
+    assert "must not be compared with the zero-shot columns" in md
+    assert "Weights evaluated: hinton best (step 12)." in md
+
+
 def test_a_student_bigger_or_slower_than_its_teacher_says_so():
     bench = {"student": {"image": {"size_fp16_bytes": 2 * 2**20, "latency_b1_p50_ms": 4.0}},
              "ratios": {"image": {"size_fp16_bytes": 0.5, "latency_b1_p50_ms": 0.25}}}  # teacher ÷ student

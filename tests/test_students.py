@@ -14,11 +14,14 @@ from kdpipe.runtime import torch_threads
 from kdpipe.students import (
     STUDENTS,
     TEXT_STUDENTS,
+    ImageStudent,
     build_student,
     build_text_student,
     load_student,
     precise_bn,
     save_student,
+    save_weights,
+    write_spec,
 )
 
 D = 24  # teacher embed dim used throughout (small, not a multiple of any backbone width)
@@ -128,10 +131,12 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, name):
     meta = {"teacher": {"name": "ViT-T", "embed_dim": D}, "whitening": None}
     save_student(tmp_path, image, text, meta)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.json", "student.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student-last.safetensors", "student.json"]
     spec = json.loads((tmp_path / "student.json").read_text())
     assert spec["image"]["name"] == name and spec["embed_dim"] == D and spec["image_size"] == 64
     assert spec["mean"] == [0.5] * 3 and spec["teacher"] == meta["teacher"]
+    assert spec["checkpoints"]["last"]["file"] == spec["checkpoints"]["best"]["file"] == "student-last.safetensors"
+    assert spec["checkpoints"]["best"]["same_as"] == "last"  # nothing chose a best: said so
 
     image2, text2, meta2 = load_student(tmp_path)
     assert not image2.training and image2.mean == (0.5, 0.5, 0.5)
@@ -156,6 +161,53 @@ def test_save_load_keeps_builder_kwargs(tmp_path):
 def test_save_student_refuses_meta_that_overrides_its_keys(tmp_path):
     with pytest.raises(ValueError, match="embed_dim"):
         save_student(tmp_path, build_student("tiny", embed_dim=D, image_size=32), None, {"embed_dim": 3})
+
+
+def _constant_student(value: float) -> ImageStudent:
+    image = build_student("tiny", embed_dim=D, image_size=32)
+    with torch.no_grad():
+        for p in image.parameters():
+            p.fill_(value)
+    return image.eval()
+
+
+def test_best_and_last_weights_load_by_name(tmp_path):
+    best, last = _constant_student(0.5), _constant_student(-0.25)
+    files = {"best": save_weights(tmp_path, best, None, "best"), "last": save_weights(tmp_path, last, None, "last")}
+    assert files == {"best": "student-best.safetensors", "last": "student-last.safetensors"}
+    write_spec(tmp_path, last, None, {}, {"best": {"file": files["best"], "step": 3},
+                                          "last": {"file": files["last"], "step": 9}})
+    x = torch.randn(2, 3, 32, 32)
+    default, _, spec = load_student(tmp_path)
+    assert spec["checkpoint"] == {"name": "best", "file": "student-best.safetensors", "step": 3}
+    with torch.no_grad():
+        torch.testing.assert_close(default(x), best(x), rtol=0, atol=0)
+        loaded_last, _, spec = load_student(tmp_path, checkpoint="last")
+        torch.testing.assert_close(loaded_last(x), last(x), rtol=0, atol=0)
+    assert spec["checkpoint"]["step"] == 9
+    with pytest.raises(ValueError, match="unknown checkpoint 'final'; valid: best, last"):
+        load_student(tmp_path, checkpoint="final")
+    (tmp_path / files["best"]).unlink()
+    with pytest.raises(FileNotFoundError, match="student-best.safetensors"):
+        load_student(tmp_path)
+
+
+def test_a_legacy_run_with_one_weights_file_loads_as_last_with_a_warning(tmp_path, caplog):
+    image = _constant_student(0.5)
+    save_student(tmp_path, image, None, {})
+    spec = json.loads((tmp_path / "student.json").read_text())
+    del spec["checkpoints"]
+    spec["step"] = 7
+    (tmp_path / "student.json").write_text(json.dumps(spec))
+    (tmp_path / "student-last.safetensors").rename(tmp_path / "student.safetensors")
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        loaded, _, spec = load_student(tmp_path)
+    assert "last weights" in caplog.text
+    assert spec["checkpoint"]["file"] == "student.safetensors" and spec["checkpoint"]["step"] == 7
+    assert spec["checkpoint"]["same_as"] == "last"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), image(x), rtol=0, atol=0)
 
 
 def test_load_student_missing_dir_is_a_clear_error(tmp_path):

@@ -94,10 +94,105 @@ def test_run_writes_every_output_and_never_loads_the_teacher(cache_dir, tmp_path
 
     spec = json.loads((out / "student.json").read_text())
     assert spec["teacher"] == open_cache(cache_dir).teacher and spec["whitening"] is None
-    assert spec["val"]["val_images"] == N_VAL and spec["image"]["name"] == "tiny" and spec["embed_dim"] == DIM
+    assert spec["checkpoints"]["last"]["val"]["val_images"] == N_VAL and spec["checkpoints"]["last"]["step"] == 24
+    assert spec["image"]["name"] == "tiny" and spec["embed_dim"] == DIM and spec["labels_used"] is None
     image, text, _ = load_student(out)
     assert text is None and image(torch.zeros(2, 3, 32, 32)).shape == (2, DIM)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- best and last weights
+
+
+def _falling_scores(monkeypatch) -> None:
+    """A stand-in validation (no precise BN, no val pass) whose score falls each time: the first is the best."""
+    calls = iter(range(1000))
+
+    def validate(s: T.Setup) -> dict[str, float]:
+        return {"val_i2t_R@1": 0.0, "val_t2i_R@1": 0.0, "val_cos": 0.0, "val_score": -float(next(calls)),
+                "val_images": 0}
+
+    monkeypatch.setattr(T, "validate", validate)
+
+
+def test_best_weights_are_the_best_step_s_with_precise_bn_and_eval_uses_them(cache_dir, tmp_path, monkeypatch):
+    from kdpipe import evaluate as E
+
+    _falling_scores(monkeypatch)
+    out = tmp_path / "run"
+    T.run(_cfg(cache_dir, out))  # validation at steps 12 and 24: the best is step 12
+    spec = json.loads((out / "student.json").read_text())
+    best, last = spec["checkpoints"]["best"], spec["checkpoints"]["last"]
+    assert (best["file"], best["step"], best["epoch"]) == ("student-best.safetensors", 12, 1)
+    assert (last["file"], last["step"]) == ("student-last.safetensors", 24)
+    assert best["val"]["val_score"] == 0.0 and last["val"]["val_score"] == -1.0
+    saved = {name: load_file(str(out / f"student-{name}.safetensors")) for name in ("best", "last")}
+
+    # the best file = best.pt's weights (step 12), its BN statistics re-estimated by precise BN on them
+    state = trainstate.read_checkpoint(out / "checkpoints/best.pt")
+    assert state["position"]["step"] == 12
+    setup = T.build_setup(_cfg(cache_dir, out))
+    for k, _ in setup.image.named_parameters():
+        torch.testing.assert_close(saved["best"][f"image.{k}"], state["model"][f"image.{k}"], rtol=0, atol=0, msg=k)
+    bn_key = next(k for k in saved["best"] if k.endswith("running_mean"))
+    assert not torch.equal(saved["best"][bn_key], state["model"][bn_key])  # the stand-in validation left them stale
+    setup.distiller.load_state_dict(state["model"])
+    T.refresh_bn(setup)
+    assert saved["best"].keys() == {f"image.{k}" for k in setup.image.state_dict()}
+    for k, v in setup.image.state_dict().items():
+        torch.testing.assert_close(saved["best"][f"image.{k}"], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(saved["best"]["image.proj.weight"], saved["last"]["image.proj.weight"])
+    latest = trainstate.read_checkpoint(out / "checkpoints/latest.pt")["model"]
+    torch.testing.assert_close(saved["last"]["image.proj.weight"], latest["image.proj.weight"], rtol=0, atol=0)
+
+    by_default = E.run(E.EvalConfig(run=out, device="cpu", progress=False))
+    assert by_default["checkpoint"] == {"name": "best", "file": "student-best.safetensors", "step": 12, "epoch": 1}
+    assert json.loads((out / "eval.json").read_text())["checkpoint"]["step"] == 12
+    with_last = E.run(E.EvalConfig(run=out, checkpoint="last", out=tmp_path / "last.json", device="cpu",
+                                   progress=False))
+    assert with_last["checkpoint"]["name"] == "last" and with_last["checkpoint"]["step"] == 24
+    cos = [r["metrics"]["agreement/cosine"]["student"] for r in (by_default, with_last)]
+    assert cos[0] != cos[1]  # different weights judged
+
+
+def test_without_validation_best_is_the_last_and_student_json_says_so(tmp_path):
+    cache = make_fake_cache(tmp_path / "cache", n_train=32, n_val=0, dim=DIM, shard_size=32)
+    out = tmp_path / "run"
+    T.run(_cfg(cache, out, max_steps=2))
+    spec = json.loads((out / "student.json").read_text())
+    best, last = spec["checkpoints"]["best"], spec["checkpoints"]["last"]
+    assert last == {"file": "student-last.safetensors", "step": 2, "epoch": 0, "val": None}
+    assert best == {**last, "same_as": "last", "note": "no validation chose a best: best = last"}
+    assert not (out / "student-best.safetensors").exists()
+    _, _, loaded = load_student(out)
+    assert loaded["checkpoint"]["file"] == "student-last.safetensors"
+
+
+def test_a_run_trained_on_labels_is_judged_as_supervised_not_zero_shot(cache_dir, tmp_path):
+    """hinton's hard-label CE uses the cache's class labels: accuracy on those classes is not zero-shot."""
+    from kdpipe import evaluate as E
+
+    recipes = {"hinton": ("hinton=1", {}), "hinton-soft": ("hinton=1", {"hinton": {"alpha": 1.0}}),
+               "kd": ("fd=7.8,crd=1", {})}
+    reports, specs = {}, {}
+    for name, (losses, options) in recipes.items():
+        out = tmp_path / name
+        T.run(_cfg(cache_dir, out, losses=losses, loss_options=options, max_steps=2))
+        specs[name] = json.loads((out / "student.json").read_text())
+        reports[name] = E.run(E.EvalConfig(run=out, device="cpu", progress=False))
+    classes = list(open_cache(cache_dir).classnames)
+    assert specs["hinton"]["labels_used"] == {"losses": ["hinton"], "classnames": classes}
+    assert specs["hinton-soft"]["labels_used"] is None and specs["kd"]["labels_used"] is None
+    hinton = reports["hinton"]["metrics"]
+    assert not [k for k in hinton if k.startswith("zeroshot/")]
+    assert {"supervised/shapes/top1", "supervised/shapes/top5"} <= hinton.keys()
+    assert hinton["supervised/shapes/top1"]["teacher"] is None and hinton["supervised/shapes/top1"]["ratio"] is None
+    assert 0 <= hinton["supervised/shapes/top1"]["student"] <= 1
+    assert reports["hinton"]["zeroshot"]["shapes"]["supervised"] is True
+    assert any("supervised accuracy, not zero-shot" in n for n in reports["hinton"]["notes"])
+    for name in ("hinton-soft", "kd"):
+        rows = reports[name]["metrics"]
+        assert "zeroshot/shapes/top1" in rows and not [k for k in rows if k.startswith("supervised/")], name
 
 
 def test_training_reduces_the_loss(cache_dir, tmp_path):
@@ -125,7 +220,7 @@ def test_student_learns_a_real_teacher_on_held_out_shapes(shapes_root, tmp_path)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "student.safetensors"))
+    return load_file(str(run / "student-last.safetensors"))
 
 
 def test_resume_continues_the_uninterrupted_run_exactly(cache_dir, tmp_path):
@@ -253,7 +348,7 @@ def test_repeated_nonfinite_steps_stop_the_run_with_step_and_keys(cache_dir, tmp
     state = trainstate.read_checkpoint(out / "checkpoints/latest.pt")
     assert state["position"]["step"] == 4  # saved after a skipped step: weights still finite
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert not (out / "student.safetensors").exists()
+    assert not (out / "student.json").exists() and not (out / "student-last.safetensors").exists()
 
 
 @pytest.mark.parametrize("side", ["image", "text"])
@@ -450,4 +545,4 @@ def test_torchrun_two_process_gloo_run(cache_dir, tmp_path):
     state = trainstate.read_checkpoint(out / "checkpoints/latest.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2  # both ranks' RNG states gathered
     assert not torch.equal(state["rng"][0]["mask"], state["rng"][1]["mask"])
-    assert (out / "student.safetensors").exists() and proc.stderr.count("trained 8 steps") == 1
+    assert (out / "student-last.safetensors").exists() and proc.stderr.count("trained 8 steps") == 1

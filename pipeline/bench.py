@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -243,8 +244,11 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exp
     device = next(module.parameters(), example).device
     example = example[:1].expand(2, *example.shape[1:]).contiguous().to(device)
     order = _exporter_order(exporter)
-    was_training = module.training
+    was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
     module.eval()
+    # nn.MultiheadAttention's inference fast path (taken when no parameter needs a gradient, as in a
+    # loaded teacher) is one fused operator that ONNX has no export for: trace the plain path
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         for i, name in enumerate(order):
             try:
@@ -256,6 +260,7 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exp
                 log.warning("ONNX %s export failed (%s: %s); trying %s", name, type(err).__name__, err, order[i + 1])
     finally:
         module.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
 
 
@@ -453,18 +458,34 @@ def measure_model(towers: dict[str, Tower], cfg: BenchConfig, device: torch.devi
     return rows
 
 
-def onnx_report(image: nn.Module, path: Path, cfg: BenchConfig) -> dict[str, Any]:
-    """Export the student image tower (dynamic batch), check it against PyTorch, time it (ONNX Runtime, CPU)."""
-    size = image.image_size
+def onnx_report(image: nn.Module, size: int, path: Path, cfg: BenchConfig) -> dict[str, Any]:
+    """Export an image tower (input [B, 3, size, size], dynamic batch), check it against PyTorch,
+    time it at batch 1 (ONNX Runtime, CPU, ``cfg.threads``)."""
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     export_onnx(image, example, path)
     diff = check_onnx(path, image, example)
     lat = onnx_latency(path, example[:1], warmup=cfg.warmup, iters=cfg.iters, threads=cfg.threads)
     ok = diff < cfg.onnx_tol
     if not ok:
-        log.error("ONNX export of the image tower differs from PyTorch by %.3g (> %g)", diff, cfg.onnx_tol)
+        log.error("ONNX export of %s differs from PyTorch by %.3g (> %g)", path.name, diff, cfg.onnx_tol)
     return {"path": str(path), "max_abs_diff": diff, "tolerance": cfg.onnx_tol, "ok": ok, "device": "cpu (onnxruntime)",
             "latency_b1_p50_ms": lat["p50_ms"], "latency_b1_p90_ms": lat["p90_ms"], "bytes": path.stat().st_size}
+
+
+def teacher_onnx(teacher: Any, cfg: BenchConfig) -> dict[str, Any]:
+    """The teacher's image tower through the same export and ONNX Runtime timing as the students'
+    (at batch 1 on CPU, PyTorch's per-operator overhead can dominate a small tower; ONNX Runtime is
+    the deployment runtime and gives both sides the same advantage). The file is not kept."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = onnx_report(teacher.model.visual.cpu(), teacher.preprocess.size, Path(tmp) / "teacher_image.onnx", cfg)
+    return {**report, "path": None}
+
+
+def onnx_ratio(teacher: dict[str, Any] | None, student: dict[str, Any] | None) -> float | None:
+    """Teacher ÷ student ONNX Runtime latency (> 1: the student is faster); None unless both were timed."""
+    if not teacher or not student or not student.get("latency_b1_p50_ms"):
+        return None
+    return teacher["latency_b1_p50_ms"] / student["latency_b1_p50_ms"]
 
 
 # --------------------------------------------------------------------------- the teacher to compare with
@@ -598,11 +619,15 @@ def print_tables(teacher_rows: dict, results: list[dict[str, Any]]) -> None:
                   for r in results for k, v in r["ratios"].items()]
     console.print(render_table(ratio_rows, title="teacher / student (> 1: the student is smaller or faster)",
                                left=2))
+    if teacher_rows.get("onnx"):
+        console.print(f"teacher: image tower b1 p50 {teacher_rows['onnx']['latency_b1_p50_ms']:.3g} ms (onnxruntime)")
     for r in results:
         if r["onnx"]:
-            o = r["onnx"]
+            o, ratio = r["onnx"], r["ratios"]["image"].get("onnx_latency_b1_p50_ms")
+            vs = "" if ratio is None else f", {ratio:.3g}× the teacher's speed"
             console.print(f"{r['student']['label']}: ONNX max |diff| {o['max_abs_diff']:.2g} "
-                          f"({'ok' if o['ok'] else 'FAILED'}), b1 p50 {o['latency_b1_p50_ms']:.3g} ms (onnxruntime)")
+                          f"({'ok' if o['ok'] else 'FAILED'}), b1 p50 {o['latency_b1_p50_ms']:.3g} ms "
+                          f"(onnxruntime{vs})")
 
 
 def _check_config(cfg: BenchConfig) -> None:
@@ -644,7 +669,7 @@ def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.dev
                     "text_tower": "student" if text is not None else "teacher", **rows},
         "checkpoint": {k: v for k, v in spec["checkpoint"].items() if k not in ("val", "score")},
         "ratios": ratios,
-        "onnx": onnx_report(image.cpu(), run / ONNX_FILE, cfg) if cfg.onnx else None,
+        "onnx": onnx_report(image.cpu(), image.image_size, run / ONNX_FILE, cfg) if cfg.onnx else None,
         "accuracy": read_accuracy(run),
         "notes": [] if text is not None else [SHARED_TEXT_NOTE],
     }
@@ -653,6 +678,7 @@ def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.dev
         result["notes"].append(f"accuracy is eval.json's, which judged the {judged} weights; this bench loaded "
                                f"the {cfg.checkpoint} weights (the timings do not depend on them)")
     if cfg.onnx:
+        result["ratios"]["image"]["onnx_latency_b1_p50_ms"] = onnx_ratio(teacher_rows.get("onnx"), result["onnx"])
         image.to(device)
     return result
 
@@ -670,6 +696,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     with torch_threads(cfg.threads):
         teacher = build_teacher(cfg, fp, device)
         teacher_rows = measure_model(teacher_towers(teacher, device, cfg.caption), cfg, device, "teacher")
+        if cfg.onnx:
+            teacher_rows["onnx"] = teacher_onnx(teacher, cfg)
         del teacher
         results = [bench_run(r, teacher_rows, cfg, device) for r in runs]
     header = {"device": str(device), "threads": teacher_rows["image"]["threads"], "torch": torch.__version__,

@@ -170,6 +170,19 @@ def latency_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
     return _image_cell(bench, who, "latency_b1_p50_ms", lambda ms: f"{ms:.3g} ms", "faster", "slower")
 
 
+def onnx_latency_cell(bench: dict[str, Any] | None, who: str = "student") -> str:
+    """Image tower in ONNX Runtime (``kdpipe bench --onnx``), batch 1, p50 ms; for a student also
+    "N× faster/slower" than the teacher's tower exported and timed the same way."""
+    onnx = ((bench or {}).get("teacher") or {}).get("onnx") if who == "teacher" else (bench or {}).get("onnx")
+    if not onnx:
+        return MISSING
+    ratio = ((bench or {}).get("ratios", {}).get("image") or {}).get("onnx_latency_b1_p50_ms") if who == "student" else None
+    cell = f"{onnx['latency_b1_p50_ms']:.3g} ms"
+    if ratio is None or ratio <= 0:
+        return cell
+    return cell + (f" ({ratio:.3g}× faster)" if ratio >= 1 else f" ({1 / ratio:.3g}× slower)")
+
+
 def zeroshot_names(runs: list[RunFiles], kind: str = "zeroshot") -> list[str]:
     """Datasets with a ``{kind}/{name}/top1`` in any eval.json, first-seen order. ``kind`` "supervised":
     class sets whose labels a run's losses trained on (its accuracy there is not zero-shot)."""
@@ -197,7 +210,7 @@ def columns(zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
     return (["run", "student", "losses", "whitening", "i2t R@1", "t2i R@1"]
             + [f"zero-shot {n} top-1" for n in zeroshot]
             + [f"supervised {n} top-1" for n in supervised]
-            + ["agreement (cos)", "image size fp16", "image latency b1 p50"])
+            + ["agreement (cos)", "image size fp16", "image latency b1 p50", "image latency b1 p50 onnxruntime"])
 
 
 def student_row(r: RunFiles, zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
@@ -206,7 +219,8 @@ def student_row(r: RunFiles, zeroshot: list[str], supervised: list[str] = ()) ->
              accuracy_cell(ev, "i2t_R@1"), accuracy_cell(ev, "t2i_R@1")]
             + [accuracy_cell(ev, f"zeroshot/{n}/top1") for n in zeroshot]
             + [accuracy_cell(ev, f"supervised/{n}/top1") for n in supervised]
-            + [_num(_metric(ev, "agreement/cosine", "student")), size_cell(r.bench), latency_cell(r.bench)])
+            + [_num(_metric(ev, "agreement/cosine", "student")), size_cell(r.bench), latency_cell(r.bench),
+               onnx_latency_cell(r.bench)])
 
 
 def teacher_row(runs: list[RunFiles], zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
@@ -219,7 +233,8 @@ def teacher_row(runs: list[RunFiles], zeroshot: list[str], supervised: list[str]
     return ([name, MISSING, MISSING, "none", t("i2t_R@1"), t("t2i_R@1")]
             + [t(f"zeroshot/{n}/top1") for n in zeroshot]
             + [MISSING for _ in supervised]  # the teacher never saw labels: its figure is in the zero-shot column
-            + ["1.000" if ev else MISSING, size_cell(bench, "teacher"), latency_cell(bench, "teacher")])
+            + ["1.000" if ev else MISSING, size_cell(bench, "teacher"), latency_cell(bench, "teacher"),
+               onnx_latency_cell(bench, "teacher")])
 
 
 def _md_row(cells: list[str]) -> str:
@@ -240,8 +255,10 @@ def markdown(runs: list[RunFiles]) -> str:
 
 def notes(runs: list[RunFiles]) -> list[str]:
     out = ["Accuracy cells: student value (student / teacher). Size and latency: the image tower, and how "
-           "many times smaller/faster (or larger/slower) it is than the teacher's; full per-tower figures are "
-           "in each RUN/bench.json. \"–\": not measured yet "
+           "many times smaller/faster (or larger/slower) it is than the teacher's, in PyTorch (eager) and in "
+           "ONNX Runtime (both towers exported and timed the same way; `kdpipe bench --onnx`). At batch 1 on a "
+           "CPU, PyTorch's per-operator overhead can outweigh a small tower's arithmetic, so a student with far "
+           "fewer FLOPs can still be slower there; full per-tower figures are in each RUN/bench.json. \"–\": not measured yet "
            "(run `kdpipe eval` / `kdpipe bench`)."]
     splits = {(r.eval or {}).get("split") for r in runs if r.eval}
     spaces = {(r.eval or {}).get("space") for r in runs if r.eval}

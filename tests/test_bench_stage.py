@@ -87,6 +87,15 @@ def test_onnx_check_on_the_tiny_student(benched):
     assert onnx["latency_b1_p50_ms"] > 0
 
 
+def test_onnx_times_the_teacher_image_tower_the_same_way(benched):
+    run, _ = benched
+    saved = json.loads((run / "bench.json").read_text())
+    teacher, student = saved["teacher"]["onnx"], saved["onnx"]
+    assert teacher["ok"] and teacher["max_abs_diff"] < 1e-4 and teacher["latency_b1_p50_ms"] > 0
+    assert saved["ratios"]["image"]["onnx_latency_b1_p50_ms"] == pytest.approx(
+        teacher["latency_b1_p50_ms"] / student["latency_b1_p50_ms"])
+
+
 def test_several_runs_text_student_and_teacher_from_a_cache(tmp_path):
     cache = make_fake_cache(tmp_path / "cache", n_train=4, n_val=2, dim=DIM, teacher=tiny_clip_fp())
     a = make_run(tmp_path / "a", eval_r1=0.3)

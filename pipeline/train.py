@@ -743,8 +743,9 @@ def plot_curves(run_dir: Path) -> Path | None:
     for name in ("val_i2t_R@1", "val_t2i_R@1", "val_cos"):
         if val:
             ax2.plot([r["step"] for r in val], [r[name] for r in val], marker="o", label=name)
-    ax2.set(xlabel="step", title="validation (vs teacher)", ylim=(0, 1))
-    ax2.legend(fontsize=8)
+    ax2.set(xlabel="step", title="validation (vs teacher)" if val else "no validation split", ylim=(0, 1))
+    if val:
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     path = run_dir / CURVES_FILE
     fig.savefig(path, dpi=100)

@@ -32,14 +32,15 @@ import torch
 from kdpipe import evaluate, extract, pretrain, train, whiten
 from kdpipe.bench import flops_per_sample
 from kdpipe.data.shapes import make_shapes
+from kdpipe.losses import DEFAULT_RECIPE
 from kdpipe.students import SPEC_FILE, load_student
 from kdpipe.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
-KD = "crd=1,icl=1,fd=7.8125"  # CLIP-KD's best recipe (fd 2000 as MSE at D=512)
+KD = DEFAULT_RECIPE  # CLIP-KD's full recipe: clip (task) + crd + icl + fd (fd 2000 as MSE at D=512)
 RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"losses": KD},
     "fd": {"losses": "fd=7.8125"},
-    "crd+icl+fd": {"losses": KD},
     "+white-joint": {"losses": KD, "whiten": "joint"},
     "+white-separate": {"losses": KD, "whiten": "separate"},
     "hinton": {"losses": "hinton=1"},
@@ -55,8 +56,14 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     world, teacher, cache = root / "shapes", root / "teacher", root / "cache"
     if not (world / "annotations" / "captions_val.json").exists():
         make_shapes(world, args.n_train, args.n_val, size=64, seed=0)
-    pretrain.run(pretrain.PretrainConfig(data=str(world), out=str(teacher), steps=args.teacher_steps,
-                                         device="cpu", progress=False))
+    summary = pretrain.run(pretrain.PretrainConfig(data=str(world), out=str(teacher), steps=args.teacher_steps,
+                                                   val_every=args.teacher_val_every or max(1, args.teacher_steps // 10),
+                                                   device="cpu", progress=False))
+    gain = summary.get("val_tail_gain")
+    print(f"teacher: {summary['steps']} steps in {summary['seconds']:.0f} s; val I->T R@1 "
+          + " ".join(f"{r['step']}:{r['i2t_R@1']:.3f}" for r in summary.get("val_curve", []))
+          + ("" if gain is None else f"; last 20% of steps {gain:+.1%} ({'plateaued' if gain < 0.02 else 'still rising'})"),
+          flush=True)
     extract.run(extract.ExtractConfig(teacher=str(teacher / "config.json"),
                                       pretrained=str(teacher / "model.safetensors"), data=str(world),
                                       out=str(cache), views=args.views, batch_size=64, workers=1,
@@ -161,16 +168,17 @@ def fmt(cell: dict[str, Any] | None, seeds: int, digits: int = 3) -> str:
 
 
 def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
-    head = "| student | recipe | seeds | " + " | ".join(METRICS) + " | epochs to 90% R@1 | min/run |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
+    head = "| student | recipe | seeds | " + " | ".join(METRICS) + " | epochs to 90% R@1 | min/run | time ÷ teacher |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 6)]
     lines.append("| teacher | – | – | " + " | ".join("–" if teacher.get(m) is None else f"{teacher[m]:.3f}"
-                                                   for m in METRICS) + " | – | – |")
+                                                   for m in METRICS) + " | – | – | 1 |")
     for key, agg in summary.items():
         student, recipe = key.split("/", 1)
         e90 = agg["epochs_to_90"]
         lines.append(f"| {student} | {recipe} | {len(agg['seeds'])} | " + " | ".join(fmt(agg.get(m), len(agg["seeds"])) for m in METRICS)
                      + f" | {'–' if e90 is None else fmt({'mean': e90[0], 'std': e90[1]}, len(agg['seeds']), 1)}"
-                     + f" | {agg['minutes_per_run'] or '–'} |")
+                     + f" | {agg['minutes_per_run'] or '–'}"
+                     + f" | {'–' if agg.get('time_share') is None else format(agg['time_share'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -195,10 +203,13 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
     if small:
         best = max(small, key=lambda k: summary[k]["i2t_R@1"]["ratio_mean"] or 0)
         r1, zs = summary[best]["i2t_R@1"]["ratio_mean"], summary[best].get("zeroshot/shapes/top1", {}).get("ratio_mean")
-        ok = r1 is not None and r1 >= 0.9 and zs is not None and zs >= 0.9
+        share = summary[best].get("time_share")
+        ok = (r1 is not None and r1 >= 0.9 and zs is not None and zs >= 0.9
+              and share is not None and share <= 0.25)
         out.append(f"best image-only student with <= 1/4 of the teacher's image FLOPs: {best}: I->T R@1 "
-                   f"{r1:.2f}x, zero-shot top-1 {'–' if zs is None else f'{zs:.2f}x'} of the teacher -> target "
-                   "(>= 0.9 both) "
+                   f"{r1:.2f}x, zero-shot top-1 {'–' if zs is None else f'{zs:.2f}x'} of the teacher, training "
+                   f"time {'–' if share is None else f'{share:.2f}x'} the teacher's -> target "
+                   "(>= 0.9 both, in <= 1/4 of the time) "
                    f"{'MET' if ok else 'NOT MET'}")
     else:
         out.append("no distilled student with <= 1/4 of the teacher's image FLOPs was run: target not measured")
@@ -217,7 +228,7 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
             if k.startswith(student + "/") and "supervised/shapes/top1" in agg:
                 out.append(f"{k}: shapes top-1 {agg['supervised/shapes/top1']['mean']:.3f} is supervised (its loss "
                            "trained on these labels), not zero-shot: compare it with no zero-shot figure")
-        kd = summary.get(f"{student}/crd+icl+fd")
+        kd = summary.get(f"{student}/default")
         for mode in ("+white-joint", "+white-separate"):
             white = summary.get(f"{student}/{mode}")
             if not (kd and white):
@@ -227,7 +238,7 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
             e_kd, e_w = kd["epochs_to_90"], white["epochs_to_90"]
             speed = f"; epochs to 90% of final R@1 {e_w[0]:.1f} vs {e_kd[0]:.1f}" if e_kd and e_w else ""
             std = "" if noise is None else f", seed std {noise:.3f}"
-            out.append(f"{student}: whitening {mode[7:]} {verdict} (I->T R@1 {d:+.3f} vs crd+icl+fd{std}{speed})")
+            out.append(f"{student}: whitening {mode[7:]} {verdict} (I->T R@1 {d:+.3f} vs default{std}{speed})")
     return out
 
 
@@ -244,6 +255,7 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--teacher-steps", type=int, default=pretrain.DEFAULT_STEPS)
+    ap.add_argument("--teacher-val-every", type=int, default=None, help="default: a tenth of --teacher-steps")
     ap.add_argument("--report-only", action="store_true", help="train nothing: summarise the finished runs")
     args = ap.parse_args()
     root = Path(args.root)
@@ -262,6 +274,10 @@ def main() -> None:
         refresh_eval(run_json.parent)
     cells = finished_runs(root, args.epochs)
     summary = {key: aggregate(rows) for key, rows in cells.items()}
+    teacher_train = json.loads((teacher_dir / "train.json").read_text())
+    for agg in summary.values():  # each student's training time as a share of the teacher's
+        agg["time_share"] = (None if agg["minutes_per_run"] is None
+                             else agg["minutes_per_run"] * 60 / teacher_train["seconds"])
     flops = {}
     for key, rows in cells.items():
         if key.split("/")[0] not in flops:
@@ -275,6 +291,8 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": "benchmarks/quality.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "minutes_this_invocation": round((time.perf_counter() - start) / 60, 1), "teacher": teacher_figures,
+        "teacher_training": {k: teacher_train.get(k) for k in ("steps", "seconds", "val_curve", "val_tail_gain",
+                                                                "train_images", "val_images")},
         "flops_image": {s: {"teacher": t, "student": f} for s, (t, f) in flops.items()},
         "summary": summary, "runs": {k: rows for k, rows in cells.items()}, "markdown": md, "verdicts": notes},
         indent=1))

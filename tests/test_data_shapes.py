@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kdpipe.cli.main import app
-from kdpipe.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Obj, _relation, make_shapes, shared_caption_share
+from kdpipe.data.shapes import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Obj, Slot, _apart, _relation,
+                                make_shapes, shared_caption_share)
 
 from conftest import SHAPES_SIZE, SHAPES_TRAIN, SHAPES_VAL
 
@@ -96,9 +98,33 @@ def test_captions_are_varied_and_true(shapes_root: Path) -> None:
             assert all(objs[1]["shape"] in t for t in texts)
             assert objs[1]["radius"] < main["radius"]  # the label is the largest object's shape
             assert objs[1]["position"] != main["position"]
+            assert math.dist((main["x"], main["y"]), (objs[1]["x"], objs[1]["y"])) > main["radius"] + objs[1]["radius"]
     assert len({img["objects"][0]["shape"] for img in caps["images"]}) >= 5
     assert len({img["background"] for img in caps["images"]}) >= 4
     assert sum(len(img["objects"]) == 2 for img in caps["images"]) >= 5
+
+
+def test_twins_differ_only_in_their_shapes(shapes_root: Path) -> None:
+    """Images 2k and 2k+1 share background, colours, sizes and cells, and differ in the label shape: a negative
+    that only the shape tells apart, so a contrastive teacher has to read shapes."""
+    images = load(shapes_root, "captions", "train")["images"]
+    layouts = set()
+    for a, b in zip(images[0::2], images[1::2]):
+        slots = [[(o["colour"], o["size"], o["position"]) for o in img["objects"]] for img in (a, b)]
+        assert a["background"] == b["background"] and slots[0] == slots[1]
+        assert a["objects"][0]["shape"] != b["objects"][0]["shape"]
+        assert a["objects"][0]["x"] != b["objects"][0]["x"]  # each image has its own jitter
+        layouts.add((a["background"], str(slots[0])))
+    assert len(layouts) == len(images) // 2
+
+
+def test_a_small_second_object_always_fits() -> None:
+    """sample_layout relies on it: for every main slot some other cell holds a small object apart from it."""
+    for cell in POSITIONS:
+        for size in ("medium", "large"):
+            main = Slot("red", size, cell)
+            assert any(_apart(main, Slot("blue", "small", other)) for other in POSITIONS if other != cell), main
+    assert not _apart(Slot("red", "large", "left"), Slot("blue", "small", "centre"))  # adjacent cells would touch
 
 
 def test_shared_caption_share_on_hand_made_captions() -> None:
@@ -132,6 +158,8 @@ def test_held_out_captions_pick_out_their_image(held_out: tuple[Path, dict, floa
         for t in texts:
             owners.setdefault(t, set()).add(n)
     assert max(len(v) for v in owners.values()) <= 2
+    labels = np.bincount(list(load(root, "labels", "val")["labels"].values()), minlength=len(SHAPES))
+    assert labels.min() >= 0.6 * 500 / len(SHAPES), labels  # zero-shot classes stay balanced
     assert seconds < 10.0  # ~1 s on one core
 
 
@@ -169,7 +197,8 @@ def test_relation_words() -> None:
     def at(cell: str) -> Obj:  # the relation comes from the grid cells, not the jittered centres
         return Obj(0, "red", "small", 0.1, 0.5, 0.5, cell, 0.0)
 
-    assert _relation(at("left"), at("right")) == "to the left of" and _relation(at("right"), at("left")) == "to the right of"
+    assert _relation(at("left"), at("right")) == "to the left of"
+    assert _relation(at("right"), at("left")) == "to the right of"
     assert _relation(at("top"), at("bottom")) == "above" and _relation(at("bottom left"), at("top left")) == "below"
     assert _relation(at("top left"), at("centre")) == "to the left of"  # a diagonal takes the horizontal word
 

@@ -8,7 +8,8 @@ captions per image name different subsets of these attributes ("a red star in th
 and a blue ring on the right", "a red star above a blue ring on a navy background"), each
 subset rich enough that a caption almost never fits another image of a 500-image split
 (``shared_caption_share``, printed by ``kdpipe make-shapes``): retrieval then has one right
-answer, as on COCO, and R@1 means what it says.
+answer, as on COCO, and R@1 means what it says. Images come in twins (``GROUP``) that share
+everything but their shapes, so matching captions needs the shapes, not only the colours.
 
 Image ``i`` of a split depends only on ``(seed, split, i)``: output is byte-identical across
 runs, and growing ``n_train`` keeps the first images unchanged.
@@ -25,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,6 +65,7 @@ POSITIONS = {  # 3x3 grid cell -> centre (relative x, y) and the phrase captions
 SIZES = {"small": 0.1, "medium": 0.145, "large": 0.2}  # radius relative to the image side, ~1.4x apart
 SINGLE_SHARE = 0.3  # images with one object; the rest have two
 JITTER = 0.02  # position and radius jitter (relative): small enough that the named cell and size stay exact
+GROUP = 2  # images 2k and 2k+1 share a layout and differ in their shapes (see sample_layout)
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges at small sizes
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -85,6 +88,24 @@ class Scene:
     background: str  # key of BACKGROUNDS
 
 
+class Slot(NamedTuple):
+    """An object's place in a layout: all its attributes but the shape."""
+
+    colour: str  # key of COLOURS
+    size: str  # key of SIZES
+    cell: str  # key of POSITIONS
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the images of one group share."""
+
+    background: str  # key of BACKGROUNDS
+    main: Slot  # the largest object
+    second: Slot | None  # a size smaller, in another cell; None for a one-object scene
+    main_shapes: tuple[int, ...]  # the main object's shape in each image of the group, all different
+
+
 # ---------------------------------------------------------------- scene sampling
 
 
@@ -92,29 +113,60 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[rng.integers(len(options))]
 
 
-def _object(rng: np.random.Generator, cell: str, size: str) -> Obj:
-    """An object of ``size`` jittered around the centre of grid ``cell``, inside the image."""
-    radius = SIZES[size] * (1 + rng.uniform(-JITTER, JITTER))
-    (cx, cy), _ = POSITIONS[cell]
-    x, y = (float(np.clip(c + rng.uniform(-JITTER, JITTER), radius, 1 - radius)) for c in (cx, cy))
-    return Obj(int(rng.integers(len(SHAPES))), _pick(rng, list(COLOURS)), size, radius, x, y, cell,
-               float(rng.uniform(-15, 15)))  # fmt: skip
+def _apart(a: Slot, b: Slot) -> bool:
+    """Objects in these slots cannot touch, whatever their jitter."""
+    (ax, ay), _ = POSITIONS[a.cell]
+    (bx, by), _ = POSITIONS[b.cell]
+    gap = math.hypot(ax - bx, ay - by) - 2 * math.sqrt(2) * JITTER
+    return gap > (SIZES[a.size] + SIZES[b.size]) * (1 + JITTER) + 0.01
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A background and 1-2 non-overlapping objects in different cells; a second one is a size smaller."""
+def sample_layout(rng: np.random.Generator) -> Layout:
+    """Background, 1-2 slots and GROUP different main shapes.
+
+    Why groups: each caption names enough to pick its image out, and colours, cells and
+    background alone nearly do, so a contrastive model could match captions without ever
+    reading a shape (measured: zero-shot at chance). An image whose twin differs only in its
+    shapes is a negative that only the shape tells apart.
+    """
     background = _pick(rng, list(BACKGROUNDS))
     cells = [str(c) for c in rng.permutation(list(POSITIONS))]
-    sizes = list(SIZES)
+    shapes = tuple(int(s) for s in rng.permutation(len(SHAPES))[:GROUP])
+    colours, sizes = list(COLOURS), list(SIZES)
     if rng.random() < SINGLE_SHARE:
-        return Scene([_object(rng, cells[0], _pick(rng, sizes))], background)
-    main = _object(rng, cells[0], _pick(rng, sizes[1:]))
-    second_size = _pick(rng, sizes[: sizes.index(main.size)])
-    for cell in cells[1:]:  # opposite corners are always far enough apart, so this always places it
-        second = _object(rng, cell, second_size)
-        if math.hypot(second.x - main.x, second.y - main.y) > main.radius + second.radius + JITTER:
-            return Scene([main, second], background)
-    raise AssertionError("no free cell for the second object")  # unreachable with the sizes above
+        return Layout(background, Slot(_pick(rng, colours), _pick(rng, sizes), cells[0]), None, shapes)
+    main = Slot(_pick(rng, colours), _pick(rng, sizes[1:]), cells[0])
+    colour, size = _pick(rng, colours), _pick(rng, sizes[: sizes.index(main.size)])
+    # a small second object always fits (at worst in a corner diagonal to a large centre one)
+    free = [Slot(colour, sz, c) for sz in (size, "small") for c in cells[1:] if _apart(main, Slot(colour, sz, c))]
+    return Layout(background, main, free[0], shapes)
+
+
+def _object(rng: np.random.Generator, shape: int, slot: Slot) -> Obj:
+    """An object of ``shape`` jittered around its slot's cell centre and size, inside the image."""
+    radius = SIZES[slot.size] * (1 + rng.uniform(-JITTER, JITTER))
+    (cx, cy), _ = POSITIONS[slot.cell]
+    x, y = (float(np.clip(c + rng.uniform(-JITTER, JITTER), radius, 1 - radius)) for c in (cx, cy))
+    return Obj(shape, slot.colour, slot.size, radius, x, y, slot.cell, float(rng.uniform(-15, 15)))
+
+
+def sample_scene(layout: Layout, member: int, rng: np.random.Generator) -> Scene:
+    """Image ``member`` of the layout's group: its main shape, a random second shape, its own jitter."""
+    objects = [_object(rng, layout.main_shapes[member], layout.main)]
+    if layout.second is not None:
+        objects.append(_object(rng, int(rng.integers(len(SHAPES))), layout.second))
+    return Scene(objects, layout.background)
+
+
+def scene_at(seed: int, split: str, i: int) -> tuple[Scene, np.random.Generator]:
+    """Image ``i`` of ``split``: its scene and the generator that goes on to its captions and pixels.
+
+    Depends on ``(seed, split, i)`` only: the layout on the group ``i // GROUP``, the rest on ``i``.
+    """
+    code = SPLIT_CODES[split]
+    layout = sample_layout(np.random.default_rng([seed, code, i // GROUP, 1]))
+    rng = np.random.default_rng([seed, code, i, 0])
+    return sample_scene(layout, i % GROUP, rng), rng
 
 
 # ---------------------------------------------------------------- captions
@@ -172,8 +224,8 @@ def _single_captions(a: Obj, bg: str) -> list[str]:
 
 def make_captions(rng: np.random.Generator, scene: Scene) -> list[str]:
     """5-6 captions in different phrasings and levels of detail: the first five, and the sixth 30% of the time."""
-    objs = scene.objects
-    caps = _pair_captions(objs[0], objs[1], scene.background) if len(objs) == 2 else _single_captions(objs[0], scene.background)
+    objs, bg = scene.objects, scene.background
+    caps = _pair_captions(objs[0], objs[1], bg) if len(objs) == 2 else _single_captions(objs[0], bg)
     return caps if rng.random() < 0.3 else caps[:5]
 
 
@@ -283,13 +335,13 @@ def write_split(out: Path, split: str, first_id: int, n: int, size: int, seed: i
     (out / split).mkdir(parents=True, exist_ok=True)
     images, annotations, labels, per_image = [], [], {}, []
     for i in range(n):
-        rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
-        scene = sample_scene(rng)
+        scene, rng = scene_at(seed, split, i)
         captions = make_captions(rng, scene)
         image_id, file_name = first_id + i, f"{first_id + i:012d}.jpg"
         (out / split / file_name).write_bytes(_encode(render(rng, scene, size)))
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
-                       "background": scene.background, "objects": [_object_json(o) for o in scene.objects]})  # fmt: skip
+                       "background": scene.background,
+                       "objects": [_object_json(o) for o in scene.objects]})  # fmt: skip
         annotations += [{"id": len(annotations) + k, "image_id": image_id, "caption": c} for k, c in enumerate(captions)]
         labels[str(image_id)] = scene.objects[0].shape
         per_image.append(captions)

@@ -20,8 +20,9 @@ def make_shapes(
 ) -> None:
     """Generate the shapes world: captioned synthetic images in COCO layout, usable as --data.
 
-    Images show 1-2 coloured shapes on a noisy background; 5-6 captions per image name their colour, size,
-    position and relation; the label is the shape of the largest object.
+    Images show 1-2 coloured shapes on a named background colour; 5-6 captions per image name their colour,
+    size (small/medium/large), grid position, relation and the background, so that almost no caption fits
+    another image (the share that does is printed per split); the label is the shape of the largest object.
     """
     with user_errors():
         summary = shapes.run(shapes.ShapesConfig(out=out, n_train=train, n_val=val, size=size, seed=seed))
@@ -31,6 +32,8 @@ def make_shapes(
         f"({size}px), {sum(captions.values())} captions, {len(summary['classnames'])} classes, "
         f"{summary['seconds']:.1f}s"
     )
+    shared = ", ".join(f"{split} {share:.1%}" for split, share in summary["shared_captions"].items())
+    console.print(f"captions shared with another image: {shared}")
 
 
 def register(app: typer.Typer) -> None:

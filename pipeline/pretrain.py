@@ -190,7 +190,7 @@ def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
 def encode_text(model: torch.nn.Module, tokens: Tensor) -> Tensor:
     """tokens [B, L] -> unit text embeddings [B, D], running only up to the batch's last EOT.
 
-    Shapes captions fill ~15 of the 32 context positions. CLIP's text tower is causal and
+    Shapes captions fill ~17 (at most 22) of the 32 context positions. CLIP's text tower is causal and
     pools at the EOT token (argmax pooling), so the positions after it cannot change the
     result: cutting them gives the same embeddings for about half the text FLOPs (checked by
     a test). Other towers take open_clip's full forward.

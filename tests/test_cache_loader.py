@@ -190,16 +190,21 @@ def test_replayed_views_give_the_teachers_cached_embedding(real_cache):
         feats = torch.nn.functional.normalize(teacher.encode_images(pixels), dim=-1)
         cos = (feats * b["t_img"]).sum(-1)
         assert cos.min() > 0.999, cos  # fp16 storage only; a wrong crop or flip gives far less
-    # and a wrong view does not match: shift every crop -> the check above would fail
-    sample = next(iter(wds.WebDataset(str(cache.shard_paths("train", "tar")[0]), shardshuffle=False)))
-    view = V.View.from_dict(json.loads(sample["views.json"])[1])
-    stored = V.decode_image(sample["jpg"])
-    right = V.to_tensor(V.apply_view(stored, view, pre["size"], pre["interpolation"]), pre["mean"], pre["std"])
-    wrong = V.to_tensor(V.apply_view(stored, V.View(view.box, not view.flip), pre["size"], pre["interpolation"]),
-                        pre["mean"], pre["std"])
-    target = torch.from_numpy(np.load(io.BytesIO(sample["img.npy"]))[1].astype(np.float32))
-    cos = torch.nn.functional.normalize(teacher.encode_images(torch.stack([right, wrong])), dim=-1) @ target
-    assert cos[0] > 0.999 and cos[1] < cos[0] - 1e-3
+    # and a wrong view does not match: shift every crop -> the check above would fail. A random teacher
+    # barely sees a flip of a near-symmetric image (0.0002-0.007 of cosine over one shard), so the flipped
+    # view must fall clearly below the right one on some sample of the shard, not on its first.
+    gaps = []
+    for sample in wds.WebDataset(str(cache.shard_paths("train", "tar")[0]), shardshuffle=False):
+        view = V.View.from_dict(json.loads(sample["views.json"])[1])
+        stored = V.decode_image(sample["jpg"])
+        right = V.to_tensor(V.apply_view(stored, view, pre["size"], pre["interpolation"]), pre["mean"], pre["std"])
+        wrong = V.to_tensor(V.apply_view(stored, V.View(view.box, not view.flip), pre["size"], pre["interpolation"]),
+                            pre["mean"], pre["std"])
+        target = torch.from_numpy(np.load(io.BytesIO(sample["img.npy"]))[1].astype(np.float32))
+        cos = torch.nn.functional.normalize(teacher.encode_images(torch.stack([right, wrong])), dim=-1) @ target
+        assert cos[0] > 0.999
+        gaps.append(float(cos[0] - cos[1]))
+    assert max(gaps) > 1e-3, gaps
 
 
 @pytest.mark.parametrize("resize_mode", ["squash", "longest"])

@@ -55,7 +55,7 @@ SIZES = {
                         students=("mobilenetv3_050",), whiten=("none", "joint"), epochs=6),
     # lr 1e-3 learns more in a short run (pretrain-teacher's tuning); 5e-4 is best from ~600 steps
     "quick": DemoSize(n_train=400, n_val=100, teacher_steps=140, teacher_lr=1e-3, views=2,
-                      students=("mobilenetv3_050",), whiten=("none", "joint"), epochs=3, bench_iters=5),
+                      students=("mobilenetv3_050",), whiten=("none", "joint"), epochs=10, bench_iters=5),
 }
 
 

@@ -57,7 +57,7 @@ def demo(
     out: Path = typer.Option(Path("data/demo"), "--out", "-o", help="Where everything goes: shapes/, teacher/, "
                              "cache/, runs/, report.md. Re-running reuses finished stages."),
     quick: bool = typer.Option(False, "--quick", help="A small world, a short teacher and one student "
-                               "(about 2 minutes on 2 CPU cores) instead of the full demo (about 9)."),
+                               "instead of the full demo (timings: benchmarks/README.md)."),
     workers: int = typer.Option(1, "--workers", "-w", min=0, help="DataLoader workers for extract and train."),
 ) -> None:
     """Every stage on the embedded shapes world, offline on CPU: make-shapes -> pretrain-teacher -> extract ->

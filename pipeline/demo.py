@@ -29,7 +29,7 @@ RECIPE = DEFAULT_RECIPE  # CLIP-KD's full recipe: task InfoNCE + CRD 1 + ICL 1 +
 
 @dataclass
 class DemoSize:
-    """How big each stage is. Budget on 2 CPU cores: default ≤ 15 minutes (measured 9.1), quick ≤ 3."""
+    """How big each stage is. Budget on 2 CPU cores: default ≤ 15 minutes, quick ≤ 3 (benchmarks/README.md)."""
 
     n_train: int
     n_val: int
@@ -46,8 +46,8 @@ class DemoSize:
 
 
 SIZES = {
-    # 2 idle cores: 9.1 min in all, the 600-step teacher 153 s of it (val i2t R@1 0.35, zero-shot
-    # 0.50); with 300 steps it was 8.0 min and a much weaker teacher (0.19, 0.35)
+    # The 600-step teacher on the distinctive-caption world: val i2t R@1 0.71, zero-shot 0.30 (chance
+    # 0.125). Stage times and what the demo prints: benchmarks/README.md.
     # The student is timm's mobilenetv3_small_050: smaller than the shapes teacher's image tower
     # (0.67 M vs 0.91 M parameters, 4.8 vs 21 MFLOPs at 64 px) and faster in ONNX Runtime; the
     # earlier mobilenetv3 / resnet18 students were larger than this tiny teacher.

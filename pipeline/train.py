@@ -434,11 +434,11 @@ def build_setup(cfg: TrainConfig) -> Setup:
     runtime.seed_everything(cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     image, text = build_students(cfg, cache)
-    scale = target_logit_scale(cache, targets, float(cache.manifest["logit_scale"]),
-                               cfg.batch_size * dist.world_size)
+    raw_scale = float(cache.manifest["logit_scale"])
+    scale = target_logit_scale(cache, targets, raw_scale, cfg.batch_size * dist.world_size)
     if targets.mode != "none":
         log.info("teacher logit scale %.2f in the raw space = %.2f in the %s-whitened space (same softmax entropy)",
-                 float(cache.manifest["logit_scale"]), scale, targets.mode)
+                 raw_scale, scale, targets.mode)
     loss_modules = L.build_losses(weights, cache.embed_dim, scale, text_student=text is not None,
                                   **cfg.loss_options)
     distiller = Distiller(image, text, loss_modules, dist).to(device)

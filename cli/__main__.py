@@ -1,3 +1,3 @@
-from kdpipe.cli.main import app
+from .main import app
 
 app(prog_name="kdpipe")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kdpipe.cli.errors import user_errors
+from .errors import user_errors
 from kdpipe.data import shapes
 from kdpipe.progress import console
 

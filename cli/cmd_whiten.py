@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from kdpipe.cli.errors import user_errors
+from .errors import user_errors
 from kdpipe.progress import console
 
 

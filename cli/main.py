@@ -7,7 +7,7 @@ import logging
 import typer
 from rich.logging import RichHandler
 
-from kdpipe.cli import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_extract, cmd_train, cmd_whiten
+from . import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_extract, cmd_train, cmd_whiten
 from kdpipe.progress import console
 
 app = typer.Typer(

@@ -30,9 +30,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdpipe import runtime
-from kdpipe.atomic import atomic_write_json
-from kdpipe.store import Manifest, same_fingerprint
+from . import runtime
+from .atomic import atomic_write_json
+from .store import Manifest, same_fingerprint
 
 log = logging.getLogger("kdpipe")
 
@@ -521,7 +521,7 @@ def teacher_fingerprint(cfg: BenchConfig, specs: list[dict[str, Any]]) -> dict[s
 
 def build_teacher(cfg: BenchConfig, fp: dict[str, Any] | None, device: torch.device) -> Any:
     """The teacher's architecture with random weights (fp32)."""
-    from kdpipe.teachers import load_teacher  # noqa: PLC0415
+    from .teachers import load_teacher  # noqa: PLC0415
 
     name = fp["name"] if fp is not None else cfg.teacher
     try:
@@ -596,7 +596,7 @@ def _si(n: float) -> str:
 
 def print_tables(teacher_rows: dict, results: list[dict[str, Any]]) -> None:
     """Measurements (one row per tower) and ratios teacher / student (> 1: the student is smaller / faster)."""
-    from kdpipe.progress import console  # noqa: PLC0415
+    from .progress import console  # noqa: PLC0415
 
     def row(model: str, kind: str, r: Mapping[str, Any]) -> dict[str, Any]:
         return {"model": model, "tower": kind + ("*" if r.get("shared") else ""), "params": _si(r["params"]),
@@ -637,7 +637,7 @@ def _check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--batch-sizes must be positive integers, got {list(cfg.batch_sizes)}")
     if cfg.iters < 1 or cfg.warmup < 0 or cfg.throughput_iters < 1:
         raise ValueError("iters and throughput_iters must be at least 1, warmup at least 0")
-    from kdpipe.students import check_checkpoint  # noqa: PLC0415
+    from .students import check_checkpoint  # noqa: PLC0415
 
     check_checkpoint(cfg.checkpoint)
 
@@ -655,7 +655,7 @@ def _config_dict(cfg: BenchConfig) -> dict[str, Any]:
 
 def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
     """Measure one run's student against the already measured teacher; write RUN/bench.json."""
-    from kdpipe.students import load_student  # noqa: PLC0415
+    from .students import load_student  # noqa: PLC0415
 
     image, text, spec = load_student(run, device, checkpoint=cfg.checkpoint)
     label = run.name
@@ -686,7 +686,7 @@ def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.dev
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Bench the teacher once and every run's student; write RUN/bench.{json,png} (+ a comparison when
     several runs are given). Returns {"teacher": rows, "results": [per run], "files": [...]}."""
-    from kdpipe.runtime import resolve_device, torch_threads  # noqa: PLC0415
+    from .runtime import resolve_device, torch_threads  # noqa: PLC0415
 
     _check_config(cfg)
     runs = [Path(r) for r in cfg.runs]

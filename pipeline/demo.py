@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdpipe import bench, evaluate, extract, pretrain, report, train, trainstate, whiten
-from kdpipe.data.shapes import make_shapes
-from kdpipe.losses import DEFAULT_RECIPE
-from kdpipe.progress import console
-from kdpipe.students import SPEC_FILE
+from . import bench, evaluate, extract, pretrain, report, train, trainstate, whiten
+from .data.shapes import make_shapes
+from .losses import DEFAULT_RECIPE
+from .progress import console
+from .students import SPEC_FILE
 
 log = logging.getLogger("kdpipe")
 

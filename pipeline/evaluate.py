@@ -45,13 +45,13 @@ import webdataset as wds
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdpipe import losses, metrics, prompts, zca
-from kdpipe.data import views as V
-from kdpipe.progress import console, make_progress
-from kdpipe.registry import Registry
-from kdpipe.runtime import resolve_device
-from kdpipe.atomic import atomic_write_json
-from kdpipe.store import Cache, CacheError, H5Shard, describe_teacher, open_cache
+from . import losses, metrics, prompts, zca
+from .data import views as V
+from .progress import console, make_progress
+from .registry import Registry
+from .runtime import resolve_device
+from .atomic import atomic_write_json
+from .store import Cache, CacheError, H5Shard, describe_teacher, open_cache
 
 log = logging.getLogger("kdpipe")
 
@@ -207,7 +207,7 @@ def _run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap
 
 def _cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> dict[str, BackMap]:
     """The same maps rebuilt from CACHE/whitening.h5, when the run kept no copy."""
-    from kdpipe.whiten import load_whitening  # noqa: PLC0415  (only whitened runs need it)
+    from .whiten import load_whitening  # noqa: PLC0415  (only whitened runs need it)
 
     maps = {}
     for m in modalities:
@@ -644,7 +644,7 @@ def _check(cfg: EvalConfig) -> None:
     if (cfg.run is None) == (cfg.teacher is None):
         raise ValueError("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
     if cfg.run is not None:
-        from kdpipe.students import check_checkpoint  # noqa: PLC0415  (timm/torchvision: only student evals pay)
+        from .students import check_checkpoint  # noqa: PLC0415  (timm/torchvision: only student evals pay)
 
         check_checkpoint(cfg.checkpoint)
     if cfg.batch_size < 1 or cfg.chunk < 1:
@@ -695,7 +695,7 @@ class StudentRun:
 
 def open_student(cfg: EvalConfig) -> StudentRun:
     """RUN/student.json + the ``cfg.checkpoint`` weights, and the cache it was trained on (same teacher, checked)."""
-    from kdpipe.students import load_student  # noqa: PLC0415  (timm/torchvision: only student evals pay)
+    from .students import load_student  # noqa: PLC0415  (timm/torchvision: only student evals pay)
 
     run = read_run(cfg.run)
     device = resolve_device(cfg.device)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdpipe import __version__, runtime
-from kdpipe.data import views as V
-from kdpipe.data.records import Record, Source, open_source
-from kdpipe.progress import make_progress
-from kdpipe.store import (
+from . import __version__, runtime
+from .data import views as V
+from .data.records import Record, Source, open_source
+from .progress import make_progress
+from .store import (
     FORMAT_VERSION,
     PROMPTS,
     CachedSample,
@@ -36,7 +36,7 @@ from kdpipe.store import (
     verify_shard,
     write_shard,
 )
-from kdpipe.teachers import Preprocess, Teacher, load_teacher
+from .teachers import Preprocess, Teacher, load_teacher
 
 log = logging.getLogger("kdpipe")
 
@@ -302,7 +302,7 @@ def collect_manifest(manifest: Manifest, source: Source, splits: list[str]) -> N
 
 def write_prompt_sets(root: Path, teacher: Teacher, classnames: list[str] | None) -> None:
     """CACHE/prompts.h5: teacher embeddings of class prompts x templates (zero-shot eval)."""
-    from kdpipe import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
+    from . import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
 
     sets = prompts.build_prompt_sets(teacher, extra_classnames=classnames)
     prompts.write_prompts(root / PROMPTS, sets)

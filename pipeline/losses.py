@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from torch import nn
 
-from kdpipe.registry import Registry
+from .registry import Registry
 
 log = logging.getLogger("kdpipe")
 

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdpipe import runtime
-from kdpipe.atomic import atomic_write
-from kdpipe.progress import make_progress
+from . import runtime
+from .atomic import atomic_write
+from .progress import make_progress
 
 log = logging.getLogger("kdpipe")
 
@@ -91,7 +91,7 @@ class CaptionedImages:
 
 def _image_tensor(record: Any, size: int, interpolation: str) -> Tensor:
     """A record's image -> uint8 [3, size, size] (the teacher's eval view: centred square crop)."""
-    from kdpipe.data import views as V
+    from .data import views as V
 
     img = V.to_rgb(V.decode_image(record.data if record.data is not None else record.path))
     view = V.apply_view(img, V.center_view(*img.size), size, interpolation)
@@ -100,7 +100,7 @@ def _image_tensor(record: Any, size: int, interpolation: str) -> Tensor:
 
 def _usable(record: Any, size: int, interpolation: str) -> tuple[Tensor | None, list[str], str | None]:
     """(pixels, non-empty captions, None), or (None, [], why the record is skipped)."""
-    from kdpipe.data.views import BadImage
+    from .data.views import BadImage
 
     captions = [c.strip() for c in record.captions if c and c.strip()]
     if not captions:
@@ -355,7 +355,7 @@ def encode(model: torch.nn.Module, data: CaptionedImages, mean: tuple[float, ...
 def prompt_templates(classnames: list[str]) -> list[str]:
     """Zero-shot templates as extraction picks them (kdpipe.prompts): a named set's own templates
     when its class names are exactly ``classnames`` (the shapes world), else the shapes templates."""
-    from kdpipe.prompts import PROMPT_SETS, SHAPES_TEMPLATES
+    from .prompts import PROMPT_SETS, SHAPES_TEMPLATES
 
     for name in PROMPT_SETS.names():
         names, templates = PROMPT_SETS.get(name)()
@@ -367,7 +367,7 @@ def prompt_templates(classnames: list[str]) -> list[str]:
 @torch.no_grad()
 def class_embeddings(model: torch.nn.Module, tokenizer: Any, classnames: list[str], device: torch.device) -> Tensor:
     """Prompt embeddings [K, T, D] (class x template), unit length."""
-    from kdpipe.prompts import prompt_texts
+    from .prompts import prompt_texts
 
     model.eval()
     templates = prompt_templates(classnames)
@@ -379,7 +379,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, clas
              mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, precision: str,
              batch_size: int) -> dict[str, float]:
     """Retrieval R@1/5/10 both ways (all captions) and, with labels, zero-shot top-1/top-5."""
-    from kdpipe.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+    from .metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 
     img, txt = encode(model, data, mean, std, device, precision, batch_size)
     out = retrieval_recall(img, txt, data.caption_owner())
@@ -467,7 +467,7 @@ def build_model(arch_name: str, device: torch.device) -> Built:
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 
-    from kdpipe.teachers import resolve_arch
+    from .teachers import resolve_arch
 
     arch = resolve_arch(arch_name)
     model_cfg = open_clip.get_model_config(arch.open_clip_name)
@@ -488,7 +488,7 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str)
     """Load the data, train ``built.model`` in place, evaluate on val; returns the run's statistics."""
     from open_clip.loss import ClipLoss
 
-    from kdpipe.data.records import open_source
+    from .data.records import open_source
 
     source = open_source(cfg.data)
     if "train" not in source.splits():

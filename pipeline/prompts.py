@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from kdpipe.atomic import atomic_write
-from kdpipe.registry import Registry
+from .atomic import atomic_write
+from .registry import Registry
 
 if TYPE_CHECKING:
-    from kdpipe.teachers import Teacher
+    from .teachers import Teacher
 
 log = logging.getLogger("kdpipe")
 
@@ -73,7 +73,7 @@ def _from_open_clip(templates: tuple) -> list[str]:
 
 @PROMPT_SETS.register("shapes")
 def _shapes() -> tuple[list[str], list[str]]:
-    from kdpipe.data.shapes import SHAPES  # noqa: PLC0415  (lazy: another module owns the world)
+    from .data.shapes import SHAPES  # noqa: PLC0415  (lazy: another module owns the world)
 
     return list(SHAPES), list(SHAPES_TEMPLATES)
 

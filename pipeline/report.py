@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kdpipe.atomic import atomic_write_bytes
-from kdpipe.store import describe_teacher
+from .atomic import atomic_write_bytes
+from .store import describe_teacher
 
 log = logging.getLogger("kdpipe")
 

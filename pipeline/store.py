@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import webdataset as wds
 
-from kdpipe.atomic import atomic_write, atomic_write_json
+from .atomic import atomic_write, atomic_write_json
 
 log = logging.getLogger("kdpipe")
 

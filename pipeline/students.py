@@ -29,8 +29,8 @@ from open_clip.transformer import TextTransformer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdpipe.atomic import atomic_write
-from kdpipe.registry import Registry
+from .atomic import atomic_write
+from .registry import Registry
 
 log = logging.getLogger("kdpipe")
 

@@ -44,9 +44,9 @@ from open_clip.transform import merge_preprocess_dict
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor
 
-from kdpipe.data.views import RESIZE_MODES
-from kdpipe.registry import Registry
-from kdpipe.runtime import autocast, resolve_device, resolve_precision
+from .data.views import RESIZE_MODES
+from .registry import Registry
+from .runtime import autocast, resolve_device, resolve_precision
 
 log = logging.getLogger("kdpipe")
 

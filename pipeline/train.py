@@ -61,12 +61,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kdpipe import losses as L
-from kdpipe import metrics, runtime, trainstate, zca
-from kdpipe.data import cache_loader as CL
-from kdpipe.progress import console, make_progress
-from kdpipe.store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
-from kdpipe.students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
+from . import losses as L
+from . import metrics, runtime, trainstate, zca
+from .data import cache_loader as CL
+from .progress import console, make_progress
+from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
+from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
 
 log = logging.getLogger("kdpipe")
@@ -232,7 +232,7 @@ def load_targets(cache: Cache, mode: str) -> Targets:
     """The stored whitening for ``mode``; its teacher must be the cache's (checked by whiten)."""
     if mode == "none":
         return Targets()
-    from kdpipe.whiten import WHITENING_H5, load_whitening  # noqa: PLC0415
+    from .whiten import WHITENING_H5, load_whitening  # noqa: PLC0415
 
     # modality -> the fitted transform it uses; "separate" = each modality its own (the
     # Whitened-CLIP KD seed's per-modality whitening), "joint" = one shared transform.
@@ -358,7 +358,7 @@ def build_students(cfg: TrainConfig, cache: Cache) -> tuple[ImageStudent, TextSt
 
 def class_embeddings(cache: Cache, targets: Targets) -> torch.Tensor | None:
     """[K, D] zero-shot classifier of the cache's own classes (for hinton), in the target space."""
-    from kdpipe.prompts import find_set, read_prompts  # noqa: PLC0415
+    from .prompts import find_set, read_prompts  # noqa: PLC0415
 
     if cache.classnames is None or not cache.prompts_path.exists():
         return None

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from kdpipe import metrics, zca
-from kdpipe.progress import console, make_progress
-from kdpipe.prompts import read_prompts
-from kdpipe.atomic import atomic_write, atomic_write_json
-from kdpipe.store import (
+from . import metrics, zca
+from .progress import console, make_progress
+from .prompts import read_prompts
+from .atomic import atomic_write, atomic_write_json
+from .store import (
     Cache,
     CacheError,
     H5Shard,

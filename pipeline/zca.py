@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 
-from kdpipe.registry import Registry
+from .registry import Registry
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 

@@ -4,10 +4,10 @@ world generator, and the stored-image / view machinery.
 ``open_source(spec)`` returns a ``Source`` whose splits are lists of ``Unit``s of ``Record``s.
 """
 
-from kdpipe.data import coco, wds_input  # noqa: F401  (register the source kinds)
-from kdpipe.data.records import DATASETS, Record, Source, Unit, open_source
-from kdpipe.data.shapes import SHAPES, make_shapes
-from kdpipe.data.views import BadImage, View, apply_view, center_view, decode_image, sample_views, store_image, to_tensor
+from . import coco, wds_input  # noqa: F401  (register the source kinds)
+from .records import DATASETS, Record, Source, Unit, open_source
+from .shapes import SHAPES, make_shapes
+from .views import BadImage, View, apply_view, center_view, decode_image, sample_views, store_image, to_tensor
 
 __all__ = [
     "DATASETS",

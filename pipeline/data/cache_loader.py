@@ -56,7 +56,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdpipe.data import views as V
+from . import views as V
 
 log = logging.getLogger("kdpipe")
 

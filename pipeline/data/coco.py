@@ -27,7 +27,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from kdpipe.data.records import DATASETS, Record, Unit, chunk_units
+from .records import DATASETS, Record, Unit, chunk_units
 
 log = logging.getLogger("kdpipe")
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
-from kdpipe.registry import Registry
+from ..registry import Registry
 
 log = logging.getLogger("kdpipe")
 
@@ -109,7 +109,7 @@ def open_source(
     Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` for a layout
     no registered kind recognises; both messages say which layouts are expected.
     """
-    from kdpipe.data import coco, wds_input  # noqa: F401  (registers the kinds)
+    from . import coco, wds_input  # noqa: F401  (registers the kinds)
 
     spec = str(spec)
     matching = [name for name in DATASETS.names() if DATASETS.get(name).matches(spec, split_file=split_file)]

@@ -25,7 +25,7 @@ from braceexpand import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from kdpipe.data.records import DATASETS, EXPECTED_LAYOUTS, Record, Unit
+from .records import DATASETS, EXPECTED_LAYOUTS, Record, Unit
 
 log = logging.getLogger("kdpipe")
 
@@ -135,7 +135,7 @@ class WdsSource:
             return True
         path = Path(spec)
         if path.is_dir():
-            from kdpipe.data.coco import caption_splits
+            from .coco import caption_splits
 
             return any(p.name.endswith(TAR_SUFFIXES) for p in path.iterdir()) and not caption_splits(path)
         return spec.endswith(TAR_SUFFIXES)

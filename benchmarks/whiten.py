@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from kdpipe import store, whiten
+from kdpipe.targetspace import FIT_MODES
 
 RESULTS = Path(__file__).parent / "results" / "whiten.jsonl"
 
@@ -66,7 +67,7 @@ def time_fit(root: Path) -> float:
     cache = store.open_cache(root)
     start = time.perf_counter()
     moments = whiten.accumulate(cache)
-    whiten.fit_modes(moments, list(whiten.MODES), 1e-4, "zca")
+    whiten.fit_modes(moments, list(FIT_MODES), 1e-4, "zca")
     return time.perf_counter() - start
 
 

@@ -23,8 +23,8 @@ best | last), and eval.json records which (name, file, step).
 
 Whitened students (trained against whitened targets) output directions in the whitened
 space; they are mapped back to the teacher's space exactly as `kdpipe train` does in its
-validation (``BackMap``: t̂ = normalise(r · ŝ W⁻¹ᵀ + μ)) before anything is compared with
-teacher embeddings, and eval.json says so in ``space``.
+validation (``kdpipe.targetspace.BackMap``: t̂ = normalise(r · ŝ W⁻¹ᵀ + μ)) before anything
+is compared with teacher embeddings, and eval.json says so in ``space``.
 """
 
 from __future__ import annotations
@@ -40,18 +40,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import losses, metrics, prompts, zca
+from . import losses, metrics, prompts
 from .data import views as V
 from .progress import console, make_progress
 from .registry import Registry
 from .runtime import resolve_device
 from .atomic import atomic_write_json
 from .store import Cache, CacheError, H5Shard, describe_teacher, open_cache
+from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
 
 log = logging.getLogger("kdpipe")
 
@@ -75,7 +75,6 @@ class EvalConfig:
 
 EVAL_JSON = "eval.json"
 TEACHER_EVAL_JSON = "teacher_eval.json"
-RAW_SPACE = "teacher"
 EvalRow = dict[str, Any]  # {"student": float | None, "teacher": float | None, "ratio": float | None}
 
 
@@ -139,101 +138,6 @@ def evaluate_embeddings(
     t = {**split_metrics(teacher, txt_to_img, labels, chunk, f"{where}teacher"), **agreement_metrics(teacher, teacher)}
     s = {**split_metrics(student, txt_to_img, labels, chunk, f"{where}student"), **agreement_metrics(student, teacher)}
     return metrics.with_ratios(s, t)
-
-
-# --------------------------------------------------------------------------- whitened space
-
-
-@dataclass
-class BackMap:
-    """How one modality's whitened student outputs return to the teacher's space (as `kdpipe train`
-    maps them in its validation): t̂ = normalise(r · normalise(s) W⁻¹ᵀ + μ).
-
-    mu [D], w_inv [D, D], scale r = √(Σ λ/(λ+ε)): the RMS norm of whitened train targets, i.e. the
-    length the student's direction lost (every loss normalises, so only the direction is learnt).
-    """
-
-    mu: Tensor
-    w_inv: Tensor
-    scale: float
-
-    def __call__(self, s: Tensor) -> Tensor:
-        """s [N, D] raw student outputs -> [N, D] unit rows in teacher space."""
-        s = F.normalize(s.float(), dim=-1)
-        return F.normalize(zca.invert_torch(self.scale * s, self.mu.float(), self.w_inv.float()), dim=-1)
-
-
-@dataclass
-class Space:
-    """Where a student's outputs live: a back-map per whitened modality (None: teacher space already)."""
-
-    image: BackMap | None = None
-    text: BackMap | None = None
-    description: str = RAW_SPACE
-
-    def image_out(self, z: Tensor) -> Tensor:
-        """Student image outputs [N, D] -> unit rows in teacher space."""
-        return self.image(z) if self.image else F.normalize(z.float(), dim=-1)
-
-    def text_out(self, z: Tensor) -> Tensor:
-        return self.text(z) if self.text else F.normalize(z.float(), dim=-1)
-
-
-WHITENED_MODALITIES = {"image": ("image",), "text": ("text",), "joint": ("image", "text"),
-                       "separate": ("image", "text")}
-
-
-def whitening_mode(meta: dict[str, Any]) -> str | None:
-    """The run's whitening mode ("image" | "text" | "joint") or None, read defensively."""
-    w = meta.get("whitening")
-    mode = w.get("mode") if isinstance(w, dict) else w
-    if mode in (None, "none", False):
-        return None
-    if mode not in WHITENED_MODALITIES:
-        raise ValueError(f"student.json has whitening mode {mode!r}; known: none, {', '.join(WHITENED_MODALITIES)}")
-    return mode
-
-
-def _run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap]:
-    """RUN/whitening.safetensors ({modality}.{mu, W, W_inv, scale}, written by train)."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    t = load_file(str(path))
-    missing = [f"{m}.{k}" for m in modalities for k in ("mu", "W_inv", "scale") if f"{m}.{k}" not in t]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; re-run `kdpipe train` to rewrite it")
-    return {m: BackMap(t[f"{m}.mu"], t[f"{m}.W_inv"], float(t[f"{m}.scale"])) for m in modalities}
-
-
-def _cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> dict[str, BackMap]:
-    """The same maps rebuilt from CACHE/whitening.h5, when the run kept no copy."""
-    from .whiten import load_whitening  # noqa: PLC0415  (only whitened runs need it)
-
-    maps = {}
-    for m in modalities:
-        w = load_whitening(cache, m if mode == "separate" else mode, expect_teacher=cache.teacher)
-        scale = float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum()))
-        maps[m] = BackMap(torch.as_tensor(w.mu), torch.as_tensor(w.W_inv), scale)
-    return maps
-
-
-def student_space(run: Path, meta: dict[str, Any], cache: Cache, text_tower: bool) -> Space:
-    """The back-maps a whitened run needs, from the run's own whitening file (else the cache's).
-
-    An image-only student is paired with the teacher's (raw) text embeddings, so only its image
-    side can be whitened; a text-whitened image-only run has nothing to map.
-    """
-    mode = whitening_mode(meta)
-    if mode is None:
-        return Space()
-    mapped = tuple(m for m in WHITENED_MODALITIES[mode] if m == "image" or text_tower)
-    if not mapped:
-        return Space()
-    name = (meta.get("whitening") or {}).get("file") if isinstance(meta.get("whitening"), dict) else None
-    path = run / name if name else None
-    maps = _run_back_maps(path, mapped) if path and path.is_file() else _cache_back_maps(cache, mode, mapped)
-    return Space(image=maps.get("image"), text=maps.get("text"),
-                 description=f"{RAW_SPACE} (mapped back from whitened {mode}: {', '.join(mapped)})")
 
 
 # --------------------------------------------------------------------------- images: view 0 of the split

@@ -18,7 +18,7 @@ student embedding back to the teacher's space: t̂ = normalise(r · ŝ W⁻¹ᵀ
 normalised student output and r = √(Σ λ/(λ+ε)) the RMS norm of whitened train targets (the
 scale the direction lost). ``RUN/whitening.safetensors`` holds μ, W, W⁻¹ and r per whitened
 modality; ``to_teacher_space`` applies it; validation does so before comparing with the
-teacher.
+teacher. The spaces, the whitening files and both maps are ``kdpipe.targetspace``'s.
 
 Temperatures in whitened space. Losses that build a teacher softmax (crd, hinton, gd) use the
 teacher's logit scale τ_t, which is calibrated for cosines in the teacher's own space. Whitened
@@ -57,23 +57,21 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tomli_w
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses as L
-from . import metrics, runtime, trainstate, zca
+from . import metrics, runtime, trainstate
 from .data import cache_loader as CL
 from .progress import console, make_progress
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
+from .targetspace import WHITEN_MODES, Targets, load_targets, save_whitening, to_teacher_space
 
 log = logging.getLogger("kdpipe")
 
 CONFIG_FILE, METRICS_FILE, CURVES_FILE = "config.toml", "metrics.jsonl", "curves.png"
-WHITENING_FILE = "whitening.safetensors"
-WHITEN_MODES = ("none", "image", "text", "joint", "separate")
 CROSS_MODAL = ("clip", "crd", "icl", "gd", "afd", "hinton")
 
 
@@ -206,50 +204,6 @@ def open_checked_cache(cfg: TrainConfig) -> Cache:
 # --------------------------------------------------------------------------- whitening
 
 
-@dataclass
-class Targets:
-    """Maps cached (normalised) teacher targets into the space the student learns.
-
-    ``params[modality]`` = {"mu" [D], "W" [D, D], "W_inv" [D, D], "scale" []} for each
-    whitened modality; a modality not in ``params`` stays in the teacher's space.
-    """
-
-    mode: str = "none"
-    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    source: str | None = None
-    method: str | None = None
-
-    def apply(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """x [N, D] teacher embeddings -> the student's target space (identity if not whitened)."""
-        p = self.params.get(modality)
-        return x if p is None else zca.apply_torch(x, p["mu"].to(x.device), p["W"].to(x.device))
-
-    def to(self, device: torch.device) -> "Targets":
-        return replace(self, params={m: {k: v.to(device) for k, v in p.items()} for m, p in self.params.items()})
-
-
-def load_targets(cache: Cache, mode: str) -> Targets:
-    """The stored whitening for ``mode``; its teacher must be the cache's (checked by whiten)."""
-    if mode == "none":
-        return Targets()
-    from .whiten import WHITENING_H5, load_whitening  # noqa: PLC0415
-
-    # modality -> the fitted transform it uses; "separate" = each modality its own (the
-    # Whitened-CLIP KD seed's per-modality whitening), "joint" = one shared transform.
-    fitted = {"joint": {"image": "joint", "text": "joint"}, "separate": {"image": "image", "text": "text"},
-              "image": {"image": "image"}, "text": {"text": "text"}}[mode]
-    params, method = {}, None
-    for modality, fit_mode in fitted.items():
-        w = load_whitening(cache, fit_mode, expect_teacher=cache.teacher)
-        if w.W.shape != (cache.embed_dim, cache.embed_dim):
-            raise CacheError(f"whitening {fit_mode} is {w.W.shape[0]}-dim, the cache is {cache.embed_dim}-dim")
-        params[modality] = zca.to_torch(w, dtype=torch.float32)
-        params[modality]["scale"] = torch.tensor(float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum())),
-                                                 dtype=torch.float32)
-        method = w.method
-    return Targets(mode, params, str(cache.root / WHITENING_H5), method)
-
-
 def calibration_pairs(cache: Cache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` train images' view-0 embeddings and first-caption embeddings, [n', D] each."""
     imgs, txts, have = [], [], 0
@@ -288,29 +242,6 @@ def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, bat
     raw = cos_blocks(t_img, t_txt)
     white = cos_blocks(targets.apply(t_img, "image"), targets.apply(t_txt, "text"))
     return L.entropy_matched_scale(raw, white, teacher_scale)
-
-
-def to_teacher_space(s: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """Student embeddings [N, D] -> normalised teacher-space embeddings [N, D].
-
-    Unwhitened modality (``params`` None): just normalise. Whitened: normalise(r·ŝ W⁻¹ᵀ + μ).
-    """
-    s = nn.functional.normalize(s.float(), dim=-1)
-    if params is None:
-        return s
-    x = zca.invert_torch(params["scale"].to(s) * s, params["mu"].to(s.device), params["W_inv"].to(s.device))
-    return nn.functional.normalize(x, dim=-1)
-
-
-def save_whitening(run_dir: Path, targets: Targets) -> dict[str, Any] | None:
-    """RUN/whitening.safetensors ({modality}.{mu,W,W_inv,scale}) and its description for student.json."""
-    if targets.mode == "none":
-        return None
-    tensors = {f"{m}.{k}": v.detach().cpu().clone() for m, p in targets.params.items() for k, v in p.items()}
-    save_file(tensors, str(run_dir / WHITENING_FILE))
-    return {"mode": targets.mode, "file": WHITENING_FILE, "source": targets.source, "method": targets.method,
-            "modalities": {m: {"scale": float(p["scale"])} for m, p in targets.params.items()},
-            "map_back": "teacher = normalize(scale * normalize(student) @ W_inv.T + mu)"}
 
 
 # --------------------------------------------------------------------------- model + losses

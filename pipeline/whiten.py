@@ -13,8 +13,9 @@ accumulating float64 moments of every image view (``image``) and every caption (
   in each whitened space (per-modality modes: images through the image transform, texts and
   prompts through the text transform; joint: everything through the joint transform).
 
-The results go to ``CACHE/whitening.json`` and a table. ``load_whitening`` is the reader
-the trainer and evaluator use; it refuses a file fitted for another teacher.
+The results go to ``CACHE/whitening.json`` and a table. The file's name, its reader
+(``load_whitening``, which refuses a file fitted for another teacher) and which modalities
+each transform covers belong to ``kdpipe.targetspace``, shared with the trainer and evaluator.
 """
 
 from __future__ import annotations
@@ -35,15 +36,8 @@ from . import metrics, zca
 from .progress import console, make_progress
 from .prompts import read_prompts
 from .atomic import atomic_write, atomic_write_json
-from .store import (
-    Cache,
-    CacheError,
-    H5Shard,
-    Manifest,
-    describe_teacher,
-    open_cache,
-    same_fingerprint,
-)
+from .store import Cache, CacheError, H5Shard, open_cache
+from .targetspace import FIT_MODES, FITTED_ON, H5_ARRAYS, SPACES, WHITENING_H5, load_whitening, read_transform
 
 log = logging.getLogger("kdpipe")
 
@@ -60,9 +54,7 @@ class WhitenConfig:
     progress: bool = True
 
 
-MODES = ("image", "text", "joint")
-MODE_CHOICES = (*MODES, "all")
-WHITENING_H5 = "whitening.h5"
+MODE_CHOICES = (*FIT_MODES, "all")
 WHITENING_JSON = "whitening.json"
 FORMAT_VERSION = 1
 EMBEDDINGS = "normalised features as stored in the cache (fp16, L2-normalised teacher embeddings)"
@@ -75,7 +67,7 @@ def resolve_modes(mode: str) -> list[str]:
     """'all' -> every mode; otherwise the one named. Unknown names raise listing the valid ones."""
     if mode not in MODE_CHOICES:
         raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(MODE_CHOICES)}")
-    return list(MODES) if mode == "all" else [mode]
+    return list(FIT_MODES) if mode == "all" else [mode]
 
 
 # --------------------------------------------------------------------------- streaming
@@ -148,71 +140,15 @@ def write_whitening(path: Path, fitted: dict[str, zca.Whitening], teacher: dict,
                             "eps_rel": eps_rel, "fit_split": FIT_SPLIT})
             for mode, w in fitted.items():
                 g = f.create_group(mode)
-                for name in ("mu", "W", "W_inv", "eigvals"):
+                for name in H5_ARRAYS:
                     g.create_dataset(name, data=getattr(w, name).astype(np.float64))
                 g.attrs.update({"eps": w.eps, "n": w.n, "method": w.method})
         for mode, w in fitted.items():  # a file that does not read back must never replace a good one
-            back = _read_group(tmp, mode)
+            back = read_transform(tmp, mode)
             if not np.array_equal(back.W, w.W) or not np.isfinite(back.W_inv).all():
                 raise CacheError(f"{tmp} did not read back what was written; disk problem?")
 
     atomic_write(path, write)
-
-
-def _read_group(path: Path, mode: str) -> zca.Whitening:
-    with h5py.File(path, "r") as f:
-        g = f[mode]
-        arrays = {k: g[k][()] for k in ("mu", "W", "W_inv", "eigvals")}
-        return zca.Whitening(**arrays, eps=float(g.attrs["eps"]), n=int(g.attrs["n"]),
-                             method=str(g.attrs["method"]))
-
-
-def whitening_info(path: str | Path) -> dict[str, Any]:
-    """Root attributes of a whitening file: {"teacher": dict, "modes": list, "embeddings", "eps_rel", ...}."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise CacheError(f"{path} is not a readable whitening file ({err}); re-run `kdpipe fit-whitening`") from None
-    attrs["teacher"] = json.loads(attrs["teacher"])
-    attrs["modes"] = json.loads(attrs["modes"])
-    return attrs
-
-
-def load_whitening(cache_or_path: Cache | str | Path, mode: str,
-                   expect_teacher: dict | None = None) -> zca.Whitening:
-    """The fitted transform of ``mode`` for the trainer/evaluator.
-
-    cache_or_path: a Cache, a cache directory, or a whitening.h5 file. The file's teacher
-    fingerprint must equal ``expect_teacher`` — by default the teacher of the cache it sits in
-    (or the given Cache), so a whitening file copied next to another teacher's cache is refused.
-    """
-    if mode not in MODES:
-        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(MODES)}")
-    path, expect_teacher = _locate(cache_or_path, expect_teacher)
-    if not path.exists():
-        raise FileNotFoundError(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
-    info = whitening_info(path)
-    if expect_teacher is not None and not same_fingerprint(info["teacher"], expect_teacher):
-        raise CacheError(f"{path} was fitted on embeddings of teacher {describe_teacher(info['teacher'])}, "
-                         f"not {describe_teacher(expect_teacher)}; re-run `kdpipe fit-whitening` on this cache")
-    if mode not in info["modes"]:
-        raise ValueError(f"{path} holds modes {info['modes']}, not {mode!r}; re-run "
-                         f"`kdpipe fit-whitening {path.parent} --mode {mode}` (or --mode all)")
-    return _read_group(path, mode)
-
-
-def _locate(cache_or_path: Cache | str | Path, expect: dict | None) -> tuple[Path, dict | None]:
-    if isinstance(cache_or_path, Cache):
-        return cache_or_path.root / WHITENING_H5, expect or cache_or_path.teacher
-    path = Path(cache_or_path)
-    if path.is_dir():
-        manifest = Manifest.load(path)
-        if expect is None and manifest is not None:
-            expect = manifest.data.get("teacher")
-        return path / WHITENING_H5, expect
-    return path, expect
 
 
 # --------------------------------------------------------------------------- checks: train
@@ -225,10 +161,10 @@ def _params(w: zca.Whitening) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _space(mode: str, fitted: dict[str, zca.Whitening]) -> dict[str, zca.Whitening]:
-    """Which transform whitens each modality in ``mode``'s space."""
-    if mode == "joint":
-        return {"image": fitted["joint"], "text": fitted["joint"]}
-    return {"image": fitted["image"], "text": fitted["text"]}
+    """Which transform whitens each modality in ``mode``'s space: the joint one for both, or
+    (a per-modality fit) each modality through its own, as ``--whiten separate`` trains."""
+    space = SPACES["joint" if mode == "joint" else "separate"]
+    return {modality: fitted[fit_mode] for modality, fit_mode in space.items()}
 
 
 def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes: list[str],
@@ -241,7 +177,7 @@ def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes
     for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt")):
         rows = {k: torch.from_numpy(v).float() for k, v in modality_rows(shard).items()}
         for mode in modes:
-            for modality in (("image", "text") if mode == "joint" else (mode,)):
+            for modality in FITTED_ON[mode]:
                 out[mode].update(zca.apply_torch(rows[modality], *params[mode]))
         if progress:
             progress.update(task, advance=1)
@@ -292,7 +228,7 @@ def pick_eval_split(cache: Cache, wanted: str | None) -> str | None:
 def heldout_band(held: H5Shard, w: zca.Whitening, mode: str) -> dict[str, Any]:
     """Eigenvalues of the held-out whitened covariance next to the MP band for that n, D."""
     rows = modality_rows(held)
-    x = np.concatenate([rows["image"], rows["text"]]) if mode == "joint" else rows[mode]
+    x = np.concatenate([rows[modality] for modality in FITTED_ON[mode]])
     z = zca.apply(w, x.astype(np.float64))
     lam = np.linalg.eigvalsh(np.cov(z.T, bias=True)) if len(z) > 1 else np.zeros(w.dim)
     lo, hi = zca.eigen_band(len(z), w.dim)

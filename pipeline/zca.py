@@ -5,7 +5,9 @@ Pure numpy/torch, no files. Conventions (row vectors, as embeddings are stored):
     z = (x - mu) @ W.T          apply(w, x)      x [N, D] -> z [N, D]
     x = z @ W_inv.T + mu        invert(w, z)     z [N, D] -> x [N, D]
 
-so that, with C the (population) covariance of the fitted data, ``W @ C @ W.T ≈ I``.
+so that, with C the (population) covariance of the fitted data, ``W @ C @ W.T ≈ I``. A model
+that learnt whitened targets gives directions s only; ``map_back_torch`` returns them to the
+original space as ``normalise(r · normalise(s) @ W_inv.T + mu)``, ``r = whitened_rms(w)``.
 
 ZCA: ``W = U diag((λ+ε)^-1/2) Uᵀ`` (the symmetric whitening; it rotates least, so whitened
 features stay closest to the originals). PCA: ``W = diag((λ+ε)^-1/2) Uᵀ`` (coordinates along
@@ -20,6 +22,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .registry import Registry
 
@@ -195,6 +198,15 @@ def eps_max_deviation(w: Whitening) -> float:
     return float(w.eps / (w.eigvals[-1] + w.eps)) if w.eps > 0 else 0.0
 
 
+def whitened_rms(w: Whitening) -> float:
+    """r = √(Σ λ/(λ+ε)) = √tr(W C Wᵀ): the RMS norm of the whitened rows it was fitted on.
+
+    A student trained against whitened targets learns their direction only (every loss
+    normalises), so r is the length that direction is given back before un-whitening.
+    """
+    return float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum()))
+
+
 # --------------------------------------------------------------------------- apply / invert
 
 
@@ -221,6 +233,17 @@ def apply_torch(x: torch.Tensor, mu: torch.Tensor, W: torch.Tensor) -> torch.Ten
 def invert_torch(z: torch.Tensor, mu: torch.Tensor, W_inv: torch.Tensor) -> torch.Tensor:
     """x = z W⁻¹ᵀ + μ. z [N, D], mu [D], W_inv [D, D]."""
     return z @ W_inv.to(z).T + mu.to(z)
+
+
+def map_back_torch(s: torch.Tensor, mu: torch.Tensor, W_inv: torch.Tensor, scale: float) -> torch.Tensor:
+    """Whitened-space directions s [N, D] (any row norm) -> unit rows [N, D] in the original space.
+
+    t̂ = normalise(invert(r · normalise(s))): only the direction of s carries information, and
+    ``scale`` r (``whitened_rms``) restores the typical whitened length before μ is added back,
+    so that μ weighs as much as it did in the fitted data. Computed in float32 on s's device.
+    """
+    s = F.normalize(s.float(), dim=-1)
+    return F.normalize(invert_torch(scale * s, mu, W_inv), dim=-1)
 
 
 def to_torch(w: Whitening, device: str | torch.device = "cpu",

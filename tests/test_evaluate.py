@@ -19,6 +19,7 @@ from kdpipe import extract, metrics, prompts, teachers, zca
 from kdpipe.cli.main import app
 from kdpipe.store import CacheError, open_cache
 from kdpipe.students import build_student, build_text_student, save_student
+from kdpipe.targetspace import BackMap, cache_back_maps
 
 DIM, SIZE = 16, 32
 
@@ -105,13 +106,13 @@ def test_align_reorders_by_key_and_refuses_missing():
 
 def test_back_map_is_identity_without_whitening_and_recovers_teacher_directions(fake_cache):
     x = torch.randn(5, DIM)
-    plain = E.BackMap(torch.zeros(DIM), torch.eye(DIM), 2.0)
+    plain = BackMap(torch.zeros(DIM), torch.eye(DIM), 2.0)
     assert torch.allclose(plain(3 * x), torch.nn.functional.normalize(x, dim=-1), atol=1e-6)
     from kdpipe import whiten
 
     whiten.run(whiten.WhitenConfig(cache=fake_cache, mode="joint", progress=False))
     c = open_cache(fake_cache)
-    back = E._cache_back_maps(c, "joint", ("image",))["image"]
+    back = cache_back_maps(c, "joint", ("image",))["image"]
     t = torch.from_numpy(c.load_split("val").img[:, 0].astype(np.float32))
     z = zca.apply(whiten.load_whitening(c, "joint"), t.double()).float()  # whitened targets
     cos = (back(0.1 * z) * t).sum(dim=1)  # the output norm of the student does not matter
@@ -120,7 +121,7 @@ def test_back_map_is_identity_without_whitening_and_recovers_teacher_directions(
 
 def test_whitened_run_is_mapped_back_and_says_so(fake_cache, tmp_path):
     from kdpipe import whiten
-    from kdpipe.train import load_targets, save_whitening
+    from kdpipe.targetspace import load_targets, save_whitening
 
     fitted = whiten.run(whiten.WhitenConfig(cache=fake_cache, mode="joint", progress=False))
     teacher = E.run(E.EvalConfig(teacher=fake_cache, out=tmp_path / "t.json", progress=False))

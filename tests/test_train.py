@@ -399,7 +399,7 @@ def test_separate_whitening_uses_each_modality_s_own_transform(cache_dir, tmp_pa
     T.run(_cfg(cache_dir, tmp_path / "run", whiten="separate", max_steps=1))
     saved = load_file(str(tmp_path / "run/whitening.safetensors"))
     cache = open_cache(cache_dir)
-    from kdpipe.whiten import load_whitening
+    from kdpipe.targetspace import load_whitening
 
     for modality in ("image", "text"):
         w = load_whitening(cache, modality)

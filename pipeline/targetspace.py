@@ -1,0 +1,281 @@
+"""The space a student learns in, and the exact way back to the teacher's.
+
+A student learns either the teacher's own (normalised) embeddings, the raw space, or targets
+whitened by transforms that ``kdpipe fit-whitening`` fitted on the cache. This module owns
+what the trainer and the evaluator must agree on; the math is in ``kdpipe.zca``.
+
+- ``CACHE/whitening.h5`` (written by the whiten stage): one group per fitted transform
+  (``FIT_MODES``), each with datasets ``H5_ARRAYS`` (float64) and attrs eps, n, method; root
+  attrs teacher (fingerprint JSON), modes (JSON), eps_rel. ``load_whitening`` reads a group.
+- The space table ``SPACES``: for each ``--whiten`` mode, the fitted transform each
+  modality's targets go through (a modality not listed stays in the teacher's space).
+  ``FITTED_ON``: the modalities each transform is fitted on.
+- ``Targets``: teacher embeddings -> the student's space, z = (t − μ)Wᵀ per modality.
+- The map back: t̂ = normalise(r · normalise(s) W⁻¹ᵀ + μ), r = √(Σ λ/(λ+ε)) the RMS norm
+  of whitened train targets (``BackMap``, ``zca.map_back_torch``, ``zca.whitened_rms``).
+- The run's copy ``RUN/whitening.safetensors`` ({modality}.{mu, W, W_inv, scale}, float32)
+  and the ``whitening`` entry of student.json that names it (``save_whitening``); the
+  evaluator reads them back (``student_space``), or rebuilds the maps from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import zca
+from .store import Cache, CacheError, Manifest, describe_teacher, same_fingerprint
+
+WHITENING_H5 = "whitening.h5"
+RUN_WHITENING = "whitening.safetensors"
+H5_ARRAYS = ("mu", "W", "W_inv", "eigvals")
+RAW_SPACE = "teacher"
+
+# fitted transform (a group of whitening.h5) -> the modalities whose rows it is fitted on
+FITTED_ON: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text",), "joint": ("image", "text")}
+FIT_MODES = tuple(FITTED_ON)
+
+# --whiten mode -> {modality: the fitted transform its targets go through}. "joint" keeps
+# image-text alignment (one shared transform); "separate" gives each modality its own.
+SPACES: dict[str, dict[str, str]] = {
+    "none": {},
+    "image": {"image": "image"},
+    "text": {"text": "text"},
+    "joint": {"image": "joint", "text": "joint"},
+    "separate": {"image": "image", "text": "text"},
+}
+WHITEN_MODES = tuple(SPACES)
+
+
+def space_of(mode: str) -> dict[str, str]:
+    """SPACES[mode]; unknown modes raise listing the valid ones."""
+    if mode not in SPACES:
+        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(WHITEN_MODES)}")
+    return SPACES[mode]
+
+
+# --------------------------------------------------------------------------- CACHE/whitening.h5
+
+
+def read_transform(path: Path, mode: str) -> zca.Whitening:
+    """Group ``mode`` of a whitening file, unchecked (``load_whitening`` checks the teacher)."""
+    with h5py.File(path, "r") as f:
+        g = f[mode]
+        arrays = {k: g[k][()] for k in H5_ARRAYS}
+        return zca.Whitening(**arrays, eps=float(g.attrs["eps"]), n=int(g.attrs["n"]),
+                             method=str(g.attrs["method"]))
+
+
+def whitening_info(path: str | Path) -> dict[str, Any]:
+    """Root attributes of a whitening file: {"teacher": dict, "modes": list, "embeddings", "eps_rel", ...}."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except OSError as err:
+        raise CacheError(f"{path} is not a readable whitening file ({err}); re-run `kdpipe fit-whitening`") from None
+    attrs["teacher"] = json.loads(attrs["teacher"])
+    attrs["modes"] = json.loads(attrs["modes"])
+    return attrs
+
+
+def load_whitening(cache_or_path: Cache | str | Path, mode: str,
+                   expect_teacher: dict | None = None) -> zca.Whitening:
+    """The fitted transform of ``mode`` for the trainer/evaluator.
+
+    cache_or_path: a Cache, a cache directory, or a whitening.h5 file. The file's teacher
+    fingerprint must equal ``expect_teacher`` — by default the teacher of the cache it sits in
+    (or the given Cache), so a whitening file copied next to another teacher's cache is refused.
+    """
+    if mode not in FIT_MODES:
+        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(FIT_MODES)}")
+    path, expect_teacher = _locate(cache_or_path, expect_teacher)
+    if not path.exists():
+        raise FileNotFoundError(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
+    info = whitening_info(path)
+    if expect_teacher is not None and not same_fingerprint(info["teacher"], expect_teacher):
+        raise CacheError(f"{path} was fitted on embeddings of teacher {describe_teacher(info['teacher'])}, "
+                         f"not {describe_teacher(expect_teacher)}; re-run `kdpipe fit-whitening` on this cache")
+    if mode not in info["modes"]:
+        raise ValueError(f"{path} holds modes {info['modes']}, not {mode!r}; re-run "
+                         f"`kdpipe fit-whitening {path.parent} --mode {mode}` (or --mode all)")
+    return read_transform(path, mode)
+
+
+def _locate(cache_or_path: Cache | str | Path, expect: dict | None) -> tuple[Path, dict | None]:
+    if isinstance(cache_or_path, Cache):
+        return cache_or_path.root / WHITENING_H5, expect or cache_or_path.teacher
+    path = Path(cache_or_path)
+    if path.is_dir():
+        manifest = Manifest.load(path)
+        if expect is None and manifest is not None:
+            expect = manifest.data.get("teacher")
+        return path / WHITENING_H5, expect
+    return path, expect
+
+
+def _cache_params(cache: Cache, mode: str, modalities: tuple[str, ...]) -> tuple[dict, str | None]:
+    """{modality: {"mu" [D], "W" [D, D], "W_inv" [D, D], "scale" []} (float32)} and the fit method."""
+    params, method = {}, None
+    for modality in modalities:
+        fit_mode = space_of(mode)[modality]
+        w = load_whitening(cache, fit_mode, expect_teacher=cache.teacher)
+        if w.W.shape != (cache.embed_dim, cache.embed_dim):
+            raise CacheError(f"whitening {fit_mode} is {w.W.shape[0]}-dim, the cache is {cache.embed_dim}-dim")
+        params[modality] = {**zca.to_torch(w, dtype=torch.float32),
+                            "scale": torch.tensor(zca.whitened_rms(w), dtype=torch.float32)}
+        method = w.method
+    return params, method
+
+
+# --------------------------------------------------------------------------- into the student's space
+
+
+@dataclass
+class Targets:
+    """Maps cached (normalised) teacher targets into the space the student learns.
+
+    ``params[modality]`` = {"mu" [D], "W" [D, D], "W_inv" [D, D], "scale" []} for each
+    whitened modality; a modality not in ``params`` stays in the teacher's space.
+    """
+
+    mode: str = "none"
+    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    source: str | None = None
+    method: str | None = None
+
+    def apply(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """x [N, D] teacher embeddings -> the student's target space (identity if not whitened)."""
+        p = self.params.get(modality)
+        return x if p is None else zca.apply_torch(x, p["mu"].to(x.device), p["W"].to(x.device))
+
+    def to(self, device: torch.device) -> "Targets":
+        return replace(self, params={m: {k: v.to(device) for k, v in p.items()} for m, p in self.params.items()})
+
+
+def load_targets(cache: Cache, mode: str) -> Targets:
+    """The stored whitening for ``mode``; its teacher must be the cache's."""
+    if not space_of(mode):
+        return Targets()
+    params, method = _cache_params(cache, mode, tuple(SPACES[mode]))
+    return Targets(mode, params, str(cache.root / WHITENING_H5), method)
+
+
+# --------------------------------------------------------------------------- back to the teacher's space
+
+
+@dataclass
+class BackMap:
+    """How one modality's whitened student outputs return to the teacher's space:
+    t̂ = normalise(r · normalise(s) W⁻¹ᵀ + μ) (``zca.map_back_torch``).
+
+    mu [D], w_inv [D, D], scale r = √(Σ λ/(λ+ε)): the RMS norm of whitened train targets, i.e. the
+    length the student's direction lost (every loss normalises, so only the direction is learnt).
+    """
+
+    mu: torch.Tensor
+    w_inv: torch.Tensor
+    scale: float
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        """s [N, D] raw student outputs -> [N, D] unit rows in teacher space."""
+        return zca.map_back_torch(s, self.mu, self.w_inv, self.scale)
+
+    @classmethod
+    def from_params(cls, p: dict[str, torch.Tensor]) -> "BackMap":
+        """From one modality's {"mu", "W_inv", "scale"} (``Targets.params`` or the run's copy)."""
+        return cls(p["mu"], p["W_inv"], float(p["scale"]))
+
+
+def _to_teacher(s: torch.Tensor, back: BackMap | None) -> torch.Tensor:
+    return back(s) if back is not None else F.normalize(s.float(), dim=-1)
+
+
+def to_teacher_space(s: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Student embeddings [N, D] -> normalised teacher-space embeddings [N, D].
+
+    Unwhitened modality (``params`` None): just normalise. Whitened: normalise(r·ŝ W⁻¹ᵀ + μ).
+    """
+    return _to_teacher(s, None if params is None else BackMap.from_params(params))
+
+
+@dataclass
+class Space:
+    """Where a student's outputs live: a back-map per whitened modality (None: teacher space already)."""
+
+    image: BackMap | None = None
+    text: BackMap | None = None
+    description: str = RAW_SPACE
+
+    def image_out(self, z: torch.Tensor) -> torch.Tensor:
+        """Student image outputs [N, D] -> unit rows in teacher space."""
+        return _to_teacher(z, self.image)
+
+    def text_out(self, z: torch.Tensor) -> torch.Tensor:
+        return _to_teacher(z, self.text)
+
+
+# --------------------------------------------------------------------------- the run's copy
+
+
+def save_whitening(run_dir: Path, targets: Targets) -> dict[str, Any] | None:
+    """RUN/whitening.safetensors ({modality}.{mu,W,W_inv,scale}) and its description for student.json."""
+    if targets.mode == "none":
+        return None
+    tensors = {f"{m}.{k}": v.detach().cpu().clone() for m, p in targets.params.items() for k, v in p.items()}
+    save_file(tensors, str(run_dir / RUN_WHITENING))
+    return {"mode": targets.mode, "file": RUN_WHITENING, "source": targets.source, "method": targets.method,
+            "modalities": {m: {"scale": float(p["scale"])} for m, p in targets.params.items()},
+            "map_back": "teacher = normalize(scale * normalize(student) @ W_inv.T + mu)"}
+
+
+def whitening_mode(meta: dict[str, Any]) -> str | None:
+    """The run's whitening mode (a key of ``SPACES`` other than "none") or None, read defensively."""
+    w = meta.get("whitening")
+    mode = w.get("mode") if isinstance(w, dict) else w
+    if mode in (None, "none", False):
+        return None
+    if mode not in SPACES:
+        raise ValueError(f"student.json has whitening mode {mode!r}; known: {', '.join(WHITEN_MODES)}")
+    return mode
+
+
+def run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap]:
+    """The back-maps stored in RUN/whitening.safetensors (``save_whitening``)."""
+    t = load_file(str(path))
+    missing = [f"{m}.{k}" for m in modalities for k in ("mu", "W_inv", "scale") if f"{m}.{k}" not in t]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; re-run `kdpipe train` to rewrite it")
+    return {m: BackMap.from_params({k: t[f"{m}.{k}"] for k in ("mu", "W_inv", "scale")}) for m in modalities}
+
+
+def cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> dict[str, BackMap]:
+    """The same maps rebuilt from CACHE/whitening.h5, when the run kept no copy."""
+    params, _ = _cache_params(cache, mode, modalities)
+    return {m: BackMap.from_params(params[m]) for m in modalities}
+
+
+def student_space(run: Path, meta: dict[str, Any], cache: Cache, text_tower: bool) -> Space:
+    """The back-maps a whitened run needs, from the run's own whitening file (else the cache's).
+
+    An image-only student is paired with the teacher's (raw) text embeddings, so only its image
+    side can be whitened; a text-whitened image-only run has nothing to map.
+    """
+    mode = whitening_mode(meta)
+    if mode is None:
+        return Space()
+    mapped = tuple(m for m in SPACES[mode] if m == "image" or text_tower)
+    if not mapped:
+        return Space()
+    name = (meta.get("whitening") or {}).get("file") if isinstance(meta.get("whitening"), dict) else None
+    path = run / name if name else None
+    maps = run_back_maps(path, mapped) if path and path.is_file() else cache_back_maps(cache, mode, mapped)
+    return Space(image=maps.get("image"), text=maps.get("text"),
+                 description=f"{RAW_SPACE} (mapped back from whitened {mode}: {', '.join(mapped)})")

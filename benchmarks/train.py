@@ -36,9 +36,9 @@ import torch
 
 from kdpipe import store
 from kdpipe import train as T
-from kdpipe.data import cache_loader as CL
+from kdpipe import cachereader
 from kdpipe.data import views as V
-from kdpipe.data.records import open_source
+from kdpipe.data import open_source
 from kdpipe.data.shapes import make_shapes
 
 RESULTS = Path(__file__).parent / "results" / "train.jsonl"
@@ -85,14 +85,14 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(setup: T.Setup, stream: CL.StreamConfig, batches: list[dict], teacher: "OnlineTeacher",
+def interleaved(setup: T.Setup, stream: cachereader.StreamConfig, batches: list[dict], teacher: "OnlineTeacher",
                 rounds: int, block: int) -> dict[str, list[float]]:
     """Seconds per block of ``block`` steps, for each kind, alternating kinds round by round.
 
     Alternating keeps the three measurements under the same machine load (other processes,
     thermal state); the cached kind draws from one live loader, as `kdpipe train` does.
     """
-    loader = CL.epoch_batches(stream, len(batches))
+    loader = cachereader.epoch_batches(stream, len(batches))
     T.train_step(setup, next(loader))  # warm-up (first batch, allocator, worker start)
     T.train_step(setup, batches[0])
     teacher.targets(batches[0])
@@ -127,7 +127,7 @@ class OnlineTeacher:
     def targets(self, batch: dict) -> dict:
         """The batch with t_img / t_txt computed by the live teacher."""
         pre = self.teacher.preprocess
-        pixels = CL.normalize_images(batch["image"], pre.mean, pre.std)
+        pixels = cachereader.normalize_images(batch["image"], pre.mean, pre.std)
         img = torch.nn.functional.normalize(self.teacher.encode_images(pixels), dim=-1)
         txt = torch.nn.functional.normalize(self.teacher.encode_texts(batch["captions"], trim=True), dim=-1)
         return {**batch, "t_img": img, "t_txt": txt}
@@ -158,7 +158,7 @@ def main() -> None:
                             losses=args.losses, precision="fp32", device="cpu", progress=False, warmup_steps=1)
         setup = T.build_setup(cfg)
         stream = replace(setup.stream, epoch=0)
-        batches = list(CL.epoch_batches(replace(stream, workers=0), n_batches))  # the same batches, in memory
+        batches = list(cachereader.epoch_batches(replace(stream, workers=0), n_batches))  # the same batches, in memory
         online = OnlineTeacher()
         times = interleaved(setup, stream, batches, online, args.rounds, args.block)
 

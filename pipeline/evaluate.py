@@ -30,7 +30,6 @@ is compared with teacher embeddings, and eval.json says so in ``space``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import tomllib
@@ -40,11 +39,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import losses, metrics, prompts
+from . import cachereader, losses, metrics, prompts
 from .data import views as V
 from .progress import console, make_progress
 from .registry import Registry
@@ -158,33 +156,18 @@ class ImagePrep:
         return V.to_tensor(V.apply_view(V.to_rgb(img), view, self.size, self.interpolation), self.mean, self.std)
 
 
-WANTED_MEMBERS = (".jpg", ".views.json", ".captions.json")  # never decode the npy members
-
-
-def _wanted(name: str) -> bool:
-    return name.endswith(WANTED_MEMBERS)
-
-
-def _prepare_sample(sample: dict[str, Any], prep: ImagePrep, captions: bool) -> tuple[str, Tensor, list[str]]:
-    """A raw tar sample -> (key, view-0 tensor [3, S, S], captions or [])."""
-    view0 = V.View.from_dict(json.loads(sample["views.json"])[0])
-    pixels = prep(V.decode_image(sample["jpg"]), view0)
-    return sample["__key__"], pixels, json.loads(sample["captions.json"]) if captions else []
-
-
-def _collate(items: list[tuple[str, Tensor, list[str]]]) -> tuple[list[str], Tensor, list[list[str]]]:
-    keys, pixels, caps = zip(*items)
-    return list(keys), torch.stack(pixels), list(caps)
-
-
 def split_batches(cache: Cache, split: str, prep: ImagePrep, batch_size: int, workers: int,
                   captions: bool) -> Iterable[tuple[list[str], Tensor, list[list[str]]]]:
-    """Batches (keys, pixels [B, 3, S, S], captions per key) of the split's tar shards, any order."""
-    paths = [str(p) for p in cache.shard_paths(split, "tar")]
-    ds = wds.WebDataset(paths, shardshuffle=False, empty_check=False, nodesplitter=None, select_files=_wanted)
-    ds = ds.map(functools.partial(_prepare_sample, prep=prep, captions=captions))
-    workers = min(workers, len(paths))  # webdataset gives a worker with no shard nothing to do
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    """Batches (keys, pixels [B, 3, S, S], captions per key or []) of the split's view 0, any order.
+
+    Read by ``cachereader`` (the trainer's reader: same members, decoding and error counting);
+    its uint8 pixels are normalised here with the student's mean/std, on the CPU as before.
+    """
+    loader = cachereader.view0_loader(cache.shard_paths(split, "tar"), image_size=prep.size,
+                                      interpolation=prep.interpolation, batch_size=batch_size, workers=workers,
+                                      captions=captions)
+    for batch in loader:
+        yield batch["keys"], cachereader.normalize_images(batch["image"], prep.mean, prep.std), batch["captions"]
 
 
 @torch.no_grad()

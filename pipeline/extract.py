@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import __version__, runtime
 from .data import views as V
-from .data.records import Record, Source, open_source
+from .data import Record, Source, open_source
 from .progress import make_progress
 from .store import (
     FORMAT_VERSION,

@@ -488,7 +488,7 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str)
     """Load the data, train ``built.model`` in place, evaluate on val; returns the run's statistics."""
     from open_clip.loss import ClipLoss
 
-    from .data.records import open_source
+    from .data import open_source
 
     source = open_source(cfg.data)
     if "train" not in source.splits():

@@ -3,7 +3,7 @@
 Flow: verify the cache (manifest, shard sizes, embedding dim) and the whitening file's
 teacher -> build the image student (+ optional text student) with a projection to the
 teacher's dim, and the losses -> stream batches from the cache's train tar shards
-(``kdpipe.data.cache_loader``: the stored view replayed on the stored JPEG, its cached
+(``kdpipe.cachereader``: the stored view replayed on the stored JPEG, its cached
 embedding as target) -> AdamW + warmup/cosine, AMP on CUDA -> periodic quick validation on
 the val split (precise BN first, eval mode) -> checkpoints (latest, previous, best), the
 student (safetensors + JSON), metrics.jsonl and curves.png in RUN/.
@@ -35,7 +35,7 @@ rank then holds the same global loss; it is back-propagated × world so that, af
 gradient averaging, student gradients equal those of one process on the global batch, and
 the loss-owned parameters (whose gradient each rank already has in full) are divided back.
 
-Resume: see ``kdpipe.data.cache_loader`` (the batch sequence of an epoch is a function of the
+Resume: see ``kdpipe.cachereader`` (the batch sequence of an epoch is a function of the
 seed and epoch; a resumed run skips the batches already done) and ``kdpipe.trainstate``.
 ``max_steps`` stops a run early without changing its schedule (the cosine spans
 ``epochs × steps_per_epoch``), so a run stopped at k and resumed to N logs what an
@@ -61,8 +61,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses as L
-from . import metrics, runtime, trainstate
-from .data import cache_loader as CL
+from . import cachereader, metrics, runtime, trainstate
 from .progress import console, make_progress
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
@@ -344,7 +343,7 @@ class Setup:
     targets: Targets
     class_emb: torch.Tensor | None
     weights: dict[str, float]
-    stream: CL.StreamConfig  # train stream template (epoch / skip filled per epoch)
+    stream: cachereader.StreamConfig  # train stream template (epoch / skip filled per epoch)
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
@@ -379,15 +378,16 @@ def build_setup(cfg: TrainConfig) -> Setup:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=False)
     optimizer = torch.optim.AdamW(param_groups(distiller, cfg.weight_decay), lr=cfg.lr)
-    spe = CL.steps_per_epoch(cache.count("train"), cfg.batch_size, dist.world_size)
+    spe = cachereader.steps_per_epoch(cache.count("train"), cfg.batch_size, dist.world_size)
     total = cfg.epochs * spe
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, min(cfg.warmup_steps, total),
                                                                        cfg.min_lr_ratio))
     pre = cache.teacher["preprocess"]
-    stream = CL.stream_config(cache.shard_paths("train", "tar"), batch_size=cfg.batch_size,
-                              image_size=image.image_size, interpolation=pre["interpolation"],
-                              seed=cfg.seed, rank=dist.rank, world=dist.world_size,
-                              views_used=cfg.views_used, shuffle_buffer=cfg.shuffle_buffer, workers=cfg.workers)
+    stream = cachereader.stream_config(cache.shard_paths("train", "tar"), batch_size=cfg.batch_size,
+                                       image_size=image.image_size, interpolation=pre["interpolation"],
+                                       seed=cfg.seed, rank=dist.rank, world=dist.world_size,
+                                       views_used=cfg.views_used, shuffle_buffer=cfg.shuffle_buffer,
+                                       workers=cfg.workers)
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
     class_emb = class_embeddings(cache, targets) if "hinton" in weights else None
     return Setup(cfg, cache, dist, device, precision, image, text, distiller, model, optimizer, scheduler,
@@ -412,7 +412,7 @@ def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
 
 def images_on(s: Setup, batch: dict[str, Any]) -> torch.Tensor:
     """The batch's uint8 images, on the device, normalised with the student's mean/std."""
-    return CL.normalize_images(batch["image"].to(s.device, non_blocking=True), s.image.mean, s.image.std)
+    return cachereader.normalize_images(batch["image"].to(s.device, non_blocking=True), s.image.mean, s.image.std)
 
 
 def to_device_batch(s: Setup, batch: dict[str, Any]) -> dict[str, Any]:
@@ -506,7 +506,7 @@ def train_step(s: Setup, batch: dict[str, Any]) -> StepResult:
 def bn_batches(s: Setup) -> Iterator[torch.Tensor]:
     """Training images for precise BN: a fixed stream (epoch −1) that never touches the run's."""
     cfg = replace(s.stream, epoch=-1, skip_batches=0, workers=min(s.cfg.workers, 1))
-    for batch in CL.make_loader(cfg):
+    for batch in cachereader.make_loader(cfg):
         yield images_on(s, batch)
 
 
@@ -520,12 +520,12 @@ def embed_val(s: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Keys [N], student view-0 image embeddings [N, D] (teacher space) and, with a text
     student, [N, D] embeddings of each image's first caption."""
     cache, pre = s.cache, s.cache.teacher["preprocess"]
-    cfg = CL.stream_config(cache.shard_paths("val", "tar"), batch_size=s.cfg.batch_size,
-                           image_size=s.image.image_size, interpolation=pre["interpolation"],
-                           train=False, workers=min(s.cfg.workers, 1))
+    cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=s.cfg.batch_size,
+                                    image_size=s.image.image_size, interpolation=pre["interpolation"],
+                                    train=False, workers=min(s.cfg.workers, 1))
     keys, img, txt = [], [], []
     s.image.eval()
-    for batch in CL.make_loader(cfg):
+    for batch in cachereader.make_loader(cfg):
         with runtime.autocast(s.precision, s.device):
             out = s.image(images_on(s, batch))
         img.append(to_teacher_space(out, s.targets.params.get("image")))
@@ -815,7 +815,7 @@ def train_loop(s: Setup, ls: LoopState, mlog: MetricsLog) -> None:
             epoch = ls.pos.epoch
             stream = replace(s.stream, epoch=epoch, skip_batches=ls.pos.batch)
             tick = time.perf_counter()
-            for batch in CL.epoch_batches(stream, spe, pin_memory=runtime.pin_memory(s.device)):
+            for batch in cachereader.epoch_batches(stream, spe, pin_memory=runtime.pin_memory(s.device)):
                 res = train_step(s, batch)
                 ls.pos.step += 1
                 ls.pos.batch += 1

@@ -16,6 +16,7 @@ from PIL import Image
 
 from kdpipe.data import DATASETS, SHAPES, Record, decode_image, open_source
 from kdpipe.data.coco import CocoSource
+from kdpipe.data.records import ErrorCounter
 from kdpipe.data.wds_input import WdsSource
 
 from conftest import SHAPES_TRAIN, SHAPES_VAL
@@ -49,6 +50,20 @@ def test_registry_and_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- COCO layout: the shapes world
+
+
+def test_a_directory_of_tars_with_caption_files_is_coco_not_ambiguous(shapes_root: Path, tmp_path: Path) -> None:
+    """The tar kind defers to the COCO kind's layout test, so exactly one kind matches."""
+    root = tmp_path / "both"
+    (root / "annotations").mkdir(parents=True)
+    for f in (shapes_root / "annotations").glob("captions_*.json"):
+        (root / "annotations" / f.name).write_bytes(f.read_bytes())
+    (root / "stray.tar").write_bytes(b"")
+    assert [n for n in DATASETS.names() if DATASETS.get(n).matches(str(root))] == ["coco"]
+    assert open_source(str(root)).name == "coco"
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "a.tar").write_bytes(b"")
+    assert open_source(str(tmp_path / "tars")).name == "wds"
 
 
 def test_shapes_world_as_coco(shapes_root: Path) -> None:
@@ -274,3 +289,23 @@ def test_wds_errors(tars, tmp_path: Path) -> None:
     failing = open_source(f"pipe:cat {tmp_path}/missing.tar 2>/dev/null")
     with pytest.raises(RuntimeError, match="missing.tar"):
         records_of(failing)
+
+
+def test_error_counter_counts_by_type_logs_the_first_and_stops_an_endless_run(caplog) -> None:
+    counter = ErrorCounter("cache sample", log_first=2, max_consecutive=4)
+    ok = counter.watch(lambda x: x * 2)
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        assert counter(ValueError("bad json")) and counter(KeyError("jpg")) and counter(ValueError("again"))
+    assert counter.counts == {"ValueError": 2, "KeyError": 1} and counter.total() == 3
+    assert counter.first == "ValueError: bad json"
+    assert caplog.text.count("skipped a bad cache sample") == 2  # log_first
+    assert counter.take() == 3 and counter.take() == 0
+    assert ok(5) == 10 and counter.consecutive == 0  # a success resets the run of errors
+    for _ in range(3):
+        counter(OSError("x"))
+    with pytest.raises(RuntimeError, match="4 bad cache samples in a row"):
+        counter(OSError("x"))
+    unlimited = ErrorCounter()  # the input tars' reader: never raises, logs a summary itself
+    for _ in range(2000):
+        unlimited(OSError("x"))
+    assert unlimited.total() == 2000

@@ -14,9 +14,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cache_factory import make_fake_cache
+from kdpipe import cachereader
 from kdpipe import evaluate as E
 from kdpipe import extract, metrics, prompts, teachers, zca
 from kdpipe.cli.main import app
+from kdpipe.data import views as V
 from kdpipe.store import CacheError, open_cache
 from kdpipe.students import build_student, build_text_student, save_student
 from kdpipe.targetspace import BackMap, cache_back_maps
@@ -215,6 +217,59 @@ def test_view0_replay_reproduces_the_cached_teacher_embeddings(shapes_root, tmp_
     assert (img - cached).abs().max() < 2e-3  # fp16 storage
     other = (img[:, None] - cached[None]).abs().amax(dim=2) + torch.eye(len(img)) * 10  # any other row
     assert other.min() > 10 * (img - cached).abs().max()  # rows really differ: the order was checked
+
+
+def _tar_samples(cache, split: str) -> dict[str, dict]:
+    """The raw members of every sample of the split's tar shards, by key."""
+    import webdataset as wds
+
+    return {s["__key__"]: s for path in cache.shard_paths(split, "tar")
+            for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)}
+
+
+def test_eval_split_decodes_the_training_streams_view0_pixels(fake_cache):
+    """Eval and training read the shards through one reader (kdpipe.cachereader): for every sample,
+    eval's pixels equal the training stream's view 0 normalised as the trainer does it, and the
+    stored JPEG's view 0 replayed by hand (what eval computed before it used that reader)."""
+    cache = open_cache(fake_cache)
+    size, interpolation = 24, "bilinear"  # not the stored 32 px: a real resize
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    evaluated = {key: (px, caps) for keys, pixels, captions in
+                 E.split_batches(cache, "val", E.ImagePrep(size, interpolation, mean, std), 7, 0, captions=True)
+                 for key, px, caps in zip(keys, pixels, captions)}
+    stream = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=5, image_size=size,
+                                       interpolation=interpolation, seed=1, views_used="0")
+    trained = {key: px for batch in cachereader.epoch_batches(stream, 30 // 5)  # one epoch: every sample once
+               for key, px in zip(batch["keys"], cachereader.normalize_images(batch["image"], mean, std))}
+    assert sorted(evaluated) == sorted(trained) == sorted(cache.load_split("val").keys)
+    for key, sample in _tar_samples(cache, "val").items():
+        view0 = V.View.from_dict(json.loads(sample["views.json"])[0])
+        by_hand = V.to_tensor(V.apply_view(V.decode_image(sample["jpg"]), view0, size, interpolation), mean, std)
+        assert torch.equal(evaluated[key][0], trained[key])
+        assert torch.equal(evaluated[key][0], by_hand)
+        assert evaluated[key][1] == json.loads(sample["captions.json"])
+
+
+def test_a_corrupt_image_in_the_split_is_skipped_then_named_as_missing(tmp_path, caplog):
+    """A stored JPEG that does not decode is counted and logged by the reader's error handler (as in
+    training), and eval stops on the key it lacks with a CacheError, not on the decoder's exception."""
+    import webdataset as wds
+
+    cache = open_cache(make_fake_cache(tmp_path / "c", n_train=8, n_val=6, dim=DIM, image_size=SIZE))
+    (shard,) = cache.shard_paths("val", "tar")
+    samples = list(_tar_samples(cache, "val").values())
+    with wds.TarWriter(str(shard)) as sink:
+        for i, sample in enumerate(samples):
+            sink.write({k: (b"not a jpeg" if i == 2 and k == "jpg" else v) for k, v in sample.items()
+                        if k == "__key__" or not k.startswith("__")})
+    held = cache.load_split("val", fields=("img", "txt"))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, DIM))
+    cfg = E.EvalConfig(run="unused", batch_size=4, workers=0, progress=False)
+    with caplog.at_level("WARNING", logger="kdpipe"), pytest.raises(CacheError, match="1 of 6 images"):
+        E.student_split_embeddings(student, None, cache, "val", held, E.image_prep(
+            {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}, cache.teacher), E.Space(), cfg,
+            torch.device("cpu"))
+    assert "skipped a bad cache sample (BadImage" in caplog.text
 
 
 # --------------------------------------------------------------------------- zero-shot datasets

@@ -85,7 +85,7 @@ def test_trimmed_text_equals_open_clip_forward() -> None:
 
 def test_batches_distinct_images_and_their_own_captions(world: Path) -> None:
     built = pretrain.build_model("tiny-clip", torch.device("cpu"))
-    from kdpipe.data.records import open_source
+    from kdpipe.data import open_source
 
     data = pretrain.load_split(open_source(str(world)), "train", 32, "bicubic", built.tokenizer)
     assert data.images.shape == (32, 3, 32, 32) and data.images.dtype == torch.uint8
@@ -99,7 +99,7 @@ def test_batches_distinct_images_and_their_own_captions(world: Path) -> None:
 def test_unreadable_images_are_skipped_and_counted(world: Path, tmp_path: Path, caplog) -> None:
     import shutil
 
-    from kdpipe.data.records import open_source
+    from kdpipe.data import open_source
 
     copy = tmp_path / "w"
     shutil.copytree(world, copy)
@@ -145,7 +145,7 @@ def test_tail_gain_reads_the_last_fifth_of_the_steps() -> None:
 
 
 def test_files_written_and_load_teacher_gives_the_saved_model(trained: dict, world: Path) -> None:
-    from kdpipe.data.records import open_source
+    from kdpipe.data import open_source
     from kdpipe.teachers import load_teacher
 
     out = Path(trained["config"]).parent

@@ -2,11 +2,16 @@
 world generator, and the stored-image / view machinery.
 
 ``open_source(spec)`` returns a ``Source`` whose splits are lists of ``Unit``s of ``Record``s.
+
+Modules, imports pointing down the list: ``sources`` (the ``DATASETS`` registry, ``open_source``)
+> ``coco`` | ``wds_input`` (the source kinds) > ``records`` (record types, ``ErrorCounter``: the
+leaf); ``shapes`` (the synthetic world) and ``views`` (stored images, replayable views) stand
+alone. The cache's shards are read back by ``kdpipe.cachereader``, not here.
 """
 
-from . import coco, wds_input  # noqa: F401  (register the source kinds)
-from .records import DATASETS, Record, Source, Unit, open_source
+from .records import Record, Source, Unit
 from .shapes import SHAPES, make_shapes
+from .sources import DATASETS, open_source
 from .views import BadImage, View, apply_view, center_view, decode_image, sample_views, store_image, to_tensor
 
 __all__ = [

@@ -27,7 +27,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from .records import DATASETS, Record, Unit, chunk_units
+from .records import Record, Unit, caption_splits, chunk_units
 
 log = logging.getLogger("kdpipe")
 
@@ -36,12 +36,6 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 
 def image_key(image_id: int) -> str:
     return f"{int(image_id):012d}"
-
-
-def caption_splits(root: Path) -> list[str]:
-    """Split names with a ``captions_{split}.json`` file under ``root/annotations``."""
-    files = sorted((root / "annotations").glob("captions_*.json"))
-    return [f.stem[len("captions_") :] for f in files]
 
 
 def read_labels(root: Path) -> tuple[list[str] | None, dict[int, int]]:
@@ -127,9 +121,8 @@ def remove_leaks(splits: dict[str, list[Record]]) -> tuple[list[Record], int]:
     return kept, len(splits["train"]) - len(kept)
 
 
-@DATASETS.register("coco")
 class CocoSource:
-    """A COCO-style directory; see the module docstring for the layout."""
+    """A COCO-style directory (``DATASETS`` entry "coco"); see the module docstring for the layout."""
 
     name = "coco"
 

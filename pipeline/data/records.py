@@ -2,17 +2,21 @@
 
 A ``Unit`` is one output shard's worth of input. Output shard ``i`` of a split holds exactly
 unit ``i``, so rank ``r`` of ``W`` can process units ``i % W == r`` and any world size writes
-the same files. Source kinds live in the ``DATASETS`` registry; ``open_source(spec)`` picks
-one by looking at the spec (a COCO-style directory, tar files, or a ``pipe:`` URL).
+the same files. A source kind (``coco.py``, ``wds_input.py``) implements ``SourceKind``;
+``sources.py`` registers the kinds and picks one for a spec.
+
+This module is the leaf of ``kdpipe.data``: the record types, the layouts every kind tests for
+(``EXPECTED_LAYOUTS``, ``caption_splits``) and ``ErrorCounter``, the webdataset handler of both
+tar readers (input tars here, cache shards in ``kdpipe.cachereader``). It imports no kind.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
-
-from ..registry import Registry
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 log = logging.getLogger("kdpipe")
 
@@ -87,9 +91,6 @@ class SourceKind(Protocol):
     def __call__(self, spec: str, *, shard_size: int, split_file: str | None, keep_leaky: bool) -> Source: ...
 
 
-DATASETS: Registry[SourceKind] = Registry("dataset kind")
-
-
 def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit]:
     """Consecutive chunks of ``shard_size`` records, in the given (sorted) order."""
     if shard_size < 1:
@@ -101,30 +102,60 @@ def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit
     return units
 
 
-def open_source(
-    spec: str, *, shard_size: int = 1000, split_file: str | None = None, keep_leaky: bool = False
-) -> Source:
-    """Open the input named by ``spec``; the kind is chosen from its layout.
+def caption_splits(root: Path) -> list[str]:
+    """Split names with a COCO ``captions_{split}.json`` file under ``root/annotations``.
 
-    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` for a layout
-    no registered kind recognises; both messages say which layouts are expected.
+    Here rather than in ``coco.py`` because the tar kind tests it too: a directory of tars
+    that also holds caption files is COCO-style, not tar input.
     """
-    from . import coco, wds_input  # noqa: F401  (registers the kinds)
-
-    spec = str(spec)
-    matching = [name for name in DATASETS.names() if DATASETS.get(name).matches(spec, split_file=split_file)]
-    if not matching:
-        _raise_unrecognised(spec)
-    if len(matching) > 1:  # the kinds' tests are disjoint; this guards future entries
-        raise ValueError(f"{spec}: ambiguous input, matches {', '.join(matching)}")
-    log.debug("data %s: %s input", spec, matching[0])
-    kind = DATASETS.get(matching[0])
-    return kind(spec, shard_size=shard_size, split_file=split_file, keep_leaky=keep_leaky)
+    files = sorted((root / "annotations").glob("captions_*.json"))
+    return [f.stem[len("captions_") :] for f in files]
 
 
-def _raise_unrecognised(spec: str) -> None:
-    from pathlib import Path
+class ErrorCounter:
+    """A webdataset handler that counts bad samples by exception type and keeps going, without
+    sleeping (webdataset's ``warn_and_continue`` sleeps 0.5 s per error).
 
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"{spec}: no such file or directory; {EXPECTED_LAYOUTS}")
-    raise ValueError(f"{spec}: unrecognised input layout; {EXPECTED_LAYOUTS}")
+    ``what`` names a sample in log lines; the first ``log_first`` errors are logged as they
+    happen. ``max_consecutive`` errors with no success in between (see ``watch``) raise
+    ``RuntimeError``, since an endless stream of bad samples would hang a reader; ``None``: no limit.
+    """
+
+    def __init__(self, what: str = "sample", log_first: int = 0, max_consecutive: int | None = None) -> None:
+        self.what = what
+        self.log_first = log_first
+        self.max_consecutive = max_consecutive
+        self.counts: Counter[str] = Counter()
+        self.first: str | None = None  # "Type: message" of the first error, for a summary line
+        self.consecutive = 0
+        self.reported = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        name = type(exn).__name__
+        self.counts[name] += 1
+        self.consecutive += 1
+        if self.first is None:
+            self.first = f"{name}: {exn.args[0] if exn.args else exn}"
+        if self.total() <= self.log_first:
+            log.warning("skipped a bad %s (%s: %s)", self.what, name, str(exn)[:200])
+        if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
+            raise RuntimeError(f"{self.consecutive} bad {self.what}s in a row; last: {exn}") from exn
+        return True  # continue with the next sample
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def watch(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Wrap a per-sample function so a success resets the consecutive-error count."""
+
+        def wrapped(sample: Any) -> Any:
+            out = fn(sample)
+            self.consecutive = 0
+            return out
+
+        return wrapped
+
+    def take(self) -> int:
+        """Errors since the last call."""
+        new, self.reported = self.total() - self.reported, self.total()
+        return new

@@ -303,12 +303,6 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return (x - m) / s
 
 
-def view_area(view: View) -> float:
-    """Relative area of the view's box (for checks: RandomResizedCrop keeps it near ``SCALE``)."""
-    x0, y0, x1, y1 = view.box
-    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
-
-
 __all__ = [
     "BAD_IMAGE_REASONS",
     "RESIZE_MODES",
@@ -328,6 +322,5 @@ __all__ = [
     "stored_size",
     "to_rgb",
     "to_tensor",
-    "view_area",
     "view_policy",
 ]

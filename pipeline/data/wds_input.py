@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,30 +24,12 @@ from braceexpand import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .records import DATASETS, EXPECTED_LAYOUTS, Record, Unit
+from .records import EXPECTED_LAYOUTS, ErrorCounter, Record, Unit, caption_splits
 
 log = logging.getLogger("kdpipe")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-class ErrorCounter:
-    """A webdataset handler that counts errors by type and continues (no sleeping)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.counts: Counter[str] = Counter()
-        self.first: str | None = None
-
-    def __call__(self, exn: Exception) -> bool:
-        self.counts[type(exn).__name__] += 1
-        if self.first is None:
-            self.first = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        return True
-
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 def sample_captions(sample: dict[str, Any], errors: ErrorCounter) -> tuple[str, ...]:
@@ -90,7 +71,7 @@ class TarReader:
         self.errors = 0
 
     def __call__(self) -> Iterator[Record]:
-        counter = ErrorCounter(self.url)
+        counter = ErrorCounter(f"sample of {self.url}")  # logged once per tar, below
         try:
             with gopen(self.url, "rb") as stream:
                 files = tar_file_expander([{"url": self.url, "stream": stream}], handler=counter)
@@ -123,9 +104,8 @@ def expand_spec(spec: str) -> list[str]:
     return urls
 
 
-@DATASETS.register("wds")
 class WdsSource:
-    """WebDataset tars; a single split ``train``, one unit per tar."""
+    """WebDataset tars (``DATASETS`` entry "wds"); a single split ``train``, one unit per tar."""
 
     name = "wds"
 
@@ -135,8 +115,6 @@ class WdsSource:
             return True
         path = Path(spec)
         if path.is_dir():
-            from .coco import caption_splits
-
             return any(p.name.endswith(TAR_SUFFIXES) for p in path.iterdir()) and not caption_splits(path)
         return spec.endswith(TAR_SUFFIXES)
 

@@ -14,7 +14,7 @@ import webdataset as wds
 
 from cache_factory import make_fake_cache, photo_coco, teacher_config
 from kdpipe import store
-from kdpipe.data import cache_loader as CL
+from kdpipe import cachereader
 from kdpipe.data import views as V
 from kdpipe.store import open_cache
 
@@ -28,18 +28,18 @@ def fake(tmp_path_factory) -> store.Cache:
     return open_cache(root)
 
 
-def _cfg(cache: store.Cache, split: str = "train", **kw) -> CL.StreamConfig:
+def _cfg(cache: store.Cache, split: str = "train", **kw) -> cachereader.StreamConfig:
     pre = cache.teacher["preprocess"]
     base = dict(batch_size=8, image_size=32, interpolation=pre["interpolation"], seed=3)
-    return CL.stream_config(cache.shard_paths(split, "tar"), **{**base, **kw})
+    return cachereader.stream_config(cache.shard_paths(split, "tar"), **{**base, **kw})
 
 
 def _keys(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["keys"]]
 
 
-def _epoch(cfg: CL.StreamConfig, n_samples: int = N_TRAIN) -> list[dict]:
-    return list(CL.epoch_batches(cfg, CL.steps_per_epoch(n_samples, cfg.batch_size, cfg.world)))
+def _epoch(cfg: cachereader.StreamConfig, n_samples: int = N_TRAIN) -> list[dict]:
+    return list(cachereader.epoch_batches(cfg, cachereader.steps_per_epoch(n_samples, cfg.batch_size, cfg.world)))
 
 
 def test_batch_targets_are_the_cached_embeddings_of_the_drawn_view_and_caption(fake):
@@ -95,21 +95,21 @@ def test_ranks_get_equal_batch_counts_and_disjoint_first_pass(fake, tmp_path):
 def test_uneven_shards_still_give_every_rank_the_fixed_epoch_length(tmp_path):
     # 3 shards of 40 + one of 10: rank split by shard is uneven; ranks must still run equal steps.
     cache = open_cache(make_fake_cache(tmp_path / "c", n_train=130, n_val=8, shard_size=40))
-    steps = CL.steps_per_epoch(130, 8, 2)
+    steps = cachereader.steps_per_epoch(130, 8, 2)
     for r in (0, 1):
-        batches = list(CL.epoch_batches(_cfg(cache, world=2, rank=r), steps))
+        batches = list(cachereader.epoch_batches(_cfg(cache, world=2, rank=r), steps))
         assert len(batches) == steps == 8 and all(len(b["keys"]) == 8 for b in batches)
 
 
 def test_fewer_shards_than_parts_splits_by_sample(tmp_path):
     cache = open_cache(make_fake_cache(tmp_path / "c", n_train=48, n_val=8, shard_size=64))  # one shard
-    ranks = [list(CL.epoch_batches(_cfg(cache, world=2, rank=r), 3)) for r in (0, 1)]
+    ranks = [list(cachereader.epoch_batches(_cfg(cache, world=2, rank=r), 3)) for r in (0, 1)]
     assert [len(b) for b in ranks] == [3, 3]
     assert not set(_keys(ranks[0])) & set(_keys(ranks[1]))
 
 
 def test_eval_stream_is_one_ordered_pass_with_view0(fake):
-    batches = list(CL.make_loader(_cfg(fake, split="val", train=False, batch_size=8)))
+    batches = list(cachereader.make_loader(_cfg(fake, split="val", train=False, batch_size=8)))
     assert _keys(batches) == fake.load_split("val").keys  # manifest order, last batch partial
     assert [len(b["keys"]) for b in batches] == [8, 8, 4]
     assert all(b["view"].eq(0).all() and b["caption_idx"].eq(0).all() for b in batches)
@@ -135,9 +135,9 @@ def test_bad_samples_are_counted_not_slept_on_and_pickles_never_read(tmp_path, f
         raise AssertionError("pickle.loads called")
 
     monkeypatch.setattr("pickle.loads", boom)
-    cfg = CL.stream_config([path], batch_size=3, image_size=32, interpolation="bicubic", train=False)
+    cfg = cachereader.stream_config([path], batch_size=3, image_size=32, interpolation="bicubic", train=False)
     t0 = time.perf_counter()
-    batches = list(CL.make_loader(cfg))
+    batches = list(cachereader.make_loader(cfg))
     assert time.perf_counter() - t0 < 5  # warn_and_continue would sleep 0.5 s per bad sample
     assert _keys(batches) == ["k0", "k4", "k5"]
     assert sum(b["data_errors"] for b in batches) == 3
@@ -147,13 +147,45 @@ def test_uint8_images_normalise_exactly_like_the_teachers_to_tensor(fake):
     sample = next(iter(wds.WebDataset(str(fake.shard_paths("train", "tar")[0]), shardshuffle=False)))
     img = V.apply_view(V.decode_image(sample["jpg"]), V.View((0.1, 0.0, 0.9, 0.8), True), 32, "bicubic")
     mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
-    ours = CL.normalize_images(CL.pil_to_uint8(img)[None], mean, std)[0]
+    ours = cachereader.normalize_images(cachereader.pil_to_uint8(img)[None], mean, std)[0]
     assert torch.equal(ours, V.to_tensor(img, mean, std))
 
 
 def test_too_small_split_is_a_clear_error():
     with pytest.raises(ValueError, match="too few"):
-        CL.steps_per_epoch(10, 8, 2)
+        cachereader.steps_per_epoch(10, 8, 2)
+
+
+def test_view0_loader_is_one_ordered_pass_of_view0_and_every_caption(fake):
+    val = fake.load_split("val")
+    batches = list(cachereader.view0_loader(fake.shard_paths("val", "tar"), image_size=16, interpolation="bicubic",
+                                            batch_size=8, captions=True))
+    assert _keys(batches) == val.keys and [len(b["keys"]) for b in batches] == [8, 8, 4]
+    assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["image"].dtype == torch.uint8
+    captions = [c for b in batches for c in b["captions"]]
+    assert [len(c) for c in captions] == np.diff(val.txt_offsets).tolist()
+    assert all(c.endswith(f"caption {i}") for caps in captions for i, c in enumerate(caps))
+    # view 0 and the first of the trainer's eval stream are the same pixels
+    trainer = list(cachereader.make_loader(_cfg(fake, split="val", train=False, batch_size=8, image_size=16)))
+    assert torch.equal(torch.cat([b["image"] for b in batches]), torch.cat([b["image"] for b in trainer]))
+    plain = list(cachereader.view0_loader(fake.shard_paths("val", "tar"), image_size=16, interpolation="bicubic",
+                                          batch_size=8))
+    assert all(c == [] for b in plain for c in b["captions"])
+
+
+def test_view0_pass_never_reads_the_cached_targets(tmp_path, fake):
+    """An evaluation pass reads only jpg, views.json and captions.json: broken npy members do not matter."""
+    good = next(iter(wds.WebDataset(str(fake.shard_paths("train", "tar")[0]), shardshuffle=False)))
+    path = tmp_path / "no_targets.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(3):
+            sample = {k: v for k, v in good.items() if not k.startswith("__")}
+            sample.update({"__key__": f"k{i}", "img.npy": b"garbage"})
+            sink.write(sample)
+    (batch,) = list(cachereader.view0_loader([path], image_size=32, interpolation="bicubic", batch_size=4))
+    assert batch["keys"] == ["k0", "k1", "k2"] and batch["data_errors"] == 0
+    training = cachereader.stream_config([path], batch_size=4, image_size=32, interpolation="bicubic", train=False)
+    assert list(cachereader.make_loader(training)) == []  # the trainer's decoder needs them: every sample is bad
 
 
 # --------------------------------------------------------------------------- real teacher: exact replay
@@ -186,7 +218,7 @@ def test_replayed_views_give_the_teachers_cached_embedding(real_cache):
     views = torch.cat([b["view"] for b in batches])
     assert (views > 0).any() and (views == 0).any()
     for b in batches:
-        pixels = CL.normalize_images(b["image"], pre["mean"], pre["std"])
+        pixels = cachereader.normalize_images(b["image"], pre["mean"], pre["std"])
         feats = torch.nn.functional.normalize(teacher.encode_images(pixels), dim=-1)
         cos = (feats * b["t_img"]).sum(-1)
         assert cos.min() > 0.999, cos  # fp16 storage only; a wrong crop or flip gives far less
@@ -228,8 +260,8 @@ def test_trainer_replays_view0_as_the_teachers_open_clip_preprocess(resize_mode,
                                                           shardshuffle=False)}
     pre = cache.teacher["preprocess"]
     cfg = _cfg(cache, batch_size=3, image_size=pre["size"], train=False)  # train=False: view 0
-    (batch,) = list(CL.make_loader(cfg))
+    (batch,) = list(cachereader.make_loader(cfg))
     assert batch["view"].eq(0).all() and len(batch["keys"]) == 3
-    pixels = CL.normalize_images(batch["image"], pre["mean"], pre["std"])
+    pixels = cachereader.normalize_images(batch["image"], pre["mean"], pre["std"])
     for key, got in zip(batch["keys"], pixels):
         assert torch.equal(got, reference(V.decode_image(jpgs[key])))

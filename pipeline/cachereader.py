@@ -1,11 +1,17 @@
-"""The cache -> training batches data path (DESIGN §3, §5).
+"""The one reader of the cache's tar shards: training batches, validation and evaluation passes.
 
 Streams a split's WebDataset tar shards, replays a stored view (``views.View``: a crop box +
 flip, or view 0's eval resize — shortest, squash or longest — as the teacher's open_clip
 preprocess made it) on the stored JPEG so the pixels are exactly those the teacher embedded
 (at another ``image_size``, the same view cut at that size), and pairs them with the
 cached targets: ``t_img = img.npy[v]`` for the drawn view ``v`` and ``t_txt = txt.npy[c]``
-for one drawn caption ``c``.
+for one drawn caption ``c``. Every reader of the shards goes through here, so the pixels a
+student is trained on, validated on and evaluated on come from one decoding path:
+
+* training and validation: ``make_loader`` / ``epoch_batches`` over ``stream_config(...)``
+  (batches of ``decode_sample``: pixels, cached targets, caption, label);
+* evaluation: ``view0_loader`` (one ordered pass of view 0 and every caption, no cached
+  targets; ``decode_view0``).
 
 How the stream is split and why (DDP ranks must never hang on uneven shards):
 
@@ -34,8 +40,9 @@ only). DataLoader serves workers round-robin, so batch ``i`` comes from worker
 first batch comes from the part that would have served it. (A sample that fails to decode
 shifts the skip by one sample; such samples are counted and reported.)
 
-Only the expected tar members are read (``select_files``), ``.npy`` members are loaded with
-``allow_pickle=False``, and a bad sample is counted, logged and skipped — never webdataset's
+Only the expected tar members are read (``select_files``: ``WANTED``, or ``VIEW0_MEMBERS`` for
+an evaluation pass), ``.npy`` members are loaded with ``allow_pickle=False``, and a bad sample
+is counted, logged and skipped (``data.records.ErrorCounter``) — never webdataset's
 ``warn_and_continue``, which sleeps 0.5 s per error.
 """
 
@@ -43,9 +50,9 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import random
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -56,12 +63,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import views as V
-
-log = logging.getLogger("kdpipe")
+from .data import views as V
+from .data.records import ErrorCounter
 
 # Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
 WANTED = ("jpg", "views.json", "img.npy", "txt.npy", "captions.json", "cls.txt")
+VIEW0_MEMBERS = ("jpg", "views.json", "captions.json")  # an evaluation pass: no cached targets
 
 
 @dataclass(frozen=True)
@@ -86,41 +93,13 @@ class StreamConfig:
 # --------------------------------------------------------------------------- errors
 
 
-class ErrorCounter:
-    """A webdataset handler that counts bad samples and keeps going, without sleeping.
+def cache_errors() -> ErrorCounter:
+    """The handler of one stream (it lives in each worker).
 
-    Lives in each worker; batches carry how many errors happened since the previous batch
-    (``batch["data_errors"]``) so the trainer can count them across workers.
+    Batches carry how many errors happened since the previous batch (``batch["data_errors"]``)
+    so the trainer can count them across workers.
     """
-
-    def __init__(self, log_first: int = 5, max_consecutive: int = 1000) -> None:
-        self.count = 0
-        self.reported = 0
-        self.consecutive = 0
-        self.log_first = log_first
-        self.max_consecutive = max_consecutive
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        self.consecutive += 1
-        if self.count <= self.log_first:
-            log.warning("skipped a bad cache sample (%s: %s)", type(exn).__name__, str(exn)[:200])
-        if self.consecutive >= self.max_consecutive:  # an endless stream of bad samples would hang
-            raise RuntimeError(f"{self.consecutive} bad cache samples in a row; last: {exn}") from exn
-        return True  # continue with the next sample
-
-    def watch(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        """Wrap a per-sample function so a success resets the consecutive-error count."""
-        def wrapped(sample: Any) -> Any:
-            out = fn(sample)
-            self.consecutive = 0
-            return out
-        return wrapped
-
-    def take(self) -> int:
-        """Errors since the last call."""
-        new, self.reported = self.count - self.reported, self.count
-        return new
+    return ErrorCounter("cache sample", log_first=5, max_consecutive=1000)
 
 
 # --------------------------------------------------------------------------- per-sample work
@@ -162,6 +141,12 @@ def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (x.float().div_(255.0) - m) / s
 
 
+def replay_view(jpg: bytes, view: dict[str, Any], size: int, interpolation: str) -> torch.Tensor:
+    """The stored JPEG's pixels in one stored view (a views.json entry) at ``size``: uint8 [3, size, size]."""
+    stored = V.to_rgb(V.decode_image(jpg))
+    return pil_to_uint8(V.apply_view(stored, V.View.from_dict(view), size, interpolation))
+
+
 def decode_sample(cfg: StreamConfig, sample: dict[str, Any]) -> dict[str, Any]:
     """A raw tar sample -> {image uint8 [3,S,S], t_img [D], t_txt [D], caption, label, key, view}.
 
@@ -175,11 +160,9 @@ def decode_sample(cfg: StreamConfig, sample: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"sample {key}: img {img.shape}, txt {txt.shape}, "
                          f"{len(view_dicts)} views, {len(captions)} captions do not agree")
     v, c = pick_view_caption(cfg, key, img.shape[0], txt.shape[0])
-    stored = V.to_rgb(V.decode_image(sample["jpg"]))
-    pixels = V.apply_view(stored, V.View.from_dict(view_dicts[v]), cfg.image_size, cfg.interpolation)
     label = int(sample["cls.txt"].decode()) if "cls.txt" in sample else -1
     return {
-        "image": pil_to_uint8(pixels),
+        "image": replay_view(sample["jpg"], view_dicts[v], cfg.image_size, cfg.interpolation),
         "t_img": torch.from_numpy(img[v].astype(np.float32)),
         "t_txt": torch.from_numpy(txt[c].astype(np.float32)),
         "caption": captions[c], "label": label, "key": key, "view": v, "caption_idx": c,
@@ -201,11 +184,41 @@ def collate(samples: list[dict[str, Any]], errors: int) -> dict[str, Any]:
     }
 
 
+def decode_view0(cfg: StreamConfig, sample: dict[str, Any], captions: bool) -> dict[str, Any]:
+    """A raw tar sample -> {key, image uint8 [3,S,S] of view 0, captions: all of them, or [] unless asked}."""
+    view0 = json.loads(sample["views.json"])[0]
+    return {"key": sample["__key__"], "image": replay_view(sample["jpg"], view0, cfg.image_size, cfg.interpolation),
+            "captions": json.loads(sample["captions.json"]) if captions else []}
+
+
+def collate_view0(samples: list[dict[str, Any]], errors: int) -> dict[str, Any]:
+    """Stack ``decode_view0`` samples: {keys, image uint8 [B,3,S,S], captions [B lists], data_errors}."""
+    return {"keys": [s["key"] for s in samples], "image": torch.stack([s["image"] for s in samples]),
+            "captions": [s["captions"] for s in samples], "data_errors": errors}
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """What a stream reads of each sample and how it decodes and batches it (picklable)."""
+
+    members: tuple[str, ...]  # tar member suffixes read; every other member is skipped unopened
+    decode: Callable[[StreamConfig, dict[str, Any]], dict[str, Any]]
+    collate: Callable[[list[dict[str, Any]], int], dict[str, Any]]
+
+    def wanted(self, fname: str) -> bool:
+        return fname.split(".", 1)[-1].lower() in self.members
+
+
+TRAINING = SampleDecoder(WANTED, decode_sample, collate)
+
+
+def view0_decoder(captions: bool) -> SampleDecoder:
+    """An evaluation pass: view 0 and (when asked) every caption; the npy targets are never read."""
+    members = VIEW0_MEMBERS if captions else tuple(m for m in VIEW0_MEMBERS if m != "captions.json")
+    return SampleDecoder(members, partial(decode_view0, captions=captions), collate_view0)
+
+
 # --------------------------------------------------------------------------- the stream
-
-
-def _wanted(fname: str) -> bool:
-    return fname.split(".", 1)[-1].lower() in WANTED
 
 
 def part_of(cfg: StreamConfig) -> tuple[int, int]:
@@ -226,8 +239,8 @@ def skipped_samples(cfg: StreamConfig, logical_worker: int, n_workers: int) -> i
 class ShardSource:
     """The shard order of one part: a permutation per (seed, epoch, pass); endless when training."""
 
-    def __init__(self, cfg: StreamConfig, part: int, parts: int) -> None:
-        self.cfg, self.part, self.parts = cfg, part, parts
+    def __init__(self, cfg: StreamConfig, part: int, parts: int, wanted: Callable[[str], bool]) -> None:
+        self.cfg, self.part, self.parts, self.wanted = cfg, part, parts, wanted
 
     @property
     def strided(self) -> bool:
@@ -243,7 +256,7 @@ class ShardSource:
             yield order if self.strided else order[self.part::self.parts]
 
     def samples(self, counter: ErrorCounter) -> Iterator[dict[str, Any]]:
-        """Raw tar samples of this part, pass after pass (only the WANTED members are read)."""
+        """Raw tar samples of this part, pass after pass (only the ``wanted`` members are read)."""
         for n, urls in enumerate(self.passes()):
             found = 0
             for sample in self._shuffled(self._read(urls, counter), n):
@@ -253,7 +266,7 @@ class ShardSource:
                 raise RuntimeError(f"cache stream part {self.part}/{self.parts} found no samples in {urls}")
 
     def _read(self, urls: list[str], counter: ErrorCounter) -> Iterator[dict[str, Any]]:
-        samples = wds.tarfile_samples([{"url": u} for u in urls], handler=counter, select_files=_wanted)
+        samples = wds.tarfile_samples([{"url": u} for u in urls], handler=counter, select_files=self.wanted)
         for index, sample in enumerate(samples):
             if not self.strided or index % self.parts == self.part:
                 yield sample
@@ -270,47 +283,48 @@ class ShardSource:
 class CacheStream(IterableDataset):
     """Batches of one rank for one epoch (training: endless; the trainer takes a fixed count)."""
 
-    def __init__(self, cfg: StreamConfig) -> None:
+    def __init__(self, cfg: StreamConfig, decoder: SampleDecoder = TRAINING) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.decoder = cfg, decoder
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         part, parts = part_of(cfg)
         n_workers = parts // cfg.world
-        counter = ErrorCounter()
-        source = ShardSource(cfg, part, parts)
+        counter = cache_errors()
+        source = ShardSource(cfg, part, parts, self.decoder.wanted)
         stages: list[Any] = [lambda: source.samples(counter)]
         skip = skipped_samples(cfg, part % n_workers, n_workers)
         if skip:
             stages.append(wds.slice(skip, None))
-        stages.append(wds.map(counter.watch(lambda s: decode_sample(cfg, s)), handler=counter))
+        stages.append(wds.map(counter.watch(partial(self.decoder.decode, cfg)), handler=counter))
         samples = iter(wds.DataPipeline(*stages))
-        yield from _batches(samples, cfg.batch_size, partial=not cfg.train, counter=counter)
+        yield from _batches(samples, cfg.batch_size, not cfg.train, counter, self.decoder.collate)
 
 
-def _batches(samples: Iterator[dict], size: int, partial: bool, counter: ErrorCounter) -> Iterator[dict]:
+def _batches(samples: Iterator[dict], size: int, last_partial: bool, counter: ErrorCounter,
+             collate_fn: Callable[[list[dict], int], dict]) -> Iterator[dict]:
     batch: list[dict] = []
     for s in samples:
         batch.append(s)
         if len(batch) == size:
-            yield collate(batch, counter.take())
+            yield collate_fn(batch, counter.take())
             batch = []
-    if batch and partial:
-        yield collate(batch, counter.take())
+    if batch and last_partial:
+        yield collate_fn(batch, counter.take())
 
 
 # --------------------------------------------------------------------------- loaders
 
 
-def make_loader(cfg: StreamConfig, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``CacheStream(cfg)`` (batching happens in the workers)."""
+def make_loader(cfg: StreamConfig, pin_memory: bool = False, decoder: SampleDecoder = TRAINING) -> DataLoader:
+    """A DataLoader over ``CacheStream(cfg, decoder)`` (batching happens in the workers)."""
     workers = cfg.workers
     if not cfg.train:
         workers = min(workers, len(cfg.shards))  # an ordered pass: one shard per worker at least
     # A private generator: DataLoader draws its base seed from it, not from the global torch RNG
     # (which training owns and checkpoints); nothing in the stream uses the seed anyway.
-    return DataLoader(CacheStream(replace(cfg, workers=workers)), batch_size=None, num_workers=workers,
+    return DataLoader(CacheStream(replace(cfg, workers=workers), decoder), batch_size=None, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
 
@@ -339,3 +353,16 @@ def epoch_batches(cfg: StreamConfig, n_steps: int, pin_memory: bool = False) -> 
 def stream_config(shards: Sequence[Path | str], **kw: Any) -> StreamConfig:
     """A StreamConfig over the given tar paths (``Cache.shard_paths(split, "tar")``)."""
     return StreamConfig(shards=tuple(str(s) for s in shards), **kw)
+
+
+def view0_loader(shards: Sequence[Path | str], *, image_size: int, interpolation: str, batch_size: int,
+                 workers: int = 0, captions: bool = False) -> DataLoader:
+    """One ordered pass over the shards for evaluation: batches of ``collate_view0``.
+
+    The same reader as training (members, decoding, error counting), with view 0 replayed at
+    ``image_size`` with ``interpolation``; the cached targets are never read. With workers the
+    batches interleave shard by shard (line them up by key).
+    """
+    cfg = stream_config(shards, batch_size=batch_size, image_size=image_size, interpolation=interpolation,
+                        train=False, workers=workers)
+    return make_loader(cfg, decoder=view0_decoder(captions))

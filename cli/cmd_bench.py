@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import user_errors
+from .options import config_option, stage_config
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -21,7 +22,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def bench_cmd(
-    runs: list[Path] = typer.Argument(..., help="Run directories written by `kdpipe train`."),
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run directories written by `kdpipe train`."),
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher to compare with: a model name "
                                           "(tiny-clip, ViT-B-32, ...), a model-config JSON or a CACHE directory "
                                           "(default: the runs' teacher]. Built with random weights: speed does "
@@ -40,6 +41,7 @@ def bench_cmd(
                               "check it against PyTorch (max |diff| < 1e-4) and time it with onnxruntime."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With several runs: folder for "
                                        "bench_compare.{json,png} (default: the first run)."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Parameters, size (fp32/fp16), FLOPs per sample, latency at batch 1 (p50/p90) and throughput at batch N,
     per tower and in total, teacher and students in the same run. Writes RUN/bench.json and RUN/bench.png
@@ -47,9 +49,10 @@ def bench_cmd(
     from kdpipe.bench import BenchConfig, run
 
     with user_errors():
-        run(BenchConfig(runs=list(runs), teacher=teacher, device=device, batch_sizes=_sizes(batch_sizes),
-                        warmup=warmup, iters=iters, throughput_iters=throughput_iters, threads=threads,
-                        checkpoint=checkpoint, onnx=onnx, out=out))
+        run(stage_config(BenchConfig, config, dict(
+            runs=list(runs) if runs else None, teacher=teacher, device=device, batch_sizes=_sizes(batch_sizes),
+            warmup=warmup, iters=iters, throughput_iters=throughput_iters, threads=threads,
+            checkpoint=checkpoint, onnx=onnx, out=out)))
 
 
 def register(app: typer.Typer) -> None:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from .errors import user_errors
+from .options import config_option, stage_config
 from kdpipe.data import shapes
 from kdpipe.progress import console
 
 
 def make_shapes(
-    out: Path = typer.Argument(..., help="Output directory (COCO layout: annotations/, train/, val/)."),
+    out: Optional[Path] = typer.Argument(None, help="Output directory (COCO layout: annotations/, train/, val/)."),
     train: int = typer.Option(2000, "--train", min=1, help="Number of train images."),
     val: int = typer.Option(500, "--val", min=0, help="Number of val images."),
     size: int = typer.Option(64, "--size", min=16, help="Image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Generate the shapes world: captioned synthetic images in COCO layout, usable as --data.
 
@@ -25,11 +28,13 @@ def make_shapes(
     another image (the share that does is printed per split); the label is the shape of the largest object.
     """
     with user_errors():
-        summary = shapes.run(shapes.ShapesConfig(out=out, n_train=train, n_val=val, size=size, seed=seed))
+        values = dict(out=out, n_train=train, n_val=val, size=size, seed=seed)
+        cfg = stage_config(shapes.ShapesConfig, config, values, params={"n_train": "train", "n_val": "val"})
+        summary = shapes.run(cfg)
     images, captions = summary["images"], summary["captions"]
     console.print(
         f"shapes world in [bold]{summary['root']}[/]: {images['train']} train + {images['val']} val images "
-        f"({size}px), {sum(captions.values())} captions, {len(summary['classnames'])} classes, "
+        f"({cfg.size}px), {sum(captions.values())} captions, {len(summary['classnames'])} classes, "
         f"{summary['seconds']:.1f}s"
     )
     shared = ", ".join(f"{split} {share:.1%}" for split, share in summary["shared_captions"].items())

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import user_errors
+from .options import config_option, stage_config
 from kdpipe.progress import console
 
 
@@ -26,9 +27,11 @@ def _print_pretrain_summary(summary: dict) -> None:
 
 
 def pretrain_teacher(
-    data: str = typer.Option(..., "--data", "-d", help="Captioned dataset with a train split (and val for "
-                             "metrics), e.g. a shapes world from `kdpipe make-shapes data/shapes`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Teacher directory: config.json, model.safetensors, train.json."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Captioned dataset with a train split (and val "
+                                       "for metrics), e.g. a shapes world from `kdpipe make-shapes data/shapes`. "
+                                       "Required, here or in --config."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Teacher directory: config.json, "
+                                       "model.safetensors, train.json. Required, here or in --config."),
     arch: str = typer.Option("shapes-vit", "--arch", help="Architecture: a shipped config (shapes-vit, tiny-clip), "
                              "an open_clip model name or an open_clip model-config JSON."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: the shapes-world "
@@ -41,14 +44,15 @@ def pretrain_teacher(
     val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Evaluate on the val split every N "
                                             "steps (the val curve in train.json, and whether the last 20% of "
                                             "steps still gained); default: at the end only."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Train a small open_clip CLIP from scratch (a teacher for offline demos); reuses OUT when already trained."""
-    from kdpipe.pretrain import DEFAULT_STEPS, PretrainConfig, run
+    from kdpipe.pretrain import PretrainConfig, run
 
     with user_errors():
-        cfg = PretrainConfig(data=data, out=str(out), arch=arch, steps=steps or DEFAULT_STEPS,
-                             batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite,
-                             val_every=val_every)
+        cfg = stage_config(PretrainConfig, config, dict(
+            data=data, out=str(out) if out else None, arch=arch, steps=steps,  # None: PretrainConfig's default
+            batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite, val_every=val_every))
         summary = run(cfg)
     _print_pretrain_summary(summary)
 
@@ -59,6 +63,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A small world, a short teacher and one student "
                                "instead of the full demo (timings: benchmarks/README.md)."),
     workers: int = typer.Option(1, "--workers", "-w", min=0, help="DataLoader workers for extract and train."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Every stage on the embedded shapes world, offline on CPU: make-shapes -> pretrain-teacher -> extract ->
     fit-whitening -> train mobilenetv3_050 (smaller and, in ONNX Runtime, faster than the teacher's image
@@ -67,7 +72,7 @@ def demo(
     from kdpipe.demo import DemoConfig, run
 
     with user_errors():
-        result = run(DemoConfig(out=str(out), quick=quick, workers=workers))
+        result = run(stage_config(DemoConfig, config, dict(out=str(out), quick=quick, workers=workers)))
     console.print(result["markdown"])
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import user_errors
+from .options import config_option, stage_config
 from kdpipe.progress import console
 
 
@@ -33,21 +34,24 @@ def eval_cmd(
                                        "or CACHE/teacher_eval.json with --teacher)."),
     verify: str = typer.Option("size", "--verify", help="Cache check before reading: none, size or sha256."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Retrieval R@1/5/10 both ways, zero-shot top-1/top-5 and agreement with the teacher, each next to the
     teacher's own figure on the same split and their ratio. Writes RUN/eval.json and prints a table."""
     from kdpipe.evaluate import EvalConfig, run as evaluate
 
     with user_errors():
-        evaluate(EvalConfig(run=run, teacher=teacher, cache=cache, split=split, checkpoint=checkpoint,
-                            zeroshot=list(zeroshot or []),
-                            batch_size=batch_size, workers=workers, device=device, chunk=chunk, out=out,
-                            verify=verify, progress=not no_progress))
+        evaluate(stage_config(EvalConfig, config, dict(
+            run=run, teacher=teacher, cache=cache, split=split, checkpoint=checkpoint,
+            zeroshot=list(zeroshot or []),
+            batch_size=batch_size, workers=workers, device=device, chunk=chunk, out=out,
+            verify=verify, progress=not no_progress), params={"progress": "no_progress"}))
 
 
 def report_cmd(
-    runs: list[Path] = typer.Argument(..., help="Run directories to compare."),
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to compare."),
     out: Path = typer.Option(Path("report.md"), "--out", "-o", help="Markdown file to write."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """One Markdown table comparing runs: student, losses, whitening, R@1 both ways, zero-shot, agreement,
     size and latency, each with its ratio to the teacher. Reads each RUN's student.json, config.toml,
@@ -55,7 +59,7 @@ def report_cmd(
     from kdpipe.report import ReportConfig, run as report
 
     with user_errors():
-        result = report(ReportConfig(runs=list(runs), out=out))
+        result = report(stage_config(ReportConfig, config, dict(runs=list(runs) if runs else None, out=out)))
     typer.echo(result["markdown"])
     console.print(f"report: {result['path']}")
 

@@ -8,16 +8,20 @@ from typing import Optional
 import typer
 
 from .errors import user_errors
+from .options import config_option, stage_config
 from kdpipe.progress import console
 
 
 def extract(
-    teacher: str = typer.Option(..., "--teacher", "-t", help="Teacher: a shipped config (tiny-clip, shapes-vit), "
-                                "an open_clip model name (ViT-B-32, ...) or a model-config JSON path."),
-    data: str = typer.Option(..., "--data", "-d", help="Input: a COCO-layout root (annotations/captions_*.json + "
-                             "image folders, e.g. from `kdpipe make-shapes`), or WebDataset tars "
-                             "(a.tar, 'shards/{00000..00009}.tar', 'pipe:...')."),
-    out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write (re-running resumes it)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher (required, here or in --config): "
+                                          "a shipped config (tiny-clip, shapes-vit), an open_clip model name "
+                                          "(ViT-B-32, ...) or a model-config JSON path."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Input (required, here or in --config): a "
+                                       "COCO-layout root (annotations/captions_*.json + image folders, e.g. from "
+                                       "`kdpipe make-shapes`), or WebDataset tars (a.tar, "
+                                       "'shards/{00000..00009}.tar', 'pipe:...')."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write (required, here or in "
+                                       "--config; re-running resumes it)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
                                              "(e.g. laion2b_s34b_b79k, openai) or a local .pt/.bin/.safetensors file."),
     views: int = typer.Option(4, "--views", min=1, help="Views per image; view 0 is the teacher's eval "
@@ -40,22 +44,24 @@ def extract(
                                            "without --pretrained (random weights; for testing only)."),
     prompts: bool = typer.Option(True, "--prompts/--no-prompts", help="Write prompts.h5: teacher embeddings "
                                  "of zero-shot class prompts (shapes, CIFAR-10/100, the data's own labels)."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Run TEACHER once over DATA and write image/text embeddings of every view and caption to OUT."""
     from kdpipe.extract import ExtractConfig, run
 
     with user_errors():
-        cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), pretrained=pretrained, views=views,
-                            batch_size=batch_size, workers=workers, device=device, precision=precision,
-                            split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
-                            overwrite=overwrite, shard_size=shard_size, store_size=store_size,
-                            splits=split or None, allow_random_init=allow_random_init,
-                            prompts=prompts)
+        cfg = stage_config(ExtractConfig, config, dict(
+            teacher=teacher, data=data, out=str(out) if out else None, pretrained=pretrained, views=views,
+            batch_size=batch_size, workers=workers, device=device, precision=precision,
+            split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
+            overwrite=overwrite, shard_size=shard_size, store_size=store_size,
+            splits=split or None, allow_random_init=allow_random_init,
+            prompts=prompts), params={"splits": "split"})
         result = run(cfg)
     for name, info in result.items():
         console.print(f"[green]{name}[/]: {info['count']} images, {info['captions']} captions, "
                       f"{info['shards']} shards, skipped {info['skipped'] or 'none'} ({info['seconds']:.1f} s)")
-    console.print(f"cache: {out}/manifest.json")
+    console.print(f"cache: {cfg.out}/manifest.json")
 
 
 def register(app: typer.Typer) -> None:

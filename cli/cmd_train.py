@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from .errors import user_errors
+from .options import config_option
 from kdpipe.losses import DEFAULT_RECIPE
 from kdpipe.progress import console
 
@@ -52,8 +53,7 @@ def train(
                                             "(default: each epoch end)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log a metrics row every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with defaults (any TrainConfig "
-                                          "field); flags override it."),
+    config: Optional[Path] = config_option(),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Distil STUDENT from the teacher embeddings cached in CACHE; writes OUT/ (config, metrics, student)."""

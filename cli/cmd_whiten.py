@@ -8,11 +8,12 @@ from typing import Optional
 import typer
 
 from .errors import user_errors
+from .options import config_option, stage_config
 from kdpipe.progress import console
 
 
 def fit_whitening(
-    cache: Path = typer.Argument(..., help="Cache directory written by `kdpipe extract`."),
+    cache: Optional[Path] = typer.Argument(None, help="Cache directory written by `kdpipe extract`."),
     mode: str = typer.Option(
         "all", "--mode", "-m",
         help="image (every image view), text (every caption), joint (both, one transform: keeps "
@@ -26,6 +27,7 @@ def fit_whitening(
         help="Measure the whitened train covariance with a second pass (else computed analytically)."),
     verify: str = typer.Option("size", "--verify", help="Cache check before reading: none, size or sha256."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Fit whitening transforms on the TRAIN split of a cache.
 
@@ -36,11 +38,12 @@ def fit_whitening(
     from kdpipe import whiten
 
     with user_errors():
-        report = whiten.run(whiten.WhitenConfig(cache=cache, mode=mode, eps_rel=eps_rel, method=method,
-                                                eval_split=eval_split, check_train=check_train,
-                                                verify=verify, progress=progress))
+        cfg = stage_config(whiten.WhitenConfig, config, dict(
+            cache=cache, mode=mode, eps_rel=eps_rel, method=method, eval_split=eval_split,
+            check_train=check_train, verify=verify, progress=progress))
+        report = whiten.run(cfg)
     failed = [m for m, r in report["modes"].items() if not r["train_cov"]["ok"]]
-    console.print(f"whitening: {report['whitening']} (checks: {cache / whiten.WHITENING_JSON})"
+    console.print(f"whitening: {report['whitening']} (checks: {Path(cfg.cache) / whiten.WHITENING_JSON})"
                   + (f" [red]train covariance check failed for {failed}[/]" if failed else ""))
 
 

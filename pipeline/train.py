@@ -48,9 +48,8 @@ import json
 import logging
 import math
 import time
-import tomllib
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -61,7 +60,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses as L
-from . import cachereader, metrics, runtime, trainstate
+from . import cachereader, config, metrics, runtime, trainstate
 from .progress import console, make_progress
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
@@ -97,7 +96,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 0.0  # max grad norm; 0 = off
     mask_ratio: float = 0.75  # mfd
-    views_used: str = "all"  # all | 0
+    views_used: str = field(default="all", metadata=config.toml_as(str))  # all | 0 (a file may say 0)
     shuffle_buffer: int = 1000
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
@@ -118,46 +117,17 @@ class TrainConfig:
 # --------------------------------------------------------------------------- config files
 
 
-def _field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML config -> dict of TrainConfig fields (dashes allowed in keys); unknown keys raise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path, "rb") as f:
-        try:
-            raw = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path} is not valid TOML: {err}") from None
-    data = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(data) - _field_names())
-    if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {unknown}; valid: {', '.join(sorted(_field_names()))}")
-    return data
-
-
 def resolve_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
     """Defaults < RUN/config.toml (with resume) < ``config_file`` < ``overrides`` (flags given).
 
-    ``overrides`` holds only what the user set (None values are ignored).
+    ``overrides`` holds only what the user set (None values are ignored); ``kdpipe.config`` checks
+    the files and merges.
     """
-    given = {k: v for k, v in overrides.items() if v is not None}
-    merged: dict[str, Any] = {}
-    out = given.get("out")
-    if given.get("resume") and out and (Path(out) / CONFIG_FILE).is_file():
-        merged.update(read_toml(Path(out) / CONFIG_FILE))
-    if config_file is not None:
-        merged.update(read_toml(config_file))
-    merged.update(given)
-    if "views_used" in merged:  # TOML may say views_used = 0
-        merged["views_used"] = str(merged["views_used"])
-    unknown = sorted(set(merged) - _field_names())
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}")
-    return TrainConfig(**merged)
+    out = overrides.get("out")
+    saved = Path(out) / CONFIG_FILE if overrides.get("resume") and out else None
+    files = [saved] if saved is not None and saved.is_file() else []
+    files += [config_file] if config_file is not None else []
+    return config.resolve(TrainConfig, flags=overrides, files=files)
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:

@@ -129,16 +129,7 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(V.to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images [B, 3, S, S] -> float32 (x/255 − mean)/std, on x's device.
-
-    The same arithmetic as ``views.to_tensor`` (so equal to what the teacher was fed), done
-    after the batch reaches the device: workers decode and ship uint8, 4x fewer bytes to
-    collate and move, and the float work runs where the model runs.
-    """
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x.float().div_(255.0) - m) / s
+normalize_images = V.normalize_images  # uint8 batches are normalised on the device: one formula for every path
 
 
 def replay_view(jpg: bytes, view: dict[str, Any], size: int, interpolation: str) -> torch.Tensor:

@@ -38,8 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import runtime
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_json
+from .data.views import normalize_images
+from .optim import lr_lambda, param_groups
 from .progress import make_progress
+from .teachers import encode_text as text_features
+from .weights import resolve_arch
 
 log = logging.getLogger("kdpipe")
 
@@ -177,74 +181,39 @@ def crop_resize(images: Tensor, boxes: Tensor) -> Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """uint8 or [0, 255] float [B, 3, S, S] -> (x / 255 - mean) / std."""
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s
-
-
 # --------------------------------------------------------------------------- text
 
 
 def encode_text(model: torch.nn.Module, tokens: Tensor) -> Tensor:
     """tokens [B, L] -> unit text embeddings [B, D], running only up to the batch's last EOT.
 
-    Shapes captions fill ~17 (at most 22) of the 32 context positions. CLIP's text tower is causal and
-    pools at the EOT token (argmax pooling), so the positions after it cannot change the
-    result: cutting them gives the same embeddings for about half the text FLOPs (checked by
-    a test). Other towers take open_clip's full forward.
+    Shapes captions fill ~17 (at most 22) of the 32 context positions; the teachers' trimmed
+    text forward (``teachers.encode_text``: exact for a causal tower pooled at EOT) does about
+    half the text FLOPs of open_clip's full forward, with gradients.
     """
-    from open_clip.model import CLIP
-    from open_clip.transformer import text_global_pool
-
-    if not (isinstance(model, CLIP) and model.text_pool_type == "argmax" and _is_causal(model.attn_mask)):
-        return model.encode_text(tokens, normalize=True)
-    n = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :n]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
-    x = text_global_pool(x, tokens, "argmax")
-    proj = model.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1)
-
-
-def _is_causal(mask: Tensor | None) -> bool:
-    """mask is the additive causal mask: -inf exactly above the diagonal, 0 elsewhere."""
-    if mask is None or mask.dim() != 2:
-        return False
-    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
-    return bool(torch.equal(torch.isneginf(mask), above) and (mask[~above] == 0).all())
+    return F.normalize(text_features(model, tokens), dim=-1)
 
 
 # --------------------------------------------------------------------------- schedule and optimiser
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0 at step ``total``.
+
+    Zero falls one step after the last step (``total − 1``), so the last step still learns:
+    ``optim.lr_lambda``, whose cosine ends on its own last step, run for ``total + 1`` steps.
+    """
+    return lr_lambda(total + 1, warmup, 0.0)(step)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; gains, biases and the logit scale get no weight decay (as open_clip's training).
+    """AdamW; gains, biases and the logit scale get no weight decay (``optim.param_groups``: < 2 dims).
 
     Fused: the 49408-row token embedding gets a dense gradient every step, and the fused kernel
     updates it ~6x faster than the default on CPU (there, the optimiser step otherwise rivals the
     forward pass of a small model).
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(p)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    groups = param_groups(model, weight_decay)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
@@ -283,7 +252,8 @@ class Trainer:
     def step(self, images: Tensor, tokens: Tensor) -> float:
         """images uint8 [B, 3, S, S], tokens [B, L] -> the batch's ClipLoss (one optimiser step)."""
         boxes = sample_boxes(images.shape[0], self.crop_scale, self.generator)
-        x = normalise(crop_resize(images.to(self.device).float(), boxes.to(self.device)), self.mean, self.std)
+        crops = crop_resize(images.to(self.device).float(), boxes.to(self.device))
+        x = normalize_images(crops, self.mean, self.std)
         with runtime.autocast(self.precision, self.device):
             img = self.model.encode_image(x, normalize=True)
             txt = encode_text(self.model, tokens.to(self.device))
@@ -345,7 +315,7 @@ def encode(model: torch.nn.Module, data: CaptionedImages, mean: tuple[float, ...
     img, txt = [], []
     with runtime.autocast(precision, device):
         for s in range(0, len(data), batch_size):
-            x = normalise(data.images[s : s + batch_size].to(device), mean, std)
+            x = normalize_images(data.images[s : s + batch_size].to(device), mean, std)
             img.append(model.encode_image(x, normalize=True).float().cpu())
         for s in range(0, data.tokens.shape[0], batch_size):
             txt.append(encode_text(model, data.tokens[s : s + batch_size].to(device)).float().cpu())
@@ -395,17 +365,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, clas
 # --------------------------------------------------------------------------- files
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict) -> None:
     """model.safetensors (state dict) then config.json, each written atomically."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write_json(out / "config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    atomic_write_json(out / "config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
 def request_of(cfg: PretrainConfig, model_cfg: dict) -> dict[str, Any]:
@@ -466,8 +432,6 @@ def build_model(arch_name: str, device: torch.device) -> Built:
     """Resolve ``arch_name`` like a teacher name and build it with random weights."""
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
-
-    from .teachers import resolve_arch
 
     arch = resolve_arch(arch_name)
     model_cfg = open_clip.get_model_config(arch.open_clip_name)
@@ -551,6 +515,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     summary = {"request": request, "arch": cfg.arch, "steps": cfg.steps, "seed": cfg.seed, "data": cfg.data,
                **stats, "device": str(device), "precision": precision,
                "config": str(out / "config.json"), "weights": str(out / "model.safetensors")}
-    write_json(out / "train.json", summary)
+    atomic_write_json(out / "train.json", summary)
     log.info("teacher saved in %s (%.0fs, final loss %.3f)", out, stats["seconds"], stats["final_loss"])
     return {**summary, "reused": False}

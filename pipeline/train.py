@@ -51,7 +51,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import tomli_w
@@ -61,6 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import losses as L
 from . import cachereader, config, metrics, runtime, trainstate
+from .optim import lr_lambda, param_groups
 from .progress import console, make_progress
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
@@ -268,26 +269,6 @@ def class_embeddings(cache: Cache, targets: Targets) -> torch.Tensor | None:
         return None
     emb = torch.from_numpy(sets[name].emb.astype(np.float32))  # [K, T, D]
     return targets.apply(metrics.zero_shot_classifier(emb).T.contiguous(), "text")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and logit scales (parameters with < 2 dims)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(total: int, warmup: int, floor: float) -> Callable[[int], float]:
-    """LR multiplier of step ``step`` (0-based): linear warmup to 1 over ``warmup`` steps, then
-    cosine down to ``floor``, reached by the last step (``total − 1``)."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 # --------------------------------------------------------------------------- the run's pieces

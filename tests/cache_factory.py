@@ -29,7 +29,7 @@ from PIL import Image
 
 from kdpipe import store
 from kdpipe.prompts import PromptSet, write_prompts
-from kdpipe.teachers import CONFIG_DIR
+from kdpipe.weights import CONFIG_DIR
 
 DEFAULT_CLASSES = ("circle", "square", "triangle", "cross")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.")

@@ -167,7 +167,7 @@ def test_captions_fit_the_shapes_teachers_context(held_out: tuple[Path, dict, fl
     """No caption is cut by the 32-token text context of shapes-vit (open_clip's tokenizer, SOT and EOT included)."""
     import open_clip
 
-    from kdpipe.teachers import resolve_arch
+    from kdpipe.weights import resolve_arch
 
     name = resolve_arch("shapes-vit").open_clip_name
     context = open_clip.get_model_config(name)["text_cfg"]["context_length"]

@@ -245,3 +245,21 @@ def test_cli_bad_arch_lists_valid_names(world: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "no-such-arch" in result.output and "shapes-vit" in result.output and "tiny-clip" in result.output
     assert not (tmp_path / "T").exists()
+
+
+def test_lr_factor_is_the_cosine_to_zero_at_total() -> None:
+    """The shared schedule keeps pretraining's own end point: zero at step ``total``, one past the last."""
+    warmup, total = 10, 100
+    expected = [(s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+                for s in range(total + 1)]
+    assert [pretrain.lr_factor(s, warmup, total) for s in range(total + 1)] == pytest.approx(expected, abs=1e-15)
+    assert pretrain.lr_factor(total - 1, warmup, total) > 0  # the last step still learns
+
+
+def test_optimizer_decays_only_matrices() -> None:
+    built = pretrain.build_model("tiny-clip", torch.device("cpu"))
+    opt = pretrain.make_optimizer(built.model, 1e-3, 0.1)
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    params = dict(built.model.named_parameters())
+    assert by_decay[0.1] == {id(p) for p in params.values() if p.ndim >= 2}
+    assert id(params["logit_scale"]) in by_decay[0.0] and id(params["ln_final.weight"]) in by_decay[0.0]

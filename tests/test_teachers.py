@@ -12,17 +12,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdpipe import teachers
-from kdpipe.teachers import (
+from kdpipe import teachers, weights
+from kdpipe.store import same_fingerprint
+from kdpipe.teachers import load_teacher
+from kdpipe.weights import (
     TEACHERS,
     cached_checkpoint,
-    load_teacher,
     resolve_arch,
     resolve_quickgelu,
-    same_teacher,
 )
 
-TINY_CFG = json.loads((teachers.CONFIG_DIR / "tiny-clip.json").read_text())
+TINY_CFG = json.loads((weights.CONFIG_DIR / "tiny-clip.json").read_text())
 CAPTIONS = [
     "a dog",
     "a small red circle to the left of a large blue square at the bottom of the picture",
@@ -165,10 +165,10 @@ def test_uncached_tag_fails_fast_offline(tmp_path, monkeypatch):
 def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(teachers, "_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(weights, "_reachable", lambda url, timeout=3.0: False)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="unreachable.*--pretrained"):
-        teachers.fetch_tag_checkpoint("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path / "hub"))
+        weights.fetch_tag_checkpoint("ViT-B-32", "laion2b_s34b_b79k", cache_dir=str(tmp_path / "hub"))
     assert time.monotonic() - start < 10
 
 
@@ -243,8 +243,8 @@ def test_config_json_path_teacher(tiny, tmp_path):
     fp = t.fingerprint
     # content-derived name: the same config elsewhere (or addressed another way) is the same teacher
     assert fp["name"].startswith("kdpipe-config-") and fp["embed_dim"] == 32 and fp["checkpoint_sha256"]
-    assert same_teacher(fp, {**fp, "open_clip_version": "0.0.1"})
-    assert not same_teacher(fp, {**fp, "checkpoint_sha256": "0" * 64})
+    assert same_fingerprint(fp, {**fp, "open_clip_version": "0.0.1"})
+    assert not same_fingerprint(fp, {**fp, "checkpoint_sha256": "0" * 64})
     assert "config" not in open_clip.list_models()  # registered under a name that shadows nothing
 
 
@@ -288,3 +288,28 @@ def test_bad_weight_sources(tmp_path):
     bad.write_text("{}")
     with pytest.raises(ValueError, match="not an open_clip model config"):
         resolve_arch(str(bad))
+
+
+def _values_and_grads(model: torch.nn.Module, forward, tokens: torch.Tensor):
+    model.zero_grad()
+    out = forward(model, tokens)
+    out.pow(2).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_module_encode_text_trims_with_the_same_values_and_gradients(tmp_path):
+    """The shared trimmed forward (pretraining trains through it): values and gradients of open_clip's own."""
+    resolve_arch("tiny-clip")  # registers the shipped configs with open_clip
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip")
+    tokens = open_clip.get_tokenizer("tiny-clip")(CAPTIONS)
+    trimmed, g_trim = _values_and_grads(model, teachers.encode_text, tokens)
+    full, g_full = _values_and_grads(model, lambda m, t: m.encode_text(t), tokens)
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    assert g_trim.keys() == g_full.keys() and "token_embedding.weight" in g_trim
+    for name in g_trim:  # float32 summation-order noise only: 1e-5 of each gradient's scale
+        assert (g_trim[name] - g_full[name]).abs().max() <= 1e-5 * g_full[name].abs().max(), name
+    # a tower pooled at the last position cannot be trimmed: open_clip's forward, bit for bit
+    last = load_teacher(str(_write_config(tmp_path / "lastpool.json", {"pool_type": "last"})),
+                        allow_random_init=True).model
+    assert torch.equal(teachers.encode_text(last, tokens), last.encode_text(tokens))

@@ -236,3 +236,20 @@ def test_to_tensor_normalises() -> None:
     assert x.shape == (3, 4, 4) and x.dtype == torch.float32
     expected = [(1 - MEAN[0]) / STD[0], (0 - MEAN[1]) / STD[1], (128 / 255 - MEAN[2]) / STD[2]]
     assert torch.allclose(x[:, 2, 3], torch.tensor(expected))
+
+
+def test_normalize_images_is_the_one_pixel_normalisation():
+    from kdpipe.data.views import normalize_images, to_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 5, 7), generator=gen, dtype=torch.uint8)
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    out = normalize_images(x, mean, std)
+    assert out.dtype == torch.float32 and torch.equal(out, (x.float() / 255.0 - m) / s)  # bit for bit
+    img = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    assert torch.equal(to_tensor(img, mean, std), out[0])  # the teacher's input is the same arithmetic
+    floats = x.float()
+    before = floats.clone()
+    assert torch.equal(normalize_images(floats, mean, std), out)
+    assert torch.equal(floats, before)  # a float input is not modified in place

@@ -295,12 +295,22 @@ def min_store_size(size: int, scale: Sequence[float] = SCALE, ratio: Sequence[fl
     return math.ceil(size / smallest_view_fraction(scale, ratio))
 
 
+def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (or [0, 255] float) images [B, 3, S, S] -> float32 (x/255 − mean)/std, on x's device.
+
+    The one normalisation of pixels: the teacher's input (``to_tensor``), the trainer's batches
+    (normalised after they reach the device: workers ship uint8, 4x fewer bytes) and pretraining.
+    ``x`` itself is never modified, even when it is already float32.
+    """
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.float().div(255.0).sub_(m).div_(s)
+
+
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalised float tensor [3, H, W] from an RGB image."""
-    x = torch.from_numpy(np.asarray(to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
+    x = torch.from_numpy(np.asarray(to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return normalize_images(x[None], mean, std)[0]
 
 
 __all__ = [
@@ -314,6 +324,7 @@ __all__ = [
     "eval_resize",
     "eval_view",
     "min_store_size",
+    "normalize_images",
     "pixel_box",
     "sample_views",
     "smallest_view_fraction",

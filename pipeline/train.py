@@ -65,14 +65,13 @@ from . import losses as L
 from . import metrics, runtime, trainstate, zca
 from .data import cache_loader as CL
 from .progress import console, make_progress
+from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
 
 log = logging.getLogger("kdpipe")
 
-CONFIG_FILE, METRICS_FILE, CURVES_FILE = "config.toml", "metrics.jsonl", "curves.png"
-WHITENING_FILE = "whitening.safetensors"
 WHITEN_MODES = ("none", "image", "text", "joint", "separate")
 CROSS_MODAL = ("clip", "crd", "icl", "gd", "afd", "hinton")
 

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 
 from kdpipe import evaluate, extract, pretrain, train, whiten
-from kdpipe.bench import flops_per_sample
+from kdpipe.measure import flops_per_sample
 from kdpipe.data.shapes import make_shapes
 from kdpipe.losses import DEFAULT_RECIPE
-from kdpipe.students import SPEC_FILE, load_student
+from kdpipe.rundir import CKPT_DIR, EVAL_JSON, METRICS_FILE, SPEC_FILE
+from kdpipe.store import TEACHER_EVAL_JSON
+from kdpipe.students import load_student
 from kdpipe.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,7 +72,7 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
                                       device="cpu", shard_size=500, progress=False))
     if not (cache / "whitening.json").exists():
         whiten.run(whiten.WhitenConfig(cache=str(cache), mode="all", progress=False))
-    if not (cache / evaluate.TEACHER_EVAL_JSON).exists():
+    if not (cache / TEACHER_EVAL_JSON).exists():
         evaluate.run(evaluate.EvalConfig(teacher=str(cache), device="cpu", progress=False))
     return teacher, cache
 
@@ -82,7 +84,7 @@ def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: 
                    args: argparse.Namespace) -> dict[str, Any]:
     if not (run_dir / RUN_JSON).exists():
         start = time.perf_counter()
-        resumed = (run_dir / "checkpoints").exists()  # then the time below is only the rest of the run
+        resumed = (run_dir / CKPT_DIR).exists()  # then the time below is only the rest of the run
         if not (run_dir / SPEC_FILE).exists():  # student.json is written last
             cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
                                     batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
@@ -97,8 +99,8 @@ def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: 
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    ev = json.loads((run_dir / evaluate.EVAL_JSON).read_text())
-    vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ev = json.loads((run_dir / EVAL_JSON).read_text())
+    vals = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     curve = [r["val_i2t_R@1"] for r in vals if r.get("kind") == "val"]
     return {**json.loads((run_dir / RUN_JSON).read_text()), "run": str(run_dir),
             "metrics": {m: ev["metrics"][m] for m in METRICS if m in ev["metrics"]},
@@ -108,7 +110,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 def refresh_eval(run_dir: Path) -> None:
     """Re-evaluate a finished run whose eval.json predates best/last weights and supervised labelling
     (it records no "checkpoint"): eval takes seconds, training is not repeated."""
-    path = run_dir / evaluate.EVAL_JSON
+    path = run_dir / EVAL_JSON
     if path.exists() and "checkpoint" not in json.loads(path.read_text()):
         evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
 
@@ -261,7 +263,7 @@ def main() -> None:
     root = Path(args.root)
     start = time.perf_counter()
     teacher_dir, cache = prepare(root, args)
-    teacher_eval = json.loads((cache / evaluate.TEACHER_EVAL_JSON).read_text())["metrics"]
+    teacher_eval = json.loads((cache / TEACHER_EVAL_JSON).read_text())["metrics"]
     teacher_figures = {m: v["teacher"] for m, v in teacher_eval.items()}
     for student in [] if args.report_only else args.students.split(","):
         for recipe in args.recipes.split(","):

@@ -1,352 +1,33 @@
-"""Benchmark: measurement primitives, then the bench stage (``BenchConfig``, ``run(cfg)``).
+"""The bench stage (``BenchConfig``, ``run(cfg)``): `kdpipe bench RUN [RUN ...]`.
 
-The primitives measure one thing on a callable or module they are given: parameters,
-serialised size, FLOPs, latency, throughput, ONNX export/check/latency. The stage (bottom of
-this file) rebuilds the teacher's architecture and every run's student, feeds their towers
-to the primitives in one process, and writes JSON for machines (RUN/bench.json), a rich
-table for people and an accuracy-vs-latency PNG.
-
-Callers put the module (and whatever ``fn`` closes over) on ``device`` first; the
-functions here move only the example tensors.
+The teacher and every run's student are measured in one process, on the same device and
+threads, by the measuring functions of ``kdpipe.measure``. The teacher is rebuilt from its
+architecture with random weights (speed does not depend on them). Each tower's callable
+returns its output on the host as float32 (as a service would hand it back), teacher and
+student alike. Writes JSON for machines (RUN/bench.json), a rich table for people and an
+accuracy-vs-latency PNG.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
-import os
 import tempfile
-import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 from rich.table import Table
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import runtime
 from .atomic import atomic_write_json
+from .measure import Fn, check_onnx, export_onnx, measure_tower, onnx_latency, ratio_table, throughput
+from .measure import count_params  # noqa: F401  (kept importable as kdpipe.bench.count_params)
+from .rundir import (BENCH_JSON, BENCH_PNG, COMPARE_JSON, COMPARE_PNG, EVAL_JSON, ONNX_FILE, SPEC_FILE, RunSpec,
+                     check_checkpoint, read_json, read_spec)
 from .store import Manifest, same_fingerprint
 
 log = logging.getLogger("kdpipe")
-
-Fn = Callable[[Tensor], Any]
-
-
-# ---------------------------------------------------------------------------- size
-
-
-def count_params(module: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once, as ``parameters()`` yields them)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def size_bytes(module: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the safetensors file holding the state dict with floating tensors cast to dtype.
-
-    Integer buffers (e.g. BatchNorm's ``num_batches_tracked``) keep their dtype, as a real
-    half-precision export would. Tensors are copied, so tied weights count once per key.
-    """
-    state = {
-        k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype, device="cpu", copy=True).contiguous()
-        for k, v in module.state_dict().items()
-    }
-    return len(safetensors_bytes(state))
-
-
-# --------------------------------------------------------------------------- compute
-
-
-def flops_per_sample(fn: Fn, example: Tensor) -> int:
-    """FLOPs of one forward per sample: example [B, ...] -> total / B.
-
-    Counted by ``torch.utils.flop_counter.FlopCounterMode``: 2 x multiply-adds of matmuls,
-    convolutions and attention; element-wise ops (activations, norms) are not counted.
-    """
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        fn(example)
-    return counter.get_total_flops() // example.shape[0]
-
-
-def _timed_calls(fn: Fn, example: Tensor, warmup: int, iters: int, device: torch.device) -> list[float]:
-    """Seconds per call of fn(example), each call synchronised, after warm-up calls."""
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn(example)
-        runtime.synchronize(device)
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn(example)
-            runtime.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def _summary_ms(seconds: Iterable[float]) -> dict[str, float]:
-    ms = np.asarray(list(seconds)) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean())}
-
-
-def latency(
-    fn: Fn,
-    example: Tensor,
-    warmup: int = 5,
-    iters: int = 30,
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Per-call latency of fn(example) in milliseconds: {"p50_ms", "p90_ms", "mean_ms"}.
-
-    Usually example is a batch of one [1, ...]. Every call is timed alone (synchronised on
-    CUDA), so the percentiles describe single requests, not a pipelined stream.
-    """
-    device = torch.device(device)
-    return _summary_ms(_timed_calls(fn, example.to(device), warmup, iters, device))
-
-
-def throughput(
-    fn: Fn,
-    example_batch: Tensor,
-    iters: int = 10,
-    device: torch.device | str = "cpu",
-    warmup: int = 2,
-) -> float:
-    """Samples per second of fn over back-to-back calls on example_batch [N, ...]."""
-    device = torch.device(device)
-    example_batch = example_batch.to(device)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn(example_batch)
-        runtime.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn(example_batch)
-        runtime.synchronize(device)
-        elapsed = time.perf_counter() - start
-    return example_batch.shape[0] * iters / elapsed
-
-
-def measure_tower(
-    name: str,
-    fn: Fn,
-    example_1: Tensor,
-    example_n: Tensor,
-    module: nn.Module,
-    device: torch.device | str = "cpu",
-    warmup: int = 5,
-    iters: int = 30,
-    throughput_iters: int = 10,
-) -> dict[str, Any]:
-    """All numbers for one tower (e.g. "teacher/image"): fn runs the tower on a batch.
-
-    example_1 [1, ...] for latency, example_n [N, ...] for throughput; module is what
-    gets counted and sized (the tower's weights). Returns a flat JSON-ready dict.
-    """
-    device = torch.device(device)
-    lat = latency(fn, example_1, warmup=warmup, iters=iters, device=device)
-    return {
-        "name": name,
-        "params": count_params(module),
-        "size_fp32_bytes": size_bytes(module, torch.float32),
-        "size_fp16_bytes": size_bytes(module, torch.float16),
-        "flops_per_sample": flops_per_sample(fn, example_1.to(device)),
-        "latency_b1_p50_ms": lat["p50_ms"],
-        "latency_b1_p90_ms": lat["p90_ms"],
-        "throughput": throughput(fn, example_n, iters=throughput_iters, device=device),
-        "batch_n": int(example_n.shape[0]),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-
-
-# Bigger is worse for these (teacher / student = "times smaller / faster") ...
-_COST_KEYS = ("params", "size_fp32_bytes", "size_fp16_bytes", "flops_per_sample", "latency_b1_p50_ms",
-              "latency_b1_p90_ms")
-# ... and better for this one (student / teacher = "times faster").
-_RATE_KEYS = ("throughput",)
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num is not None and den else None
-
-
-def ratio_table(teacher: Mapping[str, Any], students: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
-    """How many times smaller / faster each student is than the teacher.
-
-    teacher and students[name] are ``measure_tower`` dicts. Cost keys give teacher /
-    student, throughput gives student / teacher, so > 1 always means the student wins.
-    A missing value or zero denominator gives None.
-    """
-    out = {}
-    for name, s in students.items():
-        row = {k: _ratio(teacher.get(k), s.get(k)) for k in _COST_KEYS}
-        row.update({k: _ratio(s.get(k), teacher.get(k)) for k in _RATE_KEYS})
-        out[name] = row
-    return out
-
-
-# ---------------------------------------------------------------------------- ONNX
-
-
-def _export_dynamo(module: nn.Module, example: Tensor, path: Path) -> None:
-    batch = torch.export.Dim("batch")
-    torch.onnx.export(
-        module, (example,), str(path), dynamo=True, input_names=["image"], output_names=["embedding"],
-        dynamic_shapes=({0: batch},), external_data=False,
-    )
-
-
-def _export_torchscript(module: nn.Module, example: Tensor, path: Path) -> None:
-    with warnings.catch_warnings():
-        # torch >= 2.9 warns that this exporter is legacy; it is the one that needs no onnxscript
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message="The feature will be removed")
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent Python ifs in timm/torch
-        torch.onnx.export(
-            module, (example,), str(path), dynamo=False, input_names=["image"], output_names=["embedding"],
-            dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
-        )
-
-
-_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
-
-
-def _exporter_order(exporter: str) -> list[str]:
-    """Exporters to try in turn; "auto" skips dynamo where onnxscript is missing (torch needs it)."""
-    if exporter != "auto":
-        return [exporter]
-    if importlib.util.find_spec("onnxscript") is None:
-        return ["torchscript"]
-    return ["dynamo", "torchscript"]
-
-
-def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exporter: str = "auto") -> Path:
-    """Export an image tower to ONNX with a dynamic batch axis: example [B, 3, S, S].
-
-    Input "image" [batch, 3, S, S], output "embedding" [batch, D]. ``exporter``: "dynamo"
-    (torch.export, torch's default since 2.9, needs the onnxscript package), "torchscript"
-    (legacy, works with torch alone) or "auto": dynamo when onnxscript is installed,
-    falling back to torchscript if it fails. The module is exported in eval mode and its
-    training flag restored afterwards.
-    """
-    if exporter not in ("auto", *_EXPORTERS):
-        raise ValueError(f"unknown ONNX exporter {exporter!r}; use auto, {', '.join(_EXPORTERS)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a batch of 1 would let the tracer treat the batch size as a constant
-    device = next(module.parameters(), example).device
-    example = example[:1].expand(2, *example.shape[1:]).contiguous().to(device)
-    order = _exporter_order(exporter)
-    was_training, fastpath = module.training, torch.backends.mha.get_fastpath_enabled()
-    module.eval()
-    # nn.MultiheadAttention's inference fast path (taken when no parameter needs a gradient, as in a
-    # loaded teacher) is one fused operator that ONNX has no export for: trace the plain path
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        for i, name in enumerate(order):
-            try:
-                _EXPORTERS[name](module, example, path)
-                return path
-            except Exception as err:  # noqa: BLE001 - any exporter failure -> try the next one
-                if i == len(order) - 1:
-                    raise
-                log.warning("ONNX %s export failed (%s: %s); trying %s", name, type(err).__name__, err, order[i + 1])
-    finally:
-        module.train(was_training)
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    return path
-
-
-def _onnx_session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort  # optional dependency: kdpipe[onnx]
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def check_onnx(path: str | os.PathLike, module: nn.Module, example: Tensor) -> float:
-    """Largest absolute difference between ONNX Runtime (CPU) and PyTorch on example [B, ...]."""
-    session = _onnx_session(path)
-    x = example.detach().cpu().float()
-    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.inference_mode():
-            device = next(module.parameters(), x).device
-            torch_out = module(x.to(device)).float().cpu().numpy()
-    finally:
-        module.train(was_training)
-    return float(np.abs(onnx_out - torch_out).max())
-
-
-def onnx_latency(
-    path: str | os.PathLike,
-    example: Tensor,
-    warmup: int = 5,
-    iters: int = 30,
-    threads: int | None = None,
-) -> dict[str, float]:
-    """ONNX Runtime CPU latency of one call on example in ms: {"p50_ms", "p90_ms", "mean_ms"}."""
-    session = _onnx_session(path, threads)
-    feed = {session.get_inputs()[0].name: example.detach().cpu().float().numpy()}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return _summary_ms(times)
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
-
-
-def render_table(rows: Iterable[Mapping[str, Any]], title: str | None = None, left: int = 1) -> Table:
-    """A rich table with one row per dict; columns are the keys in first-seen order.
-
-    The first ``left`` columns (labels) are left-aligned, the rest (numbers) right-aligned.
-    """
-    rows = list(rows)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    table = Table(title=title)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i < left else "right")
-    for row in rows:
-        table.add_row(*(_cell(row.get(col)) for col in columns))
-    return table
-
-
-# =========================================================================== the bench stage
-#
-# `kdpipe bench RUN [RUN ...]`: the teacher and every student measured in one process, on
-# the same device and threads. The teacher is rebuilt from its architecture with random
-# weights (speed does not depend on them). Each tower's callable returns its output on the
-# host as float32 (as a service would hand it back), teacher and student alike.
 
 
 @dataclass
@@ -366,9 +47,6 @@ class BenchConfig:
     out: str | Path | None = None  # several runs: where bench_compare.{json,png} go (default: the first run)
 
 
-BENCH_JSON, BENCH_PNG = "bench.json", "bench.png"
-COMPARE_JSON, COMPARE_PNG = "bench_compare.json", "bench_compare.png"
-ONNX_FILE = "student_image.onnx"
 ACCURACY_METRIC = "i2t_R@1"
 TEACHER_WEIGHTS_NOTE = "random init: the architecture is rebuilt from its name; speed does not depend on weights"
 SHARED_TEXT_NOTE = ("image-only student: captions and prompts go through the teacher's text tower, so its "
@@ -491,16 +169,7 @@ def onnx_ratio(teacher: dict[str, Any] | None, student: dict[str, Any] | None) -
 # --------------------------------------------------------------------------- the teacher to compare with
 
 
-def _read_spec(run: Path) -> dict[str, Any]:
-    if not run.is_dir():
-        raise FileNotFoundError(f"run directory {run} does not exist")
-    path = run / "student.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run} holds no student.json: not a finished `kdpipe train` run")
-    return json.loads(path.read_text())
-
-
-def teacher_fingerprint(cfg: BenchConfig, specs: list[dict[str, Any]]) -> dict[str, Any] | None:
+def teacher_fingerprint(cfg: BenchConfig, specs: list[RunSpec]) -> dict[str, Any] | None:
     """The fingerprint to rebuild: --teacher CACHE's, else the runs' (which must agree); None for a bare name."""
     if cfg.teacher is not None and not Path(cfg.teacher).is_dir():
         return None
@@ -509,11 +178,11 @@ def teacher_fingerprint(cfg: BenchConfig, specs: list[dict[str, Any]]) -> dict[s
         if manifest is None or "teacher" not in manifest.data:
             raise FileNotFoundError(f"--teacher {cfg.teacher} is a directory without a cache manifest.json")
         return manifest.data["teacher"]
-    fps = [s.get("teacher") for s in specs]
-    if not isinstance(fps[0], dict):
-        raise ValueError(f"{cfg.runs[0]}/student.json records no teacher; pass --teacher NAME or CACHE")
+    fps = [s.teacher for s in specs]
+    if fps[0] is None:
+        raise ValueError(f"{Path(cfg.runs[0]) / SPEC_FILE} records no teacher; pass --teacher NAME or CACHE")
     for run, fp in zip(cfg.runs[1:], fps[1:]):
-        if not isinstance(fp, dict) or not same_fingerprint(fp, fps[0]):
+        if fp is None or not same_fingerprint(fp, fps[0]):
             raise ValueError(f"{run} was distilled from another teacher than {cfg.runs[0]}; bench them separately "
                              "or pass --teacher")
     return fps[0]
@@ -538,10 +207,9 @@ def build_teacher(cfg: BenchConfig, fp: dict[str, Any] | None, device: torch.dev
 def read_accuracy(run: Path) -> dict[str, Any] | None:
     """{"metric", "student", "teacher", "checkpoint"} i2t R@1 from RUN/eval.json (and the checkpoint it
     judged, None for older eval.json files), or None when it was not evaluated."""
-    path = run / "eval.json"
-    if not path.is_file():
+    report = read_json(run / EVAL_JSON)
+    if report is None:
         return None
-    report = json.loads(path.read_text())
     row = report.get("metrics", {}).get(ACCURACY_METRIC)
     if not row:
         return None
@@ -584,6 +252,35 @@ def _points(teacher_rows: dict, results: list[dict[str, Any]]) -> list[dict[str,
         out.append({"label": r["student"]["label"], "latency_ms": r["student"]["image"]["latency_b1_p50_ms"],
                     "accuracy": (r["accuracy"] or {}).get("student"), "teacher": False, "device": device})
     return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def render_table(rows: Iterable[Mapping[str, Any]], title: str | None = None, left: int = 1) -> Table:
+    """A rich table with one row per dict; columns are the keys in first-seen order.
+
+    The first ``left`` columns (labels) are left-aligned, the rest (numbers) right-aligned.
+    """
+    rows = list(rows)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(col)) for col in columns))
+    return table
 
 
 def _si(n: float) -> str:
@@ -637,8 +334,6 @@ def _check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"--batch-sizes must be positive integers, got {list(cfg.batch_sizes)}")
     if cfg.iters < 1 or cfg.warmup < 0 or cfg.throughput_iters < 1:
         raise ValueError("iters and throughput_iters must be at least 1, warmup at least 0")
-    from .students import check_checkpoint  # noqa: PLC0415
-
     check_checkpoint(cfg.checkpoint)
 
 
@@ -657,17 +352,16 @@ def bench_run(run: Path, teacher_rows: dict, cfg: BenchConfig, device: torch.dev
     """Measure one run's student against the already measured teacher; write RUN/bench.json."""
     from .students import load_student  # noqa: PLC0415
 
-    image, text, spec = load_student(run, device, checkpoint=cfg.checkpoint)
-    label = run.name
+    image, text, loaded = load_student(run, device, checkpoint=cfg.checkpoint)
+    spec, label = RunSpec.from_json(loaded), run.name
     rows = measure_model(student_towers(image, text, device, cfg.caption, label), cfg, device, label,
                          shared_text=teacher_rows["text"])
     ratios = {k: ratio_table(teacher_rows[k], {label: rows[k]})[label] for k in ("image", "text", "total")}
     result = {
         "run": str(run),
-        "student": {"label": label, "image_name": spec["image"]["name"],
-                    "text_name": (spec.get("text") or {}).get("name"),
+        "student": {"label": label, "image_name": spec.image_name, "text_name": spec.text_name,
                     "text_tower": "student" if text is not None else "teacher", **rows},
-        "checkpoint": {k: v for k, v in spec["checkpoint"].items() if k not in ("val", "score")},
+        "checkpoint": {k: v for k, v in loaded["checkpoint"].items() if k not in ("val", "score")},
         "ratios": ratios,
         "onnx": onnx_report(image.cpu(), image.image_size, run / ONNX_FILE, cfg) if cfg.onnx else None,
         "accuracy": read_accuracy(run),
@@ -690,7 +384,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     _check_config(cfg)
     runs = [Path(r) for r in cfg.runs]
-    specs = [_read_spec(r) for r in runs]
+    specs = [read_spec(r) for r in runs]
     device = resolve_device(cfg.device)
     fp = teacher_fingerprint(cfg, specs)
     with torch_threads(cfg.threads):

@@ -20,7 +20,8 @@ from . import bench, evaluate, extract, pretrain, report, train, trainstate, whi
 from .data.shapes import make_shapes
 from .losses import DEFAULT_RECIPE
 from .progress import console
-from .students import SPEC_FILE
+from .rundir import BENCH_JSON, EVAL_JSON, SPEC_FILE
+from .store import TEACHER_EVAL_JSON
 
 log = logging.getLogger("kdpipe")
 
@@ -129,13 +130,13 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         shard_size=500, progress=cfg.progress)))
     stage(cfg, "fit-whitening", (cache / "whitening.json").exists(),
           lambda: whiten.run(whiten.WhitenConfig(cache=str(cache), mode="all", progress=cfg.progress)))
-    stage(cfg, "eval teacher", (cache / evaluate.TEACHER_EVAL_JSON).exists(),
+    stage(cfg, "eval teacher", (cache / TEACHER_EVAL_JSON).exists(),
           lambda: evaluate.run(evaluate.EvalConfig(teacher=str(cache), device="cpu", progress=cfg.progress)))
     runs = demo_runs(cfg, size, cache, root)
     for run_dir in runs:
-        stage(cfg, f"eval {run_dir.name}", (run_dir / evaluate.EVAL_JSON).exists(),
+        stage(cfg, f"eval {run_dir.name}", (run_dir / EVAL_JSON).exists(),
               lambda r=run_dir: evaluate.run(evaluate.EvalConfig(run=str(r), device="cpu", progress=cfg.progress)))
-    stage(cfg, "bench", all((r / bench.BENCH_JSON).exists() for r in runs),
+    stage(cfg, "bench", all((r / BENCH_JSON).exists() for r in runs),
           lambda: bench.run(bench.BenchConfig(runs=[str(r) for r in runs], device="cpu", iters=size.bench_iters,
                                               batch_sizes=(1, 32), onnx=onnx_available())))
     result = report.run(report.ReportConfig(runs=[str(r) for r in runs], out=str(root / "report.md")))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -48,7 +47,9 @@ from .progress import console, make_progress
 from .registry import Registry
 from .runtime import resolve_device
 from .atomic import atomic_write_json
-from .store import Cache, CacheError, H5Shard, describe_teacher, open_cache
+from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, read_config,
+                     require_run)
+from .store import TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
 from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
 
 log = logging.getLogger("kdpipe")
@@ -71,8 +72,6 @@ class EvalConfig:
     progress: bool = True
 
 
-EVAL_JSON = "eval.json"
-TEACHER_EVAL_JSON = "teacher_eval.json"
 EvalRow = dict[str, Any]  # {"student": float | None, "teacher": float | None, "ratio": float | None}
 
 
@@ -389,19 +388,18 @@ SUPERVISED_NOTE = ("supervised/{names}: the student was trained on these classes
                    "teacher's is zero-shot, in CACHE/teacher_eval.json)")
 
 
-def trained_labels(meta: dict[str, Any], cache: Cache) -> dict[str, Any] | None:
+def trained_labels(spec: RunSpec, cache: Cache) -> dict[str, Any] | None:
     """{"losses", "classnames"} when the run's losses trained on class labels (student.json's
     ``labels_used``), else None.
 
     Runs saved before student.json recorded it: decided from their recorded losses and options
     (``losses.label_losses``) and the cache's classes.
     """
-    if "labels_used" in meta:
-        return meta["labels_used"] or None
-    recorded = meta.get("losses")
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("weights"), dict) or not cache.classnames:
+    if spec.labels_recorded:
+        return spec.labels_used
+    if not isinstance(spec.loss_weights, dict) or not cache.classnames:
         return None
-    used = losses.label_losses(recorded["weights"], recorded.get("options"))
+    used = losses.label_losses(spec.loss_weights, spec.loss_options)
     return {"losses": used, "classnames": list(cache.classnames)} if used else None
 
 
@@ -430,54 +428,29 @@ def mark_supervised(rows: dict[str, EvalRow], classnames: dict[str, list[str]], 
 # --------------------------------------------------------------------------- the run directory
 
 
-def read_run(run: str | Path) -> Path:
-    """A run directory that holds a saved student, else a clear error."""
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run directory {run} does not exist")
-    if not (run / "student.json").is_file():
-        raise FileNotFoundError(f"{run} holds no student.json: not a finished `kdpipe train` run")
-    return run
-
-
-def run_config(run: Path) -> dict[str, Any]:
-    """RUN/config.toml as a dict ({} when absent)."""
-    path = run / "config.toml"
-    return tomllib.loads(path.read_text()) if path.is_file() else {}
-
-
-def cache_of(run: Path, meta: dict[str, Any], override: str | Path | None) -> Path:
+def cache_of(run: Path, spec: RunSpec, override: str | Path | None) -> Path:
     """The cache to evaluate on: --cache, else the one student.json (or config.toml) records."""
     if override is not None:
         return Path(override)
-    found = meta.get("cache") or run_config(run).get("cache")
+    found = spec.cache or (read_config(run) or {}).get("cache")
     if not found:
-        raise ValueError(f"{run}/student.json records no cache; pass --cache CACHE")
+        raise ValueError(f"{run / SPEC_FILE} records no cache; pass --cache CACHE")
     return Path(found)
 
 
-def teacher_of(meta: dict[str, Any], run: Path) -> dict[str, Any]:
-    fp = meta.get("teacher")
-    if not isinstance(fp, dict):
-        raise ValueError(f"{run}/student.json records no teacher fingerprint; was it written by `kdpipe train`?")
-    return fp
+def teacher_of(spec: RunSpec, run: Path) -> dict[str, Any]:
+    if spec.teacher is None:
+        raise ValueError(f"{run / SPEC_FILE} records no teacher fingerprint; was it written by `kdpipe train`?")
+    return spec.teacher
 
 
-def image_prep(meta: dict[str, Any], teacher: dict[str, Any]) -> ImagePrep:
+def image_prep(spec: RunSpec, teacher: dict[str, Any]) -> ImagePrep:
     """View 0 at the student's size, with the teacher's interpolation and the student's mean/std."""
-    interpolation = meta.get("interpolation") or teacher.get("preprocess", {}).get("interpolation", "bicubic")
-    return ImagePrep(int(meta["image_size"]), interpolation, tuple(meta["mean"]), tuple(meta["std"]))
+    interpolation = spec.interpolation or teacher.get("preprocess", {}).get("interpolation", "bicubic")
+    return ImagePrep(int(spec.image_size), interpolation, tuple(spec.mean), tuple(spec.std))
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def describe_checkpoint(entry: dict[str, Any] | None) -> str:
-    """{"name": "best", "step": 12} -> "best (step 12)"; "last (step 24)"; "?" for reports without one."""
-    if not entry:
-        return "?"
-    step = entry.get("step")
-    return entry["name"] + ("" if step is None else f" (step {step})")
 
 
 def _fmt(v: float | None) -> str:
@@ -492,7 +465,7 @@ def print_table(report: dict[str, Any]) -> None:
     student = report["kind"] == "student"
     title = f"{report['model'].get('image') or 'teacher'} on {report['dataset']['cache']} [{report['split']}]"
     if student:
-        title += f", {describe_checkpoint(report.get('checkpoint'))} weights"
+        title += f", {describe_checkpoint(report.get('checkpoint')) or '?'} weights"
     table = Table(title=title, caption=f"space: {report['space']}", box=box.SIMPLE_HEAD)
     columns = ("metric", "student", "teacher", "ratio") if student else ("metric", "teacher")
     for i, col in enumerate(columns):
@@ -531,8 +504,6 @@ def _check(cfg: EvalConfig) -> None:
     if (cfg.run is None) == (cfg.teacher is None):
         raise ValueError("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
     if cfg.run is not None:
-        from .students import check_checkpoint  # noqa: PLC0415  (timm/torchvision: only student evals pay)
-
         check_checkpoint(cfg.checkpoint)
     if cfg.batch_size < 1 or cfg.chunk < 1:
         raise ValueError("--batch-size and the similarity chunk must be at least 1")
@@ -568,12 +539,13 @@ def run_teacher(cfg: EvalConfig) -> dict[str, Any]:
 
 @dataclass
 class StudentRun:
-    """A loaded run: its students (eval mode, on device), spec, cache and how to feed / read it."""
+    """A loaded run: its students (eval mode, on device), spec, the weights loaded, cache and how to feed / read it."""
 
     path: Path
     image: nn.Module
     text: nn.Module | None
-    meta: dict[str, Any]
+    spec: RunSpec
+    checkpoint: dict[str, Any]  # {"name": "best", "file", "step", ...}: the weights loaded (students.resolve_checkpoint)
     cache: Cache
     space: Space
     prep: ImagePrep
@@ -584,13 +556,14 @@ def open_student(cfg: EvalConfig) -> StudentRun:
     """RUN/student.json + the ``cfg.checkpoint`` weights, and the cache it was trained on (same teacher, checked)."""
     from .students import load_student  # noqa: PLC0415  (timm/torchvision: only student evals pay)
 
-    run = read_run(cfg.run)
+    run = require_run(cfg.run)
     device = resolve_device(cfg.device)
-    image, text, meta = load_student(run, device, checkpoint=cfg.checkpoint)
-    fp = teacher_of(meta, run)
-    cache = open_cache(cache_of(run, meta, cfg.cache), verify=cfg.verify, expect_teacher=fp)
-    return StudentRun(run, image, text, meta, cache, student_space(run, meta, cache, text is not None),
-                      image_prep(meta, fp), device)
+    image, text, loaded = load_student(run, device, checkpoint=cfg.checkpoint)
+    spec = RunSpec.from_json(loaded)
+    fp = teacher_of(spec, run)
+    cache = open_cache(cache_of(run, spec, cfg.cache), verify=cfg.verify, expect_teacher=fp)
+    return StudentRun(run, image, text, spec, loaded["checkpoint"], cache,
+                      student_space(run, spec, cache, text is not None), image_prep(spec, fp), device)
 
 
 def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet], cfg: EvalConfig,
@@ -625,17 +598,17 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     zs_info = {**zs_info, **ext_info}
     classnames = {n: list(sets[n].classnames) for n in zs_info if n in sets}
     classnames.update({d.name: d.classnames for d in extra})
-    mark_supervised(rows, classnames, trained_labels(s.meta, s.cache), zs_info, notes)
-    fp = s.meta["teacher"]
+    mark_supervised(rows, classnames, trained_labels(s.spec, s.cache), zs_info, notes)
+    fp = s.spec.teacher
     report = {
         "kind": "student", "run": str(s.path), "dataset": _dataset_info(s.cache, cfg.split, held),
         "split": cfg.split,
-        "model": {"image": s.meta["image"]["name"], "text": (s.meta.get("text") or {}).get("name"),
+        "model": {"image": s.spec.image_name, "text": s.spec.text_name,
                   "captions": "teacher (cached)" if s.text is None else "student text tower",
                   "teacher": describe_teacher(fp)},
-        "checkpoint": {k: v for k, v in s.meta["checkpoint"].items() if k not in ("val", "score")},
-        "teacher": fp, "space": s.space.description, "whitening": whitening_mode(s.meta),
-        "labels_used": trained_labels(s.meta, s.cache),
+        "checkpoint": {k: v for k, v in s.checkpoint.items() if k not in ("val", "score")},
+        "teacher": fp, "space": s.space.description, "whitening": whitening_mode(s.spec),
+        "labels_used": trained_labels(s.spec, s.cache),
         "metrics": rows, "zeroshot": zs_info, "notes": notes, "config": _config_dict(cfg),
     }
     _write(report, Path(cfg.out) if cfg.out else s.path / EVAL_JSON)

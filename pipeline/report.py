@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_write_bytes
+from .rundir import (BENCH_JSON, EVAL_JSON, SPEC_FILE, RunSpec, describe_checkpoint, read_config, read_json,
+                     require_run)
 from .store import describe_teacher
 
 log = logging.getLogger("kdpipe")
@@ -36,44 +37,23 @@ class ReportConfig:
 # --------------------------------------------------------------------------- reading a run
 
 
-def _json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-
-
-def _toml(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML ({err})") from None
-
-
 @dataclass
 class RunFiles:
     """What one run directory holds (None where a stage has not written its file)."""
 
     path: Path
-    student: dict[str, Any] | None
+    student: RunSpec | None
     config: dict[str, Any] | None
     eval: dict[str, Any] | None
     bench: dict[str, Any] | None
 
 
 def read_run(path: str | Path) -> RunFiles:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run directory {path} does not exist")
-    files = RunFiles(path, _json(path / "student.json"), _toml(path / "config.toml"), _json(path / "eval.json"),
-                     _json(path / "bench.json"))
-    if files.student is None and files.eval is None and files.bench is None:
-        raise FileNotFoundError(f"{path} holds none of student.json, eval.json, bench.json: not a kdpipe run")
-    return files
+    """Every file a report reads; a run need only have reached one of train, eval or bench."""
+    path = require_run(path, any_of=(SPEC_FILE, EVAL_JSON, BENCH_JSON))
+    spec = read_json(path / SPEC_FILE)
+    return RunFiles(path, None if spec is None else RunSpec.from_json(spec), read_config(path),
+                    read_json(path / EVAL_JSON), read_json(path / BENCH_JSON))
 
 
 def _recipe(value: Any) -> str | None:
@@ -85,17 +65,16 @@ def _recipe(value: Any) -> str | None:
     return None
 
 
-def losses_of(spec: dict[str, Any] | None, config: dict[str, Any] | None) -> str:
+def losses_of(spec: RunSpec | None, config: dict[str, Any] | None) -> str:
     """The loss recipe: student.json's resolved weights, else config.toml's ``losses``; "–" when neither."""
-    losses = (spec or {}).get("losses")
-    recipe = _recipe(losses.get("weights") if isinstance(losses, dict) else losses)
+    recipe = _recipe(spec.loss_weights if spec is not None else None)
     return recipe or _recipe((config or {}).get("losses")) or MISSING
 
 
-def student_name(spec: dict[str, Any] | None, ev: dict[str, Any] | None) -> str:
+def student_name(spec: RunSpec | None, ev: dict[str, Any] | None) -> str:
     """"tiny" for an image-only student, "tiny + text_tiny" with a text tower."""
-    if spec:
-        image, text = spec.get("image", {}).get("name"), (spec.get("text") or {}).get("name")
+    if spec is not None:
+        image, text = spec.image_name, spec.text_name
     elif ev:
         image, text = ev.get("model", {}).get("image"), ev.get("model", {}).get("text")
     else:
@@ -103,19 +82,20 @@ def student_name(spec: dict[str, Any] | None, ev: dict[str, Any] | None) -> str:
     return f"{image} + {text}" if text else str(image)
 
 
-def whitening_of(spec: dict[str, Any] | None, ev: dict[str, Any] | None) -> str:
-    w = (spec or {}).get("whitening", (ev or {}).get("whitening"))
-    mode = w.get("mode") if isinstance(w, dict) else w
+def whitening_of(spec: RunSpec | None, ev: dict[str, Any] | None) -> str:
+    """student.json's whitening mode, else eval.json's (which evaluate copied from it); "none" when not whitened."""
     if spec is None and ev is None:
         return MISSING
+    w = spec.whitening if spec is not None else ev.get("whitening")
+    mode = w.get("mode") if isinstance(w, dict) else w
     return "none" if mode in (None, False, "none") else str(mode)
 
 
 def teacher_of(files: RunFiles) -> dict[str, Any] | None:
-    for source in (files.student, files.eval):
-        if source and isinstance(source.get("teacher"), dict):
-            return source["teacher"]
-    return None
+    if files.student is not None and files.student.teacher is not None:
+        return files.student.teacher
+    fp = (files.eval or {}).get("teacher")
+    return fp if isinstance(fp, dict) else None
 
 
 # --------------------------------------------------------------------------- cells
@@ -195,14 +175,6 @@ def zeroshot_names(runs: list[RunFiles], kind: str = "zeroshot") -> list[str]:
     return names
 
 
-def checkpoint_of(ev: dict[str, Any] | None) -> str | None:
-    """"best (step 12)": the weights an eval.json judged; None when it does not say (older eval.json)."""
-    entry = (ev or {}).get("checkpoint")
-    if not isinstance(entry, dict) or "name" not in entry:
-        return None
-    return entry["name"] + ("" if entry.get("step") is None else f" (step {entry['step']})")
-
-
 # --------------------------------------------------------------------------- table
 
 
@@ -265,7 +237,7 @@ def notes(runs: list[RunFiles]) -> list[str]:
     if splits:
         out.append(f"Evaluated on split(s): {', '.join(sorted(map(str, splits)))}; "
                    f"embedding space(s): {'; '.join(sorted(map(str, spaces)))}.")
-    judged = [f"{r.path.name} {checkpoint_of(r.eval)}" for r in runs if checkpoint_of(r.eval)]
+    judged = [f"{r.path.name} {c}" for r in runs if (c := describe_checkpoint((r.eval or {}).get("checkpoint")))]
     if judged:
         out.append(f"Weights evaluated: {', '.join(judged)}.")
     if zeroshot_names(runs, "supervised"):

@@ -27,6 +27,7 @@ log = logging.getLogger("kdpipe")
 
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.h5"
+TEACHER_EVAL_JSON = "teacher_eval.json"  # the teacher's own figures (`kdpipe eval --teacher CACHE`)
 FORMAT_VERSION = 1
 
 

@@ -31,12 +31,10 @@ from torch import nn
 
 from .atomic import atomic_write
 from .registry import Registry
+from .rundir import CHECKPOINTS, LEGACY_WEIGHTS_FILE, SPEC_FILE, check_checkpoint, read_spec, weights_file
 
 log = logging.getLogger("kdpipe")
 
-SPEC_FILE = "student.json"
-CHECKPOINTS = ("best", "last")  # the best validation score's weights, and the final step's
-LEGACY_WEIGHTS_FILE = "student.safetensors"  # runs saved before best and last were kept apart: the last weights
 NO_BEST = "no validation chose a best: best = last"
 VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer (CLIP BPE); the EOT id 49407 is the largest
 
@@ -301,18 +299,6 @@ def build_text_student(name: str, embed_dim: int, **kwargs: Any) -> TextStudent:
 # --------------------------------------------------------------------------- save / load
 
 
-def check_checkpoint(checkpoint: str) -> str:
-    """``checkpoint`` if it names one of ``CHECKPOINTS``, else a ValueError listing them."""
-    if checkpoint not in CHECKPOINTS:
-        raise ValueError(f"unknown checkpoint {checkpoint!r}; valid: {', '.join(CHECKPOINTS)}")
-    return checkpoint
-
-
-def weights_file(checkpoint: str) -> str:
-    """"best" -> "student-best.safetensors"."""
-    return f"student-{check_checkpoint(checkpoint)}.safetensors"
-
-
 def save_weights(run_dir: str | Path, image: ImageStudent, text: TextStudent | None, checkpoint: str) -> str:
     """Write RUN/student-<checkpoint>.safetensors ("image.*", "text.*" weights); returns its file name."""
     name = weights_file(checkpoint)
@@ -388,9 +374,7 @@ def load_student(run_dir: str | Path, device: str | torch.device = "cpu",
     weights loaded ({"name": "best", "file", "step", ...}, see ``resolve_checkpoint``).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / SPEC_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir / SPEC_FILE} not found: is {run_dir} a kdpipe run directory?")
-    spec = json.loads((run_dir / SPEC_FILE).read_text())
+    spec = dict(read_spec(run_dir).raw)
     spec["checkpoint"] = resolve_checkpoint(run_dir, spec, checkpoint)
     weights = load_file(str(run_dir / spec["checkpoint"]["file"]))
     image = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import zca
+from .rundir import WHITENING_FILE, RunSpec
 from .store import Cache, CacheError, Manifest, describe_teacher, same_fingerprint
 
 WHITENING_H5 = "whitening.h5"
-RUN_WHITENING = "whitening.safetensors"
+RUN_WHITENING = WHITENING_FILE  # the run keeps its own copy of the maps: rundir names it
 H5_ARRAYS = ("mu", "W", "W_inv", "eigvals")
 RAW_SPACE = "teacher"
 
@@ -236,15 +237,15 @@ def save_whitening(run_dir: Path, targets: Targets) -> dict[str, Any] | None:
             "map_back": "teacher = normalize(scale * normalize(student) @ W_inv.T + mu)"}
 
 
-def whitening_mode(meta: dict[str, Any]) -> str | None:
-    """The run's whitening mode (a key of ``SPACES`` other than "none") or None, read defensively."""
-    w = meta.get("whitening")
-    mode = w.get("mode") if isinstance(w, dict) else w
-    if mode in (None, "none", False):
-        return None
-    if mode not in SPACES:
-        raise ValueError(f"student.json has whitening mode {mode!r}; known: {', '.join(WHITEN_MODES)}")
-    return mode
+def whitening_mode(spec: RunSpec | dict[str, Any]) -> str | None:
+    """The run's whitening mode (a key of ``SPACES`` other than "none") or None; an unknown one raises.
+
+    ``spec``: the run's ``RunSpec``, or its student.json as read.
+    """
+    spec = spec if isinstance(spec, RunSpec) else RunSpec.from_json(spec)
+    if spec.whitening is not None and spec.whitening not in SPACES:
+        raise ValueError(f"student.json has whitening mode {spec.whitening!r}; known: {', '.join(WHITEN_MODES)}")
+    return spec.whitening
 
 
 def run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap]:
@@ -262,20 +263,20 @@ def cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> dic
     return {m: BackMap.from_params(params[m]) for m in modalities}
 
 
-def student_space(run: Path, meta: dict[str, Any], cache: Cache, text_tower: bool) -> Space:
+def student_space(run: Path, spec: RunSpec | dict[str, Any], cache: Cache, text_tower: bool) -> Space:
     """The back-maps a whitened run needs, from the run's own whitening file (else the cache's).
 
     An image-only student is paired with the teacher's (raw) text embeddings, so only its image
     side can be whitened; a text-whitened image-only run has nothing to map.
     """
-    mode = whitening_mode(meta)
+    spec = spec if isinstance(spec, RunSpec) else RunSpec.from_json(spec)
+    mode = whitening_mode(spec)
     if mode is None:
         return Space()
     mapped = tuple(m for m in SPACES[mode] if m == "image" or text_tower)
     if not mapped:
         return Space()
-    name = (meta.get("whitening") or {}).get("file") if isinstance(meta.get("whitening"), dict) else None
-    path = run / name if name else None
+    path = run / spec.whitening_file if spec.whitening_file else None
     maps = run_back_maps(path, mapped) if path and path.is_file() else cache_back_maps(cache, mode, mapped)
     return Space(image=maps.get("image"), text=maps.get("text"),
                  description=f"{RAW_SPACE} (mapped back from whitened {mode}: {', '.join(mapped)})")

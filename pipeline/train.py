@@ -63,6 +63,7 @@ from . import losses as L
 from . import cachereader, config, metrics, runtime, trainstate
 from .optim import lr_lambda, param_groups
 from .progress import console, make_progress
+from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
@@ -70,7 +71,6 @@ from .targetspace import WHITEN_MODES, Targets, load_targets, save_whitening, to
 
 log = logging.getLogger("kdpipe")
 
-CONFIG_FILE, METRICS_FILE, CURVES_FILE = "config.toml", "metrics.jsonl", "curves.png"
 CROSS_MODAL = ("clip", "crd", "icl", "gd", "afd", "hinton")
 
 

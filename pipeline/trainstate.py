@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .rundir import CKPT_DIR
+
 log = logging.getLogger("kdpipe")
 
-CKPT_DIR = "checkpoints"
 LATEST, PREVIOUS, BEST = "latest.pt", "previous.pt", "best.pt"
 FORMAT = 1
 

@@ -1,4 +1,4 @@
-"""Unit tests for the benchmark primitives in kdpipe.bench."""
+"""Unit tests for the measuring primitives in kdpipe.measure (and the bench stage's table)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from rich.console import Console
 from safetensors.torch import save
 from torch import nn
 
-from kdpipe.bench import (
+from kdpipe.bench import render_table
+from kdpipe.measure import (
     check_onnx,
     count_params,
     export_onnx,
@@ -20,7 +21,6 @@ from kdpipe.bench import (
     measure_tower,
     onnx_latency,
     ratio_table,
-    render_table,
     size_bytes,
     throughput,
 )
@@ -154,7 +154,7 @@ def test_render_table():
 
 
 def test_export_onnx_falls_back_when_an_exporter_fails(tmp_path, monkeypatch, caplog):
-    import kdpipe.bench as bench
+    import kdpipe.measure as bench
 
     def broken(module, example, path):
         raise RuntimeError("no onnxscript here")

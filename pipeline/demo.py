@@ -1,4 +1,4 @@
-"""The embedded default: every stage on the shapes world, offline, on CPU (DESIGN §7).
+"""The embedded default: every stage on the shapes world, offline, on CPU.
 
 generate the world -> pretrain a small open_clip teacher -> extract the cache -> fit
 whitening -> train students (CLIP-KD's full recipe clip + crd + icl + fd, raw and whitened targets) ->

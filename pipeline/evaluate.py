@@ -1,4 +1,4 @@
-"""Stage 4: judge a student (or the teacher itself) on a cache's held-out split (DESIGN §6).
+"""Stage 4: judge a student (or the teacher itself) on a cache's held-out split.
 
 Flow for a student run: read RUN/student.json (how to rebuild it, its teacher, its cache,
 its whitening), open the cache it was trained from, then

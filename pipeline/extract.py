@@ -1,4 +1,4 @@
-"""Stage 1: run the teacher once over a captioned image set and write the cache (DESIGN §3).
+"""Stage 1: run the teacher once over a captioned image set and write the cache.
 
 Flow: a Source lists ordered work units per split (unit i -> output shard i). DataLoader
 workers decode images, store them at a bounded size, draw the views and cut the view

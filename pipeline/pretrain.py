@@ -1,4 +1,4 @@
-"""Pretrain a small open_clip CLIP from scratch on a captioned dataset (DESIGN §7).
+"""Pretrain a small open_clip CLIP from scratch on a captioned dataset.
 
 No pretrained weights can be downloaded on an offline machine, so the demo first trains its
 own teacher on the shapes world. The model is built by open_clip from a model config (a

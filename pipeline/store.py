@@ -1,4 +1,4 @@
-"""The cache on disk: shard writer, manifest and readers (DESIGN §3, docs/ARCHITECTURE.md).
+"""The cache on disk: shard writer, manifest and readers (docs/ARCHITECTURE.md, "Cache layout").
 
 Knows files, not math. A shard is three files written in this order, each under a temporary
 name, fsynced and renamed: ``shard-NNNNNN.tar`` (WebDataset), ``shard-NNNNNN.h5`` (the same

@@ -401,7 +401,7 @@ def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], max_samples: i
     """Re-estimate every BatchNorm's running stats over up to ``max_samples`` inputs.
 
     Why: torchvision MobileNetV3 uses BN momentum 0.01; on a short schedule its running
-    stats lag the weights and eval-mode outputs collapse (DESIGN §5). Stats are reset and
+    stats lag the weights and eval-mode outputs collapse. Stats are reset and
     accumulated as a cumulative average (momentum=None) with only the BN layers in train
     mode (dropout / stochastic depth stay off); modes and momenta are restored afterwards.
     Returns the number of samples used (0 when the model has no BatchNorm).

@@ -1,4 +1,4 @@
-"""Stage 3: distil a student from the cache, never running the teacher (DESIGN §5).
+"""Stage 3: distil a student from the cache, never running the teacher.
 
 Flow: verify the cache (manifest, shard sizes, embedding dim) and the whitening file's
 teacher -> build the image student (+ optional text student) with a projection to the

@@ -1,4 +1,4 @@
-"""Training checkpoints: full state to resume exactly, written crash-safely (DESIGN §5).
+"""Training checkpoints: full state to resume exactly, written crash-safely.
 
 A checkpoint is one ``torch.save`` dict of tensors and plain Python values only, so it loads
 with ``torch.load(weights_only=True)``: model / loss parameters, optimizer, scheduler, grad

@@ -1,4 +1,4 @@
-"""Stage 2: fit whitening transforms on the cached teacher embeddings (DESIGN §4).
+"""Stage 2: fit whitening transforms on the cached teacher embeddings.
 
 Flow: stream the TRAIN split shard by shard (memory: one shard + D×D float64 per modality),
 accumulating float64 moments of every image view (``image``) and every caption (``text``);

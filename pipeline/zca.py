@@ -1,4 +1,4 @@
-"""Whitening math: streaming moments, ZCA/PCA fit, apply, invert (DESIGN §4).
+"""Whitening math: streaming moments, ZCA/PCA fit, apply, invert.
 
 Pure numpy/torch, no files. Conventions (row vectors, as embeddings are stored):
 

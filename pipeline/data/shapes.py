@@ -1,4 +1,4 @@
-"""The shapes world: a captioned synthetic dataset in COCO layout (DESIGN §7).
+"""The shapes world: a captioned synthetic dataset in COCO layout.
 
 Each image has 1-2 coloured shapes on a plain, named background colour with a faint texture.
 Every object has a shape (the class label is the shape of the largest object), a colour, one

@@ -19,6 +19,7 @@ from kdpipe import evaluate as E
 from kdpipe import extract, metrics, prompts, teachers, zca
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
+from kdpipe.rundir import RunSpec
 from kdpipe.store import CacheError, open_cache
 from kdpipe.students import build_student, build_text_student, save_student
 from kdpipe.targetspace import BackMap, cache_back_maps
@@ -267,7 +268,7 @@ def test_a_corrupt_image_in_the_split_is_skipped_then_named_as_missing(tmp_path,
     cfg = E.EvalConfig(run="unused", batch_size=4, workers=0, progress=False)
     with caplog.at_level("WARNING", logger="kdpipe"), pytest.raises(CacheError, match="1 of 6 images"):
         E.student_split_embeddings(student, None, cache, "val", held, E.image_prep(
-            {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}, cache.teacher), E.Space(), cfg,
+            RunSpec.from_json({"image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}), cache.teacher), E.Space(), cfg,
             torch.device("cpu"))
     assert "skipped a bad cache sample (BadImage" in caplog.text
 

@@ -12,7 +12,8 @@ its whitening), open the cache it was trained from, then
   split (no teacher forward), so every student figure has its ratio.
 
 Metrics (``kdpipe.metrics``): Recall@1/5/10 both ways with every caption (CLIP_benchmark),
-zero-shot top-1/top-5 with prompt ensembles, and agreement with the teacher (mean cosine of
+zero-shot top-1/top-5 with prompt ensembles (classifiers and the ``--zeroshot`` datasets:
+``kdpipe.zeroshot``), and agreement with the teacher (mean cosine of
 image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
 embeddings ready-made, so the teacher's numbers and a student's go through the same code.
 
@@ -29,28 +30,26 @@ is compared with teacher embeddings, and eval.json says so in ``space``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from . import cachereader, losses, metrics, prompts
-from .data import views as V
 from .progress import console, make_progress
-from .registry import Registry
 from .runtime import resolve_device
 from .atomic import atomic_write_json
 from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, read_config,
                      require_run)
 from .store import TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
 from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
+from .zeroshot import (ZEROSHOT_DATASETS, ImagePrep, cache_classifiers, encode_text, external_zeroshot, open_zeroshot,
+                       read_prompt_sets, text_classifier)
 
 log = logging.getLogger("kdpipe")
 
@@ -140,21 +139,6 @@ def evaluate_embeddings(
 # --------------------------------------------------------------------------- images: view 0 of the split
 
 
-@dataclass(frozen=True)
-class ImagePrep:
-    """How the student's input is cut from a stored image: view 0 at its size."""
-
-    size: int
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __call__(self, img: Any, view: V.View | None = None) -> Tensor:
-        """PIL image (+ its view 0; default the centred square crop) -> [3, size, size]."""
-        view = view or V.center_view(*img.size)
-        return V.to_tensor(V.apply_view(V.to_rgb(img), view, self.size, self.interpolation), self.mean, self.std)
-
-
 def split_batches(cache: Cache, split: str, prep: ImagePrep, batch_size: int, workers: int,
                   captions: bool) -> Iterable[tuple[list[str], Tensor, list[list[str]]]]:
     """Batches (keys, pixels [B, 3, S, S], captions per key or []) of the split's view 0, any order.
@@ -167,14 +151,6 @@ def split_batches(cache: Cache, split: str, prep: ImagePrep, batch_size: int, wo
                                       captions=captions)
     for batch in loader:
         yield batch["keys"], cachereader.normalize_images(batch["image"], prep.mean, prep.std), batch["captions"]
-
-
-@torch.no_grad()
-def encode_text(tower: nn.Module, texts: list[str], batch_size: int, device: torch.device) -> Tensor:
-    """A student text tower on texts -> raw outputs [len(texts), D] float32 on CPU."""
-    out = [tower(tower.tokenize(texts[s : s + batch_size]).to(device)).float().cpu()
-           for s in range(0, len(texts), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, tower.embed_dim)
 
 
 def align(keys: list[str], rows: Tensor, wanted: list[str], what: str) -> Tensor:
@@ -219,165 +195,6 @@ def _captions_in_order(caps: dict[str, list[str]], held: H5Shard) -> list[str]:
                              "its HDF5 shard; the cache is inconsistent: re-run `kdpipe extract`")
         out += caps[key]
     return out
-
-
-# --------------------------------------------------------------------------- zero-shot classifiers
-
-
-def read_prompt_sets(cache: Cache) -> dict[str, prompts.PromptSet]:
-    return prompts.read_prompts(cache.prompts_path) if cache.prompts_path.exists() else {}
-
-
-def text_classifier(tower: nn.Module, classnames: list[str], templates: list[str], space: Space,
-                    batch_size: int, device: torch.device) -> Tensor:
-    """A student text tower's prompt-ensemble classifier [D, K] (teacher space)."""
-    emb = space.text_out(encode_text(tower, prompts.prompt_texts(classnames, templates), batch_size, device))
-    return metrics.zero_shot_classifier(emb.reshape(len(classnames), len(templates), -1))
-
-
-def cache_classifiers(sets: dict[str, prompts.PromptSet], classnames: list[str] | None,
-                      notes: list[str]) -> dict[str, Tensor]:
-    """The teacher's classifier for the cache's own labels: {set name: [D, K]} (empty when none fits)."""
-    if not classnames:
-        return {}
-    name = prompts.find_set(sets, classnames)
-    if name is None:
-        notes.append("zero-shot on the cache's labels skipped: no prompt set in prompts.h5 has its class names")
-        return {}
-    return {name: metrics.zero_shot_classifier(torch.from_numpy(sets[name].emb).float())}
-
-
-# --------------------------------------------------------------------------- zero-shot: other datasets
-
-
-@dataclass
-class LabelledImages:
-    """A zero-shot dataset: class names and a map-style dataset of (PIL image, label)."""
-
-    name: str
-    classnames: list[str]
-    images: Dataset
-    prompt_set: str | None = None  # the prompts.h5 set holding the teacher's prompt embeddings
-
-
-ZeroShotBuilder = Callable[[str], LabelledImages]
-ZEROSHOT_DATASETS: Registry[ZeroShotBuilder] = Registry("zero-shot dataset")
-
-
-@ZEROSHOT_DATASETS.register("folder")
-def _folder(path: str) -> LabelledImages:
-    """ImageFolder layout: PATH/<class name>/<image>; underscores in folder names read as spaces."""
-    from torchvision.datasets import ImageFolder  # noqa: PLC0415
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"zero-shot folder {path} does not exist (expected PATH/<class>/<image files>)")
-    ds = ImageFolder(path)
-    return LabelledImages(f"folder:{Path(path).name}", [c.replace("_", " ") for c in ds.classes], ds)
-
-
-def _cifar(path: str, which: str) -> LabelledImages:
-    from torchvision import datasets  # noqa: PLC0415
-
-    cls, folder = {"cifar10": (datasets.CIFAR10, "cifar-10-batches-py"),
-                   "cifar100": (datasets.CIFAR100, "cifar-100-python")}[which]
-    try:
-        ds = cls(path, train=False, download=False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted."
-        raise FileNotFoundError(
-            f"{which} test set not found under {path}: expected {Path(path) / folder}/ (the folder "
-            f"torchvision.datasets.{cls.__name__}(root, download=True) writes). kdpipe never downloads "
-            "datasets: fetch it on a machine with network and copy that folder here") from None
-    classnames = prompts.PROMPT_SETS.get(which)()[0]
-    if [c.replace("_", " ") for c in ds.classes] != classnames:
-        raise ValueError(f"{which} at {path} has classes {ds.classes[:5]}..., not CLIP's {which} class names")
-    return LabelledImages(which, classnames, ds, prompt_set=which)
-
-
-ZEROSHOT_DATASETS.register("cifar10")(functools.partial(_cifar, which="cifar10"))
-ZEROSHOT_DATASETS.register("cifar100")(functools.partial(_cifar, which="cifar100"))
-
-
-def open_zeroshot(spec: str) -> LabelledImages:
-    """'KIND:PATH' (e.g. folder:/data/pets, cifar10:~/data) -> LabelledImages. Unknown kinds list the valid ones."""
-    kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise ValueError(f"--zeroshot {spec!r}: expected KIND:PATH with KIND one of "
-                         f"{', '.join(ZEROSHOT_DATASETS.names())} (e.g. folder:/data/pets, cifar10:~/data)")
-    return ZEROSHOT_DATASETS.get(kind)(str(Path(path).expanduser()))
-
-
-class _Prepped(Dataset):
-    """(PIL, label) -> (student input [3, S, S], label)."""
-
-    def __init__(self, base: Dataset, prep: ImagePrep) -> None:
-        self.base, self.prep = base, prep
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        img, label = self.base[i]
-        return self.prep(img), int(label)
-
-
-@torch.no_grad()
-def embed_labelled(image: nn.Module, data: LabelledImages, prep: ImagePrep, space: Space, cfg: EvalConfig,
-                   device: torch.device) -> tuple[Tensor, Tensor]:
-    """Student image embeddings [N, D] (teacher space) and labels [N] of a zero-shot dataset."""
-    loader = DataLoader(_Prepped(data.images, prep), batch_size=cfg.batch_size, num_workers=cfg.workers)
-    rows, labels = [], []
-    with make_progress("images", disable=not cfg.progress) as progress:
-        task = progress.add_task(f"zero-shot {data.name}", total=len(data.images), info="")
-        for pixels, y in loader:
-            rows.append(space.image_out(image(pixels.to(device)).float().cpu()))
-            labels.append(y)
-            progress.update(task, advance=len(y))
-    return torch.cat(rows), torch.cat(labels)
-
-
-def match_set(sets: dict[str, prompts.PromptSet], classnames: list[str],
-              preferred: str | None = None) -> tuple[str, list[int]] | None:
-    """A prompt set with exactly these class names in any order (folders sort theirs) -> (name, index of
-    each class in the set); None when there is none."""
-    names = [preferred] if preferred in sets else []
-    names += [n for n in sets if n != preferred]
-    for name in names:
-        own = list(sets[name].classnames)
-        if sorted(own) == sorted(classnames) and len(set(own)) == len(own):
-            return name, [own.index(c) for c in classnames]
-    return None
-
-
-def labelled_classifier(data: LabelledImages, sets: dict[str, prompts.PromptSet], text: nn.Module | None,
-                        space: Space, cfg: EvalConfig, device: torch.device) -> tuple[Tensor, str]:
-    """The student's classifier [D, K] for a zero-shot dataset and where its class embeddings came from."""
-    found = match_set(sets, data.classnames, data.prompt_set)
-    if text is not None:
-        templates = sets[found[0]].templates if found else list(prompts.SHAPES_TEMPLATES)
-        return text_classifier(text, data.classnames, templates, space, cfg.batch_size, device), "student text tower"
-    if found is None:
-        raise ValueError(
-            f"zero-shot on {data.name}: this student has no text tower, so it classifies with the teacher's "
-            f"prompt embeddings from prompts.h5, and no set there has these {len(data.classnames)} class names "
-            f"(sets: {', '.join(f'{n} ({len(s.classnames)} classes)' for n, s in sets.items()) or 'none'}). "
-            "Evaluate a student with a text tower, or extract a cache whose source has these classes")
-    name, order = found
-    emb = torch.from_numpy(sets[name].emb[order]).float()  # [K, T, D] in the dataset's class order
-    return metrics.zero_shot_classifier(emb), f"teacher prompts.h5 [{name}]"
-
-
-def external_zeroshot(image: nn.Module, text: nn.Module | None, sets: dict[str, prompts.PromptSet],
-                      prep: ImagePrep, space: Space, cfg: EvalConfig, device: torch.device,
-                      datasets: list[LabelledImages]) -> tuple[dict[str, float], dict[str, dict]]:
-    """Top-1/top-5 of the student on each extra dataset (the teacher's need a forward: not computed)."""
-    scores, info = {}, {}
-    for data in datasets:
-        classifier, source = labelled_classifier(data, sets, text, space, cfg, device)
-        emb, labels = embed_labelled(image, data, prep, space, cfg, device)
-        acc = metrics.zero_shot_accuracy(emb, classifier, labels)
-        scores.update({f"zeroshot/{data.name}/{k}": v for k, v in acc.items()})
-        info[data.name] = {"images": len(labels), "classes": len(data.classnames), "class_embeddings": source}
-    return scores, info
 
 
 # --------------------------------------------------------------------------- supervised, not zero-shot
@@ -591,7 +408,8 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     held = s.cache.load_split(cfg.split, fields=("img", "txt"))
     sets, notes = read_prompt_sets(s.cache), []
     rows, zs_info = split_rows(s, held, sets, cfg, notes)
-    ext_scores, ext_info = external_zeroshot(s.image, s.text, sets, s.prep, s.space, cfg, s.device, extra)
+    ext_scores, ext_info = external_zeroshot(s.image, s.text, sets, s.prep, s.space, s.device, extra,
+                                             batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress)
     rows.update(metrics.with_ratios(ext_scores, {}))
     if extra:
         notes.append("teacher figures on --zeroshot datasets are not computed (they would need a teacher forward)")

@@ -86,9 +86,9 @@ def whitening_of(spec: RunSpec | None, ev: dict[str, Any] | None) -> str:
     """student.json's whitening mode, else eval.json's (which evaluate copied from it); "none" when not whitened."""
     if spec is None and ev is None:
         return MISSING
-    w = spec.whitening if spec is not None else ev.get("whitening")
-    mode = w.get("mode") if isinstance(w, dict) else w
-    return "none" if mode in (None, False, "none") else str(mode)
+    if spec is None:  # eval.json records it as student.json does: read by the same lenient parser
+        spec = RunSpec.from_json({"whitening": ev.get("whitening")})
+    return "none" if spec.whitening is None else str(spec.whitening)
 
 
 def teacher_of(files: RunFiles) -> dict[str, Any] | None:

@@ -27,10 +27,11 @@ best and last were kept apart hold one ``student.safetensors`` (the last weights
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config import read_toml
 
 SPEC_FILE = "student.json"
 CONFIG_FILE = "config.toml"
@@ -111,14 +112,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def read_config(run: Path) -> dict[str, Any] | None:
-    """RUN/config.toml as a dict; None when absent, a ValueError naming it when it is not TOML."""
+    """RUN/config.toml as a dict (``config.read_toml``: dashes in keys read as underscores); None when
+    absent, a ``ConfigError`` (a ValueError) naming it when it is not TOML."""
     path = run / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML ({err})") from None
+    return read_toml(path) if path.is_file() else None
 
 
 def _name(entry: Any) -> str | None:

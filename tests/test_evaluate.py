@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cache_factory import make_fake_cache
 from kdpipe import cachereader
 from kdpipe import evaluate as E
-from kdpipe import extract, metrics, prompts, teachers, zca
+from kdpipe import extract, metrics, prompts, teachers, zca, zeroshot
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
 from kdpipe.rundir import RunSpec
@@ -49,7 +49,7 @@ def make_run(path: Path, cache: Path, text: bool = False, whitening: dict | None
 def teacher_side(cache: Path, split: str = "val") -> tuple[E.Embeddings, torch.Tensor, torch.Tensor]:
     c = open_cache(cache)
     held = c.load_split(split)
-    classifiers = E.cache_classifiers(E.read_prompt_sets(c), c.classnames, [])
+    classifiers = zeroshot.cache_classifiers(zeroshot.read_prompt_sets(c), c.classnames, [])
     return (E._teacher_embeddings(held, classifiers), torch.from_numpy(held.txt_to_img),
             torch.from_numpy(held.labels))
 
@@ -209,7 +209,7 @@ def test_view0_replay_reproduces_the_cached_teacher_embeddings(shapes_root, tmp_
     cache = open_cache(tmp_path / "c")
     held = cache.load_split("val")
     pre = teacher.preprocess
-    prep = E.ImagePrep(pre.size, pre.interpolation, pre.mean, pre.std)
+    prep = zeroshot.ImagePrep(pre.size, pre.interpolation, pre.mean, pre.std)
     cfg = E.EvalConfig(run="unused", batch_size=4, workers=2, progress=False)  # 2 workers: out-of-order batches
     img, txt = E.student_split_embeddings(TeacherImageTower(teacher).eval(), None, cache, "val", held, prep,
                                           E.Space(), cfg, torch.device("cpu"))
@@ -236,7 +236,7 @@ def test_eval_split_decodes_the_training_streams_view0_pixels(fake_cache):
     size, interpolation = 24, "bilinear"  # not the stored 32 px: a real resize
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     evaluated = {key: (px, caps) for keys, pixels, captions in
-                 E.split_batches(cache, "val", E.ImagePrep(size, interpolation, mean, std), 7, 0, captions=True)
+                 E.split_batches(cache, "val", zeroshot.ImagePrep(size, interpolation, mean, std), 7, 0, captions=True)
                  for key, px, caps in zip(keys, pixels, captions)}
     stream = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=5, image_size=size,
                                        interpolation=interpolation, seed=1, views_used="0")

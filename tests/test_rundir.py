@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,18 @@ def test_read_json_and_config(tmp_path):
     (tmp_path / rundir.CONFIG_FILE).write_text("cache = ")
     with pytest.raises(ValueError, match=r"config\.toml is not valid TOML"):
         read_config(tmp_path)
+
+
+def test_run_config_is_read_where_only_the_tomli_backport_exists(tmp_path):
+    """Python 3.10 (requires-python >= 3.10) has no tomllib: RUN/config.toml is read through
+    ``config.read_toml``, which falls back to tomli, so the run's readers import and read there too."""
+    (tmp_path / rundir.CONFIG_FILE).write_text('cache = "CACHE"\nepochs = 3\n')
+    script = ("import sys, tomllib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None  # as on 3.10\n"
+              "from pathlib import Path\nfrom kdpipe import report, rundir\n"
+              f"print(rundir.read_config(Path({str(tmp_path)!r})))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'cache': 'CACHE', 'epochs': 3}"
 
 
 # --------------------------------------------------------------------------- student.json, typed

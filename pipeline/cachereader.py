@@ -63,7 +63,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data import views as V
+from .data import views
 from .data.records import ErrorCounter
 
 # Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
@@ -107,7 +107,7 @@ def cache_errors() -> ErrorCounter:
 
 def _rng(*parts: int | str) -> np.random.Generator:
     """A generator seeded by a tuple of ints/strings (stable across runs and machines)."""
-    return np.random.default_rng([V.stable_seed(p) if isinstance(p, str) else int(p) & (2**63 - 1)
+    return np.random.default_rng([views.stable_seed(p) if isinstance(p, str) else int(p) & (2**63 - 1)
                                   for p in parts])
 
 
@@ -126,16 +126,16 @@ def pick_view_caption(cfg: StreamConfig, key: str, n_views: int, n_captions: int
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(V.to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(views.to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-normalize_images = V.normalize_images  # uint8 batches are normalised on the device: one formula for every path
+normalize_images = views.normalize_images  # uint8 batches are normalised on the device: one formula for every path
 
 
 def replay_view(jpg: bytes, view: dict[str, Any], size: int, interpolation: str) -> torch.Tensor:
     """The stored JPEG's pixels in one stored view (a views.json entry) at ``size``: uint8 [3, size, size]."""
-    stored = V.to_rgb(V.decode_image(jpg))
-    return pil_to_uint8(V.apply_view(stored, V.View.from_dict(view), size, interpolation))
+    stored = views.to_rgb(views.decode_image(jpg))
+    return pil_to_uint8(views.apply_view(stored, views.View.from_dict(view), size, interpolation))
 
 
 def decode_sample(cfg: StreamConfig, sample: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +266,7 @@ class ShardSource:
         """Shuffle within one pass (a buffer spanning passes would repeat samples within an epoch)."""
         if not self.cfg.train:
             return samples
-        seed = V.stable_seed(f"{self.cfg.seed}/{self.cfg.epoch}/{self.part}/{n_pass}")
+        seed = views.stable_seed(f"{self.cfg.seed}/{self.cfg.epoch}/{self.part}/{n_pass}")
         buf = self.cfg.shuffle_buffer
         return wds.shuffle(buf, initial=buf, rng=random.Random(seed))(samples)
 

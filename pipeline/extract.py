@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import __version__, runtime
-from .data import views as V
-from .data import Record, Source, open_source
+from .data import Record, Source, open_source, views
+from .data.views import STORE_SIZE  # the config default (in ExtractConfig the field `views` hides the module)
 from .progress import make_progress
 from .store import (
     FORMAT_VERSION,
@@ -56,7 +56,7 @@ class ExtractConfig:
     keep_leaky: bool = False  # keep Karpathy val/test images in train
     overwrite: bool = False
     shard_size: int = 1000  # images per shard (directory sources)
-    store_size: int = V.STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
+    store_size: int = STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
     splits: list[str] | None = None  # default: every split the source has
     allow_random_init: bool = False  # a real open_clip name without weights
     prompts: bool = True  # write prompts.h5 (zero-shot class prompts) when missing
@@ -90,16 +90,16 @@ def prepare(record: Record, n_views: int, store_size: int, pre: Preprocess) -> P
     if not captions:
         return "no_caption"
     try:
-        image = V.decode_image(record.path if record.data is None else record.data)
-    except V.BadImage as bad:
+        image = views.decode_image(record.path if record.data is None else record.data)
+    except views.BadImage as bad:
         return bad.reason
-    jpg, stored = V.store_image(image, store_size)
-    views = V.sample_views(n_views, stored.width, stored.height, seed=record.key,
-                           resize_mode=pre.resize_mode, fill=pre.fill_color)
-    pixels = torch.stack([V.to_tensor(V.apply_view(stored, v, pre.size, pre.interpolation), pre.mean, pre.std)
-                          for v in views])
+    jpg, stored = views.store_image(image, store_size)
+    drawn = views.sample_views(n_views, stored.width, stored.height, seed=record.key,
+                               resize_mode=pre.resize_mode, fill=pre.fill_color)
+    pixels = torch.stack([views.to_tensor(views.apply_view(stored, v, pre.size, pre.interpolation), pre.mean, pre.std)
+                          for v in drawn])
     label = -1 if record.label is None else int(record.label)
-    return Prepared(record.key, jpg, [v.to_dict() for v in views], pixels, captions, label)
+    return Prepared(record.key, jpg, [v.to_dict() for v in drawn], pixels, captions, label)
 
 
 @dataclass
@@ -184,7 +184,7 @@ def manifest_header(cfg: ExtractConfig, teacher: Teacher, source: Source) -> dic
         "logit_scale": teacher.logit_scale,
         "dtype": "float16",
         "views": cfg.views,
-        "view_policy": V.view_policy(cfg.store_size, teacher.preprocess.resize_mode),
+        "view_policy": views.view_policy(cfg.store_size, teacher.preprocess.resize_mode),
         "source": {"spec": str(cfg.data), "kind": source.name, "report": source.report(),
                    "split_file": cfg.split_file, "keep_leaky": cfg.keep_leaky},
         "classnames": source.classnames(),
@@ -316,17 +316,17 @@ def check_store_size(store_size: int, size: int, n_views: int) -> None:
 
     Below the teacher's input ``size`` even view 0 is enlarged, so the cached embeddings are
     not the teacher's eval embeddings of the image: refused. Random views are crops down to
-    ``V.SCALE[0]`` of the area; upsampling them only blurs them (replay stays exact), a
+    ``views.SCALE[0]`` of the area; upsampling them only blurs them (replay stays exact), a
     quality-for-disk trade the user may choose, so it is a warning with the size that avoids it.
     """
     if store_size < size:
         raise ValueError(f"--store-size {store_size} is below the teacher's input size {size}: view 0 would be "
                          f"upsampled, not the teacher's eval view of the image; pass --store-size >= {size}")
-    enough, side = V.min_store_size(size), store_size * V.smallest_view_fraction()
+    enough, side = views.min_store_size(size), store_size * views.smallest_view_fraction()
     if n_views > 1 and store_size < enough:
         log.warning("--store-size %d: the smallest random views (%.0f%% of the area) are %.0f px on their shorter "
                     "side and are upsampled up to %.2fx to the teacher's %d px; pass --store-size >= %d to avoid it "
-                    "(stored images then hold up to %.1fx the pixels)", store_size, 100 * V.SCALE[0], side,
+                    "(stored images then hold up to %.1fx the pixels)", store_size, 100 * views.SCALE[0], side,
                     size / side, size, enough, (enough / store_size) ** 2)
 
 

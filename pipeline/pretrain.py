@@ -95,10 +95,10 @@ class CaptionedImages:
 
 def _image_tensor(record: Any, size: int, interpolation: str) -> Tensor:
     """A record's image -> uint8 [3, size, size] (the teacher's eval view: centred square crop)."""
-    from .data import views as V
+    from .data import views
 
-    img = V.to_rgb(V.decode_image(record.data if record.data is not None else record.path))
-    view = V.apply_view(img, V.center_view(*img.size), size, interpolation)
+    img = views.to_rgb(views.decode_image(record.data if record.data is not None else record.path))
+    view = views.apply_view(img, views.center_view(*img.size), size, interpolation)
     return torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

@@ -59,8 +59,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import losses as L
-from . import cachereader, config, metrics, runtime, trainstate
+from . import cachereader, config, losses, metrics, runtime, trainstate
 from .optim import lr_lambda, param_groups
 from .progress import console, make_progress
 from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
@@ -79,7 +78,7 @@ class TrainConfig:
     student: str = "mobilenetv3"  # STUDENTS registry name
     cache: str = ""
     out: str = ""
-    losses: str = L.DEFAULT_RECIPE  # CLIP-KD's full recipe: clip (task) + crd + icl + fd
+    losses: str = losses.DEFAULT_RECIPE  # CLIP-KD's full recipe: clip (task) + crd + icl + fd
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"hinton": {"T": 2.0}}
     whiten: str = "none"  # none | image | text | joint | separate (image and text, each its own transform)
     text_student: str = "none"  # none (use the teacher's cached text) | TEXT_STUDENTS name
@@ -197,7 +196,7 @@ def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, bat
     CRD's / hinton's / gd's teacher distributions much sharper than the teacher's own. The
     whitened-space scale is the one whose in-batch softmaxes are as sharp (same mean
     entropy) as the teacher's raw ones on the same pairs: up to ``blocks`` train batches of
-    ``batch`` image-caption pairs (``L.entropy_matched_scale``).
+    ``batch`` image-caption pairs (``losses.entropy_matched_scale``).
     """
     if targets.mode == "none":
         return teacher_scale
@@ -211,7 +210,7 @@ def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, bat
 
     raw = cos_blocks(t_img, t_txt)
     white = cos_blocks(targets.apply(t_img, "image"), targets.apply(t_txt, "text"))
-    return L.entropy_matched_scale(raw, white, teacher_scale)
+    return losses.entropy_matched_scale(raw, white, teacher_scale)
 
 
 # --------------------------------------------------------------------------- model + losses
@@ -220,10 +219,10 @@ def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, bat
 class Distiller(nn.Module):
     """Students + loss modules in one module (what DDP wraps); forward returns the loss terms."""
 
-    def __init__(self, image: nn.Module, text: TextStudent | None, losses: nn.ModuleDict,
+    def __init__(self, image: nn.Module, text: TextStudent | None, loss_modules: nn.ModuleDict,
                  dist: runtime.DistInfo) -> None:
         super().__init__()
-        self.image, self.text, self.losses = image, text, losses
+        self.image, self.text, self.losses = image, text, loss_modules
         self.dist = dist
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,7 +237,7 @@ class Distiller(nn.Module):
             feats = gather_features(feats, self.dist)
         if "class_emb" in batch:
             feats["class_emb"] = batch["class_emb"]
-        return L.compute_terms(self.losses, feats)
+        return losses.compute_terms(self.losses, feats)
 
 
 def gather_features(feats: dict[str, torch.Tensor], dist: runtime.DistInfo) -> dict[str, torch.Tensor]:
@@ -307,7 +306,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     precision = runtime.resolve_precision(cfg.precision, device)
     cache = open_checked_cache(cfg)
     targets = load_targets(cache, cfg.whiten)
-    weights = L.parse_losses(cfg.losses)
+    weights = losses.parse_losses(cfg.losses)
     if cfg.whiten in ("image", "text") and set(weights) & set(CROSS_MODAL):
         log.warning("--whiten %s whitens only %s targets; cross-modal losses (%s) then compare a whitened with "
                     "an unwhitened space: use --whiten joint to keep image-text alignment", cfg.whiten, cfg.whiten,
@@ -320,8 +319,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
     if targets.mode != "none":
         log.info("teacher logit scale %.2f in the raw space = %.2f in the %s-whitened space (same softmax entropy)",
                  raw_scale, scale, targets.mode)
-    loss_modules = L.build_losses(weights, cache.embed_dim, scale, text_student=text is not None,
-                                  **cfg.loss_options)
+    loss_modules = losses.build_losses(weights, cache.embed_dim, scale, text_student=text is not None,
+                                       **cfg.loss_options)
     distiller = Distiller(image, text, loss_modules, dist).to(device)
     runtime.seed_everything(cfg.seed + dist.rank)
     model: nn.Module = distiller
@@ -341,9 +340,12 @@ def build_setup(cfg: TrainConfig) -> Setup:
                                        workers=cfg.workers)
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
     class_emb = class_embeddings(cache, targets) if "hinton" in weights else None
-    return Setup(cfg, cache, dist, device, precision, image, text, distiller, model, optimizer, scheduler,
-                 torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen, targets.to(device),
-                 None if class_emb is None else class_emb.to(device), weights, stream, spe, total, Path(cfg.out))
+    return Setup(cfg=cfg, cache=cache, dist=dist, device=device, precision=precision,
+                 image=image, text=text, distiller=distiller, model=model,
+                 optimizer=optimizer, scheduler=scheduler,
+                 scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen=mask_gen,
+                 targets=targets.to(device), class_emb=None if class_emb is None else class_emb.to(device),
+                 weights=weights, stream=stream, steps_per_epoch=spe, total_steps=total, run_dir=Path(cfg.out))
 
 
 def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
@@ -361,27 +363,28 @@ def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
 # --------------------------------------------------------------------------- one step
 
 
-def images_on(s: Setup, batch: dict[str, Any]) -> torch.Tensor:
+def images_on(setup: Setup, batch: dict[str, Any]) -> torch.Tensor:
     """The batch's uint8 images, on the device, normalised with the student's mean/std."""
-    return cachereader.normalize_images(batch["image"].to(s.device, non_blocking=True), s.image.mean, s.image.std)
+    return cachereader.normalize_images(batch["image"].to(setup.device, non_blocking=True),
+                                        setup.image.mean, setup.image.std)
 
 
-def to_device_batch(s: Setup, batch: dict[str, Any]) -> dict[str, Any]:
+def to_device_batch(setup: Setup, batch: dict[str, Any]) -> dict[str, Any]:
     """The loader's batch on the device, targets mapped to the student's space, extras added."""
-    d = s.device
+    d = setup.device
     out: dict[str, Any] = {
-        "image": images_on(s, batch),
-        "t_img": s.targets.apply(batch["t_img"].to(d, non_blocking=True), "image"),
-        "t_txt": s.targets.apply(batch["t_txt"].to(d, non_blocking=True), "text"),
+        "image": images_on(setup, batch),
+        "t_img": setup.targets.apply(batch["t_img"].to(d, non_blocking=True), "image"),
+        "t_txt": setup.targets.apply(batch["t_txt"].to(d, non_blocking=True), "text"),
         "labels": batch["labels"].to(d),
     }
-    if s.text is not None:
-        out["tokens"] = s.text.tokenize(batch["captions"]).to(d)
-    if "mfd" in s.weights:
-        out["image_masked"] = L.mask_images(out["image"], s.image.mask_kind, s.cfg.mask_ratio,
-                                            s.image.patch_size, generator=s.mask_gen)
-    if s.class_emb is not None:
-        out["class_emb"] = s.class_emb
+    if setup.text is not None:
+        out["tokens"] = setup.text.tokenize(batch["captions"]).to(d)
+    if "mfd" in setup.weights:
+        out["image_masked"] = losses.mask_images(out["image"], setup.image.mask_kind, setup.cfg.mask_ratio,
+                                                 setup.image.patch_size, generator=setup.mask_gen)
+    if setup.class_emb is not None:
+        out["class_emb"] = setup.class_emb
     return out
 
 
@@ -409,7 +412,7 @@ class StepResult:
     lr: float  # the learning rate this step used (whether or not it was applied)
 
 
-def optimizer_step(s: Setup, finite: bool) -> None:
+def optimizer_step(setup: Setup, finite: bool) -> None:
     """Apply the gradients if the step is finite; the schedule advances either way.
 
     fp16: the scaler skips the step by itself when the unscaled gradients overflow, and
@@ -418,90 +421,90 @@ def optimizer_step(s: Setup, finite: bool) -> None:
     with skipped steps still reaches the cosine's floor at its last step. Logit scales are
     capped after the update, as open_clip does.
     """
-    if s.scaler.is_enabled():
+    if setup.scaler.is_enabled():
         if finite:
-            s.scaler.step(s.optimizer)
-        s.scaler.update()
+            setup.scaler.step(setup.optimizer)
+        setup.scaler.update()
     elif finite:
-        s.optimizer.step()
+        setup.optimizer.step()
     with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule leads
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        s.scheduler.step()
-    L.clamp_logit_scales(s.distiller.losses)
+        setup.scheduler.step()
+    losses.clamp_logit_scales(setup.distiller.losses)
 
 
-def train_step(s: Setup, batch: dict[str, Any]) -> StepResult:
+def train_step(setup: Setup, batch: dict[str, Any]) -> StepResult:
     """Forward, backward and (if everything is finite) an optimizer step."""
-    s.model.train()
-    lr = s.scheduler.get_last_lr()[0]
-    inputs = to_device_batch(s, batch)  # outside autocast: whitening is applied in float32
-    with runtime.autocast(s.precision, s.device):
-        terms = s.model(inputs)
-    total = L.total_loss(terms)
-    s.optimizer.zero_grad(set_to_none=True)
-    backward_global(s.scaler.scale(total), s.distiller, s.dist.world_size)  # always: DDP expects one
-    s.scaler.unscale_(s.optimizer)
-    max_norm = s.cfg.grad_clip if s.cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(s.distiller.parameters(), max_norm))
+    setup.model.train()
+    lr = setup.scheduler.get_last_lr()[0]
+    inputs = to_device_batch(setup, batch)  # outside autocast: whitening is applied in float32
+    with runtime.autocast(setup.precision, setup.device):
+        terms = setup.model(inputs)
+    total = losses.total_loss(terms)
+    setup.optimizer.zero_grad(set_to_none=True)
+    backward_global(setup.scaler.scale(total), setup.distiller, setup.dist.world_size)  # always: DDP expects one
+    setup.scaler.unscale_(setup.optimizer)
+    max_norm = setup.cfg.grad_clip if setup.cfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.distiller.parameters(), max_norm))
     finite = math.isfinite(float(total.detach()))
-    if not s.scaler.is_enabled():  # fp16: gradient overflow is the scaler's business (it skips and rescales)
+    if not setup.scaler.is_enabled():  # fp16: gradient overflow is the scaler's business (it skips and rescales)
         finite = finite and math.isfinite(grad_norm)
-    optimizer_step(s, finite)
-    s.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(setup, finite)
+    setup.optimizer.zero_grad(set_to_none=True)
     return StepResult({k: float(v.detach()) for k, v in terms.items()}, float(total.detach()), finite, grad_norm, lr)
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def bn_batches(s: Setup) -> Iterator[torch.Tensor]:
+def bn_batches(setup: Setup) -> Iterator[torch.Tensor]:
     """Training images for precise BN: a fixed stream (epoch −1) that never touches the run's."""
-    cfg = replace(s.stream, epoch=-1, skip_batches=0, workers=min(s.cfg.workers, 1))
+    cfg = replace(setup.stream, epoch=-1, skip_batches=0, workers=min(setup.cfg.workers, 1))
     for batch in cachereader.make_loader(cfg):
-        yield images_on(s, batch)
+        yield images_on(setup, batch)
 
 
-def refresh_bn(s: Setup) -> int:
+def refresh_bn(setup: Setup) -> int:
     """Precise BN on the image student (the text tower has LayerNorm only)."""
-    return precise_bn(s.image, bn_batches(s), max_samples=s.cfg.bn_samples)
+    return precise_bn(setup.image, bn_batches(setup), max_samples=setup.cfg.bn_samples)
 
 
 @torch.no_grad()
-def embed_val(s: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+def embed_val(setup: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Keys [N], student view-0 image embeddings [N, D] (teacher space) and, with a text
     student, [N, D] embeddings of each image's first caption."""
-    cache, pre = s.cache, s.cache.teacher["preprocess"]
-    cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=s.cfg.batch_size,
-                                    image_size=s.image.image_size, interpolation=pre["interpolation"],
-                                    train=False, workers=min(s.cfg.workers, 1))
+    cache, pre = setup.cache, setup.cache.teacher["preprocess"]
+    cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=setup.cfg.batch_size,
+                                    image_size=setup.image.image_size, interpolation=pre["interpolation"],
+                                    train=False, workers=min(setup.cfg.workers, 1))
     keys, img, txt = [], [], []
-    s.image.eval()
+    setup.image.eval()
     for batch in cachereader.make_loader(cfg):
-        with runtime.autocast(s.precision, s.device):
-            out = s.image(images_on(s, batch))
-        img.append(to_teacher_space(out, s.targets.params.get("image")))
-        if s.text is not None:
-            s.text.eval()
-            with runtime.autocast(s.precision, s.device):
-                out = s.text(s.text.tokenize(batch["captions"]).to(s.device))
-            txt.append(to_teacher_space(out, s.targets.params.get("text")))
+        with runtime.autocast(setup.precision, setup.device):
+            out = setup.image(images_on(setup, batch))
+        img.append(to_teacher_space(out, setup.targets.params.get("image")))
+        if setup.text is not None:
+            setup.text.eval()
+            with runtime.autocast(setup.precision, setup.device):
+                out = setup.text(setup.text.tokenize(batch["captions"]).to(setup.device))
+            txt.append(to_teacher_space(out, setup.targets.params.get("text")))
         keys += batch["keys"]
-        if len(keys) >= s.cfg.val_samples:
+        if len(keys) >= setup.cfg.val_samples:
             break
-    n = min(len(keys), s.cfg.val_samples)
+    n = min(len(keys), setup.cfg.val_samples)
     return keys[:n], torch.cat(img)[:n].cpu(), torch.cat(txt)[:n].cpu() if txt else None
 
 
-def validate(s: Setup) -> dict[str, float]:
+def validate(setup: Setup) -> dict[str, float]:
     """Quick validation: student (view 0, eval mode, after precise BN) vs cached teacher embeddings.
 
     R@1 both ways against the teacher's text embeddings of the same images' captions, and the
     mean cosine to the teacher's view-0 embedding (with a text student: its mean cosine to the
     teacher's first caption embedding).
     """
-    refresh_bn(s)
-    keys, s_img, s_txt = embed_val(s)
-    val = s.cache.load_split("val", fields=("img", "txt"))
+    refresh_bn(setup)
+    keys, s_img, s_txt = embed_val(setup)
+    val = setup.cache.load_split("val", fields=("img", "txt"))
     index = {k: i for i, k in enumerate(val.keys)}
     rows = np.array([index[k] for k in keys])
     t_img = torch.from_numpy(val.img[rows, 0].astype(np.float32))
@@ -525,53 +528,53 @@ def validate(s: Setup) -> dict[str, float]:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def gather_rng(s: Setup) -> list[dict[str, Any]]:
+def gather_rng(setup: Setup) -> list[dict[str, Any]]:
     """Every rank's RNG state (rank order), so a resumed DDP run restores each rank's own."""
-    return runtime.all_gather_objects(trainstate.capture_rng(s.mask_gen), s.dist)
+    return runtime.all_gather_objects(trainstate.capture_rng(setup.mask_gen), setup.dist)
 
 
-def checkpoint_state(s: Setup, pos: trainstate.Position, counters: dict[str, int],
+def checkpoint_state(setup: Setup, pos: trainstate.Position, counters: dict[str, int],
                      best: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "model": s.distiller.state_dict(), "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), "rng": rng,
+        "model": setup.distiller.state_dict(), "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), "rng": rng,
         "position": pos.to_dict(), "counters": dict(counters), "best": dict(best),
-        "teacher": s.cache.teacher, "world_size": s.dist.world_size, "workers": s.cfg.workers,
-        "batch_size": s.cfg.batch_size, "seed": s.cfg.seed,
+        "teacher": setup.cache.teacher, "world_size": setup.dist.world_size, "workers": setup.cfg.workers,
+        "batch_size": setup.cfg.batch_size, "seed": setup.cfg.seed,
     }
 
 
-def save_ckpt(s: Setup, pos: trainstate.Position, counters: dict[str, int], best: dict[str, Any],
+def save_ckpt(setup: Setup, pos: trainstate.Position, counters: dict[str, int], best: dict[str, Any],
               is_best: bool = False) -> None:
-    rng = gather_rng(s)  # collective: every rank calls save_ckpt
-    if not s.dist.is_main:
+    rng = gather_rng(setup)  # collective: every rank calls save_ckpt
+    if not setup.dist.is_main:
         return
-    if not trainstate.all_finite(s.distiller):
+    if not trainstate.all_finite(setup.distiller):
         raise RuntimeError(f"step {pos.step}: the weights are not finite; refusing to overwrite the checkpoint")
-    state = checkpoint_state(s, pos, counters, best, rng)
-    trainstate.save_checkpoint(s.run_dir, state)
+    state = checkpoint_state(setup, pos, counters, best, rng)
+    trainstate.save_checkpoint(setup.run_dir, state)
     if is_best:
-        trainstate.save_checkpoint(s.run_dir, state, best=True)
+        trainstate.save_checkpoint(setup.run_dir, state, best=True)
 
 
-def restore(s: Setup) -> tuple[trainstate.Position, dict[str, int], dict[str, Any]]:
+def restore(setup: Setup) -> tuple[trainstate.Position, dict[str, int], dict[str, Any]]:
     """Load the newest readable checkpoint into every piece of the run."""
-    state, path = trainstate.load_latest(s.run_dir)
-    if not same_fingerprint(state["teacher"], s.cache.teacher):
+    state, path = trainstate.load_latest(setup.run_dir)
+    if not same_fingerprint(state["teacher"], setup.cache.teacher):
         raise CacheError(f"{path} was trained on teacher {describe_teacher(state['teacher'])}, but the cache "
-                         f"{s.cache.root} is from {describe_teacher(s.cache.teacher)}")
-    s.distiller.load_state_dict(state["model"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.scheduler.load_state_dict(state["scheduler"])
-    s.scaler.load_state_dict(state["scaler"])
-    same_data = all(state[k] == v for k, v in (("world_size", s.dist.world_size), ("workers", s.cfg.workers),
-                                                ("batch_size", s.cfg.batch_size), ("seed", s.cfg.seed)))
+                         f"{setup.cache.root} is from {describe_teacher(setup.cache.teacher)}")
+    setup.distiller.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    setup.scaler.load_state_dict(state["scaler"])
+    same_data = all(state[k] == v for k, v in (("world_size", setup.dist.world_size), ("workers", setup.cfg.workers),
+                                                ("batch_size", setup.cfg.batch_size), ("seed", setup.cfg.seed)))
     if not same_data:
         log.warning("resuming with a different world size / workers / batch size / seed than the checkpoint: "
                     "the data order from here on differs from the original run's")
     rngs = state["rng"]
-    if len(rngs) == s.dist.world_size:
-        trainstate.restore_rng(rngs[s.dist.rank], s.mask_gen)
+    if len(rngs) == setup.dist.world_size:
+        trainstate.restore_rng(rngs[setup.dist.rank], setup.mask_gen)
     pos = trainstate.Position(**state["position"])
     log.info("resumed from %s: epoch %d, batch %d, step %d", path, pos.epoch, pos.batch, pos.step)
     return pos, dict(state["counters"]), dict(state["best"])
@@ -635,9 +638,9 @@ def plot_curves(run_dir: Path) -> Path | None:
     return path
 
 
-def target_scale(losses: nn.ModuleDict, default: float) -> float:
+def target_scale(loss_modules: nn.ModuleDict, default: float) -> float:
     """The teacher logit scale the losses used (calibrated for whitened targets)."""
-    return next((loss.teacher_logit_scale for loss in losses.values()), default)
+    return next((loss.teacher_logit_scale for loss in loss_modules.values()), default)
 
 
 def val_row(run_dir: Path, step: int) -> dict[str, Any] | None:
@@ -646,7 +649,7 @@ def val_row(run_dir: Path, step: int) -> dict[str, Any] | None:
     return {k: v for k, v in rows[-1].items() if k not in ("kind", "step", "epoch")} if rows else None
 
 
-def save_best(s: Setup, best: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+def save_best(setup: Setup, best: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
     """RUN/student-best.safetensors from best.pt, precise BN re-estimated; its student.json entry.
 
     When nothing was validated, or the best score is the final step's, "best" names the last
@@ -655,55 +658,55 @@ def save_best(s: Setup, best: dict[str, Any], last: dict[str, Any]) -> dict[str,
     if "step" not in best or best["step"] == last["step"]:
         return {**last, "same_as": "last", "note": NO_BEST if "step" not in best else "the best validation score "
                 "is the last step's"}
-    path = trainstate.ckpt_dir(s.run_dir) / trainstate.BEST
+    path = trainstate.ckpt_dir(setup.run_dir) / trainstate.BEST
     state = trainstate.read_checkpoint(path)
     if state["position"]["step"] != best["step"]:  # a run killed between writing latest.pt and best.pt
         note = (f"{path} holds step {state['position']['step']}, not the best validation score's step "
                 f"{best['step']}: best = last")
         log.warning(note)
         return {**last, "same_as": "last", "note": note}
-    last_state = {k: v.detach().clone() for k, v in s.distiller.state_dict().items()}
+    last_state = {k: v.detach().clone() for k, v in setup.distiller.state_dict().items()}
     try:
-        s.distiller.load_state_dict(state["model"])
-        refresh_bn(s)
-        name = save_weights(s.run_dir, s.image, s.text, "best")
+        setup.distiller.load_state_dict(state["model"])
+        refresh_bn(setup)
+        name = save_weights(setup.run_dir, setup.image, setup.text, "best")
     finally:
-        s.distiller.load_state_dict(last_state)
+        setup.distiller.load_state_dict(last_state)
     return {"file": name, "step": best["step"], "epoch": state["position"]["epoch"],
-            "val": val_row(s.run_dir, best["step"]), "score": best["score"]}
+            "val": val_row(setup.run_dir, best["step"]), "score": best["score"]}
 
 
-def labels_used(s: Setup) -> dict[str, Any] | None:
+def labels_used(setup: Setup) -> dict[str, Any] | None:
     """The losses that trained on the cache's class labels (hinton's hard-label CE) and those classes,
     so eval reports accuracy on these classes as supervised, not zero-shot. None: no label was used."""
-    losses = L.label_losses(s.weights, s.cfg.loss_options)
-    if not losses or s.class_emb is None:  # the CE needs the class prompts of the labels
+    supervised = losses.label_losses(setup.weights, setup.cfg.loss_options)
+    if not supervised or setup.class_emb is None:  # the CE needs the class prompts of the labels
         return None
-    return {"losses": losses, "classnames": list(s.cache.classnames)}
+    return {"losses": supervised, "classnames": list(setup.cache.classnames)}
 
 
-def finalize(s: Setup, val: dict[str, float] | None, pos: trainstate.Position, best: dict[str, Any]) -> None:
+def finalize(setup: Setup, val: dict[str, float] | None, pos: trainstate.Position, best: dict[str, Any]) -> None:
     """RUN/student-last.safetensors (the final step) and student-best.safetensors (the best validation
     score), each after precise BN; then student.json, whitening and curves (rank 0)."""
-    if not s.dist.is_main:
+    if not setup.dist.is_main:
         return
-    if not trainstate.all_finite(s.distiller):
+    if not trainstate.all_finite(setup.distiller):
         raise RuntimeError("the final weights are not finite; student not saved")
-    refresh_bn(s)
-    last = {"file": save_weights(s.run_dir, s.image, s.text, "last"), "step": pos.step, "epoch": pos.epoch,
+    refresh_bn(setup)
+    last = {"file": save_weights(setup.run_dir, setup.image, setup.text, "last"), "step": pos.step, "epoch": pos.epoch,
             "val": val}
-    checkpoints = {"best": save_best(s, best, last), "last": last}
+    checkpoints = {"best": save_best(setup, best, last), "last": last}
     meta = {
-        "teacher": s.cache.teacher, "cache": str(Path(s.cfg.cache).resolve()),
-        "whitening": save_whitening(s.run_dir, s.targets),
-        "losses": {"weights": s.weights, "options": s.cfg.loss_options}, "labels_used": labels_used(s),
-        "views_used": s.cfg.views_used, "teacher_logit_scale": float(s.cache.manifest["logit_scale"]),
-        "target_logit_scale": target_scale(s.distiller.losses, float(s.cache.manifest["logit_scale"])),
+        "teacher": setup.cache.teacher, "cache": str(Path(setup.cfg.cache).resolve()),
+        "whitening": save_whitening(setup.run_dir, setup.targets),
+        "losses": {"weights": setup.weights, "options": setup.cfg.loss_options}, "labels_used": labels_used(setup),
+        "views_used": setup.cfg.views_used, "teacher_logit_scale": float(setup.cache.manifest["logit_scale"]),
+        "target_logit_scale": target_scale(setup.distiller.losses, float(setup.cache.manifest["logit_scale"])),
     }
-    write_spec(s.run_dir, s.image, s.text, meta, checkpoints)
+    write_spec(setup.run_dir, setup.image, setup.text, meta, checkpoints)
     if checkpoints["best"]["file"] != weights_file("best"):  # a resumed run's older best, named no more
-        (s.run_dir / weights_file("best")).unlink(missing_ok=True)
-    plot_curves(s.run_dir)
+        (setup.run_dir / weights_file("best")).unlink(missing_ok=True)
+    plot_curves(setup.run_dir)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -719,77 +722,77 @@ class LoopState:
     consecutive_bad: int = 0
 
 
-def on_step(s: Setup, ls: LoopState, res: StepResult, batch: dict[str, Any], epoch: int,
+def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any], epoch: int,
             rate: float, mlog: MetricsLog) -> None:
     """Count non-finite steps (stop after too many in a row) and log the step's row."""
     if res.finite:
-        ls.consecutive_bad = 0
+        loop.consecutive_bad = 0
     else:
-        ls.counters["nonfinite"] += 1
-        ls.consecutive_bad += 1
+        loop.counters["nonfinite"] += 1
+        loop.consecutive_bad += 1
         bad = sorted(k for k, v in res.terms.items() if not math.isfinite(v))
         log.warning("step %d: non-finite loss (terms %s, grad norm %s); step skipped",
-                                            ls.pos.step, bad or "none", res.grad_norm)
-        if ls.consecutive_bad >= s.cfg.max_nonfinite:
-            raise RuntimeError(f"{ls.consecutive_bad} non-finite steps in a row, the last at step {ls.pos.step} "
+                                            loop.pos.step, bad or "none", res.grad_norm)
+        if loop.consecutive_bad >= setup.cfg.max_nonfinite:
+            raise RuntimeError(f"{loop.consecutive_bad} non-finite steps in a row, the last at step {loop.pos.step} "
                                f"(non-finite terms: {bad or 'none'}; batch keys: {batch['keys'][:8]}); "
                                "stopping — the last checkpoint holds finite weights")
-    ls.counters["data_errors"] += int(batch.get("data_errors", 0))
-    if ls.pos.step % s.cfg.log_every == 0 or not res.finite:
-        mlog.write({"kind": "train", "step": ls.pos.step, "epoch": epoch, "lr": res.lr,
+    loop.counters["data_errors"] += int(batch.get("data_errors", 0))
+    if loop.pos.step % setup.cfg.log_every == 0 or not res.finite:
+        mlog.write({"kind": "train", "step": loop.pos.step, "epoch": epoch, "lr": res.lr,
                    "loss": res.total, "terms": res.terms, "grad_norm": res.grad_norm,
-                   "samples_per_s": rate, "nonfinite_skipped": ls.counters["nonfinite"],
-                   "data_errors": ls.counters["data_errors"], **L.logit_scales(s.distiller.losses)})
+                   "samples_per_s": rate, "nonfinite_skipped": loop.counters["nonfinite"],
+                   "data_errors": loop.counters["data_errors"], **losses.logit_scales(setup.distiller.losses)})
 
 
-def run_validation(s: Setup, ls: LoopState, mlog: MetricsLog) -> bool:
+def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
     """Validate on rank 0 (others wait); returns whether this is the best score so far."""
     is_best = False
-    if s.dist.is_main and "val" in s.cache.splits():
-        ls.last_val = validate(s)
-        is_best = ls.last_val["val_score"] > ls.best.get("score", -math.inf)
+    if setup.dist.is_main and "val" in setup.cache.splits():
+        loop.last_val = validate(setup)
+        is_best = loop.last_val["val_score"] > loop.best.get("score", -math.inf)
         if is_best:
-            ls.best = {"score": ls.last_val["val_score"], "step": ls.pos.step}
-        mlog.write({"kind": "val", "step": ls.pos.step, "epoch": ls.pos.epoch, **ls.last_val})
-    ls.val_step = ls.pos.step  # on every rank: they must agree on which collectives follow
-    runtime.barrier(s.dist)
-    return bool(runtime.broadcast_object(is_best, s.dist))
+            loop.best = {"score": loop.last_val["val_score"], "step": loop.pos.step}
+        mlog.write({"kind": "val", "step": loop.pos.step, "epoch": loop.pos.epoch, **loop.last_val})
+    loop.val_step = loop.pos.step  # on every rank: they must agree on which collectives follow
+    runtime.barrier(setup.dist)
+    return bool(runtime.broadcast_object(is_best, setup.dist))
 
 
-def train_loop(s: Setup, ls: LoopState, mlog: MetricsLog) -> None:
-    cfg, spe = s.cfg, s.steps_per_epoch
-    stop = min(cfg.max_steps or s.total_steps, s.total_steps)
-    global_batch = cfg.batch_size * s.dist.world_size
-    with make_progress("samples", disable=not (cfg.progress and s.dist.is_main)) as progress:
-        task = progress.add_task("train", total=stop * global_batch, completed=ls.pos.step * global_batch, info="")
-        while ls.pos.step < stop:
-            epoch = ls.pos.epoch
-            stream = replace(s.stream, epoch=epoch, skip_batches=ls.pos.batch)
+def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
+    cfg, spe = setup.cfg, setup.steps_per_epoch
+    stop = min(cfg.max_steps or setup.total_steps, setup.total_steps)
+    global_batch = cfg.batch_size * setup.dist.world_size
+    with make_progress("samples", disable=not (cfg.progress and setup.dist.is_main)) as progress:
+        task = progress.add_task("train", total=stop * global_batch, completed=loop.pos.step * global_batch, info="")
+        while loop.pos.step < stop:
+            epoch = loop.pos.epoch
+            stream = replace(setup.stream, epoch=epoch, skip_batches=loop.pos.batch)
             tick = time.perf_counter()
-            for batch in cachereader.epoch_batches(stream, spe, pin_memory=runtime.pin_memory(s.device)):
-                res = train_step(s, batch)
-                ls.pos.step += 1
-                ls.pos.batch += 1
+            for batch in cachereader.epoch_batches(stream, spe, pin_memory=runtime.pin_memory(setup.device)):
+                res = train_step(setup, batch)
+                loop.pos.step += 1
+                loop.pos.batch += 1
                 now = time.perf_counter()
                 rate, tick = global_batch / max(now - tick, 1e-9), now
-                on_step(s, ls, res, batch, epoch, rate, mlog)
-                epoch_end = ls.pos.batch >= spe
+                on_step(setup, loop, res, batch, epoch, rate, mlog)
+                epoch_end = loop.pos.batch >= spe
                 if epoch_end:
-                    ls.pos.epoch, ls.pos.batch = epoch + 1, 0
+                    loop.pos.epoch, loop.pos.batch = epoch + 1, 0
                 progress.update(task, advance=global_batch, info=f"ep {epoch} loss {res.total:.4f}")
-                events(s, ls, mlog, epoch_end, stop)
-                if ls.pos.step >= stop or epoch_end:
+                events(setup, loop, mlog, epoch_end, stop)
+                if loop.pos.step >= stop or epoch_end:
                     break
 
 
-def events(s: Setup, ls: LoopState, mlog: MetricsLog, epoch_end: bool, stop: int) -> None:
+def events(setup: Setup, loop: LoopState, mlog: MetricsLog, epoch_end: bool, stop: int) -> None:
     """Validation and checkpoints due after this step."""
-    cfg, step = s.cfg, ls.pos.step
+    cfg, step = setup.cfg, loop.pos.step
     due_val = (cfg.val_every and step % cfg.val_every == 0) or (cfg.val_every is None and epoch_end)
-    is_best = run_validation(s, ls, mlog) if due_val else False
+    is_best = run_validation(setup, loop, mlog) if due_val else False
     due_ckpt = due_val or epoch_end or step >= stop or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
     if due_ckpt:
-        save_ckpt(s, ls.pos, ls.counters, ls.best, is_best=is_best)
+        save_ckpt(setup, loop.pos, loop.counters, loop.best, is_best=is_best)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -797,24 +800,25 @@ def events(s: Setup, ls: LoopState, mlog: MetricsLog, epoch_end: bool, stop: int
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
-    s = build_setup(cfg)
+    setup = build_setup(cfg)
     try:
-        prepare_run_dir(cfg, s.dist)
-        runtime.barrier(s.dist)
-        ls = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
+        prepare_run_dir(cfg, setup.dist)
+        runtime.barrier(setup.dist)
+        loop = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
         if cfg.resume:
-            ls.pos, ls.counters, ls.best = restore(s)
-        mlog = MetricsLog(s.run_dir / METRICS_FILE, s.dist.is_main, ls.pos.step if cfg.resume else None)
-        if s.dist.is_main:
-            console.print(f"train {cfg.student} on {s.cache.root} (teacher {describe_teacher(s.cache.teacher)}, "
-                          f"D={s.cache.embed_dim}): {s.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                          f"batch {cfg.batch_size} x {s.dist.world_size}, {s.precision} on {s.device}")
-        train_loop(s, ls, mlog)
-        if ls.val_step != ls.pos.step:
-            run_validation(s, ls, mlog)  # the final numbers, after the last step
-        finalize(s, ls.last_val, ls.pos, ls.best)
-        runtime.barrier(s.dist)
-        return {"run": str(s.run_dir), "step": ls.pos.step, "val": ls.last_val, "best": ls.best,
-                "counters": ls.counters, "rank": s.dist.rank}
+            loop.pos, loop.counters, loop.best = restore(setup)
+        mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, loop.pos.step if cfg.resume else None)
+        if setup.dist.is_main:
+            console.print(f"train {cfg.student} on {setup.cache.root} "
+                          f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
+                          f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                          f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
+        train_loop(setup, loop, mlog)
+        if loop.val_step != loop.pos.step:
+            run_validation(setup, loop, mlog)  # the final numbers, after the last step
+        finalize(setup, loop.last_val, loop.pos, loop.best)
+        runtime.barrier(setup.dist)
+        return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
+                "counters": loop.counters, "rank": setup.dist.rank}
     finally:
-        runtime.shutdown(s.dist)
+        runtime.shutdown(setup.dist)

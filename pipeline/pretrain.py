@@ -11,10 +11,15 @@ No horizontal flips: shapes-world captions say "on the left" / "to the right of"
 flip would make false.
 
 Output (``TEACHER/``), loadable by ``load_teacher("TEACHER/config.json", "TEACHER/model.safetensors")``
-and therefore by ``kdpipe extract --teacher TEACHER/config.json --pretrained TEACHER/model.safetensors``:
+and therefore by ``kdpipe extract --teacher TEACHER/config.json --pretrained TEACHER/model.safetensors``
+(or, the same teacher with the same fingerprint, ``--teacher local-dir:TEACHER``):
 
 - ``config.json``: ``{"model_cfg": ..., "preprocess_cfg": ...}`` (open_clip_config.json format);
 - ``model.safetensors``: the state dict;
+- ``open_clip_config.json``: the same config under open_clip's name, so that the directory is also
+  an open_clip ``local-dir:`` model: ``open_clip.create_model_and_transforms("local-dir:TEACHER")``
+  and ``open_clip.get_tokenizer("local-dir:TEACHER")`` load it without kdpipe (open_clip finds
+  ``model.safetensors`` itself: it is one of the checkpoint names its local-dir schema looks for);
 - ``train.json``: the request (what identifies this teacher: model config, schedule, seed,
   data and its annotations' sha256), the loss curve, val metrics and time. Written last: a
   teacher directory without it is incomplete. A later run with the same request reuses it.
@@ -35,6 +40,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_CONFIG_NAME
 from torch import Tensor
 
 from . import runtime
@@ -366,12 +372,31 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, clas
 
 
 def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict) -> None:
-    """model.safetensors (state dict) then config.json, each written atomically."""
+    """model.safetensors (state dict), config.json, then open_clip_config.json, each written atomically.
+
+    The weights are written once: open_clip's ``local-dir:`` loads ``model.safetensors`` when no
+    ``open_clip_model.safetensors`` is there (its preferred name, so a second copy or link under it
+    would double the disk or, once a retrain replaced model.safetensors, be the one loaded, stale).
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    atomic_write_json(out / "config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    atomic_write_json(out / "config.json", config)
+    atomic_write_json(out / HF_CONFIG_NAME, config)
+
+
+def add_open_clip_config(out: Path) -> bool:
+    """Write open_clip_config.json from config.json if it is missing; True if written.
+
+    Teachers pretrained before kdpipe wrote open_clip's layout are reused, not retrained: this
+    makes them ``local-dir:`` models too.
+    """
+    if (out / HF_CONFIG_NAME).is_file():
+        return False
+    atomic_write_json(out / HF_CONFIG_NAME, json.loads((out / "config.json").read_text()))
+    return True
 
 
 def request_of(cfg: PretrainConfig, model_cfg: dict) -> dict[str, Any]:
@@ -506,6 +531,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     previous = existing_summary(out, request, cfg.overwrite)
     if previous is not None:
         log.info("teacher in %s already trained with these settings: reused (pass --overwrite to retrain)", out)
+        if add_open_clip_config(out):
+            log.info("wrote %s: %s is now also an open_clip local-dir model", HF_CONFIG_NAME, out)
         return {**previous, "reused": True}
 
     stats = fit(cfg, built, device, precision)

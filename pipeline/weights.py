@@ -1,12 +1,15 @@
 """Where a teacher comes from: its architecture, its weights and the fingerprint that names both.
 
-A teacher is named three ways (resolved in this order by ``resolve_arch``):
+A teacher is named four ways (resolved in this order by ``resolve_arch``):
 
 - a shipped config in ``kdpipe/model_configs/`` (``TEACHERS``: ``tiny-clip`` for tests,
   ``shapes-vit`` for the shapes world), random init allowed;
 - a path to an open_clip model-config JSON (a custom architecture, e.g. ``RUN/config.json``
   written when pretraining on the shapes world), either the bare model config
   (``embed_dim``, ``vision_cfg``, ``text_cfg``) or open_clip's ``{"model_cfg", "preprocess_cfg"}``;
+- ``local-dir:DIR``, open_clip's own folder layout (``DIR/open_clip_config.json`` and a weights
+  file open_clip's local-dir schema would pick, e.g. a pretrained teacher's ``model.safetensors``),
+  which brings its weights with it;
 - any open_clip architecture name (``open_clip.list_models()``).
 
 Weights (``pretrained``, resolved by ``resolve_weights``): ``None`` (random init), an open_clip
@@ -26,13 +29,13 @@ import os
 import socket
 import tempfile
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import open_clip
 from huggingface_hub import try_to_load_from_cache
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from .registry import Registry
 from .store import file_digest
@@ -42,6 +45,7 @@ log = logging.getLogger("kdpipe")
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 PASS_A_FILE = "--pretrained /path/to/open_clip_pytorch_model.bin"
+LOCAL_DIR = "local-dir:"  # open_clip's schema for a model folder (open_clip >= 3.0)
 
 # Shipped architectures: name -> model-config JSON. Dropping a JSON into model_configs/ adds one.
 TEACHERS: Registry[Path] = Registry("teacher")
@@ -55,8 +59,9 @@ class TeacherArch:
 
     name: str                 # as the user gave it (a shipped name, a JSON path or an open_clip name)
     open_clip_name: str       # name registered in open_clip's model-config registry
-    kind: str                 # "shipped" | "config" | "open_clip"
+    kind: str                 # "shipped" | "config" | "local-dir" | "open_clip"
     config_preprocess: dict[str, Any] = field(default_factory=dict)  # from an open_clip_config.json
+    checkpoint: str | None = None  # local-dir only: the weights file in the folder, if any
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,16 +90,16 @@ def _read_config_json(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return model_cfg, data.get("preprocess_cfg", {}) if "model_cfg" in data else {}
 
 
-def _register_config_file(path: Path) -> TeacherArch:
+def _register_config_file(path: Path, stem: str | None = None) -> TeacherArch:
     """Register a model-config JSON under a content-derived name that cannot shadow a built-in.
 
     open_clip registers configs by file stem ("config" for RUN/config.json, which would clash
-    between runs), so a copy is registered as ``kdpipe-<stem>-<sha>`` and then removed; open_clip
-    keeps the parsed dict.
+    between runs), so a copy is registered as ``kdpipe-<stem>-<sha>`` (``stem`` defaults to the
+    file's) and then removed; open_clip keeps the parsed dict.
     """
     model_cfg, preprocess_cfg = _read_config_json(path)
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
-    reg_name = f"kdpipe-{path.stem}-{digest}"
+    reg_name = f"kdpipe-{stem or path.stem}-{digest}"
     if reg_name not in open_clip.list_models():
         with tempfile.TemporaryDirectory(prefix="kdpipe-config-") as tmp:
             copy = Path(tmp) / f"{reg_name}.json"
@@ -105,8 +110,25 @@ def _register_config_file(path: Path) -> TeacherArch:
     return TeacherArch(name=reg_name, open_clip_name=reg_name, kind="config", config_preprocess=preprocess_cfg)
 
 
+def _local_dir_arch(folder: Path) -> TeacherArch:
+    """``local-dir:FOLDER`` -> its architecture and the weights file open_clip would load from it.
+
+    Registered under the name FOLDER/config.json gets (a pretrained teacher's folder holds both,
+    with the same content), so both ways of naming one teacher give one fingerprint and share caches.
+    """
+    from open_clip.factory import _find_checkpoint_in_dir  # the very file open_clip's local-dir loads
+
+    config = folder / HF_CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"{LOCAL_DIR}{folder} has no {HF_CONFIG_NAME} (open_clip's local-dir layout)")
+    arch = _register_config_file(config, stem="config")
+    return replace(arch, kind="local-dir", checkpoint=_find_checkpoint_in_dir(folder))
+
+
 def resolve_arch(name: str) -> TeacherArch:
     """Teacher name -> architecture. Unknown names raise KeyError listing the shipped ones."""
+    if name.startswith(LOCAL_DIR):
+        return _local_dir_arch(Path(name[len(LOCAL_DIR):]))
     if name in TEACHERS:
         _register_shipped()
         return TeacherArch(name=name, open_clip_name=name, kind="shipped")
@@ -119,7 +141,7 @@ def resolve_arch(name: str) -> TeacherArch:
         return TeacherArch(name=name, open_clip_name=name, kind="open_clip")
     raise KeyError(f"unknown teacher {name!r}; shipped: {', '.join(TEACHERS.names())}; "
                    "or any open_clip architecture (python -c 'import open_clip; print(open_clip.list_models())'), "
-                   "or a path to an open_clip model-config .json")
+                   "or a path to an open_clip model-config .json, or local-dir:DIR")
 
 
 def resolve_quickgelu(name: str, tag: str) -> tuple[str, bool]:
@@ -295,8 +317,11 @@ def resolve_weights(arch: TeacherArch, pretrained: str | None, allow_random_init
     """``pretrained`` (None, a local weights file or an open_clip tag) -> where to load weights from.
 
     A tag is looked up in the local cache (downloaded only when online); random init is refused
-    for non-shipped architectures unless ``allow_random_init``.
+    for non-shipped architectures unless ``allow_random_init``. A ``local-dir:`` teacher brings its
+    own weights file and takes no ``pretrained``.
     """
+    if arch.kind == "local-dir":
+        return _local_dir_weights(arch, pretrained, allow_random_init)
     if pretrained is None:
         return _random_weights(arch, allow_random_init)
     if _looks_like_file(pretrained):
@@ -316,6 +341,16 @@ def _random_weights(arch: TeacherArch, allow_random_init: bool) -> Weights:
         log.warning("TEACHER %s HAS RANDOM WEIGHTS (no --pretrained): its embeddings mean nothing", arch.name)
     return Weights(arch.open_clip_name, arch.name, False, None, None, None, arch.config_preprocess,
                    _default_preprocess_source(arch))
+
+
+def _local_dir_weights(arch: TeacherArch, pretrained: str | None, allow_random_init: bool) -> Weights:
+    """The folder's own weights file. open_clip ignores ``pretrained`` with a schema; refusing it says so."""
+    if pretrained is not None:
+        raise ValueError(f"a {LOCAL_DIR} teacher brings its own weights ({arch.checkpoint or 'none found'}); "
+                         f"drop --pretrained {pretrained}")
+    if arch.checkpoint is None:
+        return _random_weights(arch, allow_random_init)
+    return _file_weights(arch, arch.checkpoint)
 
 
 def _file_weights(arch: TeacherArch, path: str) -> Weights:

@@ -149,9 +149,11 @@ def test_files_written_and_load_teacher_gives_the_saved_model(trained: dict, wor
     from kdpipe.teachers import load_teacher
 
     out = Path(trained["config"]).parent
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "open_clip_config.json",
+                                                     "train.json"]
     config = json.loads((out / "config.json").read_text())
     assert set(config) == {"model_cfg", "preprocess_cfg"} and config["model_cfg"]["embed_dim"] == 32
+    assert json.loads((out / "open_clip_config.json").read_text()) == config
     assert json.loads((out / "train.json").read_text())["val"] == trained["val"]
 
     teacher = load_teacher(str(out / "config.json"), str(out / "model.safetensors"), device="cpu")
@@ -207,6 +209,92 @@ def test_overwrite_retrains(world: Path, tmp_path: Path) -> None:
     second = pretrain.run(tiny_cfg(world, tmp_path / "T", steps=3, overwrite=True))
     assert not second["reused"] and second["steps"] == 3 and first["steps"] == 2
     assert json.loads((tmp_path / "T" / "train.json").read_text())["steps"] == 3
+
+
+# ------------------------------------------------------------------ open_clip's local-dir layout
+
+# Runs in a fresh interpreter that never imports kdpipe: the teacher folder must stand on its own.
+OPEN_CLIP_ALONE = """
+import json, sys
+import open_clip, torch
+
+folder, io = sys.argv[1], sys.argv[2]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+inputs = torch.load(io + "/inputs.pt")
+model.eval()
+with torch.no_grad():
+    tokens = tokenizer(inputs["captions"])
+    out = {"image": model.encode_image(inputs["images"]), "text": model.encode_text(tokens), "tokens": tokens,
+           "logit_scale": model.logit_scale.exp(), "kdpipe_imported": any(m.startswith("kdpipe") for m in sys.modules)}
+crop, norm = preprocess.transforms[1], preprocess.transforms[-1]
+out["preprocess"] = {"size": list(crop.size), "mean": list(norm.mean), "std": list(norm.std)}
+torch.save(out, io + "/outputs.pt")
+"""
+
+
+def test_teacher_folder_is_an_open_clip_local_dir_model(trained: dict, tmp_path: Path) -> None:
+    """open_clip alone (no kdpipe) loads the folder and encodes exactly as kdpipe's load_teacher does."""
+    import subprocess
+    import sys
+
+    from kdpipe.teachers import load_teacher
+
+    out = Path(trained["config"]).parent
+    inputs = {"images": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+              "captions": ["a red circle on the left", "a photo of a star", "two shapes: a ring and a small cross"]}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "alone.py"
+    script.write_text(OPEN_CLIP_ALONE)
+    done = subprocess.run([sys.executable, str(script), str(out), str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    theirs = torch.load(tmp_path / "outputs.pt")
+    assert theirs["kdpipe_imported"] is False
+
+    ours = load_teacher(str(out / "config.json"), str(out / "model.safetensors"), device="cpu")
+    assert torch.equal(theirs["tokens"], ours.tokenize(inputs["captions"]))
+    assert (theirs["image"] - ours.encode_images(inputs["images"])).abs().max() <= 1e-5
+    assert (theirs["text"] - ours.encode_texts(inputs["captions"])).abs().max() <= 1e-5
+    # random weights would agree on tokens but not on these: the trained ones were loaded
+    assert float(theirs["logit_scale"]) == pytest.approx(trained["logit_scale"], rel=1e-6)
+    assert theirs["preprocess"] == {"size": [32, 32], "mean": pytest.approx(list(ours.preprocess.mean)),
+                                    "std": pytest.approx(list(ours.preprocess.std))}
+
+
+def test_reuse_adds_open_clip_config_to_an_older_teacher(trained: dict, world: Path, tmp_path: Path) -> None:
+    """A teacher pretrained before the local-dir layout existed is reused and completed, not retrained."""
+    import shutil
+
+    older = Path(shutil.copytree(Path(trained["config"]).parent, tmp_path / "T"))
+    (older / "open_clip_config.json").unlink()
+    before = (older / "model.safetensors").stat().st_mtime_ns
+    again = pretrain.run(tiny_cfg(world, older))
+    assert again["reused"] and (older / "model.safetensors").stat().st_mtime_ns == before
+    assert json.loads((older / "open_clip_config.json").read_text()) == json.loads((older / "config.json").read_text())
+
+
+def test_local_dir_teacher_is_the_same_teacher_as_config_and_weights(trained: dict) -> None:
+    """``--teacher local-dir:T`` = ``--teacher T/config.json --pretrained T/model.safetensors``: same
+    fingerprint (so the caches of one serve the other), same embeddings."""
+    from kdpipe.teachers import load_teacher
+
+    out = Path(trained["config"]).parent
+    by_files = load_teacher(str(out / "config.json"), str(out / "model.safetensors"), device="cpu")
+    by_dir = load_teacher(f"local-dir:{out}", device="cpu")
+    assert by_dir.fingerprint == by_files.fingerprint and by_dir.fingerprint["checkpoint_sha256"]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(by_dir.encode_images(x), by_files.encode_images(x))
+
+
+def test_local_dir_teacher_refuses_other_weights_and_needs_open_clip_config(trained: dict, tmp_path: Path) -> None:
+    from kdpipe.teachers import load_teacher
+
+    out = Path(trained["config"]).parent
+    with pytest.raises(ValueError, match="brings its own weights"):
+        load_teacher(f"local-dir:{out}", str(out / "model.safetensors"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        load_teacher(f"local-dir:{tmp_path}", device="cpu")
 
 
 # ------------------------------------------------------------------ CLI

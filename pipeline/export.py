@@ -328,7 +328,7 @@ def write_onnx(run: Run, out: Path, space: Space) -> list[Path]:
     written = []
     for kind, (module, example) in onnx_towers(run, space).items():
         path = out / (ONNX_IMAGE if kind == "image" else ONNX_TEXT)
-        export_onnx(module.eval(), example, path, input_name=ONNX_NAMES[kind][0], output_name=ONNX_NAMES[kind][1])
+        export_onnx(module.eval(), example, path, names=ONNX_NAMES[kind])
         diff = check_onnx(path, module, example)
         if not diff <= ONNX_TOLERANCE:
             raise ExportError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} (> {ONNX_TOLERANCE})")

@@ -187,7 +187,10 @@ def ratio_table(teacher: Mapping[str, Any], students: Mapping[str, Mapping[str, 
 # ---------------------------------------------------------------------------- ONNX
 
 
-def _export_dynamo(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str]) -> None:
+ONNX_NAMES = ("image", "embedding")  # the input's and the output's name unless a caller names them
+
+
+def _export_dynamo(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str] = ONNX_NAMES) -> None:
     batch = torch.export.Dim("batch")
     torch.onnx.export(
         module, (example,), str(path), dynamo=True, input_names=[names[0]], output_names=[names[1]],
@@ -195,7 +198,7 @@ def _export_dynamo(module: nn.Module, example: Tensor, path: Path, names: tuple[
     )
 
 
-def _export_torchscript(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str]) -> None:
+def _export_torchscript(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str] = ONNX_NAMES) -> None:
     with warnings.catch_warnings():
         # torch >= 2.9 warns that this exporter is legacy; it is the one that needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -220,10 +223,10 @@ def _exporter_order(exporter: str) -> list[str]:
 
 
 def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exporter: str = "auto",
-                input_name: str = "image", output_name: str = "embedding") -> Path:
+                names: tuple[str, str] = ONNX_NAMES) -> Path:
     """Export a tower to ONNX with a dynamic batch axis: example [B, ...] (images [B, 3, S, S]).
 
-    Input ``input_name`` [batch, ...], output ``output_name`` [batch, D]. ``exporter``: "dynamo"
+    ``names``: (input, output), by default "image" [batch, 3, S, S] and "embedding" [batch, D]. ``exporter``: "dynamo"
     (torch.export, torch's default since 2.9, needs the onnxscript package), "torchscript"
     (legacy, works with torch alone) or "auto": dynamo when onnxscript is installed,
     falling back to torchscript if it fails. The module is exported in eval mode and its
@@ -245,7 +248,8 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exp
     try:
         for i, name in enumerate(order):
             try:
-                _EXPORTERS[name](module, example, path, (input_name, output_name))
+                # default names are not passed: an exporter taking (module, example, path) stays valid
+                _EXPORTERS[name](module, example, path, *([] if names == ONNX_NAMES else [names]))
                 return path
             except Exception as err:  # noqa: BLE001 - any exporter failure -> try the next one
                 if i == len(order) - 1:

@@ -7,13 +7,13 @@ import logging
 import typer
 from rich.logging import RichHandler
 
-from . import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_extract, cmd_train, cmd_whiten
+from . import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_export, cmd_extract, cmd_train, cmd_whiten
 from kdpipe.progress import console
 
 app = typer.Typer(
     name="kdpipe",
     help="Distil CLIP teachers into small students from cached teacher embeddings.\n\n"
-    "Stages: make-shapes -> extract -> fit-whitening -> train -> eval -> bench (or: demo).",
+    "Stages: make-shapes -> extract -> fit-whitening -> train -> eval -> bench -> export (or: demo).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -30,7 +30,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     )
 
 
-for _module in (cmd_data, cmd_extract, cmd_whiten, cmd_train, cmd_eval, cmd_bench, cmd_demo):
+for _module in (cmd_data, cmd_extract, cmd_whiten, cmd_train, cmd_eval, cmd_bench, cmd_export, cmd_demo):
     _module.register(app)
 
 if __name__ == "__main__":

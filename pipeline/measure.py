@@ -187,23 +187,26 @@ def ratio_table(teacher: Mapping[str, Any], students: Mapping[str, Mapping[str, 
 # ---------------------------------------------------------------------------- ONNX
 
 
-def _export_dynamo(module: nn.Module, example: Tensor, path: Path) -> None:
+ONNX_NAMES = ("image", "embedding")  # the input's and the output's name unless a caller names them
+
+
+def _export_dynamo(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str] = ONNX_NAMES) -> None:
     batch = torch.export.Dim("batch")
     torch.onnx.export(
-        module, (example,), str(path), dynamo=True, input_names=["image"], output_names=["embedding"],
+        module, (example,), str(path), dynamo=True, input_names=[names[0]], output_names=[names[1]],
         dynamic_shapes=({0: batch},), external_data=False,
     )
 
 
-def _export_torchscript(module: nn.Module, example: Tensor, path: Path) -> None:
+def _export_torchscript(module: nn.Module, example: Tensor, path: Path, names: tuple[str, str] = ONNX_NAMES) -> None:
     with warnings.catch_warnings():
         # torch >= 2.9 warns that this exporter is legacy; it is the one that needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed")
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent Python ifs in timm/torch
         torch.onnx.export(
-            module, (example,), str(path), dynamo=False, input_names=["image"], output_names=["embedding"],
-            dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
+            module, (example,), str(path), dynamo=False, input_names=[names[0]], output_names=[names[1]],
+            dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
         )
 
 
@@ -219,10 +222,11 @@ def _exporter_order(exporter: str) -> list[str]:
     return ["dynamo", "torchscript"]
 
 
-def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exporter: str = "auto") -> Path:
-    """Export an image tower to ONNX with a dynamic batch axis: example [B, 3, S, S].
+def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exporter: str = "auto",
+                names: tuple[str, str] = ONNX_NAMES) -> Path:
+    """Export a tower to ONNX with a dynamic batch axis: example [B, ...] (images [B, 3, S, S]).
 
-    Input "image" [batch, 3, S, S], output "embedding" [batch, D]. ``exporter``: "dynamo"
+    ``names``: (input, output), by default "image" [batch, 3, S, S] and "embedding" [batch, D]. ``exporter``: "dynamo"
     (torch.export, torch's default since 2.9, needs the onnxscript package), "torchscript"
     (legacy, works with torch alone) or "auto": dynamo when onnxscript is installed,
     falling back to torchscript if it fails. The module is exported in eval mode and its
@@ -244,7 +248,8 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exp
     try:
         for i, name in enumerate(order):
             try:
-                _EXPORTERS[name](module, example, path)
+                # default names are not passed: an exporter taking (module, example, path) stays valid
+                _EXPORTERS[name](module, example, path, *([] if names == ONNX_NAMES else [names]))
                 return path
             except Exception as err:  # noqa: BLE001 - any exporter failure -> try the next one
                 if i == len(order) - 1:
@@ -268,7 +273,8 @@ def _onnx_session(path: str | os.PathLike, threads: int | None = None):
 def check_onnx(path: str | os.PathLike, module: nn.Module, example: Tensor) -> float:
     """Largest absolute difference between ONNX Runtime (CPU) and PyTorch on example [B, ...]."""
     session = _onnx_session(path)
-    x = example.detach().cpu().float()
+    x = example.detach().cpu()
+    x = x.float() if x.is_floating_point() else x  # token ids stay integers
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     was_training = module.training
     module.eval()

@@ -18,7 +18,8 @@ def export_cmd(
     format: str = typer.Option("all", "--format", "-f", help="open_clip (open_clip_config.json + weights: "
                                "create_model_and_transforms('local-dir:DIR')), timm (DIR/timm: "
                                "timm.create_model('local-dir:DIR/timm', pretrained=True)), onnx (image_encoder.onnx: image -> "
-                               "image_embeds; text_encoder.onnx: text -> text_embeds with a text student) or all."),
+                               "image_embeds; text_encoder.onnx: text -> text_embeds with a text student), all, or a "
+                               "comma-separated list (open_clip,timm)."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="The run's weights: best (the best validation "
                                    "score) or last (the final step)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="The teacher's weights FILE, when the run's "

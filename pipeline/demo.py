@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import bench, evaluate, extract, pretrain, report, train, trainstate, whiten
+from . import bench, evaluate, export, extract, pretrain, report, train, trainstate, whiten
 from .data.shapes import make_shapes
 from .losses import DEFAULT_RECIPE
 from .progress import console
@@ -113,6 +113,17 @@ def onnx_available() -> bool:
     return True
 
 
+def export_student(cfg: DemoConfig, runs: list[Path], teacher: Path, out: Path) -> Path | None:
+    """The first raw (not whitened) student, exported for open_clip, timm (and ONNX when installed)."""
+    raw = [r for r in runs if r.name.endswith("-raw")]
+    if not raw:
+        return None
+    stage(cfg, "export", (out / export.CARD).exists(), lambda: export.run(export.ExportConfig(
+        run=str(raw[0]), out=str(out), format="all" if onnx_available() else "open_clip,timm",
+        pretrained=str(teacher / "model.safetensors"), teacher_config=str(teacher / "config.json"))))
+    return out
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Every stage on the shapes world; returns the report (also printed and written)."""
     size = cfg.size or SIZES["quick" if cfg.quick else "default"]
@@ -140,7 +151,13 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
           lambda: bench.run(bench.BenchConfig(runs=[str(r) for r in runs], device="cpu", iters=size.bench_iters,
                                               batch_sizes=(1, 32), onnx=onnx_available())))
     result = report.run(report.ReportConfig(runs=[str(r) for r in runs], out=str(root / "report.md")))
+    exported = export_student(cfg, runs, teacher, root / "export")
     (root / "demo.json").write_text(json.dumps({"timings_s": cfg.timings, "runs": [str(r) for r in runs],
                                                 "size": size.__dict__}, indent=1, default=list))
     console.print(f"\nreport: {root / 'report.md'}   timings (s): {cfg.timings}")
+    if exported is not None:
+        console.print(f"\nthe student, ready to use outside kdpipe ({exported}):\n"
+                      f"  import open_clip\n"
+                      f"  model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{exported}')\n"
+                      f"  tokenizer = open_clip.get_tokenizer('local-dir:{exported}')")
     return result

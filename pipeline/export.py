@@ -399,11 +399,14 @@ def model_card(run: Run, cfg: ExportConfig, formats: list[str]) -> str:
 
 
 def formats_of(fmt: str) -> list[str]:
+    """"all", one format or a comma-separated list ("open_clip,timm") -> formats in FORMATS order."""
     if fmt == "all":
         return list(FORMATS)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}, all")
-    return [fmt]
+    asked = [f.strip() for f in fmt.split(",") if f.strip()]
+    unknown = [f for f in asked if f not in FORMATS]
+    if unknown or not asked:
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}, all, or a comma-separated list")
+    return [f for f in FORMATS if f in asked]
 
 
 def _check(cfg: ExportConfig) -> list[str]:

@@ -53,6 +53,10 @@ def test_every_stage_leaves_its_files(demo_dir):
         assert 0 <= ev["metrics"]["i2t_R@1"]["student"] <= 1 and ev["metrics"]["i2t_R@1"]["teacher"] > 0
     report = (demo_dir / "report.md").read_text()
     assert "mobilenetv3_050-raw" in report and "teacher" in report
+    for rel in ("open_clip_config.json", "timm/config.json", "image_encoder.onnx", "README.md"):
+        assert (demo_dir / "export" / rel).is_file(), rel  # the raw student, exported for use outside kdpipe
+    vision = json.loads((demo_dir / "export" / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    assert vision["timm_model_name"] == "mobilenetv3_small_050"
 
 
 @pytest.mark.slow

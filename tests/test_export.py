@@ -222,3 +222,12 @@ def test_cli_export_help_and_missing_run():
     assert runner.invoke(app, ["export", "--help"]).exit_code == 0
     result = runner.invoke(app, ["export", "/nonexistent/run", "--out", "/tmp/x"])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_formats_all_one_or_a_comma_separated_list():
+    assert export.formats_of("all") == list(export.FORMATS)
+    assert export.formats_of("onnx") == ["onnx"]
+    assert export.formats_of("timm, open_clip") == ["open_clip", "timm"]
+    for bad in ("jpeg", "open_clip,jpeg", ","):
+        with pytest.raises(ValueError, match="unknown export format"):
+            export.formats_of(bad)

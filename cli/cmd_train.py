@@ -18,10 +18,14 @@ from kdpipe.progress import console
 
 
 def train(
-    student: Optional[str] = typer.Option(None, "--student", "-s", help="Image student (STUDENTS registry): "
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="Image student, a timm model: "
                                           "mobilenetv3, mobilenetv3_050 (half width), mobilenetv3_large, resnet18/34/50, "
                                           "efficientnet_b0, "
-                                          "vit_tiny, mobilevit_s, tiny. Default mobilenetv3."),
+                                          "vit_tiny, mobilevit_s, tiny (STUDENTS registry), or timm:NAME for any timm "
+                                          "model (names: timm.list_models('*mobilenet*')). Default mobilenetv3."),
+    init_checkpoint: Optional[Path] = typer.Option(None, "--init-checkpoint", help="Local weights for the student "
+                                                   "backbone (e.g. a timm ImageNet checkpoint, .safetensors or .pth; "
+                                                   "its classifier is dropped)."),
     cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache directory from `kdpipe extract`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write."),
     losses: Optional[str] = typer.Option(None, "--losses", "-l", help="Weighted losses (clip, fd, mfd, crd, icl, "
@@ -64,7 +68,8 @@ def train(
                  lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, image_size=image_size,
                  precision=precision, device=device, workers=workers, views_used=views_used, seed=seed,
                  max_steps=max_steps, val_every=val_every, log_every=log_every,
-                 resume=resume or None, progress=False if no_progress else None)
+                 resume=resume or None, progress=False if no_progress else None,
+                 init_checkpoint=str(init_checkpoint) if init_checkpoint else None)
     with user_errors():
         cfg = resolve_config(flags, config)
         result = run(cfg)

@@ -1,4 +1,4 @@
-"""Student models: image backbones (torchvision / timm) and small text transformers (open_clip).
+"""Student models: image backbones (timm models) and small text transformers (open_clip).
 
 A student maps its input to the teacher's embedding dim D through a linear projection and
 returns *un-normalised* features; the losses normalise. Everything is built with
@@ -16,13 +16,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import timm
 import torch
-import torchvision
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
@@ -44,36 +43,68 @@ VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer (CLIP BPE); the EOT id 49407 i
 
 @dataclass
 class Backbone:
-    """What a builder returns: a module emitting pooled features [B, dim] and how to mask it."""
+    """What a builder returns: a module emitting pooled features [B, dim], how to mask it, and
+    what rebuilds it as a plain timm model (``timm.create_model(timm_name, **timm_kwargs,
+    num_classes=N, global_pool=global_pool)``: its classifier then takes the place of the
+    student's projection)."""
 
     module: nn.Module
     dim: int
     mask_kind: str  # "patch" (ViTs: zero whole patches) or "block" (CNNs: random block erasing)
     patch_size: int  # ViT patch size; for CNNs the network's total stride (informational)
+    timm_name: str | None = None  # the timm architecture; None for a module timm cannot rebuild
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model kwargs besides the head's
+    global_pool: str | None = None  # the model's pooling ("avg", "token", ...), as create_model takes it
 
 
 BackboneBuilder = Callable[..., Backbone]
 STUDENTS: Registry[BackboneBuilder] = Registry("student")
+TIMM_PREFIX = "timm:"  # --student timm:NAME builds any timm model NAME
 
 
-def _strip_torchvision_head(model: nn.Module, attr: str) -> int:
-    """Replace ``model.<attr>`` (classifier / fc) with Identity; returns the pooled feature dim."""
-    head = getattr(model, attr)
-    first_linear = head if isinstance(head, nn.Linear) else next(m for m in head if isinstance(m, nn.Linear))
-    setattr(model, attr, nn.Identity())
-    return first_linear.in_features
+def _global_pool(model: nn.Module) -> str | None:
+    """The pooling a timm model applies before its classifier: a str on ViTs and ByobNets, a
+    ``SelectAdaptivePool2d`` (its ``pool_type``) on most CNNs, sometimes only on ``model.head``."""
+    for owner in (model, getattr(model, "head", None)):
+        pool = getattr(owner, "global_pool", None)
+        if isinstance(pool, str):
+            return pool
+        if isinstance(pool, nn.Module) and isinstance(getattr(pool, "pool_type", None), str):
+            return pool.pool_type
+    return None
 
 
-def _torchvision(fn: Callable[..., nn.Module], head_attr: str) -> Backbone:
-    model = fn(weights=None)
-    dim = _strip_torchvision_head(model, head_attr)
-    return Backbone(model, dim, mask_kind="block", patch_size=32)
+def _patch_size(model: nn.Module) -> int | None:
+    """The patch size of a model that tokenises its input by patches (``patch_embed``), else None."""
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return None if size is None else int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _total_stride(model: nn.Module) -> int:
+    """The reduction of a timm model's last feature map (32 for the usual CNNs), 32 if unknown."""
+    info = getattr(model, "feature_info", None)
+    return int(info[-1]["reduction"]) if info else 32
+
+
+def _timm(name: str, **kwargs: Any) -> Backbone:
+    """timm ``name`` without its classifier (pretrained=False, num_classes=0); kwargs go to create_model.
+
+    Models that embed patches (ViTs, Swin, ...) are masked by whole patches, all others by blocks.
+    The feature dim is ``head_hidden_size``: what the model emits before its classifier (1024 on
+    MobileNetV3-small, whose conv_head follows the pooling).
+    """
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    patch = _patch_size(model)
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return Backbone(model, dim, mask_kind="block" if patch is None else "patch",
+                    patch_size=patch or _total_stride(model), timm_name=name, timm_kwargs=dict(kwargs),
+                    global_pool=_global_pool(model))
 
 
 @STUDENTS.register("mobilenetv3", "mobilenetv3_small")
 def mobilenetv3_small(image_size: int) -> Backbone:
-    """torchvision mobilenet_v3_small, 576 pooled features (BN momentum 0.01: use precise_bn)."""
-    return _torchvision(torchvision.models.mobilenet_v3_small, "classifier")
+    """timm mobilenetv3_small_100: 576 pooled channels, conv_head to 1024 features."""
+    return _timm("mobilenetv3_small_100")
 
 
 @STUDENTS.register("mobilenetv3_050")
@@ -83,73 +114,78 @@ def mobilenetv3_050(image_size: int) -> Backbone:
     For teachers too small for the full one to be a 4x compression (e.g. the shapes-world
     teacher: 21 MFLOPs at 64 px vs mobilenetv3's 9.9 and this one's 4.8, projection included).
     """
-    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
-    return Backbone(model, model.head_hidden_size, mask_kind="block", patch_size=32)
+    return _timm("mobilenetv3_small_050")
 
 
 @STUDENTS.register("mobilenetv3_large")
 def mobilenetv3_large(image_size: int) -> Backbone:
-    return _torchvision(torchvision.models.mobilenet_v3_large, "classifier")
+    """timm mobilenetv3_large_100: 960 pooled channels, conv_head to 1280 features."""
+    return _timm("mobilenetv3_large_100")
 
 
 @STUDENTS.register("resnet18")
 def resnet18(image_size: int) -> Backbone:
-    return _torchvision(torchvision.models.resnet18, "fc")
+    return _timm("resnet18")
 
 
 @STUDENTS.register("resnet34")
 def resnet34(image_size: int) -> Backbone:
-    return _torchvision(torchvision.models.resnet34, "fc")
+    return _timm("resnet34")
 
 
 @STUDENTS.register("resnet50")
 def resnet50(image_size: int) -> Backbone:
-    return _torchvision(torchvision.models.resnet50, "fc")
+    return _timm("resnet50")
 
 
 @STUDENTS.register("efficientnet_b0")
 def efficientnet_b0(image_size: int) -> Backbone:
-    return _torchvision(torchvision.models.efficientnet_b0, "classifier")
+    return _timm("efficientnet_b0")
 
 
 @STUDENTS.register("vit_tiny")
 def vit_tiny(image_size: int, patch_size: int = 16) -> Backbone:
     """timm vit_tiny_patch16_224 at ``image_size`` (dynamic size: other resolutions interpolate)."""
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0,
-        img_size=image_size, patch_size=patch_size, dynamic_img_size=True,
-    )
-    return Backbone(model, model.num_features, mask_kind="patch", patch_size=patch_size)
+    return _timm("vit_tiny_patch16_224", img_size=image_size, patch_size=patch_size, dynamic_img_size=True)
 
 
 @STUDENTS.register("mobilevit_s")
 def mobilevit_s(image_size: int) -> Backbone:
     """timm mobilevit_s (needs image_size divisible by 32)."""
-    model = timm.create_model("mobilevit_s", pretrained=False, num_classes=0)
-    return Backbone(model, model.num_features, mask_kind="block", patch_size=32)
-
-
-class TinyConvNet(nn.Module):
-    """Three stride-2 conv-BN-ReLU layers and global average pooling: a test student, fast on CPU."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = [3, width, 2 * width, 4 * width]
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-        self.features = nn.Sequential(*layers)
-        self.num_features = channels[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 3, S, S] -> [B, 4·width]."""
-        return self.features(x).mean(dim=(2, 3))
+    return _timm("mobilevit_s")
 
 
 @STUDENTS.register("tiny")
-def tiny(image_size: int, width: int = 16) -> Backbone:
-    model = TinyConvNet(width)
-    return Backbone(model, model.num_features, mask_kind="block", patch_size=8)
+def tiny(image_size: int) -> Backbone:
+    """timm test_efficientnet (0.1 M params, 256 features): a test student, fast on CPU."""
+    return _timm("test_efficientnet")
+
+
+def timm_student(name: str, image_size: int, **kwargs: Any) -> Backbone:
+    """Any timm model ``name`` (``--student timm:NAME``); kwargs go to ``timm.create_model``.
+
+    A model with a fixed input size (a ViT's strict ``patch_embed``) is built at ``image_size``
+    unless kwargs set ``img_size``, as ``vit_tiny`` is.
+    """
+    if not timm.is_model(name):
+        raise KeyError(f"unknown timm model {name!r}; list the names with e.g. "
+                       f"python -c \"import timm; print(timm.list_models('*mobilenet*'))\"")
+    backbone = _timm(name, **kwargs)
+    embed = getattr(backbone.module, "patch_embed", None)
+    fixed = getattr(embed, "strict_img_size", False) and tuple(embed.img_size) != (image_size, image_size)
+    if fixed and "img_size" not in kwargs:
+        backbone = _timm(name, **kwargs, img_size=image_size)
+    return backbone
+
+
+def student_builder(name: str) -> BackboneBuilder:
+    """``STUDENTS[name]``, or for ``timm:NAME`` the builder of timm model NAME."""
+    if name.startswith(TIMM_PREFIX):
+        return functools.partial(timm_student, name.removeprefix(TIMM_PREFIX))
+    try:
+        return STUDENTS.get(name)
+    except KeyError as err:
+        raise KeyError(f"{err.args[0]}; or {TIMM_PREFIX}NAME for any timm model") from None
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -192,7 +228,8 @@ class ImageStudent(nn.Module):
     """Backbone + linear projection to the teacher's embedding dim.
 
     Attributes used by the trainer: ``mask_kind`` / ``patch_size`` (for ``losses.mask_images``),
-    ``mean`` / ``std`` (input normalisation), ``spec`` (how to rebuild it).
+    ``mean`` / ``std`` (input normalisation), ``spec`` (how to rebuild it); by export:
+    ``timm_name`` / ``timm_kwargs`` / ``global_pool`` (the backbone as a timm model, see ``Backbone``).
     """
 
     def __init__(
@@ -204,6 +241,7 @@ class ImageStudent(nn.Module):
         self.proj = nn.Linear(backbone.dim, embed_dim)
         self.feature_dim, self.embed_dim, self.image_size = backbone.dim, embed_dim, image_size
         self.mask_kind, self.patch_size = backbone.mask_kind, backbone.patch_size
+        self.timm_name, self.timm_kwargs, self.global_pool = backbone.timm_name, backbone.timm_kwargs, backbone.global_pool
         self.mean, self.std = tuple(mean), tuple(std)
         self.spec = spec
 
@@ -217,9 +255,9 @@ def build_student(
     mean: tuple[float, ...] = OPENAI_DATASET_MEAN, std: tuple[float, ...] = OPENAI_DATASET_STD,
     init_checkpoint: str | None = None, **kwargs: Any,
 ) -> ImageStudent:
-    """Build ``STUDENTS[name]`` (+ projection to ``embed_dim``); kwargs go to the builder."""
-    builder = STUDENTS.get(name)
-    backbone = builder(image_size, **kwargs)
+    """Build ``STUDENTS[name]`` or timm model NAME for ``timm:NAME`` (+ projection to ``embed_dim``);
+    kwargs go to the builder (for ``timm:NAME``, to ``timm.create_model``)."""
+    backbone = student_builder(name)(image_size, **kwargs)
     if init_checkpoint is not None:
         load_init_checkpoint(backbone.module, init_checkpoint)
     spec = {"name": name, "kwargs": dict(kwargs), "init_checkpoint": init_checkpoint}
@@ -326,7 +364,10 @@ def write_spec(run_dir: str | Path, image: ImageStudent, text: TextStudent | Non
         **meta,
         "format": 1,
         "image": {"name": image.spec["name"], "kwargs": image.spec["kwargs"],
-                  "init_checkpoint": image.spec.get("init_checkpoint")},
+                  "init_checkpoint": image.spec.get("init_checkpoint"),
+                  # informational (name + kwargs rebuild it): the backbone as a timm model
+                  "timm": None if image.timm_name is None else {
+                      "name": image.timm_name, "kwargs": image.timm_kwargs, "global_pool": image.global_pool}},
         "text": None if text is None else {"name": text.spec["name"], "kwargs": text.spec["kwargs"]},
         "embed_dim": image.embed_dim, "image_size": image.image_size,
         "mean": list(image.mean), "std": list(image.std),
@@ -400,8 +441,9 @@ def _with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], max_samples: int = 512) -> int:
     """Re-estimate every BatchNorm's running stats over up to ``max_samples`` inputs.
 
-    Why: torchvision MobileNetV3 uses BN momentum 0.01; on a short schedule its running
-    stats lag the weights and eval-mode outputs collapse. Stats are reset and
+    Why: running stats are an exponential average (momentum 0.1 in timm's CNNs, 0.01 in
+    torchvision's MobileNetV3) over weights that moved; on a short schedule they lag the
+    weights and eval-mode outputs drift or collapse. Stats are reset and
     accumulated as a cumulative average (momentum=None) with only the BN layers in train
     mode (dropout / stochastic depth stay off); modes and momenta are restored afterwards.
     Returns the number of samples used (0 when the model has no BatchNorm).

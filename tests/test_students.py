@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -262,8 +263,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # tolerance: running_var is the unbiased variance, the train-mode forward divides by the biased
 # one; with n = 2·2·32 values per channel in MobileNetV3's last layers at 64 px that differs by
-# ~0.4% per layer and compounds over ~50 BN layers (measured: 0.09 at batch 32, 0.026 at 128).
-@pytest.mark.parametrize("name, halves, tol", [("tiny", 2, 0.05), ("mobilenetv3", 1, 0.12)])
+# ~0.8% per layer and compounds over 34 BN layers (measured on timm's mobilenetv3_small_100:
+# 0.148 at batch 32; torchvision's gave 0.09; tiny = timm test_efficientnet, 13 BN layers: 0.054
+# from two half-batches, 0.027 whole). test_precise_bn_is_exact_up_to_the_unbiased_variance
+# shows that this is the whole difference.
+@pytest.mark.parametrize("name, halves, tol", [("tiny", 2, 0.08), ("mobilenetv3", 1, 0.2)])
 def test_precise_bn_makes_eval_outputs_match_batch_statistics(name, halves, tol):
     torch.manual_seed(0)
     student = build_student(name, embed_dim=D, image_size=64)
@@ -291,6 +295,29 @@ def test_precise_bn_makes_eval_outputs_match_batch_statistics(name, halves, tol)
         torch.testing.assert_close(first_bn.running_mean, first_conv(x).mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
+def test_precise_bn_is_exact_up_to_the_unbiased_variance():
+    torch.manual_seed(0)
+    student = build_student("mobilenetv3", embed_dim=D, image_size=64)
+    x = 3.0 * torch.rand(32, 3, 64, 64) + 1.0
+    with torch.no_grad():
+        batch_stats = student.train()(x)
+    precise_bn(student, [x], max_samples=32)
+    values_per_channel = {}  # n = B·H·W at each BN: running_var holds var·n/(n-1)
+
+    def record(bn: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        values_per_channel[bn] = inputs[0].numel() // inputs[0].shape[1]
+
+    hooks = [bn.register_forward_hook(record) for bn in student.modules() if isinstance(bn, nn.BatchNorm2d)]
+    with torch.no_grad():
+        student.eval()(x)
+        for bn, n in values_per_channel.items():
+            bn.running_var.mul_((n - 1) / n)
+        biased = student(x)
+    for hook in hooks:
+        hook.remove()
+    assert _rel_err(biased, batch_stats) < 1e-4
+
+
 def test_precise_bn_respects_max_samples_and_no_bn_models():
     student = build_student("tiny", embed_dim=D, image_size=32)
     batches = (torch.randn(8, 3, 32, 32) for _ in range(100))  # a long stream: must stop early
@@ -309,3 +336,86 @@ def test_precise_bn_without_batches_keeps_old_stats():
     with pytest.raises(ValueError, match="no batches"):
         precise_bn(student, [])
     torch.testing.assert_close(bn.running_mean, old)
+
+
+# --------------------------------------------------------------------------- timm towers
+
+
+def _as_timm_classifier(image: ImageStudent, **create_kwargs) -> nn.Module:
+    """The student rebuilt from its timm description: its projection becomes the timm classifier."""
+    model = timm.create_model(image.timm_name, pretrained=False, num_classes=image.embed_dim,
+                              global_pool=image.global_pool, **image.timm_kwargs, **create_kwargs)
+    classifier = model.pretrained_cfg["classifier"]
+    state = {k.removeprefix("backbone."): v for k, v in image.state_dict().items() if k.startswith("backbone.")}
+    state.update({f"{classifier}.{k.removeprefix('proj.')}": v for k, v in image.state_dict().items()
+                  if k.startswith("proj.")})
+    model.load_state_dict(state)  # strict: the names and shapes must all fit
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", [n for n in IMAGE_NAMES if n not in HEAVY])
+def test_every_student_is_a_timm_model_with_its_projection_as_classifier(name):
+    torch.manual_seed(0)
+    image = build_student(name, embed_dim=D, image_size=64)
+    image.train()(_images(name))  # BN running stats off their initial values
+    image.eval()
+    assert image.timm_name is not None and image.global_pool in ("avg", "token")
+    x = _images(name, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(_as_timm_classifier(image)(x), image(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_describes_its_timm_build():
+    vit = build_student("vit_tiny", embed_dim=D, image_size=32, patch_size=8)
+    assert (vit.timm_name, vit.global_pool) == ("vit_tiny_patch16_224", "token")
+    assert vit.timm_kwargs == {"img_size": 32, "patch_size": 8, "dynamic_img_size": True}
+    mobilenet = build_student("mobilenetv3", embed_dim=D, image_size=64)
+    assert (mobilenet.timm_name, mobilenet.timm_kwargs, mobilenet.global_pool) == ("mobilenetv3_small_100", {}, "avg")
+    assert mobilenet.feature_dim == 1024  # timm keeps MobileNetV3's conv_head: 576 pooled -> 1024
+
+
+def test_any_timm_model_is_a_student_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    # kwargs go to timm.create_model; without a dynamic size, test_vit's 160 px input is fixed:
+    # the student is built at the run's image size
+    image = build_student("timm:test_vit", embed_dim=D, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                          dynamic_img_size=False)
+    assert (image.mask_kind, image.patch_size, image.timm_name) == ("patch", 16, "test_vit")
+    assert image.timm_kwargs == {"dynamic_img_size": False, "img_size": 32}
+    x = torch.randn(2, 3, 32, 32)
+    out = image.eval()(x)
+    assert out.shape == (2, D) and torch.isfinite(out).all()
+    save_student(tmp_path, image, None, {})
+    spec = json.loads((tmp_path / "student.json").read_text())
+    assert spec["image"]["name"] == "timm:test_vit" and spec["image"]["kwargs"] == {"dynamic_img_size": False}
+    assert spec["image"]["timm"] == {"name": "test_vit", "kwargs": image.timm_kwargs, "global_pool": "token"}
+    loaded, _, _ = load_student(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), image(x), rtol=0, atol=0)
+    cnn = build_student("timm:test_resnet", embed_dim=D, image_size=32)
+    assert (cnn.mask_kind, cnn.patch_size, cnn.feature_dim) == ("block", 32, 96)
+
+
+def test_unknown_timm_model_says_how_to_find_names():
+    with pytest.raises(KeyError) as err:
+        build_student("timm:mobilenetv9", embed_dim=D, image_size=64)
+    assert err.value.args[0].startswith("unknown timm model 'mobilenetv9'")
+    assert "timm.list_models('*mobilenet*')" in err.value.args[0]
+    with pytest.raises(KeyError) as err:  # a registry miss points at the timm prefix too
+        build_student("mobilenetv9", embed_dim=D, image_size=64)
+    assert "resnet18" in err.value.args[0] and "timm:NAME" in err.value.args[0]
+
+
+def test_init_checkpoint_of_a_timm_imagenet_model(tmp_path, caplog):
+    torch.manual_seed(1)
+    imagenet = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)  # with its classifier
+    path = tmp_path / "imagenet.safetensors"
+    save_file(imagenet.state_dict(), str(path))
+    torch.manual_seed(2)
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
+        student = build_student("timm:test_efficientnet", embed_dim=D, image_size=32, init_checkpoint=str(path))
+    own = student.backbone.state_dict()
+    assert set(own) == set(imagenet.state_dict()) - {"classifier.weight", "classifier.bias"}
+    for k, v in own.items():
+        torch.testing.assert_close(v, imagenet.state_dict()[k], rtol=0, atol=0)
+    assert "unexpected 2" in caplog.text and "classifier.weight" in caplog.text

@@ -231,3 +231,46 @@ def test_formats_all_one_or_a_comma_separated_list():
     for bad in ("jpeg", "open_clip,jpeg", ","):
         with pytest.raises(ValueError, match="unknown export format"):
             export.formats_of(bad)
+
+
+def _unique_students() -> list[str]:
+    from kdpipe.students import STUDENTS  # noqa: PLC0415
+
+    seen, names = set(), []
+    for name in STUDENTS.names():
+        if id(STUDENTS.get(name)) not in seen:
+            seen.add(id(STUDENTS.get(name)))
+            names.append(name)
+    return names
+
+
+HEAVY = {"resnet34", "resnet50"}  # tens of MB of weights written and read twice: in the slow set
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in _unique_students()])
+def test_every_registry_student_exports_to_timm_and_open_clip(name, teacher, tmp_path):
+    """Each student's exported towers compute its embeddings (in-process here; the fresh-process checks are above)."""
+    import open_clip  # noqa: PLC0415
+    import timm  # noqa: PLC0415
+
+    from kdpipe.students import load_student  # noqa: PLC0415
+
+    run = make_run(tmp_path / "run", teacher, image=name)
+    student = load_student(run)[0]
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(student.eval()(x), dim=-1)
+    out = tmp_path / "export"
+    export.run(ExportConfig(run=str(run), out=str(out), format="timm"))
+    tower = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(tower(x), ref).min() > 0.9999
+    if export.extra_timm_args(student.backbone):
+        with pytest.raises(ExportError, match="--format timm"):
+            export.run(ExportConfig(run=str(run), out=str(out), format="open_clip"))
+        return
+    export.run(ExportConfig(run=str(run), out=str(out), format="open_clip"))
+    model = open_clip.create_model_and_transforms(f"local-dir:{out}")[0].eval()
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(model.encode_image(x), ref).min() > 0.9999

@@ -421,7 +421,16 @@ def load_student(run_dir: str | Path, device: str | torch.device = "cpu",
     image = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],
                           mean=tuple(spec["mean"]), std=tuple(spec["std"]), **spec["image"]["kwargs"])
     image.spec["init_checkpoint"] = spec["image"].get("init_checkpoint")  # provenance only, not reloaded
-    image.load_state_dict(_with_prefix(weights, "image."))
+    try:
+        image.load_state_dict(_with_prefix(weights, "image."))
+    except RuntimeError as err:
+        if "timm" in spec["image"]:
+            raise
+        # student.json without "image.timm": trained before the students became timm towers
+        # (mobilenetv3*, efficientnet_b0 and tiny were torchvision / hand-written nets then)
+        raise ValueError(f"{run_dir}: its {spec['image']['name']!r} weights are from an older kdpipe, whose "
+                         f"students were torchvision models; this version builds timm towers, which name and "
+                         f"shape their weights differently. Retrain the run with this version.") from err
     text = None
     if spec["text"] is not None:
         text = build_text_student(spec["text"]["name"], spec["embed_dim"], **spec["text"]["kwargs"])

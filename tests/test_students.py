@@ -419,3 +419,24 @@ def test_init_checkpoint_of_a_timm_imagenet_model(tmp_path, caplog):
     for k, v in own.items():
         torch.testing.assert_close(v, imagenet.state_dict()[k], rtol=0, atol=0)
     assert "unexpected 2" in caplog.text and "classifier.weight" in caplog.text
+
+
+def test_a_run_from_before_the_timm_students_is_refused_with_what_to_do(tmp_path):
+    """student.json without "image.timm" and torchvision-shaped weights: a message, not a state-dict dump."""
+    import torchvision  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    student = build_student("mobilenetv3", 16, 32)
+    save_student(tmp_path, student, None, {})
+    spec = json.loads((tmp_path / "student.json").read_text())
+    del spec["image"]["timm"]
+    (tmp_path / "student.json").write_text(json.dumps(spec))
+    old = torchvision.models.mobilenet_v3_small(weights=None)
+    old.classifier = nn.Identity()
+    weights = {f"image.backbone.{k}": v for k, v in old.state_dict().items()}
+    weights.update({k: v for k, v in load_file(str(tmp_path / spec["checkpoints"]["last"]["file"])).items()
+                    if k.startswith("image.proj")})
+    for entry in spec["checkpoints"].values():
+        save_file(weights, str(tmp_path / entry["file"]))
+    with pytest.raises(ValueError, match="older kdpipe.*torchvision.*Retrain"):
+        load_student(tmp_path)

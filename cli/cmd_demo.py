@@ -40,10 +40,17 @@ def pretrain_teacher(
     lr: float = typer.Option(5e-4, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and crops."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain even if OUT holds a teacher (any settings)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain even if OUT holds a teacher (any settings), "
+                                   "or start over an unfinished one instead of resuming it."),
     val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Evaluate on the val split every N "
                                             "steps (the val curve in train.json, and whether the last 20% of "
                                             "steps still gained); default: at the end only."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=0, help="Save the full "
+                                                   "training state in OUT/checkpoints/ every N steps (0: never); "
+                                                   "default: at each --val-every point, else every 10% of the "
+                                                   "steps. Re-running the same command on an unfinished OUT "
+                                                   "resumes from the latest one (same weights as an "
+                                                   "uninterrupted run); removed once the teacher is saved."),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Train a small open_clip CLIP from scratch (a teacher for offline demos); reuses OUT when already trained."""
@@ -52,7 +59,8 @@ def pretrain_teacher(
     with user_errors():
         cfg = stage_config(PretrainConfig, config, dict(
             data=data, out=str(out) if out else None, arch=arch, steps=steps,  # None: PretrainConfig's default
-            batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite, val_every=val_every))
+            batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite, val_every=val_every,
+            checkpoint_every=checkpoint_every))
         summary = run(cfg)
     _print_pretrain_summary(summary)
 

@@ -23,6 +23,14 @@ and therefore by ``kdpipe extract --teacher TEACHER/config.json --pretrained TEA
 - ``train.json``: the request (what identifies this teacher: model config, schedule, seed,
   data and its annotations' sha256), the loss curve, val metrics and time. Written last: a
   teacher directory without it is incomplete. A later run with the same request reuses it.
+
+While training, ``TEACHER/checkpoints/`` (``kdpipe.trainstate``: ``latest.pt``, ``previous.pt``)
+holds the full state every ``checkpoint_every`` steps: model, optimiser, scheduler, the batch
+and crop generator, the process RNGs, the data position (this epoch's permutation and the
+batches drawn from it) and the loss and val curves so far. Running the same request again on
+an incomplete teacher resumes from it and ends with the weights an uninterrupted run would
+have (bit-equal on CPU). Once ``train.json`` is written the folder is removed: a complete
+teacher is reused, never resumed.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,7 +52,7 @@ import torch.nn.functional as F
 from open_clip.constants import HF_CONFIG_NAME
 from torch import Tensor
 
-from . import runtime
+from . import runtime, trainstate
 from .atomic import atomic_write, atomic_write_json
 from .data.views import normalize_images
 from .optim import lr_lambda, param_groups
@@ -74,6 +83,7 @@ class PretrainConfig:
     overwrite: bool = False
     log_every: int = 10  # loss curve resolution (steps)
     val_every: int | None = None  # steps between held-out evaluations (the val curve); None: at the end only
+    checkpoint_every: int | None = None  # steps between checkpoints; None: at each val point, else every ~10%; 0: never
     eval_batch_size: int = 256
     progress: bool = True
 
@@ -227,17 +237,40 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 # --------------------------------------------------------------------------- training
 
 
-def batches(data: CaptionedImages, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless (image indices [B], caption rows [B]): epochs of shuffled images, one random caption each."""
-    n = len(data)
-    batch_size = min(batch_size, n)  # contrastive batches need distinct images
-    counts = data.offsets[1:] - data.offsets[:-1]
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            pick = (torch.rand(batch_size, generator=generator) * counts[idx]).long()
-            yield idx, data.offsets[idx] + pick
+class Batches:
+    """Endless (image indices [B], caption rows [B]): epochs of shuffled images, one random caption each.
+
+    An iterator object rather than a generator function, so that a checkpoint can hold where it
+    stands: the epoch's permutation (``order``, kept rather than re-drawn: ``generator`` has moved
+    on since) and the batches drawn from it. With the generator's state restored too, a resumed
+    run draws the very batches and captions an uninterrupted one would.
+    """
+
+    def __init__(self, data: CaptionedImages, batch_size: int, generator: torch.Generator) -> None:
+        self.offsets = data.offsets
+        self.counts = data.offsets[1:] - data.offsets[:-1]  # captions per image
+        self.batch_size = min(batch_size, len(data))  # contrastive batches need distinct images
+        self.generator = generator
+        self.order: Tensor | None = None  # long [N]: this epoch's permutation; None before the first batch
+        self.epoch, self.batch = -1, 0  # epochs started (from 0), batches drawn in this one
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        size = self.batch_size
+        if self.order is None or (self.batch + 1) * size > len(self.order):  # the incomplete tail is dropped
+            self.order = torch.randperm(len(self.counts), generator=self.generator)
+            self.epoch, self.batch = self.epoch + 1, 0
+        idx = self.order[self.batch * size : (self.batch + 1) * size]
+        self.batch += 1
+        pick = (torch.rand(size, generator=self.generator) * self.counts[idx]).long()
+        return idx, self.offsets[idx] + pick
+
+
+def batches(data: CaptionedImages, batch_size: int, generator: torch.Generator) -> Batches:
+    """Endless (image indices [B], caption rows [B]) from ``generator`` (see ``Batches``)."""
+    return Batches(data, batch_size, generator)
 
 
 @dataclass
@@ -274,27 +307,50 @@ class Trainer:
         return float(loss.detach())
 
 
+@dataclass
+class LoopState:
+    """What the loop has done: with the model, optimiser and RNG states, what a checkpoint holds."""
+
+    step: int = 0  # optimiser steps done
+    curve: list[dict] = field(default_factory=list)  # [{"step", "loss", "lr"}]
+    val_curve: list[dict] = field(default_factory=list)  # [{"step", **metrics}]
+    window: list[float] = field(default_factory=list)  # losses since the last curve point
+    seconds: float = 0.0  # training time of the sessions before this one (evaluations left out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but ``step`` (a checkpoint keeps it in its ``position``)."""
+        return {"curve": self.curve, "val_curve": self.val_curve, "window": self.window, "seconds": self.seconds}
+
+
 def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig,
-               on_val: Callable[[int], dict[str, float]] | None = None) -> tuple[list[dict], list[dict]]:
-    """Run ``cfg.steps`` steps; returns the loss curve [{"step", "loss", "lr"}] (means over
-    log_every steps) and the val curve [{"step", **on_val(step)}] (every ``cfg.val_every`` steps)."""
-    curve, val_curve, window = [], [], []
-    feed = batches(data, cfg.batch_size, trainer.generator)
+               on_val: Callable[[int], dict[str, float]] | None = None, feed: Batches | None = None,
+               loop: LoopState | None = None, on_checkpoint: Callable[[LoopState], None] | None = None) -> LoopState:
+    """Run steps ``loop.step`` (0 by default) to ``cfg.steps``; returns the loop's state: the loss curve
+    (means over log_every steps) and the val curve [{"step", **on_val(step)}] (every ``cfg.val_every``
+    steps). ``on_checkpoint(loop)`` is called every ``checkpoint_steps(cfg)`` steps, after that step's
+    evaluation, but not after the last step (the teacher itself is saved then)."""
+    loop = loop if loop is not None else LoopState()
+    feed = feed if feed is not None else Batches(data, cfg.batch_size, trainer.generator)
+    every = checkpoint_steps(cfg)
     trainer.model.train()
     with make_progress("samples", disable=not cfg.progress) as bar:
-        task = bar.add_task("pretrain", total=cfg.steps * min(cfg.batch_size, len(data)), info="")
-        for step in range(cfg.steps):
+        task = bar.add_task("pretrain", total=cfg.steps * feed.batch_size, completed=loop.step * feed.batch_size,
+                            info="")
+        for step in range(loop.step, cfg.steps):
             idx, rows = next(feed)
-            window.append(trainer.step(data.images[idx], data.tokens[rows]))
-            if len(window) == cfg.log_every or step == cfg.steps - 1:
+            loop.window.append(trainer.step(data.images[idx], data.tokens[rows]))
+            loop.step = step + 1
+            if len(loop.window) == cfg.log_every or step == cfg.steps - 1:
                 lr = trainer.optimizer.param_groups[0]["lr"]
-                curve.append({"step": step + 1, "loss": sum(window) / len(window), "lr": lr})
-                window = []
+                loop.curve.append({"step": step + 1, "loss": sum(loop.window) / len(loop.window), "lr": lr})
+                loop.window = []
             if on_val is not None and cfg.val_every and (step + 1) % cfg.val_every == 0 and step + 1 < cfg.steps:
-                val_curve.append({"step": step + 1, **on_val(step + 1)})
+                loop.val_curve.append({"step": step + 1, **on_val(step + 1)})
                 trainer.model.train()
-            bar.update(task, advance=len(idx), info=f"loss {curve[-1]['loss']:.3f}" if curve else "")
-    return curve, val_curve
+            if on_checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+                on_checkpoint(loop)
+            bar.update(task, advance=len(idx), info=f"loss {loop.curve[-1]['loss']:.3f}" if loop.curve else "")
+    return loop
 
 
 def tail_gain(val_curve: list[dict[str, float]], key: str = "i2t_R@1", tail: float = 0.2) -> float | None:
@@ -406,6 +462,12 @@ def request_of(cfg: PretrainConfig, model_cfg: dict) -> dict[str, Any]:
             "seed": cfg.seed, "data": str(Path(cfg.data).resolve()), "data_sha256": data_digest(cfg.data)}
 
 
+def differences(request: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The keys of ``request`` whose value ``recorded`` (an earlier run's request) does not share, sorted."""
+    # the world's path is recorded but is not its identity (data_sha256 is): a moved world is the same
+    return sorted(k for k in request if k != "data" and json.loads(json.dumps(request[k])) != recorded.get(k))
+
+
 def existing_summary(out: Path, request: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The previous run's train.json if ``out`` holds a complete teacher for the same request.
 
@@ -416,9 +478,7 @@ def existing_summary(out: Path, request: dict[str, Any], overwrite: bool) -> dic
         return None
     previous = json.loads((out / "train.json").read_text())
     complete = all((out / f).is_file() for f in FILES)
-    # the world's path is recorded but is not its identity (data_sha256 is): a moved world is the same
-    changed = sorted(k for k in request if k != "data"
-                     and json.loads(json.dumps(request[k])) != previous.get("request", {}).get(k))
+    changed = differences(request, previous.get("request", {}))
     if complete and not changed:
         return previous
     if complete:
@@ -427,7 +487,86 @@ def existing_summary(out: Path, request: dict[str, Any], overwrite: bool) -> dic
     return None
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpointing:
+    """Where ``fit`` saves its state (``out/checkpoints/``), what it saves it for, where it resumes."""
+
+    out: Path  # the teacher directory
+    request: dict[str, Any]  # ``request_of``: saved with the state, compared on resume
+    resume: dict[str, Any] | None = None  # a checkpoint from ``resume_point``
+
+
+def checkpoint_state(trainer: Trainer, feed: Batches, loop: LoopState, request: dict[str, Any],
+                     seconds: float) -> dict[str, Any]:
+    """Everything a resumed run needs to go on exactly (tensors and plain values: weights_only-loadable).
+
+    ``seconds``: training time so far, all sessions together.
+    """
+    position = trainstate.Position(epoch=feed.epoch, batch=feed.batch, step=loop.step)
+    return {"request": request, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "generator": trainer.generator.get_state(),
+            "rng": trainstate.capture_rng(), "position": position.to_dict(), "order": feed.order,
+            "loop": {**loop.to_dict(), "seconds": seconds}}
+
+
+def save_checkpoint(out: Path, trainer: Trainer, state: dict[str, Any]) -> None:
+    """``out/checkpoints/latest.pt`` (the one before becomes ``previous.pt``); never NaN weights."""
+    if not trainstate.all_finite(trainer.model):
+        raise RuntimeError(f"step {state['position']['step']}: the weights are not finite; "
+                           "refusing to overwrite the checkpoint")
+    # from its first checkpoint on, the folder belongs to this run: incomplete (no train.json) until it ends,
+    # so that re-running this request resumes it instead of finding an older teacher of another request
+    (out / "train.json").unlink(missing_ok=True)
+    trainstate.save_checkpoint(out, state)
+
+
+def restore(state: dict[str, Any], trainer: Trainer, feed: Batches) -> LoopState:
+    """Load a checkpoint into the trainer, the RNGs and the batch feed; returns the loop's state."""
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.generator.set_state(state["generator"])  # batches and crops
+    trainstate.restore_rng(state["rng"])
+    pos = trainstate.Position(**state["position"])
+    feed.order, feed.epoch, feed.batch = state["order"], pos.epoch, pos.batch
+    return LoopState(step=pos.step, **state["loop"])
+
+
+def resume_point(out: Path, request: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The latest checkpoint of an unfinished run of the same request in ``out``, or None.
+
+    ``overwrite`` removes the checkpoints (the run starts over); a checkpoint of another request is
+    refused, naming what differs.
+    """
+    if not trainstate.has_checkpoint(out):
+        return None
+    if overwrite:
+        shutil.rmtree(trainstate.ckpt_dir(out))
+        log.info("removed the checkpoints of an unfinished teacher in %s (--overwrite: starting over)", out)
+        return None
+    try:
+        state, path = trainstate.load_latest(out)
+    except FileNotFoundError as err:  # both checkpoints unreadable
+        raise FileNotFoundError(f"{err}; pass --overwrite to start over") from err
+    changed = differences(request, state["request"])
+    if changed:
+        raise FileExistsError(f"{out} holds an unfinished teacher trained with other settings ({', '.join(changed)} "
+                              "differ); pass --overwrite to start over or choose another --out")
+    log.info("resuming from step %d of %d (%s)", state["position"]["step"], request["steps"], path)
+    return state
+
+
 # --------------------------------------------------------------------------- stage
+
+
+def checkpoint_steps(cfg: PretrainConfig) -> int:
+    """Steps between checkpoints (0: none): ``cfg.checkpoint_every``, else ``val_every``, else ~10% of steps."""
+    if cfg.checkpoint_every is not None:
+        return cfg.checkpoint_every
+    return cfg.val_every or max(1, cfg.steps // 10)
 
 
 def warmup_steps(cfg: PretrainConfig) -> int:
@@ -441,6 +580,8 @@ def _check(cfg: PretrainConfig) -> None:
         raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     if cfg.lr <= 0:
         raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
 
 
 @dataclass
@@ -473,8 +614,13 @@ def _size(preprocess: dict) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str) -> dict[str, Any]:
-    """Load the data, train ``built.model`` in place, evaluate on val; returns the run's statistics."""
+def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str,
+        checkpoints: Checkpointing | None = None) -> dict[str, Any]:
+    """Load the data, train ``built.model`` in place, evaluate on val; returns the run's statistics.
+
+    With ``checkpoints``, saves the state every ``checkpoint_steps(cfg)`` steps and starts from
+    ``checkpoints.resume`` when given.
+    """
     from open_clip.loss import ClipLoss
 
     from .data import open_source
@@ -495,6 +641,9 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str)
     mean, std = tuple(built.preprocess["mean"]), tuple(built.preprocess["std"])
     trainer = Trainer(built.model, ClipLoss(), optimizer, scheduler, mean, std, tuple(cfg.crop_scale), device,
                       precision, torch.Generator().manual_seed(cfg.seed))
+    feed = Batches(train, cfg.batch_size, trainer.generator)
+    resume = checkpoints.resume if checkpoints is not None else None
+    loop = restore(resume, trainer, feed) if resume is not None else LoopState()
     eval_seconds = [0.0]
 
     def on_val(step: int) -> dict[str, float]:
@@ -506,8 +655,18 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str)
         return metrics
 
     start = time.perf_counter()
-    curve, val_curve = train_loop(trainer, train, cfg, on_val if val is not None else None)
-    seconds = time.perf_counter() - start - eval_seconds[0]  # training time: the periodic evals are left out
+
+    def train_seconds() -> float:  # all sessions together; the periodic evals are left out
+        return loop.seconds + time.perf_counter() - start - eval_seconds[0]
+
+    def on_checkpoint(done: LoopState) -> None:
+        state = checkpoint_state(trainer, feed, done, checkpoints.request, train_seconds())
+        save_checkpoint(checkpoints.out, trainer, state)
+
+    train_loop(trainer, train, cfg, on_val if val is not None else None, feed, loop,
+               on_checkpoint if checkpoints is not None else None)
+    curve, val_curve = loop.curve, loop.val_curve
+    seconds = train_seconds()
     metrics = {} if val is None else evaluate(built.model, built.tokenizer, val, source.classnames(), mean, std,
                                               device, precision, cfg.eval_batch_size)
     if metrics:
@@ -516,7 +675,8 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str)
             "val_images": 0 if val is None else len(val), "final_loss": curve[-1]["loss"], "loss_curve": curve,
             "val": metrics, "val_curve": val_curve, "val_tail_gain": tail_gain(val_curve),
             "logit_scale": float(built.model.logit_scale.detach().exp()),
-            "seconds": round(seconds, 2), "samples_per_s": round(cfg.steps * batch / seconds, 1)}
+            "seconds": round(seconds, 2), "samples_per_s": round(cfg.steps * batch / seconds, 1),
+            "resumed_from": None if resume is None else resume["position"]["step"]}
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -535,7 +695,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             log.info("wrote %s: %s is now also an open_clip local-dir model", HF_CONFIG_NAME, out)
         return {**previous, "reused": True}
 
-    stats = fit(cfg, built, device, precision)
+    resume = resume_point(out, request, cfg.overwrite)
+    stats = fit(cfg, built, device, precision, Checkpointing(out, request, resume))
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.json").unlink(missing_ok=True)  # the directory is incomplete until train.json is rewritten
     save_teacher(out, built.model, built.model_cfg, built.preprocess)
@@ -543,5 +704,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                **stats, "device": str(device), "precision": precision,
                "config": str(out / "config.json"), "weights": str(out / "model.safetensors")}
     atomic_write_json(out / "train.json", summary)
+    # complete: from now on the teacher is reused, never resumed, so its checkpoints are only disk
+    shutil.rmtree(trainstate.ckpt_dir(out), ignore_errors=True)
     log.info("teacher saved in %s (%.0fs, final loss %.3f)", out, stats["seconds"], stats["final_loss"])
     return {**summary, "reused": False}

@@ -351,3 +351,153 @@ def test_optimizer_decays_only_matrices() -> None:
     params = dict(built.model.named_parameters())
     assert by_decay[0.1] == {id(p) for p in params.values() if p.ndim >= 2}
     assert id(params["logit_scale"]) in by_decay[0.0] and id(params["ln_final.weight"]) in by_decay[0.0]
+
+
+# ------------------------------------------------------------------ resume
+
+# val and checkpoints every 8 steps; the loss curve every 5, so a checkpoint holds a partial window; batches of 10
+# of 32 images: 3 an epoch, so the checkpoints fall inside an epoch (its permutation must be kept)
+RESUME_STEPS = 24
+
+
+def resume_cfg(world: Path, out: Path, **kw) -> PretrainConfig:
+    return tiny_cfg(world, out, steps=RESUME_STEPS, val_every=8, batch_size=10, **kw)
+
+
+def count_steps(monkeypatch: pytest.MonkeyPatch, stop_at: int | None = None) -> list[int]:
+    """Count ``Trainer.step`` calls; the call number ``stop_at`` is killed before it runs."""
+    calls, real = [], pretrain.Trainer.step
+
+    def step(self, images, tokens):
+        if len(calls) + 1 == stop_at:
+            raise KeyboardInterrupt(f"killed before step {stop_at}")
+        calls.append(1)
+        return real(self, images, tokens)
+
+    monkeypatch.setattr(pretrain.Trainer, "step", step)
+    return calls
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("whole") / "T"
+    return pretrain.run(resume_cfg(world, out)), out
+
+
+@pytest.fixture(scope="module")
+def interrupted(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher folder whose run was killed during step 20: checkpoints at steps 8 (previous) and 16 (latest)."""
+    out = tmp_path_factory.mktemp("killed") / "T"
+    with pytest.MonkeyPatch.context() as mp:
+        count_steps(mp, stop_at=20)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.run(resume_cfg(world, out))
+    return out
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "T"))
+
+
+def test_batches_resume_from_their_state(world: Path) -> None:
+    """A feed rebuilt from a checkpoint's position, permutation and generator state draws the same batches."""
+    from kdpipe.data import open_source
+
+    built = pretrain.build_model("tiny-clip", torch.device("cpu"))
+    data = pretrain.load_split(open_source(str(world)), "train", 32, "bicubic", built.tokenizer)
+    feed = pretrain.Batches(data, 12, torch.Generator().manual_seed(0))  # 2 batches an epoch, 8 images dropped
+    for _ in range(3):  # mid-epoch 1
+        next(feed)
+    order, epoch, batch, rng = feed.order.clone(), feed.epoch, feed.batch, feed.generator.get_state()
+    assert (epoch, batch) == (1, 1)
+    expected = [next(feed) for _ in range(5)]
+    again = pretrain.Batches(data, 12, torch.Generator().manual_seed(123))
+    again.generator.set_state(rng)
+    again.order, again.epoch, again.batch = order, epoch, batch
+    for (idx, rows), (idx2, rows2) in zip(expected, [next(again) for _ in range(5)]):
+        assert torch.equal(idx, idx2) and torch.equal(rows, rows2)
+    assert again.epoch == 3
+
+
+def test_killed_run_leaves_checkpoints_and_no_train_json(interrupted: Path) -> None:
+    assert not (interrupted / "train.json").exists()
+    state = torch.load(interrupted / "checkpoints" / "latest.pt", weights_only=True)
+    previous = torch.load(interrupted / "checkpoints" / "previous.pt", weights_only=True)
+    assert state["position"] == {"epoch": 5, "batch": 1, "step": 16} and previous["position"]["step"] == 8
+    assert [r["step"] for r in state["loop"]["val_curve"]] == [8, 16]
+    assert [r["step"] for r in state["loop"]["curve"]] == [5, 10, 15] and len(state["loop"]["window"]) == 1
+
+
+def test_resumed_run_equals_the_uninterrupted_one(uninterrupted: tuple[dict, Path], interrupted: Path,
+                                                  world: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    whole, whole_dir = uninterrupted
+    out = copy_of(interrupted, tmp_path)
+    calls = count_steps(monkeypatch)
+    with caplog.at_level("INFO", logger="kdpipe"):
+        resumed = pretrain.run(resume_cfg(world, out))
+    assert len(calls) == RESUME_STEPS - 16 and "resuming from step 16 of 24" in caplog.text
+    assert resumed["resumed_from"] == 16 and whole["resumed_from"] is None
+    ours, theirs = weights(out), weights(whole_dir)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert resumed["loss_curve"] == whole["loss_curve"] and resumed["val_curve"] == whole["val_curve"]
+    assert resumed["val"] == whole["val"] and resumed["logit_scale"] == whole["logit_scale"]
+    # complete: the checkpoints are gone, and the teacher is reused as before
+    assert not (out / "checkpoints").exists() and not (whole_dir / "checkpoints").exists()
+    assert pretrain.run(resume_cfg(world, out))["reused"] and len(calls) == RESUME_STEPS - 16
+
+
+def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(uninterrupted: tuple[dict, Path],
+                                                                     interrupted: Path, world: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    out = copy_of(interrupted, tmp_path)
+    latest = out / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # killed while writing it (rename makes this unlikely, not impossible)
+    calls = count_steps(monkeypatch)
+    resumed = pretrain.run(resume_cfg(world, out))
+    assert len(calls) == RESUME_STEPS - 8 and resumed["resumed_from"] == 8
+    whole, whole_dir = uninterrupted
+    assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(whole_dir).values()))
+    assert resumed["loss_curve"] == whole["loss_curve"] and resumed["val_curve"] == whole["val_curve"]
+
+
+def test_other_request_on_an_unfinished_teacher_is_refused_until_overwrite(interrupted: Path, world: Path,
+                                                                         tmp_path: Path, monkeypatch) -> None:
+    out = copy_of(interrupted, tmp_path)
+    with pytest.raises(FileExistsError, match=r"unfinished.*\(lr, seed differ\).*--overwrite to start over"):
+        pretrain.run(resume_cfg(world, out, lr=1e-3, seed=1))
+    assert (out / "checkpoints" / "latest.pt").exists()  # refused: nothing touched
+    calls = count_steps(monkeypatch)
+    summary = pretrain.run(tiny_cfg(world, out, steps=3, overwrite=True))
+    assert len(calls) == 3 and summary["resumed_from"] is None and summary["steps"] == 3
+    assert not (out / "checkpoints").exists()
+
+
+def test_interrupted_overwrite_leaves_a_resumable_run_not_the_old_teacher(trained: dict, world: Path,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    """Once an --overwrite run has checkpointed, the folder is that run's: re-running it resumes."""
+    out = copy_of(Path(trained["config"]).parent, tmp_path)
+    with monkeypatch.context() as mp:
+        count_steps(mp, stop_at=10)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.run(resume_cfg(world, out, overwrite=True))
+    assert not (out / "train.json").exists()
+    calls = count_steps(monkeypatch)
+    assert pretrain.run(resume_cfg(world, out))["resumed_from"] == 8 and len(calls) == RESUME_STEPS - 8
+
+
+def test_checkpoint_every_defaults_and_zero_disables(world: Path, tmp_path: Path, monkeypatch) -> None:
+    assert pretrain.checkpoint_steps(PretrainConfig(data="d", out="o", steps=3000)) == 300
+    assert pretrain.checkpoint_steps(PretrainConfig(data="d", out="o", steps=3000, val_every=250)) == 250
+    assert pretrain.checkpoint_steps(PretrainConfig(data="d", out="o", val_every=250, checkpoint_every=100)) == 100
+    count_steps(monkeypatch, stop_at=20)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(resume_cfg(world, tmp_path / "T", checkpoint_every=0))
+    assert not (tmp_path / "T" / "checkpoints").exists()

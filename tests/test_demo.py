@@ -177,9 +177,10 @@ def test_exported_student_reproduces_eval_figures_without_kdpipe(demo_dir):
     got = without_kdpipe(EXPORTED_FIGURES_SCRIPT, DEMO=demo_dir)
     ev = json.loads((demo_dir / "runs" / "mobilenetv3_050-raw" / "eval.json").read_text())
     assert got["n"] == ev["dataset"]["images"] and got["classes"] == len(ev["dataset"]["classnames"])
-    # Not bit-equal: eval pairs the image-only student with the teacher's CACHED caption and prompt
-    # embeddings (fp16, from the teacher's trimmed-token forward); open_clip encodes them here in fp32.
-    # Those differ by ~1e-3, enough to reorder a near tie: allow one sample.
+    # Equal on the quick demo (0.19 and 0.16 of 100), but not bound to be: eval pairs the image-only
+    # student with the teacher's CACHED caption and prompt embeddings (fp16, from the teacher's
+    # trimmed-token forward) while open_clip encodes them here in fp32; differences of ~1e-3 can
+    # reorder a near tie, so one sample either way is allowed.
     one = 1 / got["n"] + 1e-9
     assert got["i2t_R@1"] == pytest.approx(ev["metrics"]["i2t_R@1"]["student"], abs=one), got
     assert got["top1"] == pytest.approx(ev["metrics"]["zeroshot/shapes/top1"]["student"], abs=one), got

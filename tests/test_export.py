@@ -207,6 +207,28 @@ def test_teacher_from_a_local_file_needs_pretrained(teacher):
         export.teacher_for_text({**teacher.fingerprint, "name": "kdpipe-config-0123456789ab"}, None, None)
 
 
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "hub unreachable"])
+def test_teacher_tag_not_cached_offline_names_the_tag_and_pretrained_file(teacher, tmp_path, monkeypatch, offline):
+    """A run distilled from an open_clip tag whose weights are not on this machine: refused at once, nothing downloaded."""
+    from kdpipe import weights  # noqa: PLC0415
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(weights, "_reachable", lambda url, timeout=3.0: False)
+    downloads = []
+    monkeypatch.setattr(weights.open_clip, "download_pretrained", lambda *a, **k: downloads.append(a))
+    run = tmp_path / "run"
+    save_student(run, build_student("mobilenetv3_050", DIM, SIZE), None, {
+        "teacher": {**teacher.fingerprint, "name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, "cache": "unused"})
+    with pytest.raises(ExportError, match=r"teacher ViT-B-32 weights 'laion2b_s34b_b79k'.*--pretrained FILE"):
+        export.run(ExportConfig(run=str(run), out=str(tmp_path / "out"), format="open_clip"))
+    assert downloads == [] and not (tmp_path / "out" / export.OPEN_CLIP_WEIGHTS).exists()
+
+
 def test_model_card_says_what_was_not_measured(teacher, tmp_path):
     run = make_run(tmp_path / "run", teacher)
     (run / "eval.json").write_text(json.dumps({"split": "val", "metrics": {"i2t/R@1": {"student": 0.25, "teacher": 0.5}}}))

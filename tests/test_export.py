@@ -159,9 +159,17 @@ def test_onnx_image_and_text_towers_have_documented_names(teacher, tmp_path):
     assert names == {"image_encoder.onnx": ("image", "image_embeds"), "text_encoder.onnx": ("text", "text_embeds")}
 
 
-def test_non_timm_student_is_refused_with_what_works(teacher, tmp_path):
-    run = make_run(tmp_path / "run", teacher, image="tiny")
-    with pytest.raises(ExportError, match="'tiny'.*not a timm model.*--format onnx"):
+def test_non_timm_student_is_refused_with_what_works(teacher, tmp_path, monkeypatch):
+    """Every shipped student is a timm tower; a registered plain nn.Module exports to ONNX only."""
+    from kdpipe.students import STUDENTS, Backbone  # noqa: PLC0415
+
+    def plain_conv(image_size: int) -> Backbone:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        return Backbone(net, 8, mask_kind="block", patch_size=2)
+
+    monkeypatch.setitem(STUDENTS._entries, "plain_conv", plain_conv)
+    run = make_run(tmp_path / "run", teacher, image="plain_conv")
+    with pytest.raises(ExportError, match="'plain_conv'.*not a timm model.*--format onnx"):
         export.run(ExportConfig(run=str(run), out=str(tmp_path / "out"), format="timm"))
 
 

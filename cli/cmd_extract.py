@@ -15,7 +15,8 @@ from kdpipe.progress import console
 def extract(
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher (required, here or in --config): "
                                           "a shipped config (tiny-clip, shapes-vit), an open_clip model name "
-                                          "(ViT-B-32, ...) or a model-config JSON path."),
+                                          "(ViT-B-32, ...), a model-config JSON path or an open_clip folder as "
+                                          "local-dir:DIR (e.g. a `kdpipe pretrain-teacher` output)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Input (required, here or in --config): a "
                                        "COCO-layout root (annotations/captions_*.json + image folders, e.g. from "
                                        "`kdpipe make-shapes`), or WebDataset tars (a.tar, "

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from kdpipe import export
 from kdpipe.cli.main import app
 from kdpipe.export import ExportConfig, ExportError
+from kdpipe.runtime import torch_threads
 from kdpipe.students import build_student, build_text_student, save_student
 from kdpipe.targetspace import Targets, save_whitening
 from kdpipe.teachers import load_teacher
@@ -30,10 +31,8 @@ CAPTIONS = ["a red circle", "two blue squares on a white background", "a photo o
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with torch_threads(1):  # tiny models on a shared 2-core machine: steadier on one thread
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import logging
 import typer
 from rich.logging import RichHandler
 
-from . import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_export, cmd_extract, cmd_train, cmd_whiten
+from . import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_export, cmd_extract, cmd_train, cmd_whiten, errors
 from kdpipe.progress import console
 
 app = typer.Typer(
@@ -21,7 +21,9 @@ app = typer.Typer(
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, and the traceback of "
+                                      "every error (an error you can fix is otherwise one short message).")) -> None:
+    errors.set_verbose(verbose)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",

@@ -21,6 +21,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .atomic import atomic_write_json
+from .errors import BadValue, MissingInput
 from .measure import Fn, check_onnx, export_onnx, measure_tower, onnx_latency, ratio_table, throughput
 from .measure import count_params  # noqa: F401  (kept importable as kdpipe.bench.count_params)
 from .rundir import (BENCH_JSON, BENCH_PNG, COMPARE_JSON, COMPARE_PNG, EVAL_JSON, ONNX_FILE, SPEC_FILE, RunSpec,
@@ -176,15 +177,15 @@ def teacher_fingerprint(cfg: BenchConfig, specs: list[RunSpec]) -> dict[str, Any
     if cfg.teacher is not None:
         manifest = Manifest.load(Path(cfg.teacher))
         if manifest is None or "teacher" not in manifest.data:
-            raise FileNotFoundError(f"--teacher {cfg.teacher} is a directory without a cache manifest.json")
+            raise MissingInput(f"--teacher {cfg.teacher} is a directory without a cache manifest.json")
         return manifest.data["teacher"]
     fps = [s.teacher for s in specs]
     if fps[0] is None:
-        raise ValueError(f"{Path(cfg.runs[0]) / SPEC_FILE} records no teacher; pass --teacher NAME or CACHE")
+        raise BadValue(f"{Path(cfg.runs[0]) / SPEC_FILE} records no teacher; pass --teacher NAME or CACHE")
     for run, fp in zip(cfg.runs[1:], fps[1:]):
         if fp is None or not same_fingerprint(fp, fps[0]):
-            raise ValueError(f"{run} was distilled from another teacher than {cfg.runs[0]}; bench them separately "
-                             "or pass --teacher")
+            raise BadValue(f"{run} was distilled from another teacher than {cfg.runs[0]}; bench them separately "
+                           "or pass --teacher")
     return fps[0]
 
 
@@ -196,7 +197,7 @@ def build_teacher(cfg: BenchConfig, fp: dict[str, Any] | None, device: torch.dev
     try:
         teacher = load_teacher(name, None, device=device, precision="fp32", allow_random_init=True)
     except (KeyError, FileNotFoundError) as err:
-        raise FileNotFoundError(f"cannot rebuild teacher architecture {name!r}: {err.args[0]}") from None
+        raise MissingInput(f"cannot rebuild teacher architecture {name!r}: {err.args[0]}") from None
     log.info("teacher %s for the benchmark: %s", name, TEACHER_WEIGHTS_NOTE)
     return teacher
 
@@ -329,11 +330,11 @@ def print_tables(teacher_rows: dict, results: list[dict[str, Any]]) -> None:
 
 def _check_config(cfg: BenchConfig) -> None:
     if not cfg.runs:
-        raise ValueError("give at least one RUN directory")
+        raise BadValue("give at least one RUN directory")
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
-        raise ValueError(f"--batch-sizes must be positive integers, got {list(cfg.batch_sizes)}")
+        raise BadValue(f"--batch-sizes must be positive integers, got {list(cfg.batch_sizes)}")
     if cfg.iters < 1 or cfg.warmup < 0 or cfg.throughput_iters < 1:
-        raise ValueError("iters and throughput_iters must be at least 1, warmup at least 0")
+        raise BadValue("iters and throughput_iters must be at least 1, warmup at least 0")
     check_checkpoint(cfg.checkpoint)
 
 

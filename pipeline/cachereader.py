@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import views
 from .data.records import ErrorCounter
+from .errors import BadValue
 
 # Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
 WANTED = ("jpg", "views.json", "img.npy", "txt.npy", "captions.json", "cls.txt")
@@ -323,8 +324,8 @@ def steps_per_epoch(n_samples: int, batch_size: int, world: int) -> int:
     """Batches every rank runs per epoch: floor(n / (world · batch))."""
     steps = n_samples // (world * batch_size)
     if steps < 1:
-        raise ValueError(f"the train split has {n_samples} samples: too few for batch size {batch_size} "
-                         f"x {world} process(es); lower --batch-size")
+        raise BadValue(f"the train split has {n_samples} samples: too few for batch size {batch_size} "
+                       f"x {world} process(es); lower --batch-size")
     return steps
 
 

@@ -7,7 +7,7 @@ one from three sources. Precedence, lowest first:
     < each TOML file, in order < ``flags`` (what the user set explicitly)
 
 A TOML file is flat: one key per field, dashes allowed (``batch-size = 16`` sets ``batch_size``);
-a dict field (``loss_options``) is a table. Errors are ``ConfigError`` (a ``ValueError``): an
+a dict field (``loss_options``) is a table. Errors are ``ConfigError`` (a ``ValueError``, a user error): an
 unknown key names the key, the file and the valid keys; a value of the wrong type names the key,
 the file, the value and the type the field holds. TOML cannot say every Python type, so a file's
 value is converted where that is unambiguous: str -> Path, array -> tuple, int -> float, table ->
@@ -30,13 +30,15 @@ try:  # Python 3.11+; on 3.10 the `tomli` backport (a dependency there) has the 
 except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from .errors import BadValue, MissingInput
+
 T = TypeVar("T")
 
 TOML_AS = "kdpipe.config.toml_as"  # dataclass field metadata key: converts a file's value first
 _NOT = object()  # "this value is not of that type" (None is a value)
 
 
-class ConfigError(ValueError):
+class ConfigError(BadValue):
     """A config file or setting that does not fit the stage's config dataclass."""
 
 
@@ -52,7 +54,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file as a dict, dashes in top-level keys turned into underscores; nothing checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise MissingInput(f"config file {path} does not exist")
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)

@@ -44,6 +44,7 @@ from . import cachereader, losses, metrics, prompts
 from .progress import console, make_progress
 from .runtime import resolve_device
 from .atomic import atomic_write_json
+from .errors import BadValue
 from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, read_config,
                      require_run)
 from .store import TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
@@ -251,13 +252,13 @@ def cache_of(run: Path, spec: RunSpec, override: str | Path | None) -> Path:
         return Path(override)
     found = spec.cache or (read_config(run) or {}).get("cache")
     if not found:
-        raise ValueError(f"{run / SPEC_FILE} records no cache; pass --cache CACHE")
+        raise BadValue(f"{run / SPEC_FILE} records no cache; pass --cache CACHE")
     return Path(found)
 
 
 def teacher_of(spec: RunSpec, run: Path) -> dict[str, Any]:
     if spec.teacher is None:
-        raise ValueError(f"{run / SPEC_FILE} records no teacher fingerprint; was it written by `kdpipe train`?")
+        raise BadValue(f"{run / SPEC_FILE} records no teacher fingerprint; was it written by `kdpipe train`?")
     return spec.teacher
 
 
@@ -319,11 +320,11 @@ def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
 
 def _check(cfg: EvalConfig) -> None:
     if (cfg.run is None) == (cfg.teacher is None):
-        raise ValueError("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
+        raise BadValue("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
     if cfg.run is not None:
         check_checkpoint(cfg.checkpoint)
     if cfg.batch_size < 1 or cfg.chunk < 1:
-        raise ValueError("--batch-size and the similarity chunk must be at least 1")
+        raise BadValue("--batch-size and the similarity chunk must be at least 1")
     for spec in cfg.zeroshot:  # a typo fails before any image is read
         ZEROSHOT_DATASETS.get(spec.partition(":")[0])
 
@@ -334,8 +335,8 @@ def _check(cfg: EvalConfig) -> None:
 def run_teacher(cfg: EvalConfig) -> dict[str, Any]:
     """The teacher's own figures on the split, from cached embeddings only."""
     if cfg.zeroshot:
-        raise ValueError("--zeroshot datasets need image embeddings, and the teacher is evaluated from cached "
-                         "embeddings only (no teacher forward): only the cache's own split is available")
+        raise BadValue("--zeroshot datasets need image embeddings, and the teacher is evaluated from cached "
+                       "embeddings only (no teacher forward): only the cache's own split is available")
     cache = open_cache(cfg.teacher, verify=cfg.verify)
     held = cache.load_split(cfg.split, fields=("img", "txt"))
     notes: list[str] = []

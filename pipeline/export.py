@@ -51,6 +51,7 @@ from timm.models._input import get_model_args
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .errors import BadValue
 from .measure import check_onnx, export_onnx
 from .rundir import BENCH_JSON, EVAL_JSON, RunSpec, check_checkpoint, describe_checkpoint, read_config, read_json
 from .store import describe_teacher, open_cache, same_fingerprint
@@ -84,7 +85,7 @@ class ExportConfig:
     license: str = "other"  # the model card's license (the teacher's weights' license applies too)
 
 
-class ExportError(ValueError):
+class ExportError(BadValue):
     """A run that cannot be written in the asked format; the message says why and what would work."""
 
 
@@ -405,13 +406,13 @@ def formats_of(fmt: str) -> list[str]:
     asked = [f.strip() for f in fmt.split(",") if f.strip()]
     unknown = [f for f in asked if f not in FORMATS]
     if unknown or not asked:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}, all, or a comma-separated list")
+        raise BadValue(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}, all, or a comma-separated list")
     return [f for f in FORMATS if f in asked]
 
 
 def _check(cfg: ExportConfig) -> list[str]:
     if cfg.run is None or cfg.out is None:
-        raise ValueError("export needs a RUN directory and --out DIR")
+        raise BadValue("export needs a RUN directory and --out DIR")
     check_checkpoint(cfg.checkpoint)
     return formats_of(cfg.format)
 

@@ -4,7 +4,9 @@ Flow: a Source lists ordered work units per split (unit i -> output shard i). Da
 workers decode images, store them at a bounded size, draw the views and cut the view
 tensors; the main process runs the teacher on images and captions and writes each unit as
 one crash-safe shard. Under torchrun every rank takes units i % world == rank, so any world
-size writes the same files; rank 0 writes the manifest after a barrier.
+size writes the same files; rank 0 writes the manifest after a barrier. A disk that fills up
+stops the run with a message that says which shards are complete; re-running the same command
+resumes from them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import __version__, runtime
 from .data import Record, Source, open_source, views
 from .data.views import STORE_SIZE  # the config default (in ExtractConfig the field `views` hides the module)
+from .errors import BadValue, on_write_failure
 from .progress import make_progress
 from .store import (
     FORMAT_VERSION,
+    MANIFEST,
     PROMPTS,
     CachedSample,
     CacheError,
@@ -251,11 +255,12 @@ def extract_split(cfg: ExtractConfig, teacher: Teacher, source: Source, split: s
             todo.append(unit)
         elif not dist.enabled:
             manifest.add_shard(split, entry)
-    if not dist.enabled:
-        manifest.save()
-    log.info("%s: %d shards for this process, %d already done", split, len(units), len(units) - len(todo))
-    if todo:
-        run_units(cfg, teacher, split, split_dir, todo, manifest, dist, precision)
+    with on_write_failure(lambda: kept_after_failure(cfg, source)):
+        if not dist.enabled:
+            manifest.save()
+        log.info("%s: %d shards for this process, %d already done", split, len(units), len(units) - len(todo))
+        if todo:
+            run_units(cfg, teacher, split, split_dir, todo, manifest, dist, precision)
 
 
 def run_units(cfg: ExtractConfig, teacher: Teacher, split: str, split_dir: Path, units: list,
@@ -300,6 +305,25 @@ def collect_manifest(manifest: Manifest, source: Source, splits: list[str]) -> N
     manifest.save()
 
 
+def complete_shards(root: Path, source: Source, split: str) -> str:
+    """'N of M shards of split S are complete and listed in ROOT/manifest.json', counted on disk."""
+    units = source.units(split)
+    done = sum(finished_entry(root / split, unit.index, full=False) is not None for unit in units)
+    manifest = Manifest.load(root)
+    listed = len(manifest.split(split)["shards"]) if manifest is not None else 0
+    if listed == done:
+        return f"{done} of {len(units)} shards of split {split} are complete and listed in {root / MANIFEST}"
+    return (f"{done} of {len(units)} shards of split {split} are complete ({listed} listed in {root / MANIFEST} "
+            "so far; a re-run lists the rest)")
+
+
+def kept_after_failure(cfg: ExtractConfig, source: Source) -> tuple[str, str]:
+    """After a failed write (disk full, ...): which shards are complete, and that a re-run resumes."""
+    root = Path(cfg.out)
+    kept = "; ".join(complete_shards(root, source, split) for split in cfg.splits or source.splits())
+    return kept, "free some space, then re-run the same command: it keeps the complete shards and extracts the rest"
+
+
 def write_prompt_sets(root: Path, teacher: Teacher, classnames: list[str] | None) -> None:
     """CACHE/prompts.h5: teacher embeddings of class prompts x templates (zero-shot eval)."""
     from . import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
@@ -320,8 +344,8 @@ def check_store_size(store_size: int, size: int, n_views: int) -> None:
     quality-for-disk trade the user may choose, so it is a warning with the size that avoids it.
     """
     if store_size < size:
-        raise ValueError(f"--store-size {store_size} is below the teacher's input size {size}: view 0 would be "
-                         f"upsampled, not the teacher's eval view of the image; pass --store-size >= {size}")
+        raise BadValue(f"--store-size {store_size} is below the teacher's input size {size}: view 0 would be "
+                       f"upsampled, not the teacher's eval view of the image; pass --store-size >= {size}")
     enough, side = views.min_store_size(size), store_size * views.smallest_view_fraction()
     if n_views > 1 and store_size < enough:
         log.warning("--store-size %d: the smallest random views (%.0f%% of the area) are %.0f px on their shorter "
@@ -338,7 +362,7 @@ def summary(manifest: Manifest) -> dict[str, Any]:
 def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract every split of cfg.data into the cache cfg.out; returns the split summary."""
     if cfg.views < 1:
-        raise ValueError("--views must be at least 1 (view 0 is the teacher's eval transform)")
+        raise BadValue("--views must be at least 1 (view 0 is the teacher's eval transform)")
     dist = runtime.init_distributed(cfg.device)
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
@@ -347,7 +371,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
     splits = cfg.splits or source.splits()
     missing = sorted(set(splits) - set(source.splits()))
     if missing:
-        raise ValueError(f"split(s) {missing} not in {cfg.data}; it has {source.splits()}")
+        raise BadValue(f"split(s) {missing} not in {cfg.data}; it has {source.splits()}")
     teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device,
                            allow_random_init=cfg.allow_random_init)
     check_store_size(cfg.store_size, teacher.preprocess.size, cfg.views)
@@ -366,9 +390,10 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         seconds[split] = time.perf_counter() - start
     runtime.barrier(dist)
     if dist.is_main:
-        collect_manifest(manifest, source, splits)
-        if cfg.prompts and not (root / PROMPTS).exists():
-            write_prompt_sets(root, teacher, source.classnames())
+        with on_write_failure(lambda: kept_after_failure(cfg, source)):
+            collect_manifest(manifest, source, splits)
+            if cfg.prompts and not (root / PROMPTS).exists():
+                write_prompt_sets(root, teacher, source.classnames())
     runtime.barrier(dist)
     result = summary(Manifest.load(root))
     for split, info in result.items():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from torch import nn
 
+from .errors import BadValue
 from .registry import Registry
 
 log = logging.getLogger("kdpipe")
@@ -377,7 +378,7 @@ class HintonDistillation(DistillLoss):
                  T: float = 4.0, alpha: float = HINTON_ALPHA) -> None:
         super().__init__(weight, embed_dim, teacher_logit_scale, text_student)
         if T <= 0 or not 0 <= alpha <= 1:
-            raise ValueError(f"hinton needs T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}")
+            raise BadValue(f"hinton needs T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}")
         self.T, self.alpha = T, alpha
 
     @classmethod
@@ -414,7 +415,7 @@ def mask_images(x: torch.Tensor, kind: str, ratio: float = 0.75, patch_size: int
     (CPU) so masks are reproducible.
     """
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+        raise BadValue(f"mask ratio must be in [0, 1], got {ratio}")
     if kind == "patch":
         keep = _patch_keep(x.shape, ratio, patch_size, generator)
     elif kind == "block":
@@ -465,13 +466,13 @@ def parse_losses(spec: str) -> dict[str, float]:
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise ValueError(f"empty loss spec {spec!r}; expected e.g. 'fd=7.8,crd=1,icl=1' (losses: {', '.join(LOSSES.names())})")
+        raise BadValue(f"empty loss spec {spec!r}; expected e.g. 'fd=7.8,crd=1,icl=1' (losses: {', '.join(LOSSES.names())})")
     weights: dict[str, float] = {}
     for item in items:
         name, has_weight, value = (part.strip() for part in item.partition("="))
         cls = LOSSES.get(name)
         if name in weights:
-            raise ValueError(f"loss {name!r} given twice in {spec!r}")
+            raise BadValue(f"loss {name!r} given twice in {spec!r}")
         weights[name] = _parse_weight(name, value) if has_weight else cls.default_weight
     return weights
 
@@ -480,9 +481,9 @@ def _parse_weight(name: str, value: str) -> float:
     try:
         weight = float(value)
     except ValueError:
-        raise ValueError(f"loss weight for {name!r} must be a number, got {value!r}") from None
+        raise BadValue(f"loss weight for {name!r} must be a number, got {value!r}") from None
     if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"loss weight for {name!r} must be finite and >= 0, got {value!r}")
+        raise BadValue(f"loss weight for {name!r} must be finite and >= 0, got {value!r}")
     return weight
 
 
@@ -491,7 +492,7 @@ def build_losses(weights: dict[str, float], embed_dim: int, teacher_logit_scale:
     """One module per weighted loss. ``options`` are per-loss kwargs, e.g. ``hinton={"T": 2}``."""
     unknown = sorted(set(options) - set(weights))
     if unknown:
-        raise ValueError(f"options given for losses not in use: {unknown}; in use: {sorted(weights)}")
+        raise BadValue(f"options given for losses not in use: {unknown}; in use: {sorted(weights)}")
     for name in ("fd", "mfd"):
         if weights.get(name, 0) > 100:
             log.warning("%s=%g is λ of λ·(1 − cos), not CLIP-KD's MSE weight (that maps to λ = 2w/D = %.4g)",

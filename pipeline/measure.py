@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import runtime
+from .errors import BadValue
 
 log = logging.getLogger("kdpipe")
 
@@ -233,7 +234,7 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, exp
     training flag restored afterwards.
     """
     if exporter not in ("auto", *_EXPORTERS):
-        raise ValueError(f"unknown ONNX exporter {exporter!r}; use auto, {', '.join(_EXPORTERS)}")
+        raise BadValue(f"unknown ONNX exporter {exporter!r}; use auto, {', '.join(_EXPORTERS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a batch of 1 would let the tracer treat the batch size as a constant

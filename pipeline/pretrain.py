@@ -55,6 +55,7 @@ from torch import Tensor
 from . import runtime, trainstate
 from .atomic import atomic_write, atomic_write_json
 from .data.views import normalize_images
+from .errors import AlreadyExists, BadValue, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
 from .progress import make_progress
 from .teachers import encode_text as text_features
@@ -147,7 +148,7 @@ def load_split(source: Any, split: str, size: int, interpolation: str, tokenizer
     if skipped:
         log.warning("%s: skipped %s", split, dict(skipped))
     if not images:
-        raise ValueError(f"split {split!r} of {source.name} has no usable image with a caption")
+        raise BadValue(f"split {split!r} of {source.name} has no usable image with a caption")
     return CaptionedImages(torch.stack(images), tokenizer(captions), torch.tensor(offsets), torch.tensor(labels))
 
 
@@ -482,8 +483,8 @@ def existing_summary(out: Path, request: dict[str, Any], overwrite: bool) -> dic
     if complete and not changed:
         return previous
     if complete:
-        raise FileExistsError(f"{out} holds a teacher trained with other settings ({', '.join(changed)} differ); "
-                              "pass --overwrite to replace it or choose another --out")
+        raise AlreadyExists(f"{out} holds a teacher trained with other settings ({', '.join(changed)} differ); "
+                            "pass --overwrite to replace it or choose another --out")
     return None
 
 
@@ -550,11 +551,11 @@ def resume_point(out: Path, request: dict[str, Any], overwrite: bool) -> dict[st
     try:
         state, path = trainstate.load_latest(out)
     except FileNotFoundError as err:  # both checkpoints unreadable
-        raise FileNotFoundError(f"{err}; pass --overwrite to start over") from err
+        raise MissingInput(f"{err}; pass --overwrite to start over") from err
     changed = differences(request, state["request"])
     if changed:
-        raise FileExistsError(f"{out} holds an unfinished teacher trained with other settings ({', '.join(changed)} "
-                              "differ); pass --overwrite to start over or choose another --out")
+        raise AlreadyExists(f"{out} holds an unfinished teacher trained with other settings ({', '.join(changed)} "
+                            "differ); pass --overwrite to start over or choose another --out")
     log.info("resuming from step %d of %d (%s)", state["position"]["step"], request["steps"], path)
     return state
 
@@ -575,13 +576,13 @@ def warmup_steps(cfg: PretrainConfig) -> int:
 
 def _check(cfg: PretrainConfig) -> None:
     if cfg.steps < 1 or cfg.batch_size < 2:
-        raise ValueError(f"need steps >= 1 and batch_size >= 2, got {cfg.steps} and {cfg.batch_size}")
+        raise BadValue(f"need steps >= 1 and batch_size >= 2, got {cfg.steps} and {cfg.batch_size}")
     if not (0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1):
-        raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+        raise BadValue(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     if cfg.lr <= 0:
-        raise ValueError(f"lr must be positive, got {cfg.lr}")
+        raise BadValue(f"lr must be positive, got {cfg.lr}")
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
+        raise BadValue(f"checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
 
 
 @dataclass
@@ -627,7 +628,7 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str,
 
     source = open_source(cfg.data)
     if "train" not in source.splits():
-        raise ValueError(f"{cfg.data} has no 'train' split (found {source.splits()})")
+        raise BadValue(f"{cfg.data} has no 'train' split (found {source.splits()})")
     size, interp = _size(built.preprocess), str(built.preprocess["interpolation"])
     train = load_split(source, "train", size, interp, built.tokenizer)
     val = load_split(source, "val", size, interp, built.tokenizer) if "val" in source.splits() else None
@@ -679,6 +680,14 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str,
             "resumed_from": None if resume is None else resume["position"]["step"]}
 
 
+def kept_after_failure(out: Path) -> tuple[str, str]:
+    """After a failed write (disk full, ...): the checkpoint that is intact, and that a re-run resumes from it."""
+    kept, step = trainstate.describe_kept(out)
+    if step is None:
+        return kept, "free some space, then re-run the same command: it starts the teacher's training again"
+    return kept, f"free some space, then re-run the same command: it resumes from step {step}"
+
+
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or reuse) a teacher in ``cfg.out``; returns the summary also written to train.json."""
     _check(cfg)
@@ -696,14 +705,15 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         return {**previous, "reused": True}
 
     resume = resume_point(out, request, cfg.overwrite)
-    stats = fit(cfg, built, device, precision, Checkpointing(out, request, resume))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").unlink(missing_ok=True)  # the directory is incomplete until train.json is rewritten
-    save_teacher(out, built.model, built.model_cfg, built.preprocess)
-    summary = {"request": request, "arch": cfg.arch, "steps": cfg.steps, "seed": cfg.seed, "data": cfg.data,
-               **stats, "device": str(device), "precision": precision,
-               "config": str(out / "config.json"), "weights": str(out / "model.safetensors")}
-    atomic_write_json(out / "train.json", summary)
+    with on_write_failure(lambda: kept_after_failure(out)):
+        stats = fit(cfg, built, device, precision, Checkpointing(out, request, resume))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.json").unlink(missing_ok=True)  # the directory is incomplete until train.json is rewritten
+        save_teacher(out, built.model, built.model_cfg, built.preprocess)
+        summary = {"request": request, "arch": cfg.arch, "steps": cfg.steps, "seed": cfg.seed, "data": cfg.data,
+                   **stats, "device": str(device), "precision": precision,
+                   "config": str(out / "config.json"), "weights": str(out / "model.safetensors")}
+        atomic_write_json(out / "train.json", summary)
     # complete: from now on the teacher is reused, never resumed, so its checkpoints are only disk
     shutil.rmtree(trainstate.ckpt_dir(out), ignore_errors=True)
     log.info("teacher saved in %s (%.0fs, final loss %.3f)", out, stats["seconds"], stats["final_loss"])

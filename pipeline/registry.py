@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from .errors import UnknownName
+
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to builders. Unknown names raise ``KeyError`` listing the valid ones."""
+    """Maps names to builders. Unknown names raise ``UnknownName`` (a ``KeyError``) listing the valid ones."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -29,7 +31,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             valid = ", ".join(sorted(self._entries))
-            raise KeyError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}; valid: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_write_bytes
+from .errors import BadValue
 from .rundir import (BENCH_JSON, EVAL_JSON, SPEC_FILE, RunSpec, describe_checkpoint, read_config, read_json,
                      require_run)
 from .store import describe_teacher
@@ -257,7 +258,7 @@ def notes(runs: list[RunFiles]) -> list[str]:
 def run(cfg: ReportConfig) -> dict[str, Any]:
     """Write the Markdown report to cfg.out; returns {"path", "markdown"}."""
     if not cfg.runs:
-        raise ValueError("give at least one RUN directory")
+        raise BadValue("give at least one RUN directory")
     runs = [read_run(r) for r in cfg.runs]
     text = markdown(runs)
     out = Path(cfg.out)

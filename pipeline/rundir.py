@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import read_toml
+from .errors import BadValue, MissingInput
 
 SPEC_FILE = "student.json"
 CONFIG_FILE = "config.toml"
@@ -55,7 +56,7 @@ TRAIN_HINT = "pass the --out folder of a finished `kdpipe train` run"
 def check_checkpoint(checkpoint: str) -> str:
     """``checkpoint`` if it names one of ``CHECKPOINTS``, else a ValueError listing them."""
     if checkpoint not in CHECKPOINTS:
-        raise ValueError(f"unknown checkpoint {checkpoint!r}; valid: {', '.join(CHECKPOINTS)}")
+        raise BadValue(f"unknown checkpoint {checkpoint!r}; valid: {', '.join(CHECKPOINTS)}")
     return checkpoint
 
 
@@ -92,9 +93,9 @@ def require_run(path: str | Path, any_of: tuple[str, ...] = (SPEC_FILE,)) -> Pat
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"run directory {path} does not exist; {TRAIN_HINT}")
+        raise MissingInput(f"run directory {path} does not exist; {TRAIN_HINT}")
     if not any((path / name).is_file() for name in any_of):
-        raise FileNotFoundError(f"{path} holds no {_either(any_of)}: not a kdpipe run; {TRAIN_HINT}")
+        raise MissingInput(f"{path} holds no {_either(any_of)}: not a kdpipe run; {TRAIN_HINT}")
     return path
 
 
@@ -108,7 +109,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+        raise BadValue(f"{path} is not valid JSON ({err})") from None
 
 
 def read_config(run: Path) -> dict[str, Any] | None:

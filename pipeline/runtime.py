@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import BadValue, CannotRun
+
 log = logging.getLogger("kdpipe")
 
 
@@ -25,9 +27,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for, but torch sees no CUDA device; pass --device cpu")
+        raise CannotRun(f"--device {name} asked for, but torch sees no CUDA device; pass --device cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+        raise BadValue(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     return torch.device(name)
 
 
@@ -36,9 +38,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if name not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
+        raise BadValue(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs CUDA; use fp32 or bf16 on CPU")
+        raise BadValue("fp16 autocast needs CUDA; use fp32 or bf16 on CPU")
     return name
 
 

@@ -5,6 +5,8 @@ name, fsynced and renamed: ``shard-NNNNNN.tar`` (WebDataset), ``shard-NNNNNN.h5`
 embeddings, contiguous) and ``shard-NNNNNN.json`` (the sidecar: its manifest entry). The
 sidecar is written last, so a shard with a sidecar is complete; the manifest lists a shard
 only after its sidecar exists, and every reader checks sizes (and on request sha256) against it.
+A disk that fills up while a shard is written raises ``errors.WriteFailed`` with the shard's size;
+the shard's temporary files are removed and the shards before it stay complete.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import webdataset as wds
 
 from .atomic import atomic_write, atomic_write_json
+from .errors import CannotRun, WriteFailed
 
 log = logging.getLogger("kdpipe")
 
@@ -31,7 +34,7 @@ TEACHER_EVAL_JSON = "teacher_eval.json"  # the teacher's own figures (`kdpipe ev
 FORMAT_VERSION = 1
 
 
-class CacheError(RuntimeError):
+class CacheError(CannotRun):
     """The cache is missing, incomplete, corrupt or from another teacher."""
 
 
@@ -121,6 +124,21 @@ def _concat(arrays: list[np.ndarray], empty: tuple, dtype=np.float16) -> np.ndar
     return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(empty, dtype)
 
 
+def shard_bytes(samples: list[CachedSample]) -> int:
+    """About what a shard takes on disk (tar + h5), for the message of a failed write; it serializes the
+    samples again, so it is meant for that moment only.
+
+    The tar: webdataset writes PAX members (a PAX header, its data and the member header: three 512-byte
+    blocks) with their content padded to 512 bytes, then the end blocks, rounded up to tarfile's 10240-byte
+    record. The h5: its arrays plus about 8 kB of HDF5 metadata.
+    """
+    block, record = 512, 10240
+    members = [len(v) for s in samples for k, v in _tar_sample(s).items() if k != "__key__"]
+    tar = sum(3 * block + -(-n // block) * block for n in members) + 2 * block
+    arrays = sum(s.img.size * 2 + s.txt.size * 2 + (s.img_norms.size + s.txt_norms.size) * 4 + 32 for s in samples)
+    return -(-tar // record) * record + arrays + 8192
+
+
 def write_shard(
     split_dir: Path,
     index: int,
@@ -134,21 +152,32 @@ def write_shard(
     """
     split_dir.mkdir(parents=True, exist_ok=True)
     name = shard_name(index)
-    atomic_write(split_dir / f"{name}.tar", lambda tmp: _write_tar(tmp, samples))
-    atomic_write(split_dir / f"{name}.h5", lambda tmp: _write_h5(tmp, samples, embed_dim))
-    skipped = skipped or {}
-    entry = {
+    files = {ext: split_dir / f"{name}.{ext}" for ext in ("tar", "h5")}
+    try:
+        atomic_write(files["tar"], lambda tmp: _write_tar(tmp, samples))
+        atomic_write(files["h5"], lambda tmp: _write_h5(tmp, samples, embed_dim))
+        entry = _shard_entry(name, index, samples, files, skipped or {})
+        atomic_write_json(split_dir / f"{name}.json", entry)
+    except WriteFailed as err:
+        for path in files.values():  # a shard without its sidecar is unfinished: give its space back
+            path.unlink(missing_ok=True)
+        err.needed, err.needed_for = shard_bytes(samples), f"{name} (tar + h5)"
+        raise
+    return entry
+
+
+def _shard_entry(name: str, index: int, samples: list[CachedSample], files: dict[str, Path],
+                 skipped: dict[str, list[str]]) -> dict[str, Any]:
+    return {
         "name": name,
         "index": index,
         "count": len(samples),
         "captions": int(sum(len(s.captions) for s in samples)),
-        "tar": file_digest(split_dir / f"{name}.tar"),
-        "h5": file_digest(split_dir / f"{name}.h5"),
+        "tar": file_digest(files["tar"]),
+        "h5": file_digest(files["h5"]),
         "skipped": {reason: len(keys) for reason, keys in sorted(skipped.items()) if keys},
         "skipped_keys": {reason: list(keys) for reason, keys in sorted(skipped.items()) if keys},
     }
-    atomic_write_json(split_dir / f"{name}.json", entry)
-    return entry
 
 
 def verify_shard(split_dir: Path, entry: dict[str, Any], full: bool = True) -> str | None:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_write
+from .errors import BadValue, MissingInput, UnknownName
 from .registry import Registry
 from .rundir import CHECKPOINTS, LEGACY_WEIGHTS_FILE, SPEC_FILE, check_checkpoint, read_spec, weights_file
 
@@ -168,8 +169,8 @@ def timm_student(name: str, image_size: int, **kwargs: Any) -> Backbone:
     unless kwargs set ``img_size``, as ``vit_tiny`` is.
     """
     if not timm.is_model(name):
-        raise KeyError(f"unknown timm model {name!r}; list the names with e.g. "
-                       f"python -c \"import timm; print(timm.list_models('*mobilenet*'))\"")
+        raise UnknownName(f"unknown timm model {name!r}; list the names with e.g. "
+                          f"python -c \"import timm; print(timm.list_models('*mobilenet*'))\"")
     backbone = _timm(name, **kwargs)
     embed = getattr(backbone.module, "patch_embed", None)
     fixed = getattr(embed, "strict_img_size", False) and tuple(embed.img_size) != (image_size, image_size)
@@ -185,7 +186,7 @@ def student_builder(name: str) -> BackboneBuilder:
     try:
         return STUDENTS.get(name)
     except KeyError as err:
-        raise KeyError(f"{err.args[0]}; or {TIMM_PREFIX}NAME for any timm model") from None
+        raise UnknownName(f"{err.args[0]}; or {TIMM_PREFIX}NAME for any timm model") from None
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -207,14 +208,14 @@ def load_init_checkpoint(module: nn.Module, path: str) -> dict[str, list[str]]:
     stripped); a checkpoint matching *nothing* is an error, since it is surely the wrong file.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"init checkpoint {path!r} does not exist")
+        raise MissingInput(f"init checkpoint {path!r} does not exist")
     state = _read_state_dict(path)
     own = module.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in mismatched}
     loaded = sum(k in own for k in state)
     if loaded == 0:
-        raise ValueError(f"init checkpoint {path!r} matches no parameter of the student backbone")
+        raise BadValue(f"init checkpoint {path!r} matches no parameter of the student backbone")
     result = module.load_state_dict(state, strict=False)
     log.info(
         "init checkpoint %s: loaded %d/%d tensors; missing %d %s; unexpected %d %s; shape mismatch %d %s",
@@ -403,7 +404,7 @@ def resolve_checkpoint(run_dir: str | Path, spec: dict[str, Any], checkpoint: st
     else:
         entry = entries[checkpoint]
     if not (run_dir / entry["file"]).is_file():
-        raise FileNotFoundError(f"{run_dir / entry['file']} ({checkpoint} weights) not found; re-run `kdpipe train`")
+        raise MissingInput(f"{run_dir / entry['file']} ({checkpoint} weights) not found; re-run `kdpipe train`")
     return {"name": checkpoint, **entry}
 
 
@@ -428,9 +429,9 @@ def load_student(run_dir: str | Path, device: str | torch.device = "cpu",
             raise
         # student.json without "image.timm": trained before the students became timm towers
         # (mobilenetv3*, efficientnet_b0 and tiny were torchvision / hand-written nets then)
-        raise ValueError(f"{run_dir}: its {spec['image']['name']!r} weights are from an older kdpipe, whose "
-                         f"students were torchvision models; this version builds timm towers, which name and "
-                         f"shape their weights differently. Retrain the run with this version.") from err
+        raise BadValue(f"{run_dir}: its {spec['image']['name']!r} weights are from an older kdpipe, whose "
+                       f"students were torchvision models; this version builds timm towers, which name and "
+                       f"shape their weights differently. Retrain the run with this version.") from err
     text = None
     if spec["text"] is not None:
         text = build_text_student(spec["text"]["name"], spec["embed_dim"], **spec["text"]["kwargs"])

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import zca
+from .errors import BadValue, MissingInput
 from .rundir import WHITENING_FILE, RunSpec
 from .store import Cache, CacheError, Manifest, describe_teacher, same_fingerprint
 
@@ -58,7 +59,7 @@ WHITEN_MODES = tuple(SPACES)
 def space_of(mode: str) -> dict[str, str]:
     """SPACES[mode]; unknown modes raise listing the valid ones."""
     if mode not in SPACES:
-        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(WHITEN_MODES)}")
+        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(WHITEN_MODES)}")
     return SPACES[mode]
 
 
@@ -96,17 +97,17 @@ def load_whitening(cache_or_path: Cache | str | Path, mode: str,
     (or the given Cache), so a whitening file copied next to another teacher's cache is refused.
     """
     if mode not in FIT_MODES:
-        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(FIT_MODES)}")
+        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(FIT_MODES)}")
     path, expect_teacher = _locate(cache_or_path, expect_teacher)
     if not path.exists():
-        raise FileNotFoundError(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
+        raise MissingInput(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
     info = whitening_info(path)
     if expect_teacher is not None and not same_fingerprint(info["teacher"], expect_teacher):
         raise CacheError(f"{path} was fitted on embeddings of teacher {describe_teacher(info['teacher'])}, "
                          f"not {describe_teacher(expect_teacher)}; re-run `kdpipe fit-whitening` on this cache")
     if mode not in info["modes"]:
-        raise ValueError(f"{path} holds modes {info['modes']}, not {mode!r}; re-run "
-                         f"`kdpipe fit-whitening {path.parent} --mode {mode}` (or --mode all)")
+        raise BadValue(f"{path} holds modes {info['modes']}, not {mode!r}; re-run "
+                       f"`kdpipe fit-whitening {path.parent} --mode {mode}` (or --mode all)")
     return read_transform(path, mode)
 
 
@@ -244,7 +245,7 @@ def whitening_mode(spec: RunSpec | dict[str, Any]) -> str | None:
     """
     spec = spec if isinstance(spec, RunSpec) else RunSpec.from_json(spec)
     if spec.whitening is not None and spec.whitening not in SPACES:
-        raise ValueError(f"student.json has whitening mode {spec.whitening!r}; known: {', '.join(WHITEN_MODES)}")
+        raise BadValue(f"student.json has whitening mode {spec.whitening!r}; known: {', '.join(WHITEN_MODES)}")
     return spec.whitening
 
 
@@ -253,7 +254,7 @@ def run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap]
     t = load_file(str(path))
     missing = [f"{m}.{k}" for m in modalities for k in ("mu", "W_inv", "scale") if f"{m}.{k}" not in t]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; re-run `kdpipe train` to rewrite it")
+        raise BadValue(f"{path} lacks {missing}; re-run `kdpipe train` to rewrite it")
     return {m: BackMap.from_params({k: t[f"{m}.{k}"] for k in ("mu", "W_inv", "scale")}) for m in modalities}
 
 

@@ -25,6 +25,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor
 
 from .data.views import RESIZE_MODES
+from .errors import BadValue
 from .runtime import autocast, resolve_device, resolve_precision
 from .weights import Weights, make_fingerprint, resolve_arch, resolve_weights
 
@@ -217,11 +218,11 @@ def _preprocess_of(model: torch.nn.Module) -> Preprocess:
     size = cfg["size"]
     if isinstance(size, (tuple, list)):
         if len(set(size)) != 1:
-            raise ValueError(f"non-square teacher input {tuple(size)} is not supported")
+            raise BadValue(f"non-square teacher input {tuple(size)} is not supported")
         size = size[0]
     resize_mode = str(cfg.get("resize_mode", "shortest"))  # open_clip's default when a cfg has none
     if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"teacher resize_mode {resize_mode!r} is not one of open_clip's {', '.join(RESIZE_MODES)}")
+        raise BadValue(f"teacher resize_mode {resize_mode!r} is not one of open_clip's {', '.join(RESIZE_MODES)}")
     return Preprocess(size=int(size), mean=tuple(float(m) for m in cfg["mean"]),
                       std=tuple(float(s) for s in cfg["std"]), interpolation=str(cfg["interpolation"]),
                       resize_mode=resize_mode, fill_color=int(cfg.get("fill_color", 0)))

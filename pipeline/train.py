@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import cachereader, config, losses, metrics, runtime, trainstate
+from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
 from .progress import console, make_progress
 from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
@@ -141,18 +142,18 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 
 def check_config(cfg: TrainConfig) -> None:
     if not cfg.cache or not cfg.out:
-        raise ValueError("both --cache and --out are required")
+        raise BadValue("both --cache and --out are required")
     if cfg.whiten not in WHITEN_MODES:
-        raise ValueError(f"unknown --whiten {cfg.whiten!r}; valid: {', '.join(WHITEN_MODES)}")
+        raise BadValue(f"unknown --whiten {cfg.whiten!r}; valid: {', '.join(WHITEN_MODES)}")
     if cfg.views_used not in ("all", "0"):
-        raise ValueError(f"--views-used must be 'all' or '0', got {cfg.views_used!r}")
+        raise BadValue(f"--views-used must be 'all' or '0', got {cfg.views_used!r}")
     for name in ("epochs", "batch_size", "log_every", "bn_samples", "val_samples", "max_nonfinite"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+            raise BadValue(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+        raise BadValue(f"max_steps must be at least 1, got {cfg.max_steps}")
     if cfg.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+        raise BadValue(f"lr must be > 0, got {cfg.lr}")
 
 
 def open_checked_cache(cfg: TrainConfig) -> Cache:
@@ -351,10 +352,10 @@ def build_setup(cfg: TrainConfig) -> Setup:
 def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
     run_dir = Path(cfg.out)
     if not cfg.resume and trainstate.has_checkpoint(run_dir):
-        raise FileExistsError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                              "or choose another --out")
+        raise AlreadyExists(f"{run_dir} already holds a training run; pass --resume to continue it "
+                            "or choose another --out")
     if cfg.resume and not trainstate.has_checkpoint(run_dir):
-        raise FileNotFoundError(f"--resume: no checkpoint in {trainstate.ckpt_dir(run_dir)}")
+        raise MissingInput(f"--resume: no checkpoint in {trainstate.ckpt_dir(run_dir)}")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, run_dir / CONFIG_FILE)
@@ -734,9 +735,9 @@ def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any
         log.warning("step %d: non-finite loss (terms %s, grad norm %s); step skipped",
                                             loop.pos.step, bad or "none", res.grad_norm)
         if loop.consecutive_bad >= setup.cfg.max_nonfinite:
-            raise RuntimeError(f"{loop.consecutive_bad} non-finite steps in a row, the last at step {loop.pos.step} "
-                               f"(non-finite terms: {bad or 'none'}; batch keys: {batch['keys'][:8]}); "
-                               "stopping — the last checkpoint holds finite weights")
+            raise CannotRun(f"{loop.consecutive_bad} non-finite steps in a row, the last at step {loop.pos.step} "
+                            f"(non-finite terms: {bad or 'none'}; batch keys: {batch['keys'][:8]}); "
+                            "stopping — the last checkpoint holds finite weights")
     loop.counters["data_errors"] += int(batch.get("data_errors", 0))
     if loop.pos.step % setup.cfg.log_every == 0 or not res.finite:
         mlog.write({"kind": "train", "step": loop.pos.step, "epoch": epoch, "lr": res.lr,
@@ -798,6 +799,14 @@ def events(setup: Setup, loop: LoopState, mlog: MetricsLog, epoch_end: bool, sto
 # --------------------------------------------------------------------------- entry point
 
 
+def kept_after_failure(run_dir: Path) -> tuple[str, str]:
+    """After a failed write (disk full, ...): the checkpoint that is intact, and how to continue from it."""
+    kept, step = trainstate.describe_kept(run_dir)
+    if step is None:
+        return kept, "free some space, then re-run the same command: it starts the run again"
+    return kept, f"free some space, then re-run the same command with --resume: it continues from step {step}"
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
     setup = build_setup(cfg)
@@ -813,10 +822,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                           f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
                           f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
                           f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
-        train_loop(setup, loop, mlog)
-        if loop.val_step != loop.pos.step:
-            run_validation(setup, loop, mlog)  # the final numbers, after the last step
-        finalize(setup, loop.last_val, loop.pos, loop.best)
+        with on_write_failure(lambda: kept_after_failure(setup.run_dir)):
+            train_loop(setup, loop, mlog)
+            if loop.val_step != loop.pos.step:
+                run_validation(setup, loop, mlog)  # the final numbers, after the last step
+            finalize(setup, loop.last_val, loop.pos, loop.best)
         runtime.barrier(setup.dist)
         return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
                 "counters": loop.counters, "rank": setup.dist.rank}

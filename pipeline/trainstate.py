@@ -7,7 +7,8 @@ the data position (epoch, batches done in that epoch, global step).
 
 Files in ``RUN/checkpoints/``: ``latest.pt`` (the newest), ``previous.pt`` (the one before;
 the fallback when ``latest.pt`` is truncated or unreadable) and ``best.pt`` (best validation
-score). Each is written to a temporary file, fsynced, then renamed into place.
+score). Each is written to a temporary file, fsynced, then renamed into place: a failed write (a full
+disk raises ``errors.WriteFailed``) leaves the checkpoints as they were, and ``describe_kept`` says so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import BadValue, MissingInput, writing
 from .rundir import CKPT_DIR
 
 log = logging.getLogger("kdpipe")
@@ -80,18 +82,30 @@ def ckpt_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CKPT_DIR
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict / list: about what ``torch.save`` writes of it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> Path:
     """torch.save to a temporary file in the same folder and fsync it; returns the temp path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, tensor_bytes(obj), "this checkpoint"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return Path(tmp)
 
 
@@ -109,7 +123,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], best: bool = Fal
 def read_checkpoint(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a kdpipe training checkpoint (format {FORMAT})")
+        raise BadValue(f"{path} is not a kdpipe training checkpoint (format {FORMAT})")
     return state
 
 
@@ -132,7 +146,25 @@ def load_latest(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
             log.warning("resuming from the previous good checkpoint %s (step %d) because %s",
                         path, state["position"]["step"], "; ".join(problems))
         return state, path
-    raise FileNotFoundError(f"no checkpoint to resume in {folder}: " + "; ".join(problems))
+    raise MissingInput(f"no checkpoint to resume in {folder}: " + "; ".join(problems))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds (memory-mapped: nothing else is read), None when it is missing or unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["position"]["step"])
+    except Exception:  # noqa: BLE001  (a truncated zip raises RuntimeError, EOFError, ...)
+        return None
+
+
+def describe_kept(run_dir: str | Path) -> tuple[str, int | None]:
+    """What a failed run leaves to resume from: a sentence naming the newest readable checkpoint, and its step."""
+    for name in (LATEST, PREVIOUS):
+        path = ckpt_dir(run_dir) / name
+        step = checkpoint_step(path) if path.exists() else None
+        if step is not None:
+            return f"the last checkpoint, step {step}, is intact ({path})", step
+    return f"no checkpoint was written yet in {ckpt_dir(run_dir)}", None
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

@@ -37,6 +37,7 @@ import open_clip
 from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
+from .errors import BadValue, CannotRun, MissingInput, UnknownName
 from .registry import Registry
 from .store import file_digest
 
@@ -85,8 +86,8 @@ def _read_config_json(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     model_cfg = data.get("model_cfg", data)
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
     if missing:
-        raise ValueError(f"{path} is not an open_clip model config: missing {missing} "
-                         "(see open_clip/model_configs/ViT-B-32.json for the format)")
+        raise BadValue(f"{path} is not an open_clip model config: missing {missing} "
+                       "(see open_clip/model_configs/ViT-B-32.json for the format)")
     return model_cfg, data.get("preprocess_cfg", {}) if "model_cfg" in data else {}
 
 
@@ -120,13 +121,13 @@ def _local_dir_arch(folder: Path) -> TeacherArch:
 
     config = folder / HF_CONFIG_NAME
     if not config.is_file():
-        raise FileNotFoundError(f"{LOCAL_DIR}{folder} has no {HF_CONFIG_NAME} (open_clip's local-dir layout)")
+        raise MissingInput(f"{LOCAL_DIR}{folder} has no {HF_CONFIG_NAME} (open_clip's local-dir layout)")
     arch = _register_config_file(config, stem="config")
     return replace(arch, kind="local-dir", checkpoint=_find_checkpoint_in_dir(folder))
 
 
 def resolve_arch(name: str) -> TeacherArch:
-    """Teacher name -> architecture. Unknown names raise KeyError listing the shipped ones."""
+    """Teacher name -> architecture. Unknown names raise UnknownName (a KeyError) listing the shipped ones."""
     if name.startswith(LOCAL_DIR):
         return _local_dir_arch(Path(name[len(LOCAL_DIR):]))
     if name in TEACHERS:
@@ -135,13 +136,13 @@ def resolve_arch(name: str) -> TeacherArch:
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"teacher model config {name} not found")
+            raise MissingInput(f"teacher model config {name} not found")
         return _register_config_file(path)
     if name in open_clip.list_models():
         return TeacherArch(name=name, open_clip_name=name, kind="open_clip")
-    raise KeyError(f"unknown teacher {name!r}; shipped: {', '.join(TEACHERS.names())}; "
-                   "or any open_clip architecture (python -c 'import open_clip; print(open_clip.list_models())'), "
-                   "or a path to an open_clip model-config .json, or local-dir:DIR")
+    raise UnknownName(f"unknown teacher {name!r}; shipped: {', '.join(TEACHERS.names())}; "
+                      "or any open_clip architecture (python -c 'import open_clip; print(open_clip.list_models())'), "
+                      "or a path to an open_clip model-config .json, or local-dir:DIR")
 
 
 def resolve_quickgelu(name: str, tag: str) -> tuple[str, bool]:
@@ -154,8 +155,8 @@ def resolve_quickgelu(name: str, tag: str) -> tuple[str, bool]:
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(f"{name!r} has no pretrained tag {tag!r}; its tags: {tags or 'none'}; "
-                         f"or pass a local weights file: {PASS_A_FILE}")
+        raise BadValue(f"{name!r} has no pretrained tag {tag!r}; its tags: {tags or 'none'}; "
+                       f"or pass a local weights file: {PASS_A_FILE}")
     model_qg = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
     if not tag_cfg.get("quick_gelu", False) or model_qg:
         return name, False
@@ -237,8 +238,8 @@ def _tag_source_url(tag_cfg: dict[str, Any]) -> str:
     return tag_cfg.get("url", "")
 
 
-def _unavailable(name: str, tag: str, cache_dir: str | None, why: str) -> RuntimeError:
-    return RuntimeError(
+def _unavailable(name: str, tag: str, cache_dir: str | None, why: str) -> CannotRun:
+    return CannotRun(
         f"pretrained weights {name}:{tag} are not cached and cannot be downloaded ({why}); looked in "
         f"{_hf_cache_dir(cache_dir)} and {_url_cache_dir(cache_dir)}. Copy the weights file to this machine "
         f"and pass it instead: {PASS_A_FILE}")
@@ -268,9 +269,9 @@ def fetch_tag_checkpoint(name: str, tag: str, cache_dir: str | None = None) -> s
 
 def _check_checkpoint_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file {path} not found")
+        raise MissingInput(f"pretrained weights file {path} not found")
     if not path.endswith(CHECKPOINT_SUFFIXES):
-        raise ValueError(f"pretrained weights file {path} must be one of {', '.join(CHECKPOINT_SUFFIXES)}")
+        raise BadValue(f"pretrained weights file {path} must be one of {', '.join(CHECKPOINT_SUFFIXES)}")
 
 
 def _looks_like_file(pretrained: str) -> bool:
@@ -336,8 +337,8 @@ def _default_preprocess_source(arch: TeacherArch) -> str:
 def _random_weights(arch: TeacherArch, allow_random_init: bool) -> Weights:
     if arch.kind != "shipped":
         if not allow_random_init:
-            raise ValueError(f"teacher {arch.name!r} without --pretrained would have random weights; pass an "
-                             f"open_clip tag or a local file ({PASS_A_FILE}), or allow_random_init for tests")
+            raise BadValue(f"teacher {arch.name!r} without --pretrained would have random weights; pass an "
+                           f"open_clip tag or a local file ({PASS_A_FILE}), or allow_random_init for tests")
         log.warning("TEACHER %s HAS RANDOM WEIGHTS (no --pretrained): its embeddings mean nothing", arch.name)
     return Weights(arch.open_clip_name, arch.name, False, None, None, None, arch.config_preprocess,
                    _default_preprocess_source(arch))
@@ -346,8 +347,8 @@ def _random_weights(arch: TeacherArch, allow_random_init: bool) -> Weights:
 def _local_dir_weights(arch: TeacherArch, pretrained: str | None, allow_random_init: bool) -> Weights:
     """The folder's own weights file. open_clip ignores ``pretrained`` with a schema; refusing it says so."""
     if pretrained is not None:
-        raise ValueError(f"a {LOCAL_DIR} teacher brings its own weights ({arch.checkpoint or 'none found'}); "
-                         f"drop --pretrained {pretrained}")
+        raise BadValue(f"a {LOCAL_DIR} teacher brings its own weights ({arch.checkpoint or 'none found'}); "
+                       f"drop --pretrained {pretrained}")
     if arch.checkpoint is None:
         return _random_weights(arch, allow_random_init)
     return _file_weights(arch, arch.checkpoint)
@@ -366,8 +367,8 @@ def _file_weights(arch: TeacherArch, path: str) -> Weights:
 def _tag_weights(arch: TeacherArch, tag: str, cache_dir: str | None) -> Weights:
     """An open_clip pretrained tag: the tag's preprocessing and QuickGELU setting apply."""
     if arch.kind == "config":
-        raise ValueError(f"teacher {arch.name!r} has no pretrained tags; --pretrained must be a local weights "
-                         f"file ({', '.join(CHECKPOINT_SUFFIXES)}), got {tag!r}")
+        raise BadValue(f"teacher {arch.name!r} has no pretrained tags; --pretrained must be a local weights "
+                       f"file ({', '.join(CHECKPOINT_SUFFIXES)}), got {tag!r}")
     name, force_qg = resolve_quickgelu(arch.open_clip_name, tag)
     path = fetch_tag_checkpoint(name, tag, cache_dir)
     return Weights(name, name, force_qg, path, tag, None, open_clip.get_pretrained_cfg(name, tag), "pretrained-tag")

@@ -36,6 +36,7 @@ from . import metrics, zca
 from .progress import console, make_progress
 from .prompts import read_prompts
 from .atomic import atomic_write, atomic_write_json
+from .errors import BadValue
 from .store import Cache, CacheError, H5Shard, open_cache
 from .targetspace import FIT_MODES, FITTED_ON, H5_ARRAYS, SPACES, WHITENING_H5, load_whitening, read_transform
 
@@ -66,7 +67,7 @@ COV_TOL = 1e-3  # max |whitened train covariance − I| accepted
 def resolve_modes(mode: str) -> list[str]:
     """'all' -> every mode; otherwise the one named. Unknown names raise listing the valid ones."""
     if mode not in MODE_CHOICES:
-        raise ValueError(f"unknown whitening mode {mode!r}; valid: {', '.join(MODE_CHOICES)}")
+        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(MODE_CHOICES)}")
     return list(FIT_MODES) if mode == "all" else [mode]
 
 
@@ -82,7 +83,7 @@ def check_finite(shard: H5Shard) -> None:
         bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
         if bad.any():
             first = shard.keys[int(owner[np.argmax(bad)])]
-            raise ValueError(
+            raise BadValue(
                 f"{shard.path}: dataset {name!r} holds NaN/Inf embeddings in {int(bad.sum())} row(s), "
                 f"first at sample key {first!r}; the teacher produced non-finite features (fp16 "
                 "overflow? extract with --precision fp32): delete this shard's files and re-run `kdpipe extract`")
@@ -116,7 +117,7 @@ def fit_modes(moments: dict[str, zca.RunningMoments], modes: list[str], eps_rel:
         m = moments[mode]
         if m.n <= m.dim:
             what = {"image": "image views", "text": "captions", "joint": "image views + captions"}[mode]
-            raise ValueError(
+            raise BadValue(
                 f"the {FIT_SPLIT} split has {m.n} {what} for {m.dim}-dim embeddings; fitting a "
                 f"{m.dim}×{m.dim} covariance needs more than {m.dim} rows (≥ 10×{m.dim} for a stable "
                 "estimate): extract more training images (or views) first")
@@ -219,7 +220,7 @@ def pick_eval_split(cache: Cache, wanted: str | None) -> str | None:
     """The held-out split: the one asked for, else "val", else "test", else None."""
     if wanted is not None:
         if wanted == FIT_SPLIT:
-            raise ValueError(f"--eval-split must be held out, not {FIT_SPLIT!r}")
+            raise BadValue(f"--eval-split must be held out, not {FIT_SPLIT!r}")
         cache.require_split(wanted)
         return wanted
     return next((s for s in ("val", "test") if s in cache.splits() and cache.manifest["splits"][s]["shards"]), None)
@@ -351,7 +352,7 @@ def _validate(cfg: WhitenConfig) -> list[str]:
     modes = resolve_modes(cfg.mode)
     zca.METHODS.get(cfg.method)
     if cfg.verify not in VERIFY_CHOICES:
-        raise ValueError(f"unknown --verify {cfg.verify!r}; valid: {', '.join(VERIFY_CHOICES)}")
+        raise BadValue(f"unknown --verify {cfg.verify!r}; valid: {', '.join(VERIFY_CHOICES)}")
     return modes
 
 

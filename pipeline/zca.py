@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import BadValue
 from .registry import Registry
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
@@ -163,7 +164,7 @@ def fit(moments: RunningMoments, eps_rel: float = 1e-4, method: str = "zca") -> 
     """Fit a whitening transform to accumulated moments (population covariance)."""
     build = METHODS.get(method)
     if eps_rel < 0:
-        raise ValueError(f"eps_rel must be >= 0, got {eps_rel}")
+        raise BadValue(f"eps_rel must be >= 0, got {eps_rel}")
     if moments.n <= moments.dim:
         raise ValueError(f"whitening {moments.dim}-dim features needs more than {moments.dim} rows, "
                          f"got {moments.n}: the covariance would be singular")
@@ -171,8 +172,8 @@ def fit(moments: RunningMoments, eps_rel: float = 1e-4, method: str = "zca") -> 
     eps = float(eps_rel * lam.mean())
     if lam[-1] + eps <= 1e-12 * lam[0]:  # numerically singular: its inverse square root is noise
         rank = int((lam > 0).sum())
-        raise ValueError(f"the covariance is singular (rank {rank} < {moments.dim}) and eps_rel is 0: "
-                         "use eps_rel > 0")
+        raise BadValue(f"the covariance is singular (rank {rank} < {moments.dim}) and eps_rel is 0: "
+                       "use eps_rel > 0")
     s = 1.0 / np.sqrt(lam + eps)
     w, w_inv = build(u, s)
     return Whitening(moments.mean(), w, w_inv, lam, eps, moments.n, method)

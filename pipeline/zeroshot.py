@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import metrics, prompts
 from .data import views
+from .errors import BadValue, MissingInput
 from .progress import make_progress
 from .registry import Registry
 from .store import Cache
@@ -108,7 +109,7 @@ def _folder(path: str) -> LabelledImages:
     from torchvision.datasets import ImageFolder  # noqa: PLC0415
 
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"zero-shot folder {path} does not exist (expected PATH/<class>/<image files>)")
+        raise MissingInput(f"zero-shot folder {path} does not exist (expected PATH/<class>/<image files>)")
     ds = ImageFolder(path)
     return LabelledImages(f"folder:{Path(path).name}", [c.replace("_", " ") for c in ds.classes], ds)
 
@@ -121,13 +122,13 @@ def _cifar(path: str, which: str) -> LabelledImages:
     try:
         ds = cls(path, train=False, download=False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted."
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{which} test set not found under {path}: expected {Path(path) / folder}/ (the folder "
             f"torchvision.datasets.{cls.__name__}(root, download=True) writes). kdpipe never downloads "
             "datasets: fetch it on a machine with network and copy that folder here") from None
     classnames = prompts.PROMPT_SETS.get(which)()[0]
     if [c.replace("_", " ") for c in ds.classes] != classnames:
-        raise ValueError(f"{which} at {path} has classes {ds.classes[:5]}..., not CLIP's {which} class names")
+        raise BadValue(f"{which} at {path} has classes {ds.classes[:5]}..., not CLIP's {which} class names")
     return LabelledImages(which, classnames, ds, prompt_set=which)
 
 
@@ -139,8 +140,8 @@ def open_zeroshot(spec: str) -> LabelledImages:
     """'KIND:PATH' (e.g. folder:/data/pets, cifar10:~/data) -> LabelledImages. Unknown kinds list the valid ones."""
     kind, sep, path = spec.partition(":")
     if not sep or not path:
-        raise ValueError(f"--zeroshot {spec!r}: expected KIND:PATH with KIND one of "
-                         f"{', '.join(ZEROSHOT_DATASETS.names())} (e.g. folder:/data/pets, cifar10:~/data)")
+        raise BadValue(f"--zeroshot {spec!r}: expected KIND:PATH with KIND one of "
+                       f"{', '.join(ZEROSHOT_DATASETS.names())} (e.g. folder:/data/pets, cifar10:~/data)")
     return ZEROSHOT_DATASETS.get(kind)(str(Path(path).expanduser()))
 
 
@@ -197,7 +198,7 @@ def labelled_classifier(data: LabelledImages, sets: dict[str, prompts.PromptSet]
         templates = sets[found[0]].templates if found else list(prompts.SHAPES_TEMPLATES)
         return text_classifier(text, data.classnames, templates, space, batch_size, device), "student text tower"
     if found is None:
-        raise ValueError(
+        raise BadValue(
             f"zero-shot on {data.name}: this student has no text tower, so it classifies with the teacher's "
             f"prompt embeddings from prompts.h5, and no set there has these {len(data.classnames)} class names "
             f"(sets: {', '.join(f'{n} ({len(s.classnames)} classes)' for n, s in sets.items()) or 'none'}). "

@@ -27,6 +27,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from ..errors import BadValue, MissingInput, UnknownName
 from .records import Record, Unit, caption_splits, chunk_units
 
 log = logging.getLogger("kdpipe")
@@ -45,7 +46,7 @@ def read_labels(root: Path) -> tuple[list[str] | None, dict[int, int]]:
     for file in sorted((root / "annotations").glob("labels_*.json")):
         data = json.loads(file.read_text())
         if classnames is not None and data["classnames"] != classnames:
-            raise ValueError(f"{file}: class names differ from the other labels_*.json files")
+            raise BadValue(f"{file}: class names differ from the other labels_*.json files")
         classnames = list(data["classnames"])
         labels.update({int(k): int(v) for k, v in data["labels"].items()})
     return classnames, labels
@@ -103,7 +104,7 @@ def read_karpathy(split_file: Path, root: Path, labels: dict[int, int]) -> tuple
     for img in data["images"]:
         split = KARPATHY_SPLITS.get(img["split"])
         if split is None:
-            raise ValueError(f"{split_file}: unknown split {img['split']!r}; expected {sorted(KARPATHY_SPLITS)}")
+            raise BadValue(f"{split_file}: unknown split {img['split']!r}; expected {sorted(KARPATHY_SPLITS)}")
         path = finder.find(img.get("filepath", ""), img["filename"], img["cocoid"])
         if path is None:
             not_found += 1
@@ -148,12 +149,12 @@ class CocoSource:
 
     def _karpathy(self, split_file: Path, labels: dict[int, int], keep_leaky: bool) -> dict[str, list[Record]]:
         if not split_file.is_file():
-            raise FileNotFoundError(f"split file {split_file} not found; expected Karpathy's dataset_coco.json")
+            raise MissingInput(f"split file {split_file} not found; expected Karpathy's dataset_coco.json")
         splits, not_found = read_karpathy(split_file, self.root, labels)
         if not_found:
             log.warning("split file: %d images not found under %s (skipped)", not_found, self.root)
         if not any(splits.values()):
-            raise FileNotFoundError(f"none of the images in {split_file} were found under {self.root}")
+            raise MissingInput(f"none of the images in {split_file} were found under {self.root}")
         if not splits["train"]:
             splits["train"] = self._annotation_train(labels)
         removed = 0
@@ -175,7 +176,7 @@ class CocoSource:
 
     def records(self, split: str) -> list[Record]:
         if split not in self._records:
-            raise KeyError(f"unknown split {split!r}; valid: {', '.join(self._records)}")
+            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._records)}")
         return self._records[split]
 
     def units(self, split: str) -> list[Unit]:

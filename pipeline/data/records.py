@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
+from ..errors import BadValue
+
 log = logging.getLogger("kdpipe")
 
 EXPECTED_LAYOUTS = (
@@ -94,7 +96,7 @@ class SourceKind(Protocol):
 def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit]:
     """Consecutive chunks of ``shard_size`` records, in the given (sorted) order."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise BadValue(f"shard_size must be >= 1, got {shard_size}")
     units = []
     for index, start in enumerate(range(0, len(records), shard_size)):
         chunk = FixedRecords(records[start : start + shard_size])

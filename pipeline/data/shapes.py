@@ -31,6 +31,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import BadValue
+
 log = logging.getLogger("kdpipe")
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring")
@@ -360,9 +362,9 @@ def make_shapes(out: Path, n_train: int, n_val: int, size: int = 64, seed: int =
     The summary's ``shared_captions`` is each split's ``shared_caption_share``.
     """
     if n_train < 1 or n_val < 0:
-        raise ValueError(f"need at least one train image and no negative counts, got train={n_train} val={n_val}")
+        raise BadValue(f"need at least one train image and no negative counts, got train={n_train} val={n_val}")
     if size < 16:
-        raise ValueError(f"image size {size} is too small to draw shapes; use 16 or more (64 is the default)")
+        raise BadValue(f"image size {size} is too small to draw shapes; use 16 or more (64 is the default)")
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..errors import BadValue, MissingInput
 from ..registry import Registry
 from .coco import CocoSource
 from .records import EXPECTED_LAYOUTS, Source, SourceKind
@@ -42,5 +43,5 @@ def open_source(
 
 def _raise_unrecognised(spec: str) -> None:
     if not Path(spec).exists():
-        raise FileNotFoundError(f"{spec}: no such file or directory; {EXPECTED_LAYOUTS}")
-    raise ValueError(f"{spec}: unrecognised input layout; {EXPECTED_LAYOUTS}")
+        raise MissingInput(f"{spec}: no such file or directory; {EXPECTED_LAYOUTS}")
+    raise BadValue(f"{spec}: unrecognised input layout; {EXPECTED_LAYOUTS}")

@@ -24,6 +24,7 @@ from braceexpand import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from ..errors import BadValue, MissingInput, UnknownName
 from .records import EXPECTED_LAYOUTS, ErrorCounter, Record, Unit, caption_splits
 
 log = logging.getLogger("kdpipe")
@@ -95,12 +96,12 @@ def expand_spec(spec: str) -> list[str]:
             urls += list(braceexpand(part))
     local_missing = [u for u in urls if not u.startswith("pipe:") and not Path(u).is_file()]
     if local_missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{spec}: {len(local_missing)} of {len(urls)} tars not found (first: {local_missing[0]}); "
             "pass existing .tar files, a brace pattern over existing files, or a pipe: URL"
         )
     if not urls:
-        raise ValueError(f"{spec}: names no tar files; {EXPECTED_LAYOUTS}")
+        raise BadValue(f"{spec}: names no tar files; {EXPECTED_LAYOUTS}")
     return urls
 
 
@@ -120,7 +121,7 @@ class WdsSource:
 
     def __init__(self, spec: str, *, shard_size: int = 1000, split_file: str | None = None, keep_leaky: bool = False):
         if split_file is not None:
-            raise ValueError(f"{spec}: a split file applies to COCO-style directories, not to tar input")
+            raise BadValue(f"{spec}: a split file applies to COCO-style directories, not to tar input")
         self.spec = spec
         self.urls = expand_spec(spec)
         self._units = [Unit(i, url, TarReader(url)) for i, url in enumerate(self.urls)]
@@ -130,7 +131,7 @@ class WdsSource:
 
     def units(self, split: str) -> list[Unit]:
         if split != "train":
-            raise KeyError(f"unknown split {split!r}; valid: train (tar input has one split)")
+            raise UnknownName(f"unknown split {split!r}; valid: train (tar input has one split)")
         return list(self._units)
 
     def classnames(self) -> list[str] | None:

@@ -32,6 +32,10 @@ def extract(
     workers: int = typer.Option(2, "--workers", "-w", min=0, help="DataLoader workers that decode images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    dist_timeout: float = typer.Option(30.0, "--dist-timeout", min=0.1,
+                                  help="Minutes a collective (all-gather, barrier) may wait under "
+                                  "torchrun/srun before the run fails (NCCL's own default is 10); ranks idle "
+                                  "while others finish their work never time out."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Karpathy dataset_coco.json: defines "
                                               "train/val/test; its val/test images are removed from train."),
     keep_leaky: bool = typer.Option(False, "--keep-leaky", help="Keep Karpathy val/test images in train."),
@@ -54,6 +58,7 @@ def extract(
         cfg = stage_config(ExtractConfig, config, dict(
             teacher=teacher, data=data, out=str(out) if out else None, pretrained=pretrained, views=views,
             batch_size=batch_size, workers=workers, device=device, precision=precision,
+            dist_timeout=dist_timeout,
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
             splits=split or None, allow_random_init=allow_random_init,

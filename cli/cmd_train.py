@@ -47,6 +47,10 @@ def train(
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, "
                                             "bf16, fp16."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
+    dist_timeout: Optional[float] = typer.Option(None, "--dist-timeout", min=0.1,
+                                  help="Minutes a collective (all-gather, barrier) may wait under "
+                                  "torchrun/srun before the run fails (NCCL's own default is 10); ranks idle "
+                                  "while others finish their work never time out. Default 30."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="DataLoader workers (default 2)."),
     views_used: Optional[str] = typer.Option(None, "--views-used", help="all (a random cached view per sample) "
                                              "or 0 (the teacher's eval view only)."),
@@ -66,7 +70,8 @@ def train(
     flags = dict(student=student, cache=str(cache) if cache else None, out=str(out) if out else None,
                  losses=losses, whiten=whiten, text_student=text_student, epochs=epochs, batch_size=batch_size,
                  lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, image_size=image_size,
-                 precision=precision, device=device, workers=workers, views_used=views_used, seed=seed,
+                 precision=precision, device=device, dist_timeout=dist_timeout, workers=workers,
+                 views_used=views_used, seed=seed,
                  max_steps=max_steps, val_every=val_every, log_every=log_every,
                  resume=resume or None, progress=False if no_progress else None,
                  init_checkpoint=str(init_checkpoint) if init_checkpoint else None)

@@ -55,6 +55,7 @@ class ExtractConfig:
     batch_size: int = 64  # images per teacher forward (x views)
     workers: int = 2
     device: str = "auto"
+    dist_timeout: float = runtime.DEFAULT_DIST_TIMEOUT_MIN  # minutes a collective may wait (multi-process)
     precision: str = "auto"
     split_file: str | None = None  # Karpathy dataset_coco.json
     keep_leaky: bool = False  # keep Karpathy val/test images in train
@@ -363,7 +364,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract every split of cfg.data into the cache cfg.out; returns the split summary."""
     if cfg.views < 1:
         raise BadValue("--views must be at least 1 (view 0 is the teacher's eval transform)")
-    dist = runtime.init_distributed(cfg.device)
+    dist = runtime.init_distributed(cfg.device, cfg.dist_timeout)
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     source = open_source(cfg.data, shard_size=cfg.shard_size, split_file=cfg.split_file,
@@ -388,13 +389,13 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         start = time.perf_counter()
         extract_split(cfg, teacher, source, split, manifest, dist, precision)
         seconds[split] = time.perf_counter() - start
-    runtime.barrier(dist)
+    runtime.wait_for_all(dist)  # a rank with fewer shards waits here for the others
     if dist.is_main:
         with on_write_failure(lambda: kept_after_failure(cfg, source)):
             collect_manifest(manifest, source, splits)
             if cfg.prompts and not (root / PROMPTS).exists():
                 write_prompt_sets(root, teacher, source.classnames())
-    runtime.barrier(dist)
+    runtime.wait_for_all(dist)
     result = summary(Manifest.load(root))
     for split, info in result.items():
         info["seconds"] = round(seconds.get(split, 0.0), 3)  # this process's time on the split

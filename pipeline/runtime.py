@@ -2,6 +2,21 @@
 
 Stages ask this module for a device, an autocast context and the rank/world; nothing else
 calls ``torch.cuda`` or ``torch.distributed`` directly.
+
+Launchers. A distributed run is started by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
+``MASTER_ADDR``/``MASTER_PORT``, read by the env:// rendezvous) or by SLURM's ``srun`` with one
+task per process (``SLURM_PROCID``/``SLURM_LOCALID`` and the step's task count; the master is the
+first host of the step's node list, the port ``MASTER_PORT`` or one derived from the job id).
+torchrun's variables win when both are set (``srun torchrun ...``). Only an srun *step* counts:
+a batch script also sees ``SLURM_NTASKS`` and ``SLURM_PROCID=0``, and a plain ``python`` there is
+one process, not rank 0 of N.
+
+Timeouts. Collectives fail after the process group's timeout (``dist_timeout`` minutes,
+default 30; NCCL's own default is 10). Waits that are not bounded by the work of one step —
+a rank that finished its shards while others still extract, ranks waiting while rank 0
+validates or saves — go through ``wait_for_all``: a barrier on a gloo side group whose
+timeout is a week, so an idle rank never times out while another still works (a crashed peer
+still ends the wait at once: its connection closes).
 """
 
 from __future__ import annotations
@@ -10,8 +25,10 @@ import contextlib
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from datetime import timedelta
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -58,11 +75,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEFAULT_DIST_TIMEOUT_MIN = 30.0  # minutes; a collective that waits longer fails (NCCL's default is 10)
+IDLE_WAIT = timedelta(days=7)  # wait_for_all's bound: "never", for a run
+DEFAULT_PORT = 29500  # torchrun's; a SLURM run without MASTER_PORT derives one from its job id
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launcher: str = "none"  # none | torchrun | slurm
 
     @property
     def is_main(self) -> bool:
@@ -73,34 +96,102 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group torchrun set up (env:// rendezvous); a no-op without torchrun.
+@dataclass(frozen=True)
+class Launch:
+    """Who started this process and how to reach its peers (``detect_launch``)."""
 
-    NCCL on CUDA, gloo on CPU.
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"  # none | torchrun | slurm
+    init_method: str = "env://"  # torchrun: its env vars; slurm: tcp://MASTER:PORT
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``, ``a[3-4]-ib`` -> ``a3-ib``.
+
+    (``scontrol show hostnames | head -1`` without calling scontrol; zero padding kept.)
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+    if not host:
+        raise BadValue(f"SLURM node list {nodelist!r} names no host; set MASTER_ADDR")
+    return host
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
+    """torchrun's variables, else an srun step's, else a single process (see the module docstring)."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:  # torchrun, or a user's own env:// setup
+        world = int(env["WORLD_SIZE"])
+        return Launch(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+                      "torchrun" if world > 1 else "none")
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or (env.get("SLURM_NTASKS") if "SLURM_STEP_ID" in env else None)
+    if tasks is None or int(tasks) <= 1 or "SLURM_PROCID" not in env:
+        return Launch()
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    addr = env.get("MASTER_ADDR") or first_host(nodes)
+    port = env.get("MASTER_PORT") or str(DEFAULT_PORT + 1 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return Launch(int(env["SLURM_PROCID"]), int(tasks), int(env.get("SLURM_LOCALID", "0")), "slurm",
+                  f"tcp://{addr}:{port}")
+
+
+_IDLE_GROUP: Any = None  # wait_for_all's gloo group, made with the default group
+
+
+def init_distributed(device_name: str = "auto", timeout_min: float = DEFAULT_DIST_TIMEOUT_MIN,
+                     env: Mapping[str, str] | None = None) -> DistInfo:
+    """Join the process group of a torchrun or srun launch; a no-op for a single process.
+
+    NCCL on CUDA, gloo on CPU; collectives time out after ``timeout_min`` minutes.
+    """
+    global _IDLE_GROUP
+    launch = detect_launch(env)
+    if launch.world_size <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if timeout_min <= 0:
+        raise BadValue(f"the process-group timeout must be > 0 minutes, got {timeout_min}")
     if not dist.is_initialized():
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+            torch.cuda.set_device(local_cuda_index(launch.local_rank))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=launch.init_method,
+                                rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(minutes=timeout_min))
+        _IDLE_GROUP = dist.new_group(backend="gloo", timeout=IDLE_WAIT)
+    return DistInfo(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
+                    launcher=launch.launcher)
+
+
+def local_cuda_index(local_rank: int) -> int:
+    """This rank's GPU among those it sees: local_rank when it sees the node's GPUs (torchrun,
+    ``srun --gpus-per-node``), 0 when the scheduler gave each task its own (``--gpus-per-task=1``)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
 
 
 def dist_device(info: DistInfo, device_name: str = "auto") -> torch.device:
-    """The device for this rank: cuda:local_rank under torchrun with CUDA, else resolve_device."""
+    """The device for this rank: its GPU (``local_cuda_index``) when distributed with CUDA, else resolve_device."""
     device = resolve_device(device_name)
     if device.type == "cuda" and info.enabled:
-        return torch.device("cuda", info.local_rank)
+        return torch.device("cuda", local_cuda_index(info.local_rank))
     return device
 
 
 def barrier(info: DistInfo) -> None:
+    """All ranks meet; bounded by the process group's timeout (use after work of similar length)."""
     if info.enabled and dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_all(info: DistInfo) -> None:
+    """All ranks meet, however long the others still work (no process-group timeout applies)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier(group=_IDLE_GROUP)
 
 
 def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -135,8 +226,10 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
 
 
 def shutdown(info: DistInfo) -> None:
+    global _IDLE_GROUP
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _IDLE_GROUP = None
 
 
 def synchronize(device: torch.device) -> None:

@@ -101,6 +101,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
+    dist_timeout: float = runtime.DEFAULT_DIST_TIMEOUT_MIN  # minutes a collective may wait (multi-process)
     workers: int = 2
     seed: int = 0
     max_steps: int | None = None  # stop early (schedule unchanged)
@@ -302,7 +303,7 @@ class Setup:
 
 def build_setup(cfg: TrainConfig) -> Setup:
     check_config(cfg)
-    dist = runtime.init_distributed(cfg.device)
+    dist = runtime.init_distributed(cfg.device, cfg.dist_timeout)
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     cache = open_checked_cache(cfg)
@@ -756,7 +757,7 @@ def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
             loop.best = {"score": loop.last_val["val_score"], "step": loop.pos.step}
         mlog.write({"kind": "val", "step": loop.pos.step, "epoch": loop.pos.epoch, **loop.last_val})
     loop.val_step = loop.pos.step  # on every rank: they must agree on which collectives follow
-    runtime.barrier(setup.dist)
+    runtime.wait_for_all(setup.dist)  # however long rank 0 validates
     return bool(runtime.broadcast_object(is_best, setup.dist))
 
 
@@ -827,7 +828,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if loop.val_step != loop.pos.step:
                 run_validation(setup, loop, mlog)  # the final numbers, after the last step
             finalize(setup, loop.last_val, loop.pos, loop.best)
-        runtime.barrier(setup.dist)
+        runtime.wait_for_all(setup.dist)  # rank 0 writes the student
         return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
                 "counters": loop.counters, "rank": setup.dist.rank}
     finally:

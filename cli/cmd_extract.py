@@ -13,6 +13,7 @@ from kdpipe.progress import console
 
 
 def extract(
+    ctx: typer.Context,
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher (required, here or in --config): "
                                           "a shipped config (tiny-clip, shapes-vit), an open_clip model name "
                                           "(ViT-B-32, ...), a model-config JSON path or an open_clip folder as "
@@ -51,7 +52,7 @@ def extract(
     from kdpipe.extract import ExtractConfig, run
 
     with user_errors():
-        cfg = stage_config(ExtractConfig, config, dict(
+        cfg = stage_config(ctx, ExtractConfig, config, dict(
             teacher=teacher, data=data, out=str(out) if out else None, pretrained=pretrained, views=views,
             batch_size=batch_size, workers=workers, device=device, precision=precision,
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,

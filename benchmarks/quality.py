@@ -32,7 +32,7 @@ import torch
 from kdpipe import evaluate, extract, pretrain, train, whiten
 from kdpipe.measure import flops_per_sample
 from kdpipe.data.shapes import make_shapes
-from kdpipe.losses import DEFAULT_RECIPE
+from kdpipe.trainconfig import DEFAULT_RECIPE
 from kdpipe.rundir import CKPT_DIR, EVAL_JSON, METRICS_FILE, SPEC_FILE
 from kdpipe.store import TEACHER_EVAL_JSON
 from kdpipe.students import load_student

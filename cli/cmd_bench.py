@@ -22,6 +22,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def bench_cmd(
+    ctx: typer.Context,
     runs: Optional[list[Path]] = typer.Argument(None, help="Run directories written by `kdpipe train`."),
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher to compare with: a model name "
                                           "(tiny-clip, ViT-B-32, ...), a model-config JSON or a CACHE directory "
@@ -49,7 +50,7 @@ def bench_cmd(
     from kdpipe.bench import BenchConfig, run
 
     with user_errors():
-        run(stage_config(BenchConfig, config, dict(
+        run(stage_config(ctx, BenchConfig, config, dict(
             runs=list(runs) if runs else None, teacher=teacher, device=device, batch_sizes=_sizes(batch_sizes),
             warmup=warmup, iters=iters, throughput_iters=throughput_iters, threads=threads,
             checkpoint=checkpoint, onnx=onnx, out=out)))

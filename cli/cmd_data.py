@@ -9,11 +9,11 @@ import typer
 
 from .errors import user_errors
 from .options import config_option, stage_config
-from kdpipe.data import shapes
 from kdpipe.progress import console
 
 
 def make_shapes(
+    ctx: typer.Context,
     out: Optional[Path] = typer.Argument(None, help="Output directory (COCO layout: annotations/, train/, val/)."),
     train: int = typer.Option(2000, "--train", min=1, help="Number of train images."),
     val: int = typer.Option(500, "--val", min=0, help="Number of val images."),
@@ -27,9 +27,11 @@ def make_shapes(
     size (small/medium/large), grid position, relation and the background, so that almost no caption fits
     another image (the share that does is printed per split); the label is the shape of the largest object.
     """
+    from kdpipe.data import shapes
+
     with user_errors():
         values = dict(out=out, n_train=train, n_val=val, size=size, seed=seed)
-        cfg = stage_config(shapes.ShapesConfig, config, values, params={"n_train": "train", "n_val": "val"})
+        cfg = stage_config(ctx, shapes.ShapesConfig, config, values, params={"n_train": "train", "n_val": "val"})
         summary = shapes.run(cfg)
     images, captions = summary["images"], summary["captions"]
     console.print(

@@ -27,6 +27,7 @@ def _print_pretrain_summary(summary: dict) -> None:
 
 
 def pretrain_teacher(
+    ctx: typer.Context,
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Captioned dataset with a train split (and val "
                                        "for metrics), e.g. a shapes world from `kdpipe make-shapes data/shapes`. "
                                        "Required, here or in --config."),
@@ -57,7 +58,7 @@ def pretrain_teacher(
     from kdpipe.pretrain import PretrainConfig, run
 
     with user_errors():
-        cfg = stage_config(PretrainConfig, config, dict(
+        cfg = stage_config(ctx, PretrainConfig, config, dict(
             data=data, out=str(out) if out else None, arch=arch, steps=steps,  # None: PretrainConfig's default
             batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite, val_every=val_every,
             checkpoint_every=checkpoint_every))
@@ -66,6 +67,7 @@ def pretrain_teacher(
 
 
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("data/demo"), "--out", "-o", help="Where everything goes: shapes/, teacher/, "
                              "cache/, runs/, report.md. Re-running reuses finished stages."),
     quick: bool = typer.Option(False, "--quick", help="A small world, a short teacher and one student "
@@ -80,7 +82,7 @@ def demo(
     from kdpipe.demo import DemoConfig, run
 
     with user_errors():
-        result = run(stage_config(DemoConfig, config, dict(out=str(out), quick=quick, workers=workers)))
+        result = run(stage_config(ctx, DemoConfig, config, dict(out=str(out), quick=quick, workers=workers)))
     console.print(result["markdown"])
 
 

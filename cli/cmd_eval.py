@@ -13,6 +13,7 @@ from kdpipe.progress import console
 
 
 def eval_cmd(
+    ctx: typer.Context,
     run: Optional[Path] = typer.Argument(None, help="Run directory written by `kdpipe train`."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Evaluate the teacher itself from this CACHE's "
                                            "embeddings (no teacher forward) instead of a RUN."),
@@ -41,7 +42,7 @@ def eval_cmd(
     from kdpipe.evaluate import EvalConfig, run as evaluate
 
     with user_errors():
-        evaluate(stage_config(EvalConfig, config, dict(
+        evaluate(stage_config(ctx, EvalConfig, config, dict(
             run=run, teacher=teacher, cache=cache, split=split, checkpoint=checkpoint,
             zeroshot=list(zeroshot or []),
             batch_size=batch_size, workers=workers, device=device, chunk=chunk, out=out,
@@ -49,6 +50,7 @@ def eval_cmd(
 
 
 def report_cmd(
+    ctx: typer.Context,
     runs: Optional[list[Path]] = typer.Argument(None, help="Run directories to compare."),
     out: Path = typer.Option(Path("report.md"), "--out", "-o", help="Markdown file to write."),
     config: Optional[Path] = config_option(),
@@ -59,7 +61,7 @@ def report_cmd(
     from kdpipe.report import ReportConfig, run as report
 
     with user_errors():
-        result = report(stage_config(ReportConfig, config, dict(runs=list(runs) if runs else None, out=out)))
+        result = report(stage_config(ctx, ReportConfig, config, dict(runs=list(runs) if runs else None, out=out)))
     typer.echo(result["markdown"])
     console.print(f"report: {result['path']}")
 

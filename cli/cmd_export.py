@@ -13,6 +13,7 @@ from kdpipe.progress import console
 
 
 def export_cmd(
+    ctx: typer.Context,
     run: Optional[Path] = typer.Argument(None, help="Run directory written by `kdpipe train`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write the exported model to."),
     format: str = typer.Option("all", "--format", "-f", help="open_clip (open_clip_config.json + weights: "
@@ -35,7 +36,7 @@ def export_cmd(
     from kdpipe.export import ExportConfig, run as export
 
     with user_errors():
-        result = export(stage_config(ExportConfig, config, dict(
+        result = export(stage_config(ctx, ExportConfig, config, dict(
             run=run, out=out, format=format, checkpoint=checkpoint, pretrained=pretrained,
             teacher_config=teacher_config, license=license)))
     for path in result["files"]:

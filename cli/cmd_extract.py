@@ -13,6 +13,7 @@ from kdpipe.progress import console
 
 
 def extract(
+    ctx: typer.Context,
     teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher (required, here or in --config): "
                                           "a shipped config (tiny-clip, shapes-vit), an open_clip model name "
                                           "(ViT-B-32, ...), a model-config JSON path or an open_clip folder as "
@@ -55,7 +56,7 @@ def extract(
     from kdpipe.extract import ExtractConfig, run
 
     with user_errors():
-        cfg = stage_config(ExtractConfig, config, dict(
+        cfg = stage_config(ctx, ExtractConfig, config, dict(
             teacher=teacher, data=data, out=str(out) if out else None, pretrained=pretrained, views=views,
             batch_size=batch_size, workers=workers, device=device, precision=precision,
             dist_timeout=dist_timeout,

@@ -13,6 +13,7 @@ from kdpipe.progress import console
 
 
 def fit_whitening(
+    ctx: typer.Context,
     cache: Optional[Path] = typer.Argument(None, help="Cache directory written by `kdpipe extract`."),
     mode: str = typer.Option(
         "all", "--mode", "-m",
@@ -38,7 +39,7 @@ def fit_whitening(
     from kdpipe import whiten
 
     with user_errors():
-        cfg = stage_config(whiten.WhitenConfig, config, dict(
+        cfg = stage_config(ctx, whiten.WhitenConfig, config, dict(
             cache=cache, mode=mode, eps_rel=eps_rel, method=method, eval_split=eval_split,
             check_train=check_train, verify=verify, progress=progress))
         report = whiten.run(cfg)

@@ -20,9 +20,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """--version: the installed distribution's version (imported here: importlib.metadata takes ~0.1 s)."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"kdpipe {version('kdpipe')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, and the traceback of "
-                                      "every error (an error you can fix is otherwise one short message).")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, and the traceback of "
+                                 "every error (an error you can fix is otherwise one short message)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print kdpipe's version and exit."),
+) -> None:
     errors.set_verbose(verbose)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

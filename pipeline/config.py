@@ -14,6 +14,11 @@ value is converted where that is unambiguous: str -> Path, array -> tuple, int -
 nested config dataclass. A field may declare its own conversion of file values with
 ``field(metadata=toml_as(fn))`` (``views_used = 0`` read as ``"0"``).
 
+A field declared with ``setting(default, help, short=..., minimum=...)`` also says what the command
+line shows for it (help text, short flag, smallest value): the CLI builds a stage's options from its
+fields, so each setting is defined once, here in its dataclass. ``dumps`` writes a config back as
+the TOML these files hold.
+
 None in ``flags`` or ``defaults`` means "not set" (TOML has no null either), so a caller passes
 every option and lets this module sort out which were given.
 """
@@ -21,7 +26,9 @@ every option and lets this module sort out which were given.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
+from dataclasses import MISSING
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterable, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -30,11 +37,17 @@ try:  # Python 3.11+; on 3.10 the `tomli` backport (a dependency there) has the 
 except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+import tomli_w
+
 from .errors import BadValue, MissingInput
 
 T = TypeVar("T")
 
-TOML_AS = "kdpipe.config.toml_as"  # dataclass field metadata key: converts a file's value first
+# dataclass field metadata keys
+TOML_AS = "kdpipe.config.toml_as"  # converts a file's value first
+HELP = "kdpipe.config.help"  # the command-line option's help text
+SHORT = "kdpipe.config.short"  # its short name, e.g. "-e"
+MINIMUM = "kdpipe.config.minimum"  # the smallest value the option takes
 _NOT = object()  # "this value is not of that type" (None is a value)
 
 
@@ -45,6 +58,24 @@ class ConfigError(BadValue):
 def toml_as(convert: Callable[[Any], Any]) -> dict[str, Any]:
     """Field metadata: apply ``convert`` to a file's value before the type check."""
     return {TOML_AS: convert}
+
+
+def setting(default: Any = MISSING, help: str = "", *, short: str | None = None, minimum: float | None = None,
+            factory: Callable[[], Any] | None = None, convert: Callable[[Any], Any] | None = None) -> Any:
+    """A config dataclass field with what the command line shows for it.
+
+    ``default`` (or ``factory`` for a mutable one) as in ``dataclasses.field``; ``help`` the
+    option's help text; ``short`` its short flag ("-e"); ``minimum`` the smallest value it takes;
+    ``convert`` applied to a file's value first (``toml_as``).
+    """
+    metadata: dict[str, Any] = {HELP: help, **(toml_as(convert) if convert else {})}
+    if short:
+        metadata[SHORT] = short
+    if minimum is not None:
+        metadata[MINIMUM] = minimum
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- reading
@@ -61,6 +92,29 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
     return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def read_value(text: str) -> Any:
+    """A value as TOML reads it (``0.5`` a float, ``3`` an int, ``true`` a bool), else ``text`` itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def read_assignment(text: str) -> dict[str, Any]:
+    """``"hinton.T=2"`` -> {"hinton": {"T": 2}}: a TOML key (dotted for a nested table) = a value as
+    ``read_value`` reads it. Raises ConfigError when there is no ``=`` or the key is not a TOML key."""
+    key, sep, value = (part.strip() for part in text.partition("="))
+    if not sep or not key:
+        raise ConfigError(f"expected KEY=VALUE (e.g. hinton.T=2), got {text!r}")
+    quoted = json.dumps(value, ensure_ascii=False)  # a TOML string: a bare word is read as one
+    for line in (f"{key} = {value}", f"{key} = {quoted}"):
+        try:
+            return tomllib.loads(line)
+        except tomllib.TOMLDecodeError:
+            continue
+    raise ConfigError(f"{key!r} is not a TOML key (letters, digits, _ and -; dotted for a table), in {text!r}")
 
 
 def load(cls: type, path: str | Path) -> dict[str, Any]:
@@ -133,6 +187,31 @@ def _as_container(value: Any, origin: type, args: tuple[Any, ...]) -> Any:
 def _describe(tp: Any) -> str:
     """An annotation as a reader would write it: int, str | None, list[float]."""
     return tp.__name__ if isinstance(tp, type) and not get_args(tp) else str(tp).replace("typing.", "")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def dumps(cfg: Any, leave_out: Iterable[str] = ()) -> str:
+    """Config dataclass ``cfg`` as a TOML file that ``load`` reads back to it.
+
+    None values are left out (TOML has no null: a missing key is the default), as are the
+    fields named in ``leave_out``; paths are written as strings.
+    """
+    skip = set(leave_out)
+    return tomli_w.dumps({k: _plain(v) for k, v in dataclasses.asdict(cfg).items()
+                          if v is not None and k not in skip})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every path turned into its string (TOML has no path type)."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- merging

@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 from . import bench, evaluate, export, extract, pretrain, report, train, trainstate, whiten
 from .data.shapes import make_shapes
-from .losses import DEFAULT_RECIPE
 from .progress import console
 from .rundir import BENCH_JSON, EVAL_JSON, SPEC_FILE
 from .store import TEACHER_EVAL_JSON
+from .trainconfig import DEFAULT_RECIPE
 
 log = logging.getLogger("kdpipe")
 

@@ -44,11 +44,6 @@ log = logging.getLogger("kdpipe")
 
 LOSSES: Registry[type["DistillLoss"]] = Registry("loss")
 
-# CLIP-KD's full recipe (Yang et al., CVPR 2024): task + CRD 1 + ICL 1 + FD 2000. The task term is
-# CLIP's InfoNCE of the student's image against the (teacher's or student's) text, both ways, so
-# an image-only student keeps the text->image direction. fd 2000 is CLIP-KD's MSE weight at
-# D = 512, i.e. λ = 7.8125 of λ·(1 − cos) (see ``FeatureDistillation``).
-DEFAULT_RECIPE = "clip=1,crd=1,icl=1,fd=7.8125"
 CLIP_INIT_SCALE = 1 / 0.07  # CLIP's initial logit scale (≈ 14.29)
 MAX_SCALE = 100.0  # CLIP clamps the logit scale at 100
 

@@ -14,7 +14,8 @@ Output (``TEACHER/``), loadable by ``load_teacher("TEACHER/config.json", "TEACHE
 and therefore by ``kdpipe extract --teacher TEACHER/config.json --pretrained TEACHER/model.safetensors``
 (or, the same teacher with the same fingerprint, ``--teacher local-dir:TEACHER``):
 
-- ``config.json``: ``{"model_cfg": ..., "preprocess_cfg": ...}`` (open_clip_config.json format);
+- ``config.json``: ``{"name": ARCH, "model_cfg": ..., "preprocess_cfg": ...}`` (open_clip_config.json
+  format; ``name``, the architecture trained, is what kdpipe calls this teacher);
 - ``model.safetensors``: the state dict;
 - ``open_clip_config.json``: the same config under open_clip's name, so that the directory is also
   an open_clip ``local-dir:`` model: ``open_clip.create_model_and_transforms("local-dir:TEACHER")``
@@ -428,8 +429,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: CaptionedImages, clas
 # --------------------------------------------------------------------------- files
 
 
-def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict) -> None:
+def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict,
+                 name: str | None = None) -> None:
     """model.safetensors (state dict), config.json, then open_clip_config.json, each written atomically.
+
+    ``name`` (the architecture trained, e.g. shapes-vit) is recorded beside the two configs: the name
+    kdpipe shows for this teacher (``weights.TeacherArch.label``; open_clip reads only the configs).
 
     The weights are written once: open_clip's ``local-dir:`` loads ``model.safetensors`` when no
     ``open_clip_model.safetensors`` is there (its preferred name, so a second copy or link under it
@@ -439,7 +444,7 @@ def save_teacher(out: Path, model: torch.nn.Module, model_cfg: dict, preprocess_
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    config = {**({"name": name} if name else {}), "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     atomic_write_json(out / "config.json", config)
     atomic_write_json(out / HF_CONFIG_NAME, config)
 
@@ -593,6 +598,7 @@ class Built:
     tokenizer: Any
     model_cfg: dict  # open_clip model config (embed_dim, vision_cfg, text_cfg)
     preprocess: dict  # open_clip PreprocessCfg as a dict (size, mean, std, interpolation, ...)
+    label: str  # the architecture as the user named it (weights.TeacherArch.label)
 
 
 def build_model(arch_name: str, device: torch.device) -> Built:
@@ -607,7 +613,7 @@ def build_model(arch_name: str, device: torch.device) -> Built:
     model = open_clip.create_model(arch.open_clip_name, pretrained=None, device=device, pretrained_text=False)
     preprocess = dict(get_model_preprocess_cfg(model))
     preprocess["size"] = list(preprocess["size"]) if isinstance(preprocess["size"], tuple) else preprocess["size"]
-    return Built(model, open_clip.get_tokenizer(arch.open_clip_name), model_cfg, preprocess)
+    return Built(model, open_clip.get_tokenizer(arch.open_clip_name), model_cfg, preprocess, arch.label)
 
 
 def _size(preprocess: dict) -> int:
@@ -709,7 +715,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         stats = fit(cfg, built, device, precision, Checkpointing(out, request, resume))
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.json").unlink(missing_ok=True)  # the directory is incomplete until train.json is rewritten
-        save_teacher(out, built.model, built.model_cfg, built.preprocess)
+        save_teacher(out, built.model, built.model_cfg, built.preprocess, built.label)
         summary = {"request": request, "arch": cfg.arch, "steps": cfg.steps, "seed": cfg.seed, "data": cfg.data,
                    **stats, "device": str(device), "precision": precision,
                    "config": str(out / "config.json"), "weights": str(out / "model.safetensors")}

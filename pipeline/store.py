@@ -374,12 +374,27 @@ def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict |
     return cache
 
 
+# Fingerprint keys that describe a teacher without identifying it: the open_clip version changes no
+# numbers, the label is the name the user happened to give (``weights.TeacherArch.label``).
+NOT_IDENTITY = ("open_clip_version", "label")
+
+
 def same_fingerprint(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Fingerprints match, ignoring the open_clip version (it changes no numbers)."""
-    strip = lambda d: {k: v for k, v in d.items() if k != "open_clip_version"}  # noqa: E731
+    """Fingerprints match, ignoring the keys in ``NOT_IDENTITY``."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in NOT_IDENTITY}  # noqa: E731
     return json.loads(json.dumps(strip(a))) == json.loads(json.dumps(strip(b)))
 
 
 def describe_teacher(fp: dict[str, Any]) -> str:
-    weights = fp.get("pretrained") or (fp.get("checkpoint_sha256") or "")[:12] or "random init"
-    return f"{fp.get('name')} ({weights})"
+    """The teacher as the user named it, then what pins it down.
+
+    "shapes-vit (config d370a4ef650b, weights 28f4034c9abd)", "ViT-B-32 (openai)", "tiny-clip (random
+    init)". A config JSON is registered as kdpipe-STEM-DIGEST (``weights``): its digest is shown.
+    Fingerprints written before the label was recorded show their name in its place.
+    """
+    name = str(fp.get("name"))
+    label = fp.get("label") or name
+    sha = fp.get("checkpoint_sha256")
+    details = [f"config {name.rsplit('-', 1)[-1]}"] if name.startswith("kdpipe-") and label != name else []
+    details.append(fp.get("pretrained") or (f"weights {sha[:12]}" if sha else "random init"))
+    return f"{label} ({', '.join(details)})"

@@ -27,6 +27,7 @@ from torch import Tensor
 from .data.views import RESIZE_MODES
 from .errors import BadValue
 from .runtime import autocast, resolve_device, resolve_precision
+from .store import describe_teacher
 from .weights import Weights, make_fingerprint, resolve_arch, resolve_weights
 
 log = logging.getLogger("kdpipe")
@@ -257,10 +258,10 @@ def load_teacher(
             weights_only=True, cache_dir=cache_dir)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(w.arch_name)
-    return _make_teacher(model, tokenizer, w, device, precision)
+    return _make_teacher(model, tokenizer, w, arch.label, device, precision)
 
 
-def _make_teacher(model: torch.nn.Module, tokenizer: Any, w: Weights, device: torch.device,
+def _make_teacher(model: torch.nn.Module, tokenizer: Any, w: Weights, label: str, device: torch.device,
                   precision: str) -> Teacher:
     cfg = open_clip.get_model_config(w.arch_name) or {}
     preprocess = _preprocess_of(model)
@@ -270,10 +271,11 @@ def _make_teacher(model: torch.nn.Module, tokenizer: Any, w: Weights, device: to
     embed_dim, context_length = int(cfg["embed_dim"]), int(model.context_length)
     quickgelu = bool(cfg.get("quick_gelu", False)) or w.force_quick_gelu
     fingerprint = make_fingerprint(w.fingerprint_name, w.tag, w.sha256, quickgelu, preprocess.to_dict(),
-                                   w.preprocess_source, embed_dim, logit_scale, context_length)
+                                   w.preprocess_source, embed_dim, logit_scale, context_length, label)
     teacher = Teacher(model=model, tokenizer=tokenizer, preprocess=preprocess, fingerprint=fingerprint,
                       embed_dim=embed_dim, logit_scale=logit_scale, context_length=context_length,
                       is_causal_text=causal, device=device, precision=precision, _tower=tower)
-    log.info("teacher %s: dim %d, input %d px (%s preprocessing), text tokens %s", w.fingerprint_name, embed_dim,
-             preprocess.size, w.preprocess_source, "trimmed per batch" if teacher.can_trim else "not trimmed")
+    log.info("teacher %s: dim %d, input %d px (%s preprocessing), text tokens %s", describe_teacher(fingerprint),
+             embed_dim, preprocess.size, w.preprocess_source,
+             "trimmed per batch" if teacher.can_trim else "not trimmed")
     return teacher

@@ -49,17 +49,16 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import tomli_w
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import cachereader, config, losses, metrics, runtime, trainstate
+from . import cachereader, losses, metrics, runtime, trainstate
 from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
 from .progress import console, make_progress
@@ -68,74 +67,19 @@ from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerp
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
 from .targetspace import WHITEN_MODES, Targets, load_targets, save_whitening, to_teacher_space
+from .trainconfig import TrainConfig, config_toml, resolve_config  # noqa: F401  (resolve_config: also kdpipe.train's)
 
 log = logging.getLogger("kdpipe")
 
 CROSS_MODAL = ("clip", "crd", "icl", "gd", "afd", "hinton")
 
 
-@dataclass
-class TrainConfig:
-    student: str = "mobilenetv3"  # STUDENTS registry name
-    cache: str = ""
-    out: str = ""
-    losses: str = losses.DEFAULT_RECIPE  # CLIP-KD's full recipe: clip (task) + crd + icl + fd
-    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"hinton": {"T": 2.0}}
-    whiten: str = "none"  # none | image | text | joint | separate (image and text, each its own transform)
-    text_student: str = "none"  # none (use the teacher's cached text) | TEXT_STUDENTS name
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    text_student_kwargs: dict[str, Any] = field(default_factory=dict)
-    init_checkpoint: str | None = None  # local ImageNet weights for the backbone
-    image_size: int | None = None  # default: the teacher's input size
-    mean: list[float] | None = None  # student input normalisation; default: the teacher's
-    std: list[float] | None = None
-    epochs: int = 10
-    batch_size: int = 64  # per process
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    mask_ratio: float = 0.75  # mfd
-    views_used: str = field(default="all", metadata=config.toml_as(str))  # all | 0 (a file may say 0)
-    shuffle_buffer: int = 1000
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    device: str = "auto"
-    dist_timeout: float = runtime.DEFAULT_DIST_TIMEOUT_MIN  # minutes a collective may wait (multi-process)
-    workers: int = 2
-    seed: int = 0
-    max_steps: int | None = None  # stop early (schedule unchanged)
-    log_every: int = 10
-    val_every: int | None = None  # steps; None: at every epoch end
-    val_samples: int = 1000  # val images used by the quick validation
-    bn_samples: int = 256  # train samples for precise BN
-    ckpt_every: int | None = None  # steps; None: at every validation (and epoch end, and the stop)
-    max_nonfinite: int = 5  # consecutive non-finite steps that stop the run
-    verify: str = "size"  # cache verification: none | size | sha256
-    resume: bool = False
-    progress: bool = True
-
-
 # --------------------------------------------------------------------------- config files
-
-
-def resolve_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
-    """Defaults < RUN/config.toml (with resume) < ``config_file`` < ``overrides`` (flags given).
-
-    ``overrides`` holds only what the user set (None values are ignored); ``kdpipe.config`` checks
-    the files and merges.
-    """
-    out = overrides.get("out")
-    saved = Path(out) / CONFIG_FILE if overrides.get("resume") and out else None
-    files = [saved] if saved is not None and saved.is_file() else []
-    files += [config_file] if config_file is not None else []
-    return config.resolve(TrainConfig, flags=overrides, files=files)
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
     """The resolved config as TOML (None values are left out: TOML has no null)."""
-    data = {k: v for k, v in asdict(cfg).items() if v is not None and k != "resume"}
-    path.write_text(tomli_w.dumps(data))
+    path.write_text(config_toml(cfg))
 
 
 # --------------------------------------------------------------------------- checks

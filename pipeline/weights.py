@@ -18,6 +18,11 @@ fingerprint). Tags whose weights were trained with QuickGELU (``openai``, ViT-B-
 ``laion400m_*``, ...) resolve to the ``-quickgelu`` architecture, from open_clip's own
 pretrained metadata. Nothing here builds a model: ``teachers.load_teacher`` does, from what
 this module resolves.
+
+The fingerprint's ``label`` is the teacher as the user named it, for people to read: the name
+given (``ViT-B-32``, ``shapes-vit``), or for a config JSON the name it records (``"name"``, written
+by ``kdpipe pretrain-teacher``), else its file stem, else (``config.json``, ``open_clip_config.json``)
+its folder's name. It never decides whether two teachers are the same (``store.same_fingerprint``).
 """
 
 from __future__ import annotations
@@ -58,9 +63,10 @@ for _path in sorted(CONFIG_DIR.glob("*.json")):
 class TeacherArch:
     """A resolved architecture: the name open_clip builds it by, and where it came from."""
 
-    name: str                 # as the user gave it (a shipped name, a JSON path or an open_clip name)
+    name: str                 # the fingerprint's: a shipped or open_clip name, or a config JSON's registered one
     open_clip_name: str       # name registered in open_clip's model-config registry
     kind: str                 # "shipped" | "config" | "local-dir" | "open_clip"
+    label: str                # as the user named it (the module docstring): shown, never compared
     config_preprocess: dict[str, Any] = field(default_factory=dict)  # from an open_clip_config.json
     checkpoint: str | None = None  # local-dir only: the weights file in the folder, if any
 
@@ -80,15 +86,23 @@ def _register_shipped() -> None:
         _registered_shipped = True
 
 
-def _read_config_json(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A model-config JSON -> (model_cfg, preprocess_cfg). Accepts open_clip_config.json's wrapper."""
+def _read_config_json(path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A model-config JSON -> (model_cfg, preprocess_cfg, label). Accepts open_clip_config.json's wrapper."""
     data = json.loads(path.read_text())
-    model_cfg = data.get("model_cfg", data)
+    wrapped = "model_cfg" in data
+    model_cfg = data["model_cfg"] if wrapped else data
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
     if missing:
         raise BadValue(f"{path} is not an open_clip model config: missing {missing} "
                        "(see open_clip/model_configs/ViT-B-32.json for the format)")
-    return model_cfg, data.get("preprocess_cfg", {}) if "model_cfg" in data else {}
+    label = data.get("name") if wrapped and isinstance(data.get("name"), str) else None
+    return model_cfg, data.get("preprocess_cfg", {}) if wrapped else {}, label or _file_label(path)
+
+
+def _file_label(path: Path) -> str:
+    """A config file's stem, or its folder's name when the stem names no model (config.json)."""
+    generic = path.stem in ("config", Path(HF_CONFIG_NAME).stem)
+    return path.resolve().parent.name if generic else path.stem
 
 
 def _register_config_file(path: Path, stem: str | None = None) -> TeacherArch:
@@ -98,7 +112,7 @@ def _register_config_file(path: Path, stem: str | None = None) -> TeacherArch:
     between runs), so a copy is registered as ``kdpipe-<stem>-<sha>`` (``stem`` defaults to the
     file's) and then removed; open_clip keeps the parsed dict.
     """
-    model_cfg, preprocess_cfg = _read_config_json(path)
+    model_cfg, preprocess_cfg, label = _read_config_json(path)
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
     reg_name = f"kdpipe-{stem or path.stem}-{digest}"
     if reg_name not in open_clip.list_models():
@@ -108,7 +122,8 @@ def _register_config_file(path: Path, stem: str | None = None) -> TeacherArch:
             open_clip.add_model_config(copy)
     # The content-derived name (not the path as typed) goes into the fingerprint, so a moved or
     # relatively-addressed run directory is still the same teacher.
-    return TeacherArch(name=reg_name, open_clip_name=reg_name, kind="config", config_preprocess=preprocess_cfg)
+    return TeacherArch(name=reg_name, open_clip_name=reg_name, kind="config", label=label,
+                       config_preprocess=preprocess_cfg)
 
 
 def _local_dir_arch(folder: Path) -> TeacherArch:
@@ -132,14 +147,14 @@ def resolve_arch(name: str) -> TeacherArch:
         return _local_dir_arch(Path(name[len(LOCAL_DIR):]))
     if name in TEACHERS:
         _register_shipped()
-        return TeacherArch(name=name, open_clip_name=name, kind="shipped")
+        return TeacherArch(name=name, open_clip_name=name, kind="shipped", label=name)
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
             raise MissingInput(f"teacher model config {name} not found")
         return _register_config_file(path)
     if name in open_clip.list_models():
-        return TeacherArch(name=name, open_clip_name=name, kind="open_clip")
+        return TeacherArch(name=name, open_clip_name=name, kind="open_clip", label=name)
     raise UnknownName(f"unknown teacher {name!r}; shipped: {', '.join(TEACHERS.names())}; "
                       "or any open_clip architecture (python -c 'import open_clip; print(open_clip.list_models())'), "
                       "or a path to an open_clip model-config .json, or local-dir:DIR")
@@ -284,15 +299,15 @@ def _looks_like_file(pretrained: str) -> bool:
 
 def make_fingerprint(
     name: str, tag: str | None, sha256: str | None, quickgelu: bool, preprocess: dict[str, Any],
-    preprocess_source: str, embed_dim: int, logit_scale: float, context_length: int,
+    preprocess_source: str, embed_dim: int, logit_scale: float, context_length: int, label: str | None = None,
 ) -> dict[str, Any]:
     """The teacher's identity as recorded in a cache manifest (docs/ARCHITECTURE.md).
 
     ``preprocess`` is ``teachers.Preprocess.to_dict()``; fingerprints are compared with
-    ``store.same_fingerprint``.
+    ``store.same_fingerprint``, which ignores ``label`` (the name shown: ``TeacherArch.label``).
     """
     return {
-        "name": name, "pretrained": tag, "checkpoint_sha256": sha256,
+        "name": name, "label": label or name, "pretrained": tag, "checkpoint_sha256": sha256,
         "open_clip_version": open_clip.__version__, "quickgelu": quickgelu,
         "preprocess": preprocess, "preprocess_source": preprocess_source,
         "embed_dim": embed_dim, "logit_scale": logit_scale, "context_length": context_length,

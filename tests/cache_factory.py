@@ -37,7 +37,7 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 
 
 def fake_teacher(dim: int = 16) -> dict:
-    """A teacher fingerprint with every field a real one has."""
+    """A teacher fingerprint with every field a real one has but `label` (as before labels: shown by name)."""
     return {
         "name": "fake-vit",
         "pretrained": None,

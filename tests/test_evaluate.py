@@ -152,7 +152,7 @@ def test_eval_run_writes_eval_json(fake_cache, tmp_path):
     assert saved == json.loads(json.dumps(report))
     assert saved["kind"] == "student" and saved["split"] == "val" and saved["space"] == "teacher"
     assert saved["model"] == {"image": "tiny", "text": None, "captions": "teacher (cached)",
-                              "teacher": "fake-vit (ffffffffffff)"}
+                              "teacher": "fake-vit (weights ffffffffffff)"}
     assert saved["teacher"]["name"] == "fake-vit"
     assert saved["dataset"]["images"] == 30 and saved["dataset"]["captions"] == 90
     # the teacher column is the teacher's own eval, computed from the cache alone

@@ -152,7 +152,8 @@ def test_files_written_and_load_teacher_gives_the_saved_model(trained: dict, wor
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "open_clip_config.json",
                                                      "train.json"]
     config = json.loads((out / "config.json").read_text())
-    assert set(config) == {"model_cfg", "preprocess_cfg"} and config["model_cfg"]["embed_dim"] == 32
+    assert set(config) == {"name", "model_cfg", "preprocess_cfg"} and config["model_cfg"]["embed_dim"] == 32
+    assert config["name"] == "tiny-clip"  # the architecture trained: the teacher's name in kdpipe's output
     assert json.loads((out / "open_clip_config.json").read_text()) == config
     assert json.loads((out / "train.json").read_text())["val"] == trained["val"]
 
@@ -287,6 +288,28 @@ def test_local_dir_teacher_is_the_same_teacher_as_config_and_weights(trained: di
     assert torch.equal(by_dir.encode_images(x), by_files.encode_images(x))
 
 
+def test_a_pretrained_teacher_is_called_by_its_architecture(trained: dict, tmp_path: Path) -> None:
+    """config.json records the architecture trained, the name kdpipe shows for the teacher (not the
+    kdpipe-config-DIGEST it is registered as); a teacher folder written before has its folder's name,
+    and is the same teacher."""
+    import shutil
+
+    from kdpipe.store import describe_teacher, same_fingerprint
+    from kdpipe.teachers import load_teacher
+
+    out = Path(trained["config"]).parent
+    assert json.loads((out / "config.json").read_text())["name"] == "tiny-clip"
+    fp = load_teacher(f"local-dir:{out}", device="cpu").fingerprint
+    digest, sha = fp["name"].removeprefix("kdpipe-config-"), fp["checkpoint_sha256"]
+    assert len(digest) == 12 and describe_teacher(fp) == f"tiny-clip (config {digest}, weights {sha[:12]})"
+    older = Path(shutil.copytree(out, tmp_path / "old-teacher"))
+    for name in ("config.json", "open_clip_config.json"):
+        (older / name).write_text(json.dumps({k: v for k, v in json.loads((out / name).read_text()).items()
+                                              if k != "name"}))
+    old = load_teacher(str(older / "config.json"), str(older / "model.safetensors"), device="cpu").fingerprint
+    assert old["label"] == "old-teacher" and same_fingerprint(old, fp)
+
+
 def test_local_dir_teacher_refuses_other_weights_and_needs_open_clip_config(trained: dict, tmp_path: Path) -> None:
     from kdpipe.teachers import load_teacher
 
@@ -318,7 +341,8 @@ def test_cli_defaults_match_the_config_defaults() -> None:
 
     from kdpipe.cli.cmd_demo import pretrain_teacher
 
-    options = {name: p.default.default for name, p in inspect.signature(pretrain_teacher).parameters.items()}
+    options = {name: p.default.default for name, p in inspect.signature(pretrain_teacher).parameters.items()
+               if p.default is not p.empty}  # not the click context
     defaults = PretrainConfig(data="d", out="o")
     for name in ("arch", "batch_size", "lr", "seed", "device"):
         assert options[name] == getattr(defaults, name), name

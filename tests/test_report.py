@@ -20,10 +20,11 @@ def _row(student: float, teacher: float) -> dict:
 
 
 def write_run(path: Path, *, text: str | None = None, whitening: dict | None = None, losses: dict | None = None,
-              config: str | None = None, evaluated: bool = True, benched: bool = True) -> Path:
+              config: str | None = None, evaluated: bool = True, benched: bool = True,
+              teacher: dict = TEACHER) -> Path:
     """A run directory with hand-written student.json / config.toml / eval.json / bench.json."""
     path.mkdir(parents=True)
-    spec = {"image": {"name": "mobilenetv3"}, "text": {"name": text} if text else None, "teacher": TEACHER,
+    spec = {"image": {"name": "mobilenetv3"}, "text": {"name": text} if text else None, "teacher": teacher,
             "whitening": whitening}
     if losses is not None:
         spec["losses"] = {"weights": losses, "options": {}}
@@ -59,12 +60,24 @@ def test_report_table(tmp_path):
     head, teacher, ra, rb, rc = table_rows(result["markdown"])
     assert head == ["run", "student", "losses", "whitening", "i2t R@1", "t2i R@1", "zero-shot shapes top-1",
                     "agreement (cos)", "image size fp16", "image latency b1 p50", "image latency b1 p50 onnxruntime"]
-    assert teacher == ["teacher: fake-vit (ffffffffffff)", "–", "–", "none", "0.500", "0.600", "0.900", "1.000",
-                       "10 MB", "2 ms", "8 ms"]
+    assert teacher == ["teacher: fake-vit (weights ffffffffffff)", "–", "–", "none", "0.500", "0.600", "0.900",
+                       "1.000", "10 MB", "2 ms", "8 ms"]
     assert ra == ["a", "mobilenetv3", "fd 7.8125 + crd 1", "joint", "0.400 (0.80×)", "0.300 (0.50×)",
                   "0.450 (0.50×)", "0.875", "2 MB (5× smaller)", "4 ms (2× slower)", "1 ms (8× faster)"]
     assert rb[:4] == ["b", "mobilenetv3 + text_tiny", "fd 2 + icl 1", "none"] and rb[-3:] == ["–", "–", "–"]
     assert rc == ["c", "mobilenetv3", "–", "none", "–", "–", "–", "–", "–", "–", "–"]
+
+
+@pytest.mark.parametrize("label, shown", [
+    ("shapes-vit", "shapes-vit (config d370a4ef650b, weights 28f4034c9abd)"),
+    (None, "kdpipe-config-d370a4ef650b (weights 28f4034c9abd)"),  # a fingerprint from before labels
+])
+def test_report_names_a_config_teacher_as_the_user_did(tmp_path, label, shown):
+    """A model-config teacher (the demo's) is registered as kdpipe-config-DIGEST; the report shows its label."""
+    fp = {**TEACHER, "name": "kdpipe-config-d370a4ef650b", "checkpoint_sha256": "28f4034c9abd" + "0" * 52}
+    fp = {k: v for k, v in fp.items() if k != "label"} | ({"label": label} if label else {})
+    md = report.run(report.ReportConfig(runs=[write_run(tmp_path / "a", teacher=fp)], out=tmp_path / "r.md"))
+    assert table_rows(md["markdown"])[1][0] == f"teacher: {shown}"
 
 
 def test_supervised_accuracy_has_its_own_column_apart_from_zero_shot(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from kdpipe import teachers, weights
-from kdpipe.store import same_fingerprint
+from kdpipe.store import describe_teacher, same_fingerprint
 from kdpipe.teachers import load_teacher
 from kdpipe.weights import (
     TEACHERS,
@@ -29,7 +29,7 @@ CAPTIONS = [
     "two cats",
     "a photo of a very long and winding road through green hills under a cloudy sky at dusk",
 ]
-FINGERPRINT_KEYS = {"name", "pretrained", "checkpoint_sha256", "open_clip_version", "quickgelu", "preprocess",
+FINGERPRINT_KEYS = {"name", "label", "pretrained", "checkpoint_sha256", "open_clip_version", "quickgelu", "preprocess",
                     "embed_dim", "logit_scale", "context_length"}
 
 
@@ -246,6 +246,36 @@ def test_config_json_path_teacher(tiny, tmp_path):
     assert same_fingerprint(fp, {**fp, "open_clip_version": "0.0.1"})
     assert not same_fingerprint(fp, {**fp, "checkpoint_sha256": "0" * 64})
     assert "config" not in open_clip.list_models()  # registered under a name that shadows nothing
+
+
+def test_a_teacher_is_shown_by_the_name_the_user_gave_it(tiny, tmp_path):
+    """The fingerprint's label: a shipped name, a config file's stem or recorded name, or its folder for a
+    generic config.json; the registered kdpipe-config-DIGEST only gives its digest."""
+    assert tiny.fingerprint["label"] == "tiny-clip" and describe_teacher(tiny.fingerprint) == "tiny-clip (random init)"
+    weights_file = tmp_path / "weights.safetensors"
+    save_file(_state_dict(tiny), str(weights_file))
+    sha = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:12]
+    mine = load_teacher(str(_write_config(tmp_path / "my-vit.json")), str(weights_file)).fingerprint
+    digest = mine["name"].removeprefix("kdpipe-my-vit-")
+    assert describe_teacher(mine) == f"my-vit (config {digest}, weights {sha})"
+    for folder, wrapper, label in (("teacher", {"preprocess_cfg": {}}, "teacher"),
+                                   ("other", {"preprocess_cfg": {}, "name": "shapes-vit"}, "shapes-vit")):
+        (tmp_path / folder).mkdir()
+        fp = load_teacher(str(_write_config(tmp_path / folder / "config.json", wrapper=wrapper)),
+                          str(weights_file)).fingerprint
+        assert fp["label"] == label and describe_teacher(fp) == f"{label} (config {digest}, weights {sha})"
+
+
+def test_the_label_never_decides_whether_two_teachers_are_the_same():
+    fp = {"name": "kdpipe-config-d370a4ef650b", "label": "shapes-vit", "pretrained": None,
+          "checkpoint_sha256": "28f4034c9abd" + "0" * 52, "open_clip_version": "3.3.0", "embed_dim": 64}
+    older = {k: v for k, v in fp.items() if k != "label"}  # a cache written before labels
+    assert same_fingerprint(fp, older) and same_fingerprint(fp, {**fp, "label": "teacher"})
+    assert not same_fingerprint(fp, {**fp, "checkpoint_sha256": "1" * 64})
+    assert describe_teacher(fp) == "shapes-vit (config d370a4ef650b, weights 28f4034c9abd)"
+    assert describe_teacher(older) == "kdpipe-config-d370a4ef650b (weights 28f4034c9abd)"
+    tagged = {"name": "ViT-B-32-quickgelu", "label": "ViT-B-32", "pretrained": "openai", "checkpoint_sha256": None}
+    assert describe_teacher(tagged) == "ViT-B-32 (openai)"
 
 
 def test_config_json_wrapper_sets_preprocess(tmp_path):

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from kdpipe import losses as L
 from kdpipe import runtime, trainstate
 from kdpipe import train as T
 from kdpipe.cli.main import app
+from kdpipe.config import read_toml  # tomllib, or tomli on Python 3.10
 from kdpipe.store import CacheError, open_cache
 from kdpipe.students import load_student
 
@@ -73,7 +73,7 @@ def test_run_writes_every_output_and_never_loads_the_teacher(cache_dir, tmp_path
     result = T.run(_cfg(cache_dir, out))
     assert result["step"] == 24 and result["counters"] == {"nonfinite": 0, "data_errors": 0}
 
-    config = tomllib.loads((out / "config.toml").read_text())
+    config = read_toml(out / "config.toml")
     assert config["student"] == "tiny" and config["batch_size"] == BATCH and config["cache"] == str(cache_dir)
     rows = T.read_metrics(out / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
@@ -476,7 +476,7 @@ def test_cli_config_file_flags_resume_and_errors(cache_dir, tmp_path):
     args = ["train", "--cache", str(cache_dir), "--out", str(out), "--config", str(tmp_path / "c.toml")]
     res = runner.invoke(app, args + ["--batch-size", "8", "--max-steps", "2"])
     assert res.exit_code == 0, res.output
-    saved = tomllib.loads((out / "config.toml").read_text())
+    saved = read_toml(out / "config.toml")
     assert (saved["batch_size"], saved["lr"], saved["max_steps"], saved["losses"]) == (8, 0.004, 2, "fd=7.8,icl=1")
     # --resume takes the run's own config.toml: only --out and what changes are needed
     res = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "3"])

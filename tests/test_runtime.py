@@ -150,3 +150,10 @@ def test_a_rank_idle_while_another_works_does_not_time_out(tmp_path):
     results = [eval((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
     assert all(r["idle_wait"] == "ok" for r in results)  # wait_for_all outlasted the 3 s timeout
     assert results[0]["barrier"] != "ok"  # while a plain barrier, with the same wait, timed out
+
+
+def test_train_and_extract_default_to_runtimes_timeout():
+    from kdpipe.extract import ExtractConfig
+    from kdpipe.trainconfig import TrainConfig
+
+    assert TrainConfig().dist_timeout == ExtractConfig().dist_timeout == runtime.DEFAULT_DIST_TIMEOUT_MIN

@@ -56,6 +56,13 @@ def train(
     val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Validate every N steps "
                                             "(default: each epoch end)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log a metrics row every N steps."),
+    print_every: Optional[int] = typer.Option(None, "--print-every", min=1, help="Off a terminal (a log file): a "
+                                              "plain line (step, loss and its terms, lr, samples/s, ETA) every N "
+                                              "steps (default: about 100 lines per run)."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help="Also log the metrics rows to tensorboard "
+                                            "(RUN/tensorboard/) and/or wandb (RUN/wandb/, offline unless WANDB_MODE "
+                                            "is set); repeat or comma-separate; needs pip install "
+                                            "'kdpipe[tensorboard]' / 'kdpipe[wandb]'. Default: none."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     config: Optional[Path] = config_option(),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
@@ -67,7 +74,8 @@ def train(
                  losses=losses, whiten=whiten, text_student=text_student, epochs=epochs, batch_size=batch_size,
                  lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, image_size=image_size,
                  precision=precision, device=device, workers=workers, views_used=views_used, seed=seed,
-                 max_steps=max_steps, val_every=val_every, log_every=log_every,
+                 max_steps=max_steps, val_every=val_every, log_every=log_every, print_every=print_every,
+                 log=",".join(log) if log else None,
                  resume=resume or None, progress=False if no_progress else None,
                  init_checkpoint=str(init_checkpoint) if init_checkpoint else None)
     with user_errors():

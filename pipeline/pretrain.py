@@ -42,7 +42,6 @@ import math
 import shutil
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -58,7 +57,7 @@ from .atomic import atomic_write, atomic_write_json
 from .data.views import normalize_images
 from .optim import lr_lambda, param_groups
 from .progress import StepLines, interactive, line_every, make_progress
-from .teachers import encode_text as text_features
+from .teachers import encode_text as text_features, random_init_expected
 from .weights import resolve_arch
 
 log = logging.getLogger("kdpipe")
@@ -608,28 +607,6 @@ class Built:
     tokenizer: Any
     model_cfg: dict  # open_clip model config (embed_dim, vision_cfg, text_cfg)
     preprocess: dict  # open_clip PreprocessCfg as a dict (size, mean, std, interpolation, ...)
-
-
-class _RandomInitIsDebug(logging.Filter):
-    """open_clip's "No pretrained weights loaded ... initialized randomly" warning as a DEBUG record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and record.getMessage().startswith("No pretrained weights loaded"):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger().isEnabledFor(logging.DEBUG)  # shown with -v only
-        return True
-
-
-@contextmanager
-def random_init_expected() -> Iterator[None]:
-    """Inside: open_clip's random-init warning (it logs on the root logger) is a DEBUG line. Here a
-    random model is the point, and a warning that it is random would alarm for nothing."""
-    root, quiet = logging.getLogger(), _RandomInitIsDebug()
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)
 
 
 def build_model(arch_name: str, device: torch.device) -> Built:

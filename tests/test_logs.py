@@ -315,3 +315,31 @@ def test_extract_shows_kdpipe_s_info_and_warnings_but_not_open_clip_s_info(shape
     assert re.search(r"INFO +teacher tiny-clip: dim \d+", result.output)
     assert re.search(r"WARNING +--store-size 48: the smallest random views", result.output)
     assert "Parsing model identifier" not in result.output and "Loaded built-in" not in result.output
+
+
+def test_a_teacher_random_on_purpose_warns_only_with_verbose(tmp_path, caplog):
+    """bench rebuilds the teacher's architecture with random weights on purpose: kdpipe's and
+    open_clip's random-weights warnings become DEBUG lines there (a config-JSON teacher: both fire)."""
+    from cache_factory import teacher_config
+    from kdpipe import bench
+    from kdpipe.teachers import load_teacher
+
+    path = str(teacher_config(tmp_path / "teacher.json", "shortest"))
+    cfg = bench.BenchConfig(runs=[], teacher=path)
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="kdpipe")
+    load_teacher(path, allow_random_init=True)  # anywhere else: both warn
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("HAS RANDOM WEIGHTS" in m for m in warned) and any("No pretrained weights" in m for m in warned)
+    caplog.clear()
+    bench.build_teacher(cfg, None, torch.device("cpu"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("for the benchmark: random init" in r.getMessage() for r in caplog.records)  # said once, plainly
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)  # -v: shown, as DEBUG lines
+    caplog.set_level(logging.DEBUG, logger="kdpipe")
+    bench.build_teacher(cfg, None, torch.device("cpu"))
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("HAS RANDOM WEIGHTS" in m for m in debug) and any("No pretrained weights" in m for m in debug)
+    assert logging.getLogger().filters == [] and logging.getLogger("kdpipe").filters == []  # nothing left behind
+

@@ -52,6 +52,9 @@ def pretrain_teacher(
                                                    "steps. Re-running the same command on an unfinished OUT "
                                                    "resumes from the latest one (same weights as an "
                                                    "uninterrupted run); removed once the teacher is saved."),
+    print_every: Optional[int] = typer.Option(None, "--print-every", min=1, help="Off a terminal (a log file): a "
+                                              "plain line (step, loss, lr, samples/s, ETA) every N steps "
+                                              "(default: about 100 lines per run)."),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Train a small open_clip CLIP from scratch (a teacher for offline demos); reuses OUT when already trained."""
@@ -61,7 +64,7 @@ def pretrain_teacher(
         cfg = stage_config(ctx, PretrainConfig, config, dict(
             data=data, out=str(out) if out else None, arch=arch, steps=steps,  # None: PretrainConfig's default
             batch_size=batch_size, lr=lr, seed=seed, device=device, overwrite=overwrite, val_every=val_every,
-            checkpoint_every=checkpoint_every))
+            checkpoint_every=checkpoint_every, print_every=print_every))
         summary = run(cfg)
     _print_pretrain_summary(summary)
 

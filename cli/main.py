@@ -29,20 +29,40 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+class PlainLogHandler(logging.Handler):
+    """Records as whole plain lines on the console (rich's handler pads and wraps them to its width)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.out(self.format(record), highlight=False)
+        except Exception:  # noqa: BLE001  (logging's contract: a failing handler reports, never raises)
+            self.handleError(record)
+
+
 @app.callback()
 def main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, and the traceback of "
-                                 "every error (an error you can fix is otherwise one short message)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (other libraries' INFO lines, "
+                                 "open_clip's, included), and the traceback of every error (an error you can fix "
+                                 "is otherwise one short message)."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print kdpipe's version and exit."),
 ) -> None:
     errors.set_verbose(verbose)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-        force=True,
-    )
+    setup_logging(verbose)
+
+
+def setup_logging(verbose: bool) -> None:
+    """kdpipe's lines from INFO up; other libraries' (open_clip logs on the root logger) from WARNING
+    up, unless ``verbose``: everything from DEBUG. A terminal gets rich's handler; a file or a pipe (a
+    SLURM log) whole, unwrapped lines with the time."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = PlainLogHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("kdpipe").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 for _module in (cmd_data, cmd_extract, cmd_whiten, cmd_train, cmd_eval, cmd_bench, cmd_export, cmd_demo):

@@ -191,11 +191,12 @@ def teacher_fingerprint(cfg: BenchConfig, specs: list[RunSpec]) -> dict[str, Any
 
 def build_teacher(cfg: BenchConfig, fp: dict[str, Any] | None, device: torch.device) -> Any:
     """The teacher's architecture with random weights (fp32)."""
-    from .teachers import load_teacher  # noqa: PLC0415
+    from .teachers import load_teacher, random_init_expected  # noqa: PLC0415
 
     name = fp["name"] if fp is not None else cfg.teacher
     try:
-        teacher = load_teacher(name, None, device=device, precision="fp32", allow_random_init=True)
+        with random_init_expected():  # said once below, as what it is: speed does not depend on weights
+            teacher = load_teacher(name, None, device=device, precision="fp32", allow_random_init=True)
     except (KeyError, FileNotFoundError) as err:
         raise MissingInput(f"cannot rebuild teacher architecture {name!r}: {err.args[0]}") from None
     log.info("teacher %s for the benchmark: %s", name, TEACHER_WEIGHTS_NOTE)

@@ -58,8 +58,8 @@ from .atomic import atomic_write, atomic_write_json
 from .data.views import normalize_images
 from .errors import AlreadyExists, BadValue, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
-from .progress import make_progress
-from .teachers import encode_text as text_features
+from .progress import StepLines, interactive, line_every, make_progress
+from .teachers import encode_text as text_features, random_init_expected
 from .weights import resolve_arch
 
 log = logging.getLogger("kdpipe")
@@ -84,6 +84,7 @@ class PretrainConfig:
     precision: str = "auto"  # autocast on CUDA (bf16); fp32 on CPU
     overwrite: bool = False
     log_every: int = 10  # loss curve resolution (steps)
+    print_every: int | None = None  # steps between plain log lines off a terminal; None: ~100 per run
     val_every: int | None = None  # steps between held-out evaluations (the val curve); None: at the end only
     checkpoint_every: int | None = None  # steps between checkpoints; None: at each val point, else every ~10%; 0: never
     eval_batch_size: int = 256
@@ -335,15 +336,20 @@ def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig,
     feed = feed if feed is not None else Batches(data, cfg.batch_size, trainer.generator)
     every = checkpoint_steps(cfg)
     trainer.model.train()
-    with make_progress("samples", disable=not cfg.progress) as bar:
+    # off a terminal, the lines say what a bar would (and the lr): no bar there
+    lines = StepLines("pretrain", cfg.steps, cfg.print_every or line_every(cfg.steps, cfg.log_every),
+                      feed.batch_size, start=loop.step, enabled=not interactive())
+    with make_progress("samples", disable=not (cfg.progress and interactive())) as bar:
         task = bar.add_task("pretrain", total=cfg.steps * feed.batch_size, completed=loop.step * feed.batch_size,
                             info="")
         for step in range(loop.step, cfg.steps):
+            tick = time.perf_counter()
             idx, rows = next(feed)
             loop.window.append(trainer.step(data.images[idx], data.tokens[rows]))
             loop.step = step + 1
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            lines.add(step + 1, time.perf_counter() - tick, loop.window[-1], {}, lr)
             if len(loop.window) == cfg.log_every or step == cfg.steps - 1:
-                lr = trainer.optimizer.param_groups[0]["lr"]
                 loop.curve.append({"step": step + 1, "loss": sum(loop.window) / len(loop.window), "lr": lr})
                 loop.window = []
             if on_val is not None and cfg.val_every and (step + 1) % cfg.val_every == 0 and step + 1 < cfg.steps:
@@ -369,6 +375,13 @@ def tail_gain(val_curve: list[dict[str, float]], key: str = "i2t_R@1", tail: flo
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def val_line(step: int, metrics: dict[str, float]) -> str:
+    """'pretrain step 300: val R@1 i2t 0.251, t2i 0.240; zero-shot top-1 0.512 (chance 0.125)'."""
+    zs = (f"; zero-shot top-1 {metrics['zeroshot_top1']:.3f} (chance {metrics['zeroshot_chance']:.3f})"
+          if "zeroshot_top1" in metrics else "")
+    return f"pretrain step {step:,}: val R@1 i2t {metrics['i2t_R@1']:.3f}, t2i {metrics['t2i_R@1']:.3f}{zs}"
 
 
 @torch.no_grad()
@@ -586,6 +599,8 @@ def _check(cfg: PretrainConfig) -> None:
         raise BadValue(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     if cfg.lr <= 0:
         raise BadValue(f"lr must be positive, got {cfg.lr}")
+    if cfg.print_every is not None and cfg.print_every < 1:
+        raise BadValue(f"print_every must be at least 1, got {cfg.print_every}")
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 0:
         raise BadValue(f"checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
 
@@ -610,7 +625,8 @@ def build_model(arch_name: str, device: torch.device) -> Built:
     model_cfg = open_clip.get_model_config(arch.open_clip_name)
     if model_cfg is None:  # resolve_arch found it, so open_clip's config store lost it
         raise ValueError(f"open_clip has no model config for {arch_name!r}")
-    model = open_clip.create_model(arch.open_clip_name, pretrained=None, device=device, pretrained_text=False)
+    with random_init_expected():  # to be trained, or given a checkpoint's weights on resume
+        model = open_clip.create_model(arch.open_clip_name, pretrained=None, device=device, pretrained_text=False)
     preprocess = dict(get_model_preprocess_cfg(model))
     preprocess["size"] = list(preprocess["size"]) if isinstance(preprocess["size"], tuple) else preprocess["size"]
     return Built(model, open_clip.get_tokenizer(arch.open_clip_name), model_cfg, preprocess, arch.label)
@@ -658,7 +674,7 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str,
         metrics = evaluate(built.model, built.tokenizer, val, source.classnames(), mean, std, device, precision,
                            cfg.eval_batch_size)
         eval_seconds[0] += time.perf_counter() - tick
-        log.info("pretrain step %d: val i2t R@1 %.3f", step, metrics["i2t_R@1"])
+        log.info(val_line(step, metrics))
         return metrics
 
     start = time.perf_counter()

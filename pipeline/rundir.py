@@ -11,6 +11,7 @@ A run holds, in the order it is written::
 
     RUN/config.toml                 the resolved training config          (train)
     RUN/metrics.jsonl, curves.png   train and validation rows, their plot (train)
+    RUN/tensorboard/, RUN/wandb/    the same rows, with --log tensorboard / wandb (runlog)
     RUN/checkpoints/                full training state to resume         (trainstate)
     RUN/whitening.safetensors       back-maps of a whitened run           (train)
     RUN/student-best.safetensors    the best validation score's weights   (students.save_weights)
@@ -38,6 +39,7 @@ SPEC_FILE = "student.json"
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"  # runlog's TensorBoard events; W&B names its own folder RUN/wandb/
 WHITENING_FILE = "whitening.safetensors"
 CKPT_DIR = "checkpoints"
 LEGACY_WEIGHTS_FILE = "student.safetensors"  # runs saved before best and last were kept apart: the last weights

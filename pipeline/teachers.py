@@ -14,8 +14,9 @@ pieces itself; it is used only when the tower is verified causal with a safe poo
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import open_clip
 import torch
@@ -28,12 +29,13 @@ from .data.views import RESIZE_MODES
 from .errors import BadValue
 from .runtime import autocast, resolve_device, resolve_precision
 from .store import describe_teacher
-from .weights import Weights, make_fingerprint, resolve_arch, resolve_weights
+from .weights import RANDOM_INIT, Weights, make_fingerprint, resolve_arch, resolve_weights
 
 log = logging.getLogger("kdpipe")
 
 # Pooling at a fixed token is unchanged by cutting tokens after it (with a causal mask).
 TRIM_SAFE_POOLS = ("argmax", "eos", "first")
+OPEN_CLIP_RANDOM_INIT = "No pretrained weights loaded"  # how open_clip's random-init warning begins
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,36 @@ def _preprocess_of(model: torch.nn.Module) -> Preprocess:
     return Preprocess(size=int(size), mean=tuple(float(m) for m in cfg["mean"]),
                       std=tuple(float(s) for s in cfg["std"]), interpolation=str(cfg["interpolation"]),
                       resize_mode=resize_mode, fill_color=int(cfg.get("fill_color", 0)))
+
+
+class _RandomInitIsDebug(logging.Filter):
+    """Warnings that a model has random weights (open_clip's, kdpipe's own) as DEBUG records of ``logger``."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = getattr(record, RANDOM_INIT, False) or record.getMessage().startswith(OPEN_CLIP_RANDOM_INIT)
+        if record.levelno != logging.WARNING or not said:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.logger.isEnabledFor(logging.DEBUG)  # shown with -v only
+
+
+@contextmanager
+def random_init_expected() -> Iterator[None]:
+    """Inside: the warnings that a model was built with random weights are DEBUG lines, for models
+    random on purpose (a teacher about to be trained or given a checkpoint's weights next, an
+    architecture timed by bench). open_clip logs its warning on the root logger, kdpipe on its own."""
+    filters = [(logger, _RandomInitIsDebug(logger)) for logger in (logging.getLogger(), log)]
+    for logger, quiet in filters:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger, quiet in filters:
+            logger.removeFilter(quiet)
 
 
 def load_teacher(

@@ -49,19 +49,20 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import cachereader, losses, metrics, runtime, trainstate
+from . import cachereader, losses, metrics, runlog, runtime, trainstate
+from .atomic import atomic_write
 from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
-from .progress import console, make_progress
+from .progress import StepLines, console, interactive, line_every, make_progress
 from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
@@ -95,8 +96,10 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "log_every", "bn_samples", "val_samples", "max_nonfinite"):
         if getattr(cfg, name) < 1:
             raise BadValue(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise BadValue(f"max_steps must be at least 1, got {cfg.max_steps}")
+    for name in ("max_steps", "print_every"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise BadValue(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    runlog.check_sinks(cfg.log)  # on every rank, before any step: a missing package is one line now
     if cfg.lr <= 0:
         raise BadValue(f"lr must be > 0, got {cfg.lr}")
 
@@ -530,11 +533,12 @@ def restore(setup: Setup) -> tuple[trainstate.Position, dict[str, int], dict[str
 
 
 class MetricsLog:
-    """RUN/metrics.jsonl (rank 0). On resume, rows after the checkpoint's step are dropped, so
-    the file continues exactly where the restored state was."""
+    """RUN/metrics.jsonl (rank 0), each row also given to the ``--log`` sinks (``kdpipe.runlog``).
+    On resume, rows after the checkpoint's step are dropped, so the file continues exactly where
+    the restored state was."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, sinks: Sequence[runlog.Sink] = ()) -> None:
+        self.path, self.enabled, self.sinks = path, enabled, list(sinks)
         if enabled and resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -545,6 +549,12 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            for sink in self.sinks:
+                sink.write(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -552,7 +562,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(run_dir: Path) -> Path | None:
-    """RUN/curves.png: loss terms per step (left), validation R@1 and cosine (right)."""
+    """RUN/curves.png: loss terms per step (left), validation R@1 and cosine (right); redrawn at each
+    validation and at the end."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -579,7 +590,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         ax2.legend(fontsize=8)
     fig.tight_layout()
     path = run_dir / CURVES_FILE
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # refreshed while people look at it
     plt.close(fig)
     return path
 
@@ -691,6 +702,13 @@ def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any
                    "data_errors": loop.counters["data_errors"], **losses.logit_scales(setup.distiller.losses)})
 
 
+def val_line(step: int, val: dict[str, float], best: dict[str, Any]) -> str:
+    """'val step 120: R@1 i2t 0.412, t2i 0.398; cos 0.871; best 0.405 (step 80)' (score: mean R@1)."""
+    text = f", text cos {val['val_txt_cos']:.3f}" if "val_txt_cos" in val else ""
+    return (f"val step {step:,}: R@1 i2t {val['val_i2t_R@1']:.3f}, t2i {val['val_t2i_R@1']:.3f}; "
+            f"cos {val['val_cos']:.3f}{text}; best {best['score']:.3f} (step {best['step']:,})")
+
+
 def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
     """Validate on rank 0 (others wait); returns whether this is the best score so far."""
     is_best = False
@@ -700,6 +718,8 @@ def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
         if is_best:
             loop.best = {"score": loop.last_val["val_score"], "step": loop.pos.step}
         mlog.write({"kind": "val", "step": loop.pos.step, "epoch": loop.pos.epoch, **loop.last_val})
+        log.info(val_line(loop.pos.step, loop.last_val, loop.best))
+        plot_curves(setup.run_dir)
     loop.val_step = loop.pos.step  # on every rank: they must agree on which collectives follow
     runtime.wait_for_all(setup.dist)  # however long rank 0 validates
     return bool(runtime.broadcast_object(is_best, setup.dist))
@@ -709,7 +729,10 @@ def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
     cfg, spe = setup.cfg, setup.steps_per_epoch
     stop = min(cfg.max_steps or setup.total_steps, setup.total_steps)
     global_batch = cfg.batch_size * setup.dist.world_size
-    with make_progress("samples", disable=not (cfg.progress and setup.dist.is_main)) as progress:
+    # off a terminal, the lines below say what a bar would (and the loss terms and the lr): no bar there
+    lines = StepLines("train", stop, cfg.print_every or line_every(stop, cfg.log_every), global_batch,
+                      start=loop.pos.step, enabled=setup.dist.is_main and not interactive())
+    with make_progress("samples", disable=not (cfg.progress and setup.dist.is_main and interactive())) as progress:
         task = progress.add_task("train", total=stop * global_batch, completed=loop.pos.step * global_batch, info="")
         while loop.pos.step < stop:
             epoch = loop.pos.epoch
@@ -719,14 +742,16 @@ def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
                 res = train_step(setup, batch)
                 loop.pos.step += 1
                 loop.pos.batch += 1
-                now = time.perf_counter()
-                rate, tick = global_batch / max(now - tick, 1e-9), now
+                seconds = time.perf_counter() - tick  # loading this batch and its step
+                rate = global_batch / max(seconds, 1e-9)
                 on_step(setup, loop, res, batch, epoch, rate, mlog)
+                lines.add(loop.pos.step, seconds, res.total, res.terms, res.lr, epoch)
                 epoch_end = loop.pos.batch >= spe
                 if epoch_end:
                     loop.pos.epoch, loop.pos.batch = epoch + 1, 0
                 progress.update(task, advance=global_batch, info=f"ep {epoch} loss {res.total:.4f}")
                 events(setup, loop, mlog, epoch_end, stop)
+                tick = time.perf_counter()  # a validation or checkpoint is not the next step's time
                 if loop.pos.step >= stop or epoch_end:
                     break
 
@@ -755,13 +780,16 @@ def kept_after_failure(run_dir: Path) -> tuple[str, str]:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
     setup = build_setup(cfg)
+    mlog = None
     try:
         prepare_run_dir(cfg, setup.dist)
         runtime.barrier(setup.dist)
         loop = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
         if cfg.resume:
             loop.pos, loop.counters, loop.best = restore(setup)
-        mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, loop.pos.step if cfg.resume else None)
+        resume_step = loop.pos.step if cfg.resume else None
+        sinks = runlog.open_sinks(cfg.log, setup.run_dir, asdict(cfg), resume_step) if setup.dist.is_main else []
+        mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, resume_step, sinks)
         if setup.dist.is_main:
             console.print(f"train {cfg.student} on {setup.cache.root} "
                           f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
@@ -776,4 +804,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
                 "counters": loop.counters, "rank": setup.dist.rank}
     finally:
+        if mlog is not None:
+            mlog.close()  # the TensorBoard / W&B sinks: flushed even when the run stops on an error
         runtime.shutdown(setup.dist)

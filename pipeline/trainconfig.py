@@ -82,7 +82,13 @@ class TrainConfig:
     seed: int = setting(0, "Seed (data order, views, init).")
     max_steps: int | None = setting(None, "Stop after this many steps (the schedule still spans all epochs).",
                                     minimum=1)
-    log_every: int = setting(10, "Log a metrics row every N steps.", minimum=1)
+    log_every: int = setting(10, "Log a metrics row (metrics.jsonl, and TensorBoard / W&B scalars) every N steps.",
+                             minimum=1)
+    print_every: int | None = setting(None, "Off a terminal (a log file): a plain line (step, loss and its terms, lr, "
+                                      "samples/s, ETA) every N steps (default: about 100 lines per run).", minimum=1)
+    log: str = setting("none", "Also log the metrics rows to tensorboard (RUN/tensorboard/) and/or wandb (RUN/wandb/, "
+                       "offline unless WANDB_MODE is set), comma-separated; needs pip install 'kdpipe[tensorboard]' "
+                       "/ 'kdpipe[wandb]'.")
     val_every: int | None = setting(None, "Validate every N steps (default: each epoch end).", minimum=1)
     val_samples: int = setting(1000, "Val images used by each validation.", minimum=1)
     bn_samples: int = setting(256, "Train samples for precise BatchNorm statistics before validation and saving.",

@@ -51,6 +51,7 @@ log = logging.getLogger("kdpipe")
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 PASS_A_FILE = "--pretrained /path/to/open_clip_pytorch_model.bin"
+RANDOM_INIT = "random_init"  # a log record's attribute: it warns of random weights (teachers.random_init_expected)
 LOCAL_DIR = "local-dir:"  # open_clip's schema for a model folder (open_clip >= 3.0)
 
 # Shipped architectures: name -> model-config JSON. Dropping a JSON into model_configs/ adds one.
@@ -354,7 +355,8 @@ def _random_weights(arch: TeacherArch, allow_random_init: bool) -> Weights:
         if not allow_random_init:
             raise BadValue(f"teacher {arch.name!r} without --pretrained would have random weights; pass an "
                            f"open_clip tag or a local file ({PASS_A_FILE}), or allow_random_init for tests")
-        log.warning("TEACHER %s HAS RANDOM WEIGHTS (no --pretrained): its embeddings mean nothing", arch.name)
+        log.warning("TEACHER %s HAS RANDOM WEIGHTS (no --pretrained): its embeddings mean nothing", arch.name,
+                    extra={RANDOM_INIT: True})
     return Weights(arch.open_clip_name, arch.name, False, None, None, None, arch.config_preprocess,
                    _default_preprocess_source(arch))
 

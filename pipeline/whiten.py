@@ -30,10 +30,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from . import metrics, zca
-from .progress import console, make_progress
+from .progress import Bar, console, make_progress
 from .prompts import read_prompts
 from .atomic import atomic_write, atomic_write_json
 from .errors import BadValue
@@ -94,7 +93,7 @@ def modality_rows(shard: H5Shard) -> dict[str, np.ndarray]:
     return {"image": shard.img.reshape(-1, shard.img.shape[-1]), "text": shard.txt}
 
 
-def accumulate(cache: Cache, progress: Progress | None = None) -> dict[str, zca.RunningMoments]:
+def accumulate(cache: Cache, progress: Bar | None = None) -> dict[str, zca.RunningMoments]:
     """One pass over the train split -> float64 moments for "image", "text" and "joint"."""
     moments = {m: zca.RunningMoments(cache.embed_dim) for m in ("image", "text")}
     paths = cache.shard_paths(FIT_SPLIT, "h5")
@@ -169,7 +168,7 @@ def _space(mode: str, fitted: dict[str, zca.Whitening]) -> dict[str, zca.Whiteni
 
 
 def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes: list[str],
-                           progress: Progress | None = None) -> dict[str, zca.RunningMoments]:
+                           progress: Bar | None = None) -> dict[str, zca.RunningMoments]:
     """Second pass over train: moments of each mode's own data after its float32 transform."""
     params = {m: _params(w) for m, w in fitted.items()}
     out = {m: zca.RunningMoments(cache.embed_dim) for m in modes}
@@ -204,7 +203,7 @@ def cov_check(w: zca.Whitening, cov: np.ndarray, how: str) -> dict[str, Any]:
 
 
 def train_checks(cache: Cache, moments: dict[str, zca.RunningMoments], fitted: dict[str, zca.Whitening],
-                 modes: list[str], data_pass: bool, progress: Progress | None = None) -> dict[str, dict]:
+                 modes: list[str], data_pass: bool, progress: Bar | None = None) -> dict[str, dict]:
     """Per mode: whitened train covariance vs I (data pass in float32, or analytic in float64)."""
     if data_pass:
         white = whitened_train_moments(cache, fitted, modes, progress)

@@ -27,11 +27,6 @@ from rich.markup import escape
 from kdpipe.errors import UserError, WriteFailed, human_bytes, storage_errno
 from kdpipe.progress import console
 
-try:  # recent typer runs on its own copy of click: the running command's context is that copy's
-    from typer._click.globals import get_current_context
-except ImportError:  # older typer runs on click itself
-    from click import get_current_context
-
 # OS errors whose message names the path: shown as they are.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # The options that lower memory, in the order they are suggested; a command names those it has.
@@ -117,7 +112,12 @@ def memory_hint(err: Exception) -> str:
 
 
 def _command_params() -> dict[str, Any]:
-    """The running command's parameter values ({} outside a command)."""
+    """The running command's parameter values ({} outside a command, or with a typer that runs on click
+    itself: then the hint names the options without their values)."""
+    try:  # recent typer runs on its own copy of click; the running command's context is that copy's
+        from typer._click.globals import get_current_context  # noqa: PLC0415
+    except ImportError:
+        return {}
     ctx = get_current_context(silent=True)
     return dict(ctx.params) if ctx is not None else {}
 

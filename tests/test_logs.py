@@ -312,7 +312,7 @@ def test_extract_shows_kdpipe_s_info_and_warnings_but_not_open_clip_s_info(shape
                                       str(tmp_path / "cache"), "--views", "2", "--store-size", "48", "--workers", "0",
                                       "--device", "cpu", "--split", "val", "--no-prompts"])
     assert result.exit_code == 0, result.output
-    assert re.search(r"INFO +teacher tiny-clip: dim \d+", result.output)
+    assert re.search(r"INFO +teacher tiny-clip\b.*: dim \d+", result.output), result.output
     assert re.search(r"WARNING +--store-size 48: the smallest random views", result.output)
     assert "Parsing model identifier" not in result.output and "Loaded built-in" not in result.output
 

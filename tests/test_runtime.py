@@ -156,4 +156,4 @@ def test_train_and_extract_default_to_runtimes_timeout():
     from kdpipe.extract import ExtractConfig
     from kdpipe.trainconfig import TrainConfig
 
-    assert TrainConfig().dist_timeout == ExtractConfig().dist_timeout == runtime.DEFAULT_DIST_TIMEOUT_MIN
+    assert TrainConfig().dist_timeout == ExtractConfig(teacher="t", data="d", out="o").dist_timeout == runtime.DEFAULT_DIST_TIMEOUT_MIN

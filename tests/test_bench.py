@@ -168,3 +168,16 @@ def test_export_onnx_falls_back_when_an_exporter_fails(tmp_path, monkeypatch, ca
     assert check_onnx(path, net, torch.randn(2, 3, 16, 16)) < 1e-4
     with pytest.raises(RuntimeError, match="no onnxscript"):
         export_onnx(net, torch.randn(1, 3, 16, 16), tmp_path / "x.onnx", exporter="dynamo")
+
+
+def test_check_onnx_relative_judges_round_off_at_the_outputs_scale(tmp_path):
+    net = tiny_convnet()
+    with torch.no_grad():
+        net[-1].weight *= 1e4  # a head with large outputs (as one mapping back from a whitened space)
+        net[-1].bias *= 1e4
+    x = torch.randn(2, 3, 16, 16)
+    path = export_onnx(net, x, tmp_path / "tower.onnx", exporter="torchscript")
+    absolute, relative = check_onnx(path, net, x), check_onnx(path, net, x, relative=True)
+    with torch.no_grad():
+        scale = float(net.eval()(x).abs().max())
+    assert relative == pytest.approx(absolute / scale) and relative < 1e-5

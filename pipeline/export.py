@@ -97,7 +97,7 @@ def timm_architecture(backbone: nn.Module, student_name: str | None) -> str:
     cfg = getattr(backbone, "pretrained_cfg", None) or getattr(backbone, "default_cfg", None) or {}
     if not cfg.get("architecture") or not hasattr(backbone, "reset_classifier"):
         raise ExportError(f"student {student_name!r} ({type(backbone).__name__}) is not a timm model: open_clip "
-                          "and timm exports need a timm student (mobilenetv3_050, vit_tiny, mobilevit_s or "
+                          "and timm exports need a timm student (every registered student is one, and "
                           "timm:NAME); `--format onnx` exports any student")
     return str(cfg["architecture"])
 

@@ -6,15 +6,28 @@ RUN/config.toml (with --resume) < --config FILE.toml < flags on the command line
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .errors import user_errors
-from .options import config_option
+from .options import bare_value, config_option
 from kdpipe.losses import DEFAULT_RECIPE
 from kdpipe.progress import console
+
+
+class Resume(str, Enum):
+    """``--resume`` [yes|no|auto]; the bare flag means yes."""
+
+    yes = "yes"
+    no = "no"
+    auto = "auto"
+
+
+RESUME = {Resume.yes: True, Resume.no: False, Resume.auto: "auto"}  # -> TrainConfig.resume
 
 
 def train(
@@ -56,7 +69,10 @@ def train(
     val_every: Optional[int] = typer.Option(None, "--val-every", min=1, help="Validate every N steps "
                                             "(default: each epoch end)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log a metrics row every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    resume: Optional[Resume] = typer.Option(None, "--resume", help="Continue the run in --out from its latest "
+                                            "checkpoint (--resume alone: yes; an error without one). auto: continue it "
+                                            "if --out holds a checkpoint, else start a fresh run (one command for a "
+                                            "job that may be requeued)."),
     config: Optional[Path] = config_option(),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -68,12 +84,16 @@ def train(
                  lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, image_size=image_size,
                  precision=precision, device=device, workers=workers, views_used=views_used, seed=seed,
                  max_steps=max_steps, val_every=val_every, log_every=log_every,
-                 resume=resume or None, progress=False if no_progress else None,
+                 resume=None if resume is None else RESUME[resume], progress=False if no_progress else None,
                  init_checkpoint=str(init_checkpoint) if init_checkpoint else None)
     with user_errors():
         cfg = resolve_config(flags, config)
         result = run(cfg)
     if result["rank"] != 0:  # under torchrun only rank 0 reports
+        return
+    if result["stopped"]:
+        console.print(f"[yellow]stopped[/] by {result['stopped']} after step {result['step']}, checkpoint saved; "
+                      f"resume with: kdpipe train --out {escape(result['run'])} --resume auto", soft_wrap=True)
         return
     val = result["val"] or {}
     shown = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in val.items() if k != "val_images")
@@ -85,4 +105,4 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    app.command("train", cls=bare_value("--resume", Resume.yes.value))(train)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from kdpipe import config
 
@@ -53,3 +54,32 @@ def stage_config(cls: type[T], config_file: Optional[Path], values: Mapping[str,
     defaults = {k: v for k, v in values.items() if k not in flags}
     return config.resolve(cls, flags=flags, files=[config_file] if config_file is not None else [],
                           defaults=defaults)
+
+
+def bare_value(option: str, value: str) -> type[TyperCommand]:
+    """A command class on which ``option`` may be given without its value, then meaning ``value``.
+
+    Typer has no option with an optional value (it dropped click's ``flag_value``), so the command
+    completes its arguments before parsing them (``with_bare_value``). Use it as
+    ``app.command(name, cls=bare_value("--resume", "yes"))``.
+    """
+
+    class BareValueCommand(TyperCommand):
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            return super().parse_args(ctx, with_bare_value(args, option, value))
+
+    return BareValueCommand
+
+
+def with_bare_value(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``value`` after each bare ``option``: one that is last or followed by another option.
+
+    ``--resume --max-steps 3`` -> ``--resume yes --max-steps 3``; ``--resume auto`` and
+    ``--resume=auto`` are left as they are.
+    """
+    out = []
+    for arg, following in zip(args, args[1:] + [None]):
+        out.append(arg)
+        if arg == option and (following is None or following.startswith("-")):
+            out.append(value)
+    return out

@@ -110,7 +110,7 @@ class TrainConfig:
     ckpt_every: int | None = None  # steps; None: at every validation (and epoch end, and the stop)
     max_nonfinite: int = 5  # consecutive non-finite steps that stop the run
     verify: str = "size"  # cache verification: none | size | sha256
-    resume: bool = False
+    resume: bool | str = False  # True: continue RUN's checkpoint; "auto": continue it if RUN holds one, else start
     progress: bool = True
 
 
@@ -124,10 +124,22 @@ def resolve_config(overrides: dict[str, Any], config_file: str | Path | None = N
     the files and merges.
     """
     out = overrides.get("out")
-    saved = Path(out) / CONFIG_FILE if overrides.get("resume") and out else None
+    saved = Path(out) / CONFIG_FILE if out and continues(overrides.get("resume"), out) else None
     files = [saved] if saved is not None and saved.is_file() else []
     files += [config_file] if config_file is not None else []
     return config.resolve(TrainConfig, flags=overrides, files=files)
+
+
+def continues(resume: bool | str | None, out: str | Path) -> bool:
+    """Whether a run continues the checkpoint in ``out``: ``resume`` true, or "auto" and ``out`` holds one.
+
+    "auto" lets a requeued job run one command whether or not it ran before.
+    """
+    if resume == "auto":
+        return trainstate.has_checkpoint(out)
+    if isinstance(resume, str):
+        raise ValueError(f"resume must be true, false or 'auto', got {resume!r}")
+    return bool(resume)
 
 
 def write_config(cfg: TrainConfig, path: Path) -> None:
@@ -720,6 +732,8 @@ class LoopState:
     last_val: dict[str, float] | None = None
     val_step: int | None = None
     consecutive_bad: int = 0
+    ckpt_step: int | None = None  # the step of this session's last checkpoint
+    stopped_by: str | None = None  # the stop signal that ended this session early (every rank agrees)
 
 
 def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any], epoch: int,
@@ -759,7 +773,8 @@ def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
     return bool(runtime.broadcast_object(is_best, setup.dist))
 
 
-def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
+def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog, request: runtime.StopRequest) -> None:
+    """Steps from ``loop.pos`` to the stop (``max_steps`` or the last epoch's end), or until ``request``."""
     cfg, spe = setup.cfg, setup.steps_per_epoch
     stop = min(cfg.max_steps or setup.total_steps, setup.total_steps)
     global_batch = cfg.batch_size * setup.dist.world_size
@@ -781,6 +796,8 @@ def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
                     loop.pos.epoch, loop.pos.batch = epoch + 1, 0
                 progress.update(task, advance=global_batch, info=f"ep {epoch} loss {res.total:.4f}")
                 events(setup, loop, mlog, epoch_end, stop)
+                if loop.pos.step < stop and preempted(setup, loop, request):
+                    return
                 if loop.pos.step >= stop or epoch_end:
                     break
 
@@ -793,32 +810,55 @@ def events(setup: Setup, loop: LoopState, mlog: MetricsLog, epoch_end: bool, sto
     due_ckpt = due_val or epoch_end or step >= stop or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
     if due_ckpt:
         save_ckpt(setup, loop.pos, loop.counters, loop.best, is_best=is_best)
+        loop.ckpt_step = step
+
+
+def preempted(setup: Setup, loop: LoopState, request: runtime.StopRequest) -> bool:
+    """At a step boundary: whether any rank was asked to stop; if so, this step is checkpointed (once).
+
+    Every rank calls it after every step (one all_reduce), so all ranks stop after the same step.
+    """
+    if not runtime.any_rank(bool(request), setup.dist, setup.device):
+        return False
+    if loop.ckpt_step != loop.pos.step:
+        save_ckpt(setup, loop.pos, loop.counters, loop.best)
+        loop.ckpt_step = loop.pos.step
+    loop.stopped_by = request.signal or "another rank's stop signal"
+    return True
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
-    setup = build_setup(cfg)
-    try:
-        prepare_run_dir(cfg, setup.dist)
-        runtime.barrier(setup.dist)
-        loop = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
-        if cfg.resume:
-            loop.pos, loop.counters, loop.best = restore(setup)
-        mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, loop.pos.step if cfg.resume else None)
-        if setup.dist.is_main:
-            console.print(f"train {cfg.student} on {setup.cache.root} "
-                          f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
-                          f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                          f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
-        train_loop(setup, loop, mlog)
-        if loop.val_step != loop.pos.step:
-            run_validation(setup, loop, mlog)  # the final numbers, after the last step
-        finalize(setup, loop.last_val, loop.pos, loop.best)
-        runtime.barrier(setup.dist)
-        return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
-                "counters": loop.counters, "rank": setup.dist.rank}
-    finally:
-        runtime.shutdown(setup.dist)
+    """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths.
+
+    SIGTERM or SIGUSR1 (a scheduler's preemption notice) stops the run after the step in progress,
+    with a checkpoint of that step and no student files: the result's ``stopped`` names the signal
+    (None when the run went to its end) and ``resume="auto"`` continues it.
+    """
+    cfg = replace(cfg, resume=continues(cfg.resume, cfg.out))
+    with runtime.stop_requests() as request:
+        setup = build_setup(cfg)
+        try:
+            prepare_run_dir(cfg, setup.dist)
+            runtime.barrier(setup.dist)
+            loop = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
+            if cfg.resume:
+                loop.pos, loop.counters, loop.best = restore(setup)
+            mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, loop.pos.step if cfg.resume else None)
+            if setup.dist.is_main:
+                console.print(f"train {cfg.student} on {setup.cache.root} "
+                              f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
+                              f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                              f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
+            train_loop(setup, loop, mlog, request)
+            if loop.stopped_by is None:
+                if loop.val_step != loop.pos.step:
+                    run_validation(setup, loop, mlog)  # the final numbers, after the last step
+                finalize(setup, loop.last_val, loop.pos, loop.best)
+            runtime.barrier(setup.dist)
+            return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
+                    "counters": loop.counters, "rank": setup.dist.rank, "stopped": loop.stopped_by}
+        finally:
+            runtime.shutdown(setup.dist)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .errors import user_errors
 from .options import config_option, stage_config
@@ -13,6 +14,12 @@ from kdpipe.progress import console
 
 
 def _print_pretrain_summary(summary: dict) -> None:
+    if summary.get("stopped"):
+        saved = (f"checkpoint saved in {escape(summary['checkpoint'])}; re-run the same command to resume"
+                 if summary["checkpoint"] else "no checkpoint (--checkpoint-every 0): re-running starts over")
+        console.print(f"[yellow]stopped[/] by {summary['stopped']} after step {summary['step']} of "
+                      f"{summary['steps']}, {saved}", soft_wrap=True)
+        return
     verb = "reused" if summary["reused"] else f"trained in {summary['seconds']:.0f}s"
     console.print(f"teacher {summary['arch']} {verb}: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
     val = summary.get("val") or {}
@@ -82,10 +89,14 @@ def demo(
     fit-whitening -> train mobilenetv3_050 (smaller and, in ONNX Runtime, faster than the teacher's image
     tower) with CLIP-KD's full recipe (clip + crd + icl + fd), on raw and on whitened targets -> eval -> bench
     (PyTorch and ONNX Runtime) -> report."""
-    from kdpipe.demo import DemoConfig, run
+    from kdpipe.demo import DemoConfig, Stopped, run
 
     with user_errors():
-        result = run(stage_config(ctx, DemoConfig, config, dict(out=str(out), quick=quick, workers=workers)))
+        try:
+            result = run(stage_config(ctx, DemoConfig, config, dict(out=str(out), quick=quick, workers=workers)))
+        except Stopped as stopped:
+            console.print(f"[yellow]{escape(str(stopped))}[/]: re-run the same command to resume", soft_wrap=True)
+            return
     console.print(result["markdown"])
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .errors import user_errors
 from .options import config_option, stage_config
@@ -65,6 +66,10 @@ def extract(
             splits=split or None, allow_random_init=allow_random_init,
             prompts=prompts), params={"splits": "split"})
         result = run(cfg)
+    if "stopped" in result:
+        console.print(f"[yellow]stopped[/] by {result['stopped']}: {escape(cfg.out)} holds the finished shards; "
+                      "re-run the same command to resume", soft_wrap=True)
+        return
     for name, info in result.items():
         console.print(f"[green]{name}[/]: {info['count']} images, {info['captions']} captions, "
                       f"{info['shards']} shards, skipped {info['skipped'] or 'none'} ({info['seconds']:.1f} s)")

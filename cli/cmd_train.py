@@ -7,15 +7,28 @@ RUN/config.toml (with --resume) < --config FILE.toml < the flags given on the co
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from .errors import user_errors
-from .options import config_option, with_settings
+from .options import bare_value, config_option, with_settings
 from kdpipe.progress import console
 from kdpipe.trainconfig import TrainConfig, config_toml, resolve_config
+
+
+class Resume(str, Enum):
+    """``--resume`` [yes|no|auto]; the bare flag means yes."""
+
+    yes = "yes"
+    no = "no"
+    auto = "auto"
+
+
+RESUME = {Resume.yes: True, Resume.no: False, Resume.auto: "auto"}  # -> TrainConfig.resume
 
 
 def train(
@@ -36,6 +49,14 @@ def train(
         result = run(cfg)
     if result["rank"] != 0:  # under torchrun only rank 0 reports
         return
+    if result["stopped"]:
+        console.print(f"[yellow]stopped[/] by {result['stopped']} after step {result['step']}, checkpoint saved; "
+                      f"resume with: kdpipe train --out {escape(result['run'])} --resume auto", soft_wrap=True)
+        return
+    if result["stopped"]:
+        console.print(f"[yellow]stopped[/] by {result['stopped']} after step {result['step']}, checkpoint saved; "
+                      f"resume with: kdpipe train --out {escape(result['run'])} --resume auto", soft_wrap=True)
+        return
     val = result["val"] or {}
     shown = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in val.items() if k != "val_images")
     console.print(f"[green]trained[/] {result['step']} steps; val: {shown or 'n/a'}")
@@ -46,4 +67,4 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(with_settings(TrainConfig, train))
+    app.command("train", cls=bare_value("--resume", "yes"))(with_settings(TrainConfig, train))

@@ -27,6 +27,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Mapping, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import typer
+from typer.core import TyperCommand
 
 from kdpipe import config
 
@@ -113,6 +114,8 @@ def _parameter(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
     elif get_origin(base) in (list, tuple):
         annotation, decls, extra["metavar"] = Optional[str], [flag, *short], "A,B,..."
         default = ",".join(str(v) for v in default) if default is not None else None
+    elif set(get_args(base)) == {bool, str}:  # a word, or true/false from a file (train's --resume yes|no|auto)
+        annotation, decls = Optional[str], [flag, *short]
     elif base in _SCALARS or (isinstance(base, type) and issubclass(base, PurePath)):
         annotation, decls = Optional[base], [flag, *short]
         if config.MINIMUM in f.metadata:
@@ -158,4 +161,33 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for key, value in b.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def bare_value(option: str, value: str) -> type[TyperCommand]:
+    """A command class on which ``option`` may be given without its value, then meaning ``value``.
+
+    Typer has no option with an optional value (it dropped click's ``flag_value``), so the command
+    completes its arguments before parsing them (``with_bare_value``). Use it as
+    ``app.command(name, cls=bare_value("--resume", "yes"))``.
+    """
+
+    class BareValueCommand(TyperCommand):
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            return super().parse_args(ctx, with_bare_value(args, option, value))
+
+    return BareValueCommand
+
+
+def with_bare_value(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``value`` after each bare ``option``: one that is last or followed by another option.
+
+    ``--resume --max-steps 3`` -> ``--resume yes --max-steps 3``; ``--resume auto`` and
+    ``--resume=auto`` are left as they are.
+    """
+    out = []
+    for arg, following in zip(args, args[1:] + [None]):
+        out.append(arg)
+        if arg == option and (following is None or following.startswith("-")):
+            out.append(value)
     return out

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .data import views
 from .data.records import ErrorCounter
 from .errors import BadValue
+from .runtime import WorkerInit
 
 # Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
 WANTED = ("jpg", "views.json", "img.npy", "txt.npy", "captions.json", "cls.txt")
@@ -317,7 +318,8 @@ def make_loader(cfg: StreamConfig, pin_memory: bool = False, decoder: SampleDeco
     # A private generator: DataLoader draws its base seed from it, not from the global torch RNG
     # (which training owns and checkpoints); nothing in the stream uses the seed anyway.
     return DataLoader(CacheStream(replace(cfg, workers=workers), decoder), batch_size=None, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0))
+                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=WorkerInit())
 
 
 def steps_per_epoch(n_samples: int, batch_size: int, world: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import bench, evaluate, export, extract, pretrain, report, train, trainstate, whiten
+from . import bench, evaluate, export, extract, pretrain, report, train, whiten
 from .data.shapes import make_shapes
 from .progress import console
 from .rundir import BENCH_JSON, EVAL_JSON, SPEC_FILE
@@ -72,14 +72,20 @@ class DemoConfig:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class Stopped(Exception):
+    """A stage stopped early on SIGTERM / SIGUSR1 (its outputs resumable): the demo ends there."""
+
+
 def stage(cfg: DemoConfig, name: str, done: bool, fn: Callable[[], Any]) -> Any:
-    """Run one stage (or say it is reused) and record its time."""
+    """Run one stage (or say it is reused) and record its time; ``Stopped`` if a stop signal ended it."""
     if done:
         console.print(f"[dim]· {name}: reused[/]")
         return None
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
     result = fn()
+    if isinstance(result, dict) and result.get("stopped"):
+        raise Stopped(f"{name} stopped by {result['stopped']}")
     cfg.timings[name] = round(time.perf_counter() - start, 1)
     return result
 
@@ -97,7 +103,7 @@ def demo_runs(cfg: DemoConfig, size: DemoSize, cache: Path, root: Path) -> list[
                 student=student, cache=str(cache), out=str(run_dir), losses=RECIPE, whiten=mode,
                 epochs=size.epochs, batch_size=size.batch_size, lr=size.student_lr, warmup_steps=20,
                 image_size=cfg.image_size, workers=cfg.workers, device="cpu", seed=cfg.seed,
-                progress=cfg.progress, resume=trainstate.has_checkpoint(run_dir))
+                progress=cfg.progress, resume="auto")
             stage(cfg, f"train {run_dir.name}", (run_dir / SPEC_FILE).exists(),  # written last
                   lambda c=tcfg: train.run(c))
             runs.append(run_dir)

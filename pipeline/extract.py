@@ -7,6 +7,10 @@ one crash-safe shard. Under torchrun every rank takes units i % world == rank, s
 size writes the same files; rank 0 writes the manifest after a barrier. A disk that fills up
 stops the run with a message that says which shards are complete; re-running the same command
 resumes from them.
+
+SIGTERM or SIGUSR1 (a scheduler's preemption notice) stops the run at the next batch: the shards
+in flight are dropped (only finished shards are ever written, and listed in the manifest) and
+re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -246,7 +250,7 @@ def finished_entry(split_dir: Path, index: int, full: bool = True) -> dict[str, 
 
 
 def extract_split(cfg: ExtractConfig, teacher: Teacher, source: Source, split: str,
-                  manifest: Manifest, dist: runtime.DistInfo, precision: str) -> None:
+                  manifest: Manifest, dist: runtime.DistInfo, precision: str, request: runtime.StopRequest) -> None:
     split_dir = Path(cfg.out) / split
     units = source.units(split)[dist.rank::dist.world_size]
     todo = []
@@ -261,21 +265,24 @@ def extract_split(cfg: ExtractConfig, teacher: Teacher, source: Source, split: s
             manifest.save()
         log.info("%s: %d shards for this process, %d already done", split, len(units), len(units) - len(todo))
         if todo:
-            run_units(cfg, teacher, split, split_dir, todo, manifest, dist, precision)
+            run_units(cfg, teacher, split, split_dir, todo, manifest, dist, precision, request)
 
 
 def run_units(cfg: ExtractConfig, teacher: Teacher, split: str, split_dir: Path, units: list,
-              manifest: Manifest, dist: runtime.DistInfo, precision: str) -> None:
+              manifest: Manifest, dist: runtime.DistInfo, precision: str, request: runtime.StopRequest) -> None:
+    """Embed and write ``units`` (one shard each) until done or ``request``: the shards in flight are then dropped."""
     stream = UnitStream(units, cfg.batch_size, dict(n_views=cfg.views, store_size=cfg.store_size,
                                                     pre=teacher.preprocess))
     loader = DataLoader(stream, batch_size=None, num_workers=min(cfg.workers, len(units)),
-                        pin_memory=runtime.pin_memory(teacher.device))
+                        pin_memory=runtime.pin_memory(teacher.device), worker_init_fn=runtime.WorkerInit())
     pending: dict[int, list[CachedSample]] = {}
     sizes = [u.size for u in units]
     total = None if None in sizes else sum(sizes)
     with make_progress("img", disable=not cfg.progress) as progress:
         task = progress.add_task(f"extract {split}", total=total, info="")
         for item in loader:
+            if request:
+                return
             if isinstance(item, UnitDone):
                 entry = write_shard(split_dir, item.index, pending.pop(item.index, []),
                                     teacher.embed_dim, item.skipped)
@@ -361,7 +368,16 @@ def summary(manifest: Manifest) -> dict[str, Any]:
 
 
 def run(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract every split of cfg.data into the cache cfg.out; returns the split summary."""
+    """Extract every split of cfg.data into the cache cfg.out; returns the split summary.
+
+    Stopped by SIGTERM / SIGUSR1: returns ``{"stopped": signal name}`` instead (see the module docstring).
+    """
+    with runtime.stop_requests() as request:
+        return extract_all(cfg, request)
+
+
+def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, Any]:
+    """``run`` with the stop ``request`` it checks between batches."""
     if cfg.views < 1:
         raise BadValue("--views must be at least 1 (view 0 is the teacher's eval transform)")
     dist = runtime.init_distributed(cfg.device, cfg.dist_timeout)
@@ -387,9 +403,13 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
     seconds = {}
     for split in splits:
         start = time.perf_counter()
-        extract_split(cfg, teacher, source, split, manifest, dist, precision)
+        extract_split(cfg, teacher, source, split, manifest, dist, precision, request)
         seconds[split] = time.perf_counter() - start
+        if request:
+            break
     runtime.wait_for_all(dist)  # a rank with fewer shards waits here for the others
+    if runtime.any_rank(bool(request), dist, device):  # then they agree whether to stop
+        return {"stopped": request.signal or "another rank's stop signal"}
     if dist.is_main:
         with on_write_failure(lambda: kept_after_failure(cfg, source)):
             collect_manifest(manifest, source, splits)

@@ -31,7 +31,9 @@ and crop generator, the process RNGs, the data position (this epoch's permutatio
 batches drawn from it) and the loss and val curves so far. Running the same request again on
 an incomplete teacher resumes from it and ends with the weights an uninterrupted run would
 have (bit-equal on CPU). Once ``train.json`` is written the folder is removed: a complete
-teacher is reused, never resumed.
+teacher is reused, never resumed. SIGTERM or SIGUSR1 (a scheduler's preemption notice) stops the
+run after the step in progress, with a checkpoint of that step (unless checkpoints are off), so
+that re-running the same command resumes it.
 """
 
 from __future__ import annotations
@@ -319,6 +321,7 @@ class LoopState:
     val_curve: list[dict] = field(default_factory=list)  # [{"step", **metrics}]
     window: list[float] = field(default_factory=list)  # losses since the last curve point
     seconds: float = 0.0  # training time of the sessions before this one (evaluations left out)
+    stopped: str | None = None  # the stop signal that ended this session early (not checkpointed)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but ``step`` (a checkpoint keeps it in its ``position``)."""
@@ -327,11 +330,14 @@ class LoopState:
 
 def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig,
                on_val: Callable[[int], dict[str, float]] | None = None, feed: Batches | None = None,
-               loop: LoopState | None = None, on_checkpoint: Callable[[LoopState], None] | None = None) -> LoopState:
+               loop: LoopState | None = None, on_checkpoint: Callable[[LoopState], None] | None = None,
+               stop: runtime.StopRequest | None = None) -> LoopState:
     """Run steps ``loop.step`` (0 by default) to ``cfg.steps``; returns the loop's state: the loss curve
     (means over log_every steps) and the val curve [{"step", **on_val(step)}] (every ``cfg.val_every``
     steps). ``on_checkpoint(loop)`` is called every ``checkpoint_steps(cfg)`` steps, after that step's
-    evaluation, but not after the last step (the teacher itself is saved then)."""
+    evaluation, but not after the last step (the teacher itself is saved then). Once ``stop`` is set,
+    the loop checkpoints the step just done (when checkpoints are on) and returns early, ``loop.stopped``
+    naming the signal."""
     loop = loop if loop is not None else LoopState()
     feed = feed if feed is not None else Batches(data, cfg.batch_size, trainer.generator)
     every = checkpoint_steps(cfg)
@@ -355,9 +361,16 @@ def train_loop(trainer: Trainer, data: CaptionedImages, cfg: PretrainConfig,
             if on_val is not None and cfg.val_every and (step + 1) % cfg.val_every == 0 and step + 1 < cfg.steps:
                 loop.val_curve.append({"step": step + 1, **on_val(step + 1)})
                 trainer.model.train()
-            if on_checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            last = step + 1 == cfg.steps
+            saved = on_checkpoint is not None and every and (step + 1) % every == 0 and not last
+            if saved:
                 on_checkpoint(loop)
             bar.update(task, advance=len(idx), info=f"loss {loop.curve[-1]['loss']:.3f}" if loop.curve else "")
+            if stop and not last:
+                if on_checkpoint is not None and every and not saved:
+                    on_checkpoint(loop)
+                loop.stopped = stop.signal
+                break
     return loop
 
 
@@ -638,11 +651,12 @@ def _size(preprocess: dict) -> int:
 
 
 def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str,
-        checkpoints: Checkpointing | None = None) -> dict[str, Any]:
+        checkpoints: Checkpointing | None = None, stop: runtime.StopRequest | None = None) -> dict[str, Any]:
     """Load the data, train ``built.model`` in place, evaluate on val; returns the run's statistics.
 
     With ``checkpoints``, saves the state every ``checkpoint_steps(cfg)`` steps and starts from
-    ``checkpoints.resume`` when given.
+    ``checkpoints.resume`` when given. Once ``stop`` is set, returns after the step in progress:
+    ``{"stopped": signal name, "step": steps done, "checkpoint": the folder that step was saved in, or None}``.
     """
     from open_clip.loss import ClipLoss
 
@@ -687,7 +701,11 @@ def fit(cfg: PretrainConfig, built: Built, device: torch.device, precision: str,
         save_checkpoint(checkpoints.out, trainer, state)
 
     train_loop(trainer, train, cfg, on_val if val is not None else None, feed, loop,
-               on_checkpoint if checkpoints is not None else None)
+               on_checkpoint if checkpoints is not None else None, stop)
+    if loop.stopped is not None:
+        saved = checkpoints is not None and checkpoint_steps(cfg) > 0
+        return {"stopped": loop.stopped, "step": loop.step,
+                "checkpoint": str(trainstate.ckpt_dir(checkpoints.out)) if saved else None}
     curve, val_curve = loop.curve, loop.val_curve
     seconds = train_seconds()
     metrics = {} if val is None else evaluate(built.model, built.tokenizer, val, source.classnames(), mean, std,
@@ -711,7 +729,11 @@ def kept_after_failure(out: Path) -> tuple[str, str]:
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train (or reuse) a teacher in ``cfg.out``; returns the summary also written to train.json."""
+    """Train (or reuse) a teacher in ``cfg.out``; returns the summary also written to train.json.
+
+    Stopped by SIGTERM / SIGUSR1: returns ``fit``'s ``{"stopped", "step", "checkpoint"}`` (+ ``steps``,
+    ``reused``) and writes no teacher.
+    """
     _check(cfg)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
@@ -727,8 +749,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         return {**previous, "reused": True}
 
     resume = resume_point(out, request, cfg.overwrite)
-    with on_write_failure(lambda: kept_after_failure(out)):
-        stats = fit(cfg, built, device, precision, Checkpointing(out, request, resume))
+    with runtime.stop_requests() as stop, on_write_failure(lambda: kept_after_failure(out)):
+        stats = fit(cfg, built, device, precision, Checkpointing(out, request, resume), stop)
+        if "stopped" in stats:
+            return {**stats, "steps": cfg.steps, "reused": False}
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.json").unlink(missing_ok=True)  # the directory is incomplete until train.json is rewritten
         save_teacher(out, built.model, built.model_cfg, built.preprocess, built.label)

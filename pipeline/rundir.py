@@ -42,6 +42,7 @@ CURVES_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"  # runlog's TensorBoard events; W&B names its own folder RUN/wandb/
 WHITENING_FILE = "whitening.safetensors"
 CKPT_DIR = "checkpoints"
+LATEST_CKPT, PREVIOUS_CKPT, BEST_CKPT = "latest.pt", "previous.pt", "best.pt"  # in CKPT_DIR (trainstate writes them)
 LEGACY_WEIGHTS_FILE = "student.safetensors"  # runs saved before best and last were kept apart: the last weights
 EVAL_JSON = "eval.json"
 BENCH_JSON, BENCH_PNG = "bench.json", "bench.png"
@@ -50,6 +51,12 @@ ONNX_FILE = "student_image.onnx"
 CHECKPOINTS = ("best", "last")  # the best validation score's weights, and the final step's
 
 TRAIN_HINT = "pass the --out folder of a finished `kdpipe train` run"
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether RUN holds a training checkpoint to continue (the latest, or the one before it)."""
+    folder = Path(run_dir) / CKPT_DIR
+    return (folder / LATEST_CKPT).exists() or (folder / PREVIOUS_CKPT).exists()
 
 
 # --------------------------------------------------------------------------- names

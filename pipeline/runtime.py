@@ -1,7 +1,12 @@
-"""Device, precision, seeding and torch.distributed in one place (open_clip's precision.py idea).
+"""Device, precision, seeding, torch.distributed and process lifecycle in one place (open_clip's
+precision.py idea).
 
 Stages ask this module for a device, an autocast context and the rank/world; nothing else
-calls ``torch.cuda`` or ``torch.distributed`` directly.
+calls ``torch.cuda`` or ``torch.distributed`` directly. It also owns how processes end: every
+DataLoader gets ``WorkerInit()`` (a worker dies with its parent and leaves SIGTERM / SIGUSR1
+to it), and a stage wraps its run in ``stop_requests()``, so that a scheduler's SIGTERM or
+SIGUSR1 asks it to stop at its next safe point (a checkpoint, a finished shard) instead of
+killing it.
 
 Launchers. A distributed run is started by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
 ``MASTER_ADDR``/``MASTER_PORT``, read by the env:// rendezvous) or by SLURM's ``srun`` with one
@@ -22,13 +27,17 @@ still ends the wait at once: its connection closes).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
 import re
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -156,6 +165,10 @@ def init_distributed(device_name: str = "auto", timeout_min: float = DEFAULT_DIS
         return DistInfo()
     if timeout_min <= 0:
         raise BadValue(f"the process-group timeout must be > 0 minutes, got {timeout_min}")
+    if launch.launcher == "torchrun" and "TORCHELASTIC_RUN_ID" in (os.environ if env is None else env):
+        # started by torchrun, from its main thread: end with it (a rank of a killed torchrun trains on
+        # alone or waits in a collective forever)
+        die_with_parent(os.getppid())
     if not dist.is_initialized():
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
@@ -254,3 +267,111 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- process lifecycle
+
+# What schedulers send before they kill a job: SLURM sends SIGTERM at the time limit or on
+# preemption (then SIGKILL after KillWait), and SIGUSR1 ahead of it with ``--signal=USR1@SECONDS``.
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1")
+                                                 if hasattr(signal, name))
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this process as soon as its parent dies (a no-op on other systems).
+
+    ``parent``: the pid that started this process. If it has died already (between the fork
+    and this call, before the kernel was told), this process exits now. The kernel sends the
+    signal when the parent *thread* that forked this process ends, so the process must be
+    started from a thread that lives as long as the parent does (the stages iterate their
+    loaders in the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != parent:  # orphaned before the prctl took effect
+        os._exit(1)
+
+
+def ignore_stop_signals() -> None:
+    """SIG_IGN for the stop signals: a worker leaves them to its parent, which stops cleanly."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class WorkerInit:
+    """The ``worker_init_fn`` of every DataLoader: each worker's life is tied to the process that built it.
+
+    A worker dies with its parent (``die_with_parent``): torch's watchdog notices a dead parent
+    only between batches, and a worker whose queue is full (the parent was killed before it read
+    a large batch, and a sibling worker still holds the pipe's read end) never exits at all, keeping
+    its memory and /dev/shm segments. It ignores SIGTERM and SIGUSR1: a scheduler signals the whole
+    process group, and a worker killed first would crash its parent before the parent could save a
+    checkpoint. Then ``then(worker_id)``, the loader's own init, if any. Picklable (module-level
+    class), for the spawn start method.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.parent = os.getpid()  # the loader is built and iterated in the process that owns it
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        die_with_parent(self.parent)
+        ignore_stop_signals()
+        if self.then is not None:
+            self.then(worker_id)
+
+
+class StopRequest:
+    """Whether a stop signal arrived, and which (``signal``: its name, e.g. "SIGTERM"; None: none yet).
+
+    True once asked. Set only by the handlers ``stop_requests`` installs; a stage reads it at its
+    safe points.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler: record the first signal, nothing else (no I/O, no locks)."""
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_requests(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """Within the block, ``signals`` (SIGTERM, SIGUSR1) only set the yielded ``StopRequest``.
+
+    The previous handlers come back on exit. Handlers can be installed from the main thread only;
+    elsewhere nothing is installed (the request then never becomes true).
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.signal(sig, request.handle) for sig in signals}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all_reduce of one number).
+
+    Ranks stop together: each may get its stop signal at a different step, or only some get it.
+    ``device``: this rank's device (NCCL reduces CUDA tensors only).
+    """
+    if not info.enabled:
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())

@@ -68,7 +68,7 @@ from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerp
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
 from .targetspace import WHITEN_MODES, Targets, load_targets, save_whitening, to_teacher_space
-from .trainconfig import TrainConfig, config_toml, resolve_config  # noqa: F401  (resolve_config: also kdpipe.train's)
+from .trainconfig import TrainConfig, config_toml, continues, resolve_config  # noqa: F401  (resolve_config: also kdpipe.train's)
 
 log = logging.getLogger("kdpipe")
 
@@ -677,6 +677,8 @@ class LoopState:
     last_val: dict[str, float] | None = None
     val_step: int | None = None
     consecutive_bad: int = 0
+    ckpt_step: int | None = None  # the step of this session's last checkpoint
+    stopped_by: str | None = None  # the stop signal that ended this session early (every rank agrees)
 
 
 def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any], epoch: int,
@@ -725,7 +727,8 @@ def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
     return bool(runtime.broadcast_object(is_best, setup.dist))
 
 
-def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
+def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog, request: runtime.StopRequest) -> None:
+    """Steps from ``loop.pos`` to the stop (``max_steps`` or the last epoch's end), or until ``request``."""
     cfg, spe = setup.cfg, setup.steps_per_epoch
     stop = min(cfg.max_steps or setup.total_steps, setup.total_steps)
     global_batch = cfg.batch_size * setup.dist.world_size
@@ -752,6 +755,8 @@ def train_loop(setup: Setup, loop: LoopState, mlog: MetricsLog) -> None:
                 progress.update(task, advance=global_batch, info=f"ep {epoch} loss {res.total:.4f}")
                 events(setup, loop, mlog, epoch_end, stop)
                 tick = time.perf_counter()  # a validation or checkpoint is not the next step's time
+                if loop.pos.step < stop and preempted(setup, loop, request):
+                    return
                 if loop.pos.step >= stop or epoch_end:
                     break
 
@@ -764,6 +769,21 @@ def events(setup: Setup, loop: LoopState, mlog: MetricsLog, epoch_end: bool, sto
     due_ckpt = due_val or epoch_end or step >= stop or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
     if due_ckpt:
         save_ckpt(setup, loop.pos, loop.counters, loop.best, is_best=is_best)
+        loop.ckpt_step = step
+
+
+def preempted(setup: Setup, loop: LoopState, request: runtime.StopRequest) -> bool:
+    """At a step boundary: whether any rank was asked to stop; if so, this step is checkpointed (once).
+
+    Every rank calls it after every step (one all_reduce), so all ranks stop after the same step.
+    """
+    if not runtime.any_rank(bool(request), setup.dist, setup.device):
+        return False
+    if loop.ckpt_step != loop.pos.step:
+        save_ckpt(setup, loop.pos, loop.counters, loop.best)
+        loop.ckpt_step = loop.pos.step
+    loop.stopped_by = request.signal or "another rank's stop signal"
+    return True
 
 
 # --------------------------------------------------------------------------- entry point
@@ -778,32 +798,40 @@ def kept_after_failure(run_dir: Path) -> tuple[str, str]:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths."""
-    setup = build_setup(cfg)
-    mlog = None
-    try:
-        prepare_run_dir(cfg, setup.dist)
-        runtime.barrier(setup.dist)
-        loop = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
-        if cfg.resume:
-            loop.pos, loop.counters, loop.best = restore(setup)
-        resume_step = loop.pos.step if cfg.resume else None
-        sinks = runlog.open_sinks(cfg.log, setup.run_dir, asdict(cfg), resume_step) if setup.dist.is_main else []
-        mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, resume_step, sinks)
-        if setup.dist.is_main:
-            console.print(f"train {cfg.student} on {setup.cache.root} "
-                          f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
-                          f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                          f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
-        with on_write_failure(lambda: kept_after_failure(setup.run_dir)):
-            train_loop(setup, loop, mlog)
-            if loop.val_step != loop.pos.step:
-                run_validation(setup, loop, mlog)  # the final numbers, after the last step
-            finalize(setup, loop.last_val, loop.pos, loop.best)
-        runtime.wait_for_all(setup.dist)  # rank 0 writes the student
-        return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
-                "counters": loop.counters, "rank": setup.dist.rank}
-    finally:
-        if mlog is not None:
-            mlog.close()  # the TensorBoard / W&B sinks: flushed even when the run stops on an error
-        runtime.shutdown(setup.dist)
+    """Train a student from cfg.cache into cfg.out; returns the final validation metrics and paths.
+
+    SIGTERM or SIGUSR1 (a scheduler's preemption notice) stops the run after the step in progress,
+    with a checkpoint of that step and no student files: the result's ``stopped`` names the signal
+    (None when the run went to its end) and ``resume="auto"`` continues it.
+    """
+    cfg = replace(cfg, resume=continues(cfg.resume, cfg.out))
+    with runtime.stop_requests() as request:
+        setup = build_setup(cfg)
+        mlog = None
+        try:
+            prepare_run_dir(cfg, setup.dist)
+            runtime.barrier(setup.dist)
+            loop = LoopState(trainstate.Position(), {"nonfinite": 0, "data_errors": 0}, {})
+            if cfg.resume:
+                loop.pos, loop.counters, loop.best = restore(setup)
+            resume_step = loop.pos.step if cfg.resume else None
+            sinks = runlog.open_sinks(cfg.log, setup.run_dir, asdict(cfg), resume_step) if setup.dist.is_main else []
+            mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, resume_step, sinks)
+            if setup.dist.is_main:
+                console.print(f"train {cfg.student} on {setup.cache.root} "
+                              f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
+                              f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                              f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
+            with on_write_failure(lambda: kept_after_failure(setup.run_dir)):
+                train_loop(setup, loop, mlog, request)
+                if loop.stopped_by is None:
+                    if loop.val_step != loop.pos.step:
+                        run_validation(setup, loop, mlog)  # the final numbers, after the last step
+                    finalize(setup, loop.last_val, loop.pos, loop.best)
+            runtime.wait_for_all(setup.dist)  # rank 0 writes the student
+            return {"run": str(setup.run_dir), "step": loop.pos.step, "val": loop.last_val, "best": loop.best,
+                    "counters": loop.counters, "rank": setup.dist.rank, "stopped": loop.stopped_by}
+        finally:
+            if mlog is not None:
+                mlog.close()  # the TensorBoard / W&B sinks: flushed even when the run stops on an error
+            runtime.shutdown(setup.dist)

@@ -19,7 +19,8 @@ from typing import Any
 
 from . import config
 from .config import setting
-from .rundir import CONFIG_FILE
+from .errors import BadValue
+from .rundir import CONFIG_FILE, has_checkpoint
 
 # CLIP-KD's full recipe (Yang et al., CVPR 2024): task + CRD 1 + ICL 1 + FD 2000. The task term is
 # CLIP's InfoNCE of the student's image against the (teacher's or student's) text, both ways, so
@@ -97,8 +98,10 @@ class TrainConfig:
                                      "validation, epoch end and the stop).")
     max_nonfinite: int = setting(5, "Consecutive non-finite steps (skipped) that stop the run.", minimum=1)
     verify: str = setting("size", "Cache check before reading: none, size or sha256.")
-    resume: bool = setting(False, "Continue the run in --out from its latest checkpoint, with its config.toml "
-                                  "under the other settings.")
+    resume: bool | str = setting(False, "yes: continue the run in --out from its latest checkpoint, with its "
+                                 "config.toml under the other settings (an error without one; --resume alone means "
+                                 "yes); auto: continue it if --out holds a checkpoint, else start a fresh run (one "
+                                 "command for a job that may be requeued); no: start a fresh run.")
     progress: bool = setting(True, "Show a progress bar.")
 
 
@@ -109,10 +112,23 @@ def resolve_config(overrides: dict[str, Any], config_file: str | Path | None = N
     the files and merges.
     """
     out = overrides.get("out")
-    saved = Path(out) / CONFIG_FILE if overrides.get("resume") and out else None
+    saved = Path(out) / CONFIG_FILE if out and continues(overrides.get("resume"), out) else None
     files = [saved] if saved is not None and saved.is_file() else []
     files += [config_file] if config_file is not None else []
     return config.resolve(TrainConfig, flags=overrides, files=files)
+
+
+def continues(resume: bool | str | None, out: str | Path) -> bool:
+    """Whether a run continues the checkpoint in ``out``: ``resume`` yes (true), or auto and ``out`` holds one.
+
+    auto lets a requeued job run one command whether or not it ran before.
+    """
+    word = "yes" if resume is True else "no" if resume is False or resume is None else resume
+    if word == "auto":
+        return has_checkpoint(out)
+    if word not in ("yes", "no", "true", "false"):
+        raise BadValue(f"--resume must be yes, no or auto, got {resume!r}")
+    return word in ("yes", "true")
 
 
 def config_toml(cfg: TrainConfig) -> str:

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from .errors import BadValue, MissingInput, writing
-from .rundir import CKPT_DIR
+from .rundir import BEST_CKPT, CKPT_DIR, LATEST_CKPT, PREVIOUS_CKPT, has_checkpoint  # noqa: F401  (has_checkpoint: also trainstate's)
 
 log = logging.getLogger("kdpipe")
 
-LATEST, PREVIOUS, BEST = "latest.pt", "previous.pt", "best.pt"
+LATEST, PREVIOUS, BEST = LATEST_CKPT, PREVIOUS_CKPT, BEST_CKPT
 FORMAT = 1
 
 
@@ -165,11 +165,6 @@ def describe_kept(run_dir: str | Path) -> tuple[str, int | None]:
         if step is not None:
             return f"the last checkpoint, step {step}, is intact ({path})", step
     return f"no checkpoint was written yet in {ckpt_dir(run_dir)}", None
-
-
-def has_checkpoint(run_dir: str | Path) -> bool:
-    folder = ckpt_dir(run_dir)
-    return (folder / LATEST).exists() or (folder / PREVIOUS).exists()
 
 
 def all_finite(module: torch.nn.Module) -> bool:

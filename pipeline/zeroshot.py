@@ -28,6 +28,7 @@ from .data import views
 from .errors import BadValue, MissingInput
 from .progress import make_progress
 from .registry import Registry
+from .runtime import WorkerInit
 from .store import Cache
 from .targetspace import Space
 
@@ -166,7 +167,8 @@ def embed_labelled(image: nn.Module, data: LabelledImages, prep: ImagePrep, spac
 
     ``workers``: DataLoader processes decoding images; ``progress``: show a progress bar.
     """
-    loader = DataLoader(_Prepped(data.images, prep), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(_Prepped(data.images, prep), batch_size=batch_size, num_workers=workers,
+                        worker_init_fn=WorkerInit())
     rows, labels = [], []
     with make_progress("images", disable=not progress) as bar:
         task = bar.add_task(f"zero-shot {data.name}", total=len(data.images), info="")

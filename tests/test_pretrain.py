@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdpipe import pretrain
+from kdpipe import pretrain, trainstate
 from kdpipe.pretrain import PretrainConfig
 
 STEPS = 80
@@ -476,6 +478,42 @@ def test_resumed_run_equals_the_uninterrupted_one(uninterrupted: tuple[dict, Pat
     # complete: the checkpoints are gone, and the teacher is reused as before
     assert not (out / "checkpoints").exists() and not (whole_dir / "checkpoints").exists()
     assert pretrain.run(resume_cfg(world, out))["reused"] and len(calls) == RESUME_STEPS - 16
+
+
+def test_sigusr1_checkpoints_the_step_and_rerunning_the_command_ends_like_an_uninterrupted_run(
+        uninterrupted: tuple[dict, Path], world: Path, tmp_path: Path, monkeypatch) -> None:
+    """SIGUSR1 (a scheduler's early notice) during step 11: checkpoint at 11, exit 0, the same command resumes."""
+    from kdpipe.cli.main import app
+
+    whole, whole_dir = uninterrupted
+    out = tmp_path / "T"
+    args = ["pretrain-teacher", "--data", str(world), "--out", str(out), "--arch", "tiny-clip", "--steps",
+            str(RESUME_STEPS), "--batch-size", "10", "--lr", "0.002", "--val-every", "8", "--device", "cpu"]
+    calls, real = [], pretrain.Trainer.step
+
+    def step(self, images, tokens):
+        calls.append(1)
+        if len(calls) == 11:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, images, tokens)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(pretrain.Trainer, "step", step)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and len(calls) == 11, result.output
+    assert (f"stopped by SIGUSR1 after step 11 of {RESUME_STEPS}, checkpoint saved in {out / 'checkpoints'}; "
+            "re-run the same command to resume") in result.output
+    assert trainstate.read_checkpoint(out / "checkpoints" / "latest.pt")["position"]["step"] == 11
+    assert trainstate.read_checkpoint(out / "checkpoints" / "previous.pt")["position"]["step"] == 8
+    assert not (out / "train.json").exists() and not (out / "model.safetensors").exists()
+
+    calls = count_steps(monkeypatch)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and len(calls) == RESUME_STEPS - 11, result.output
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["resumed_from"] == 11 and summary["val"] == whole["val"]
+    ours, theirs = weights(out), weights(whole_dir)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(uninterrupted: tuple[dict, Path],

@@ -24,9 +24,15 @@ def eval_cmd(
                                    "validation score; the last when the run had no validation) or last "
                                    "(the final step)."),
     zeroshot: Optional[list[str]] = typer.Option(
-        None, "--zeroshot", "-z", help="Extra zero-shot dataset (repeatable): folder:PATH (ImageFolder layout, "
-        "class = subfolder), cifar10:ROOT or cifar100:ROOT (a local torchvision root; never downloaded). The "
-        "cache's own labels are always used when it has them."),
+        None, "--zeroshot", "-z", help="Extra zero-shot dataset (repeatable), KIND:PATH[:KEY=VALUE]. "
+        "folder:PATH: PATH/<class>/<images>; class names from :names=FILE, else PATH/classnames.txt, else the "
+        "folder names (_ read as space); the file holds one name per line in the folders' sorted order, or "
+        "folder<TAB>name lines. imagenet:PATH: ImageNet-1k val as PATH/<wnid>/<images> (valprep.sh's layout) "
+        "with open_clip's class names and 80 templates; a subset of k wnid folders is scored k-way over the "
+        "classes present (reported as imagenet<k>), :classes=all scores it 1000-way. An image-only student "
+        "needs the teacher's ImageNet prompts in the cache (`kdpipe extract --prompt-set imagenet`). "
+        "cifar10:ROOT, cifar100:ROOT: a local torchvision root. Never downloaded. The cache's own labels "
+        "are always used when it has them."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images (or captions) per student forward."),
     workers: int = typer.Option(0, "--workers", "-w", min=0, help="DataLoader workers decoding images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N)."),

@@ -51,6 +51,12 @@ def extract(
                                            "without --pretrained (random weights; for testing only)."),
     prompts: bool = typer.Option(True, "--prompts/--no-prompts", help="Write prompts.h5: teacher embeddings "
                                  "of zero-shot class prompts (shapes, CIFAR-10/100, the data's own labels)."),
+    prompt_set: Optional[list[str]] = typer.Option(None, "--prompt-set", help="Also encode this named prompt "
+                                                   "set into prompts.h5 (repeatable): imagenet (1000 classes x "
+                                                   "OpenAI's 80 templates, as open_clip's ImageNet eval) or "
+                                                   "imagenet-simple (x 7), for `kdpipe eval --zeroshot "
+                                                   "imagenet:PATH` of image-only students. Re-running on a "
+                                                   "finished cache keeps its shards and adds only the missing sets."),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Run TEACHER once over DATA and write image/text embeddings of every view and caption to OUT."""
@@ -64,7 +70,7 @@ def extract(
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
             splits=split or None, allow_random_init=allow_random_init,
-            prompts=prompts), params={"splits": "split"})
+            prompts=prompts, prompt_sets=prompt_set or None), params={"splits": "split", "prompt_sets": "prompt_set"})
         result = run(cfg)
     if "stopped" in result:
         console.print(f"[yellow]stopped[/] by {result['stopped']}: {escape(cfg.out)} holds the finished shards; "

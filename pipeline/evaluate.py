@@ -49,7 +49,7 @@ from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_c
                      require_run)
 from .store import TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
 from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
-from .zeroshot import (ZEROSHOT_DATASETS, ImagePrep, cache_classifiers, encode_text, external_zeroshot, open_zeroshot,
+from .zeroshot import (ImagePrep, cache_classifiers, encode_text, external_zeroshot, open_zeroshot, parse_spec,
                        read_prompt_sets, text_classifier)
 
 log = logging.getLogger("kdpipe")
@@ -62,7 +62,7 @@ class EvalConfig:
     cache: str | Path | None = None  # override the cache recorded in RUN/student.json
     checkpoint: str = "best"  # the run's weights to judge: best (validation) | last (final step)
     split: str = "val"
-    zeroshot: list[str] = field(default_factory=list)  # extra datasets: folder:PATH, cifar10:ROOT, cifar100:ROOT
+    zeroshot: list[str] = field(default_factory=list)  # extra datasets: folder:PATH, imagenet:PATH, cifar10:ROOT, ...
     batch_size: int = 64
     workers: int = 0  # DataLoader workers decoding images
     device: str = "auto"
@@ -326,7 +326,7 @@ def _check(cfg: EvalConfig) -> None:
     if cfg.batch_size < 1 or cfg.chunk < 1:
         raise BadValue("--batch-size and the similarity chunk must be at least 1")
     for spec in cfg.zeroshot:  # a typo fails before any image is read
-        ZEROSHOT_DATASETS.get(spec.partition(":")[0])
+        parse_spec(spec)
 
 
 # --------------------------------------------------------------------------- run
@@ -414,6 +414,7 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     rows.update(metrics.with_ratios(ext_scores, {}))
     if extra:
         notes.append("teacher figures on --zeroshot datasets are not computed (they would need a teacher forward)")
+    notes += [note for data in extra for note in data.notes]
     zs_info = {**zs_info, **ext_info}
     classnames = {n: list(sets[n].classnames) for n in zs_info if n in sets}
     classnames.update({d.name: d.classnames for d in extra})

@@ -68,7 +68,8 @@ class ExtractConfig:
     store_size: int = STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
     splits: list[str] | None = None  # default: every split the source has
     allow_random_init: bool = False  # a real open_clip name without weights
-    prompts: bool = True  # write prompts.h5 (zero-shot class prompts) when missing
+    prompts: bool = True  # write prompts.h5 (zero-shot class prompts); a re-run adds the sets it lacks
+    prompt_sets: list[str] | None = None  # named sets beyond the defaults (e.g. imagenet, imagenet-simple)
     progress: bool = True
 
 
@@ -332,12 +333,30 @@ def kept_after_failure(cfg: ExtractConfig, source: Source) -> tuple[str, str]:
     return kept, "free some space, then re-run the same command: it keeps the complete shards and extracts the rest"
 
 
-def write_prompt_sets(root: Path, teacher: Teacher, classnames: list[str] | None) -> None:
-    """CACHE/prompts.h5: teacher embeddings of class prompts x templates (zero-shot eval)."""
+def check_prompt_sets(names: list[str] | None) -> None:
+    """Unknown --prompt-set names fail before the teacher runs, listing the valid ones."""
     from . import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
 
-    sets = prompts.build_prompt_sets(teacher, extra_classnames=classnames)
-    prompts.write_prompts(root / PROMPTS, sets)
+    for name in names or []:
+        prompts.PROMPT_SETS.get(name)
+
+
+def write_prompt_sets(root: Path, teacher: Teacher, classnames: list[str] | None,
+                      extra: list[str] | None = None) -> None:
+    """CACHE/prompts.h5: teacher embeddings of class prompts x templates (zero-shot eval).
+
+    The default sets and ``extra``; sets already in the file are kept as they are, so a re-run
+    with another --prompt-set encodes only that set (the data's own set is decided on the first write).
+    """
+    from . import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
+
+    path = root / PROMPTS
+    have = prompts.read_prompts(path) if path.exists() else {}
+    missing = [n for n in dict.fromkeys([*prompts.DEFAULT_SETS, *(extra or [])]) if n not in have]
+    if have and not missing:
+        return
+    sets = prompts.build_prompt_sets(teacher, missing, extra_classnames=None if have else classnames)
+    prompts.write_prompts(path, {**have, **sets})
 
 
 # --------------------------------------------------------------------------- entry point
@@ -380,6 +399,7 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     """``run`` with the stop ``request`` it checks between batches."""
     if cfg.views < 1:
         raise BadValue("--views must be at least 1 (view 0 is the teacher's eval transform)")
+    check_prompt_sets(cfg.prompt_sets)
     dist = runtime.init_distributed(cfg.device, cfg.dist_timeout)
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
@@ -413,8 +433,8 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     if dist.is_main:
         with on_write_failure(lambda: kept_after_failure(cfg, source)):
             collect_manifest(manifest, source, splits)
-            if cfg.prompts and not (root / PROMPTS).exists():
-                write_prompt_sets(root, teacher, source.classnames())
+            if cfg.prompts:
+                write_prompt_sets(root, teacher, source.classnames(), cfg.prompt_sets)
     runtime.wait_for_all(dist)
     result = summary(Manifest.load(root))
     for split, info in result.items():

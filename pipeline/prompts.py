@@ -6,8 +6,9 @@ stores the teacher's embedding of every (class, template) prompt; evaluation nee
 Sets (``PROMPT_SETS``): ``shapes`` (the shapes world, class names from kdpipe.data.shapes),
 ``cifar10`` and ``cifar100`` (CLIP's CIFAR class names and its 18 CIFAR templates, as used by
 CLIP_benchmark; open_clip ships no CIFAR templates), ``imagenet`` (open_clip's class names and
-OpenAI's 80 templates; not built by default, 80k prompts). Templates are ``str.format``
-strings with one ``{}``.
+OpenAI's 80 templates, the prompts of open_clip's own ImageNet eval; not built by default, 80k
+prompts: ``kdpipe extract --prompt-set imagenet``) and ``imagenet-simple`` (the same names with
+open_clip's 7 "simple" templates: 7k prompts). Templates are ``str.format`` strings with one ``{}``.
 
 prompts.h5 layout: one group per set, datasets ``classnames`` [K] and ``templates`` [T]
 (utf-8 strings) and ``emb`` [K, T, D] float16, each prompt's embedding L2-normalised.
@@ -93,6 +94,13 @@ def _imagenet() -> tuple[list[str], list[str]]:
     import open_clip  # noqa: PLC0415
 
     return list(open_clip.IMAGENET_CLASSNAMES), _from_open_clip(open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+@PROMPT_SETS.register("imagenet-simple")
+def _imagenet_simple() -> tuple[list[str], list[str]]:
+    import open_clip  # noqa: PLC0415
+
+    return list(open_clip.IMAGENET_CLASSNAMES), _from_open_clip(open_clip.SIMPLE_IMAGENET_TEMPLATES)
 
 
 @dataclass

@@ -291,7 +291,7 @@ def test_folder_zeroshot(fake_cache, tmp_path):
     report = E.run(E.EvalConfig(run=run, zeroshot=[f"folder:{known}"], device="cpu", progress=False))
     row = report["metrics"]["zeroshot/folder:known/top1"]
     assert 0.0 <= row["student"] <= 1.0 and row["teacher"] is None and row["ratio"] is None
-    assert report["zeroshot"]["folder:known"] == {"images": 12, "classes": 4,
+    assert report["zeroshot"]["folder:known"] == {"images": 12, "classes": 4, "class_names": "folder names",
                                                   "class_embeddings": "teacher prompts.h5 [shapes]"}
     unknown = write_folder(tmp_path / "pets", ["cat", "dog"])
     with pytest.raises(ValueError, match="no text tower"):
@@ -328,8 +328,8 @@ def test_cifar_absent_is_a_clear_error(fake_cache, tmp_path):
     run = make_run(tmp_path / "run", fake_cache)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         E.run(E.EvalConfig(run=run, zeroshot=[f"cifar10:{tmp_path}"], device="cpu", progress=False))
-    with pytest.raises(KeyError, match="valid: cifar10, cifar100, folder"):
-        E.run(E.EvalConfig(run=run, zeroshot=["imagenet:/x"], device="cpu", progress=False))
+    with pytest.raises(KeyError, match="valid: cifar10, cifar100, folder, imagenet"):
+        E.run(E.EvalConfig(run=run, zeroshot=["mnist:/x"], device="cpu", progress=False))
 
 
 def test_cifar_uses_the_cached_teacher_prompts(fake_cache, tmp_path, monkeypatch):
@@ -362,6 +362,79 @@ def test_cifar_uses_the_cached_teacher_prompts(fake_cache, tmp_path, monkeypatch
     assert report["metrics"]["zeroshot/cifar10/top5"]["student"] >= report["metrics"]["zeroshot/cifar10/top1"]["student"]
 
 
+IMAGENET_ROWS = {"n01440764": 0, "n02123045": 281, "n04356056": 837}  # tench, tabby cat, sunglasses
+
+
+def imagenet_cache(path: Path) -> Path:
+    """A fake cache whose prompts.h5 also holds an "imagenet" set (open_clip's 1000 names, random prompts)."""
+    cache = make_fake_cache(path, n_train=20, n_val=10, dim=DIM, image_size=SIZE)
+    sets = prompts.read_prompts(cache / "prompts.h5")
+    classnames, _ = prompts.PROMPT_SETS.get("imagenet")()
+    emb = np.random.default_rng(1).standard_normal((1000, 2, DIM)).astype(np.float16)
+    sets["imagenet"] = prompts.PromptSet(classnames, ["a photo of a {}.", "a {}."], emb)
+    prompts.write_prompts(cache / "prompts.h5", sets)
+    return cache
+
+
+def student_accuracy(run: Path, spec: str, rows: list[int], emb: np.ndarray) -> dict[str, float]:
+    """The run's student on a zero-shot dataset against ``rows`` of a prompt set, computed here."""
+    from kdpipe.students import load_student
+    from kdpipe.targetspace import Space
+
+    image, _, loaded = load_student(run, torch.device("cpu"))
+    prep = E.image_prep(RunSpec.from_json(loaded), loaded["teacher"])
+    img, labels = zeroshot.embed_labelled(image, zeroshot.open_zeroshot(spec), prep, Space(), torch.device("cpu"),
+                                          batch_size=4, progress=False)
+    return metrics.zero_shot_accuracy(img, metrics.zero_shot_classifier(torch.from_numpy(emb[rows]).float()), labels)
+
+
+def test_cli_eval_imagenet_zeroshot(tmp_path):
+    """`kdpipe eval --zeroshot imagenet:VAL` on a 3-class val folder: scored 3-way over rows 0, 281 and 837
+    of the cache's imagenet set; with :classes=all, 1000-way over every row."""
+    cache = imagenet_cache(tmp_path / "cache")
+    run = make_run(tmp_path / "run", cache)
+    val = write_folder(tmp_path / "val", list(IMAGENET_ROWS), per_class=2)
+    result = CliRunner().invoke(app, ["eval", str(run), "-z", f"imagenet:{val}", "-z", f"imagenet:{val}:classes=all",
+                                      "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "eval.json").read_text())
+    emb = prompts.read_prompts(cache / "prompts.h5")["imagenet"].emb
+    for name, spec, rows in (("imagenet3", f"imagenet:{val}", list(IMAGENET_ROWS.values())),
+                             ("imagenet3-1000way", f"imagenet:{val}:classes=all", list(range(1000)))):
+        want = student_accuracy(run, spec, rows, emb)
+        for k in ("top1", "top5"):
+            assert saved["metrics"][f"zeroshot/{name}/{k}"] == {"student": want[k], "teacher": None, "ratio": None}
+        assert saved["zeroshot"][name]["class_embeddings"] == "teacher prompts.h5 [imagenet]"
+        assert saved["zeroshot"][name]["images"] == 6 and saved["zeroshot"][name]["imagenet_classes_present"] == 3
+    assert saved["zeroshot"]["imagenet3"]["classes"] == 3 and saved["zeroshot"]["imagenet3-1000way"]["classes"] == 1000
+    assert any("3 of the 1000 ImageNet-1k classes" in note for note in saved["notes"])
+    assert "zeroshot/imagenet3/top1" in flat(result.output)  # in the printed table
+
+
+def test_eval_imagenet_without_a_cached_set(fake_cache, tmp_path):
+    """An image-only student needs the teacher's ImageNet prompts (the error says how to add them); a
+    student with a text tower encodes open_clip's names and templates itself."""
+    val = write_folder(tmp_path / "val", list(IMAGENET_ROWS), per_class=2)
+    result = CliRunner().invoke(app, ["eval", str(make_run(tmp_path / "run", fake_cache)), "-z", f"imagenet:{val}",
+                                      "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2
+    assert "no set there has the imagenet classes" in flat(result.output)
+    assert "re-run `kdpipe extract` on this cache with --prompt-set imagenet" in flat(result.output)
+    report = E.run(E.EvalConfig(run=make_run(tmp_path / "trun", fake_cache, text=True), zeroshot=[f"imagenet:{val}"],
+                                device="cpu", progress=False))
+    assert report["zeroshot"]["imagenet3"]["class_embeddings"] == "student text tower"
+    assert 0.0 <= report["metrics"]["zeroshot/imagenet3/top1"]["student"] <= 1.0
+
+
+def test_eval_names_a_bad_imagenet_folder_or_option(fake_cache, tmp_path):
+    run = make_run(tmp_path / "run", fake_cache)
+    val = write_folder(tmp_path / "val", ["n01440764", "pets"], per_class=1)
+    with pytest.raises(ValueError, match=f"imagenet folder {val / 'pets'} is not an ImageNet-1k class"):
+        E.run(E.EvalConfig(run=run, zeroshot=[f"imagenet:{val}"], device="cpu", progress=False))
+    with pytest.raises(ValueError, match="imagenet has no option 'class'"):
+        E.run(E.EvalConfig(run=run, zeroshot=[f"imagenet:{val}:class=all"], device="cpu", progress=False))
+
+
 # --------------------------------------------------------------------------- errors and CLI
 
 
@@ -391,6 +464,10 @@ def test_cli_help_and_bad_run(tmp_path):
     for cmd in ("eval", "report"):
         result = runner.invoke(app, [cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+    result = runner.invoke(app, ["eval", "--help"], terminal_width=200)
+    for term in ("imagenet:PATH:", "PATH/<wnid>/<images>", ":classes=all", ":names=FILE", "PATH/classnames.txt",
+                 "folder<TAB>name", "--prompt-set"):
+        assert term in result.output, term
     result = runner.invoke(app, ["eval", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "does not exist" in flat(result.output)
     (tmp_path / "empty").mkdir()

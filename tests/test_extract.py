@@ -229,6 +229,39 @@ def test_cli_help_and_bad_flags(world, tmp_path):
     assert result.exit_code == 2 and "missing" in result.output
 
 
+def test_rerun_with_a_prompt_set_adds_it_and_keeps_the_rest(cache, world, tmp_path, monkeypatch):
+    """`--prompt-set NAME` on a finished cache: its shards stay, prompts.h5 keeps its sets byte for byte
+    and gains NAME, encoded by the teacher (a tiny stand-in for imagenet's 80k prompts)."""
+    from kdpipe import prompts
+
+    monkeypatch.setitem(prompts.PROMPT_SETS._entries, "tiny-test", lambda: (["tench", "goldfish"], ["a {}."]))
+    copy = tmp_path / "c"
+    shutil.copytree(cache, copy)
+    before = prompts.read_prompts(copy / "prompts.h5")
+    shards = {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("*.tar")}
+    run(_cfg(world, copy, prompt_sets=["tiny-test"]))
+    after = prompts.read_prompts(copy / "prompts.h5")
+    assert set(after) == set(before) | {"tiny-test"}
+    for name, s in before.items():
+        assert np.array_equal(after[name].emb, s.emb) and after[name].classnames == s.classnames
+    want = prompts.encode_prompts(load_teacher("tiny-clip"), ["tench", "goldfish"], ["a {}."])
+    assert after["tiny-test"].emb.shape == (2, 1, want.shape[-1])
+    np.testing.assert_allclose(after["tiny-test"].emb.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "train").glob("*.tar")} == shards
+    mtime = (copy / "prompts.h5").stat().st_mtime_ns
+    run(_cfg(world, copy, prompt_sets=["tiny-test"]))  # nothing missing: the file is not rewritten
+    assert (copy / "prompts.h5").stat().st_mtime_ns == mtime
+
+
+def test_unknown_prompt_set_fails_before_the_teacher_runs(world, tmp_path):
+    result = CliRunner().invoke(app, ["extract", "--teacher", "tiny-clip", "--data", str(world), "--out",
+                                      str(tmp_path / "x"), "--device", "cpu", "--prompt-set", "imagenet-21k"])
+    assert result.exit_code == 2
+    assert "unknown prompt set 'imagenet-21k'; valid: cifar10, cifar100, imagenet, imagenet-simple, shapes" in \
+        " ".join(result.output.split())
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
 def test_view0_is_the_teachers_own_open_clip_preprocess(resize_mode, tmp_path, monkeypatch):
     """The pixels fed to the teacher for view 0, and view 0 replayed from views.json, are open_clip's

@@ -19,14 +19,16 @@ def tiny():
 
 
 def test_registered_sets_are_well_formed():
-    assert {"shapes", "cifar10", "cifar100", "imagenet"} <= set(PROMPT_SETS.names())
-    sizes = {"cifar10": (10, 18), "cifar100": (100, 18), "imagenet": (1000, 80)}
+    assert {"shapes", "cifar10", "cifar100", "imagenet", "imagenet-simple"} <= set(PROMPT_SETS.names())
+    sizes = {"cifar10": (10, 18), "cifar100": (100, 18), "imagenet": (1000, 80), "imagenet-simple": (1000, 7)}
     for name, (k, t) in sizes.items():
         classnames, templates = PROMPT_SETS.get(name)()
         assert (len(classnames), len(templates)) == (k, t)
         assert all(tpl.count("{}") == 1 for tpl in templates)
-    assert all(len(set(PROMPT_SETS.get(n)()[0])) == k for n, (k, _) in sizes.items() if n != "imagenet")
+    assert all(len(set(PROMPT_SETS.get(n)()[0])) == k for n, (k, _) in sizes.items() if "imagenet" not in n)
     assert PROMPT_SETS.get("imagenet")()[1][0] == "a bad photo of a {}."  # open_clip's lambdas, as strings
+    assert PROMPT_SETS.get("imagenet-simple")()[1][0] == "itap of a {}."
+    assert PROMPT_SETS.get("imagenet-simple")()[0] == PROMPT_SETS.get("imagenet")()[0]
     cifar100, _ = PROMPT_SETS.get("cifar100")()
     assert cifar100[:3] == ["apple", "aquarium fish", "baby"] and cifar100[-1] == "worm"
     assert "_" not in "".join(cifar100)

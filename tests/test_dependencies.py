@@ -103,3 +103,17 @@ def _imports_tomllib(node: ast.AST) -> bool:
 def _falls_back_to_tomli(node: ast.Try) -> bool:
     return any(isinstance(n, ast.Import) and any(a.name == "tomli" for a in n.names)
                for handler in node.handlers for n in ast.walk(handler))
+
+
+def test_every_source_file_parses_as_python_3_10():
+    """requires-python says 3.10: no syntax newer than it (``except*``, ``type X = ...``, PEP 695 generics).
+    (The grammar only: what the standard library offers is covered by the tomllib check above.)"""
+    assert read_toml(ROOT / "pyproject.toml")["project"]["requires-python"] == ">=3.10"
+    newer = []
+    for folder in ("pipeline", "cli", "tests", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            try:
+                ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
+            except SyntaxError as err:
+                newer.append(f"{path.relative_to(ROOT)}:{err.lineno}: {err.msg}")
+    assert not newer, "\n".join(newer)

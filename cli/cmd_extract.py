@@ -21,8 +21,9 @@ def extract(
                                           "local-dir:DIR (e.g. a `kdpipe pretrain-teacher` output)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Input (required, here or in --config): a "
                                        "COCO-layout root (annotations/captions_*.json + image folders, e.g. from "
-                                       "`kdpipe make-shapes`), or WebDataset tars (a.tar, "
-                                       "'shards/{00000..00009}.tar', 'pipe:...')."),
+                                       "`kdpipe make-shapes`); COCO or Flickr30k/Flickr8k images with Karpathy's "
+                                       "--split-file; a .csv/.tsv of image paths and captions (--csv-*); or "
+                                       "WebDataset tars (a.tar, 'shards/{00000..00009}.tar', 'pipe:...')."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write (required, here or in "
                                        "--config; re-running resumes it)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
@@ -38,9 +39,29 @@ def extract(
                                   help="Minutes a collective (all-gather, barrier) may wait under "
                                   "torchrun/srun before the run fails (NCCL's own default is 10); ranks idle "
                                   "while others finish their work never time out."),
-    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Karpathy dataset_coco.json: defines "
-                                              "train/val/test; its val/test images are removed from train."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Karpathy's dataset_coco.json (--data: "
+                                              "the COCO root), dataset_flickr30k.json or dataset_flickr8k.json "
+                                              "(--data: the folder of the images, e.g. flickr30k-images): defines "
+                                              "train (with restval), val and test; val/test images are removed "
+                                              "from train."),
     keep_leaky: bool = typer.Option(False, "--keep-leaky", help="Keep Karpathy val/test images in train."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Extract without the images a CSV or a "
+                                      "Flickr split file names but the disk lacks (by default they stop the run, "
+                                      "before the teacher loads, naming the first few)."),
+    csv_img_key: str = typer.Option("filepath", "--csv-img-key", help="CSV input: the column of image paths "
+                                    "(open_clip's option; relative paths are read from the CSV's folder)."),
+    csv_caption_key: str = typer.Option("title", "--csv-caption-key", help="CSV input: the column of captions "
+                                        "(open_clip's option); rows naming the same image are its captions."),
+    csv_separator: Optional[str] = typer.Option(None, "--csv-separator", show_default="tab for .tsv, comma for "
+                                                ".csv", help="CSV input: the column separator (one character; "
+                                                "'\\t' or tab for a tab). A .csv whose header has the columns only "
+                                                "when split at tabs (open_clip's default) is read as tab-separated."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="CSV or tar input: another input of the "
+                                           "same layouts as --data, extracted as the val split."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="CSV or tar input: put "
+                                                 "this fraction of it, between 0 and 1, in the val split (e.g. 0.01), "
+                                                 "chosen by a hash of each sample's key: the same images on "
+                                                 "every run and any number of processes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per shard."),
     store_size: int = typer.Option(256, "--store-size", min=32, help="Stored image's shorter side, at most. "
@@ -68,6 +89,8 @@ def extract(
             batch_size=batch_size, workers=workers, device=device, precision=precision,
             dist_timeout=dist_timeout,
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
+            skip_missing=skip_missing, csv_img_key=csv_img_key, csv_caption_key=csv_caption_key,
+            csv_separator=csv_separator, val_data=val_data, val_fraction=val_fraction,
             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
             splits=split or None, allow_random_init=allow_random_init,
             prompts=prompts, prompt_sets=prompt_set or None), params={"splits": "split", "prompt_sets": "prompt_set"})

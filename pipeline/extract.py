@@ -52,7 +52,7 @@ log = logging.getLogger("kdpipe")
 @dataclass
 class ExtractConfig:
     teacher: str  # registry name, open_clip model name, or model-config JSON path
-    data: str  # COCO-layout root, shapes world, or WebDataset tars
+    data: str  # COCO-layout root, shapes world, Flickr image folder, CSV/TSV file, or WebDataset tars
     out: str
     pretrained: str | None = None  # open_clip tag or local checkpoint file
     views: int = 4  # view 0 = the teacher's eval transform
@@ -61,8 +61,14 @@ class ExtractConfig:
     device: str = "auto"
     dist_timeout: float = runtime.DEFAULT_DIST_TIMEOUT_MIN  # minutes a collective may wait (multi-process)
     precision: str = "auto"
-    split_file: str | None = None  # Karpathy dataset_coco.json
+    split_file: str | None = None  # Karpathy dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json
     keep_leaky: bool = False  # keep Karpathy val/test images in train
+    skip_missing: bool = False  # extract without the images a CSV or Flickr split file names but the disk lacks
+    csv_img_key: str = "filepath"  # CSV input: open_clip's column names and separator
+    csv_caption_key: str = "title"
+    csv_separator: str | None = None  # None: tab for .tsv, comma for .csv
+    val_data: str | None = None  # another input as the val split (CSV or tar input)
+    val_fraction: float | None = None  # or this fraction of the input as val, by a hash of each key
     overwrite: bool = False
     shard_size: int = 1000  # images per shard (directory sources)
     store_size: int = STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
@@ -203,6 +209,10 @@ def manifest_header(cfg: ExtractConfig, teacher: Teacher, source: Source) -> dic
     }
 
 
+# Settings that decide which image goes into which shard of which split (absent in older caches: None)
+SPLIT_SETTINGS = ("split_file", "keep_leaky", "shard_size", "val_data", "val_fraction")
+
+
 def compatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """Why an existing cache can't be resumed with this config (None when it can)."""
     if not same_fingerprint(old.get("teacher", {}), new["teacher"]):
@@ -211,6 +221,10 @@ def compatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for key in ("views", "view_policy", "embed_dim"):
         if old.get(key) != new[key]:
             return f"its {key} is {old.get(key)!r}, this run asks for {new[key]!r}"
+    for key in SPLIT_SETTINGS:  # a kept shard must hold the images this run would put in it
+        was, asked = old.get("config", {}).get(key), new["config"][key]
+        if was != asked:
+            return f"its --{key.replace('_', '-')} is {was!r}, this run asks for {asked!r}"
     return None
 
 
@@ -404,7 +418,9 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     source = open_source(cfg.data, shard_size=cfg.shard_size, split_file=cfg.split_file,
-                         keep_leaky=cfg.keep_leaky)
+                         keep_leaky=cfg.keep_leaky, skip_missing=cfg.skip_missing, csv_img_key=cfg.csv_img_key,
+                         csv_caption_key=cfg.csv_caption_key, csv_separator=cfg.csv_separator,
+                         val_data=cfg.val_data, val_fraction=cfg.val_fraction)
     splits = cfg.splits or source.splits()
     missing = sorted(set(splits) - set(source.splits()))
     if missing:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from kdpipe.data import DATASETS, SHAPES, Record, decode_image, open_source
 from kdpipe.data.coco import CocoSource
+from kdpipe.data.heldout import in_held_out
 from kdpipe.data.records import ErrorCounter
 from kdpipe.data.wds_input import WdsSource
 
@@ -37,8 +38,8 @@ def all_keys(source, split: str) -> list[str]:
 
 
 def test_registry_and_errors(tmp_path: Path) -> None:
-    assert DATASETS.names() == ["coco", "wds"]
-    with pytest.raises(KeyError, match="coco, wds"):
+    assert DATASETS.names() == ["coco", "csv", "flickr", "wds"]
+    with pytest.raises(KeyError, match="coco, csv, flickr, wds"):
         DATASETS.get("imagenet")
     with pytest.raises(FileNotFoundError, match=r"annotations/captions_<split>\.json"):
         open_source(str(tmp_path / "nope"))
@@ -160,7 +161,8 @@ def test_karpathy_full_split_file(coco_root: Path, tmp_path: Path, caplog: pytes
     assert record.path == str(coco_root / "val2017" / "000000000011.jpg")
     assert source.report() | {"records": None} == {
         "split_file": str(split_file), "leakage_removed": 0, "keep_leaky": False, "not_found": 1, "records": None}  # fmt: skip
-    assert "1 images not found" in caplog.text and "removed 0" in caplog.text
+    assert "1 of 10 images not found" in caplog.text and "COCO_val2014_000000000099.jpg" in caplog.text
+    assert "removed 0" in caplog.text
 
 
 @pytest.mark.parametrize("keep_leaky", [False, True])
@@ -280,8 +282,10 @@ def test_wds_truncated_tar_counts_errors_without_sleeping(tars, tmp_path: Path, 
 
 def test_wds_errors(tars, tmp_path: Path) -> None:
     folder, _ = tars
-    with pytest.raises(ValueError, match="split file"):
+    with pytest.raises(ValueError, match="--split-file does not apply to wds input"):
         open_source(str(folder / "shard-00000.tar"), split_file="dataset_coco.json")
+    with pytest.raises(ValueError, match="--keep-leaky does not apply to wds input; it applies to coco, flickr"):
+        open_source(str(folder / "shard-00000.tar"), keep_leaky=True)
     with pytest.raises(KeyError, match="one split"):
         open_source(str(folder / "shard-00000.tar")).units("val")
     with pytest.raises(FileNotFoundError, match="1 of 3 tars not found"):
@@ -309,3 +313,290 @@ def test_error_counter_counts_by_type_logs_the_first_and_stops_an_endless_run(ca
     for _ in range(2000):
         unlimited(OSError("x"))
     assert unlimited.total() == 2000
+
+
+# ---------------------------------------------------------------- CSV / TSV (open_clip's conventions)
+
+
+def write_images(folder: Path, names: list[str], seed: int = 0, size: tuple[int, int] = (40, 32)) -> None:
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(jpeg_bytes(seed + i, size))
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], sep: str = ",", header: tuple[str, str] = ("filepath", "title"),
+              extra_column: bool = True) -> Path:
+    """A CSV as open_clip reads it: a header, one row per (image, caption); an extra column it ignores."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter=sep)
+        writer.writerow([*header, "url"] if extra_column else list(header))
+        for image, caption in rows:
+            writer.writerow([image, caption, "http://x"] if extra_column else [image, caption])
+    return path
+
+
+def captioned_csv(folder: Path, name: str, n_images: int, first: int = 0, sep: str = ",") -> Path:
+    """``n_images`` images under folder/images/, two captions each (rows interleaved: grouping must not
+    rely on adjacent rows), one caption with the separator inside (quoted)."""
+    names = [f"images/img_{first + i}.jpg" for i in range(n_images)]
+    write_images(folder, names, seed=first)
+    rows = [(n, f"a photo number {first + i}") for i, n in enumerate(names)]
+    rows += [(n, f"second caption, of image {first + i}") for i, n in enumerate(names)]
+    return write_csv(folder / name, rows, sep=sep)
+
+
+def test_csv_groups_rows_by_image_in_first_seen_order(tmp_path: Path) -> None:
+    spec = captioned_csv(tmp_path / "data", "train.csv", 5)
+    source = open_source(str(spec), shard_size=2)
+    assert source.name == "csv" and source.splits() == ["train"] and source.classnames() is None
+    units = source.units("train")
+    assert [u.size for u in units] == [2, 2, 1]
+    assert [u.name for u in units] == ["train[0:2]", "train[2:4]", "train[4:5]"]
+    records = [r for u in units for r in u.records()]
+    assert [r.key for r in records] == [f"{i:09d}" for i in range(5)]
+    assert records[3].captions == ("a photo number 3", "second caption, of image 3")
+    assert records[3].path == str(tmp_path / "data" / "images" / "img_3.jpg")  # relative to the CSV's folder
+    assert decode_image(records[3].path).size == (40, 32)
+    assert source.report() == {"rows": 10, "images": 5, "not_found": 0, "separator": ",",
+                               "columns": {"image": "filepath", "caption": "title"}}
+    assert list(pickle.loads(pickle.dumps(units[1])).records()) == records[2:4]
+
+
+def test_csv_separator_and_column_options(tmp_path: Path, caplog) -> None:
+    """.tsv is tab-separated; a tab-separated .csv (open_clip's default) is recognised by its header;
+    --csv-separator and the column keys are open_clip's options."""
+    folder = tmp_path / "d"
+    write_images(folder, ["a.jpg", "b.jpg"])
+    rows = [("a.jpg", "one"), ("b.jpg", "two"), ("a.jpg", "three")]
+    tsv = write_csv(folder / "x.tsv", rows, sep="\t")
+    tab_csv = write_csv(folder / "tab.csv", rows, sep="\t")
+    semi = write_csv(folder / "semi.csv", rows, sep=";", header=("image", "text"), extra_column=False)
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
+        sources = [open_source(str(tsv)), open_source(str(tab_csv)),
+                   open_source(str(semi), csv_separator=";", csv_img_key="image", csv_caption_key="text")]
+    assert "tab.csv: columns are tab-separated" in caplog.text
+    for source in sources:
+        (unit,) = source.units("train")
+        assert [r.captions for r in unit.records()] == [("one", "three"), ("two",)]
+    assert open_source(str(tsv), csv_separator="\\t").report()["separator"] == "\t"
+    bom = folder / "excel.csv"  # Excel writes a byte-order mark before the header
+    bom.write_bytes(b"\xef\xbb\xbf" + tab_csv.read_bytes())
+    (unit,) = open_source(str(bom)).units("train")
+    assert [r.captions for r in unit.records()] == [("one", "three"), ("two",)]
+    (folder / "latin1.csv").write_bytes("filepath,title\na.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv: not UTF-8 text"):
+        open_source(str(folder / "latin1.csv"))
+    assert open_source(str(tab_csv), csv_separator="tab").report()["separator"] == "\t"
+
+
+def test_csv_errors_name_the_file_the_line_and_what_was_expected(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    write_images(folder, ["a.jpg"])
+    spec = write_csv(folder / "t.csv", [("a.jpg", "cap")])
+    with pytest.raises(ValueError, match=r"t\.csv: no column 'caption' \(--csv-caption-key\); its columns: "
+                                         r"'filepath', 'title', 'url'"):
+        open_source(str(spec), csv_caption_key="caption")
+    with pytest.raises(ValueError, match="no column 'image' .--csv-img-key."):
+        open_source(str(spec), csv_img_key="image")
+    with pytest.raises(ValueError, match="expected one character"):
+        open_source(str(spec), csv_separator="||")
+    (folder / "short.csv").write_text("filepath,title\na.jpg,ok\nb.jpg\n")
+    with pytest.raises(ValueError, match=r"short\.csv:3: 1 fields, the header has 2"):
+        open_source(str(folder / "short.csv"))
+    (folder / "blank.csv").write_text("filepath,title\n ,a caption\n")
+    with pytest.raises(ValueError, match=r"blank\.csv:2: empty 'filepath'"):
+        open_source(str(folder / "blank.csv"))
+    (folder / "empty.csv").write_text("filepath,title\n")
+    with pytest.raises(ValueError, match=r"empty\.csv: no rows"):
+        open_source(str(folder / "empty.csv"))
+    with pytest.raises(FileNotFoundError, match=r"nope\.csv: no such CSV file"):
+        open_source(str(folder / "nope.csv"))
+    with pytest.raises(ValueError, match="--csv-img-key does not apply to coco input; it applies to csv"):
+        open_source(str(write_coco_dir(tmp_path / "coco")), csv_img_key="image")
+
+
+def write_coco_dir(root: Path) -> Path:
+    write_coco(root, {"train2017": [1, 2]})
+    return root
+
+
+def test_csv_missing_images_stop_before_any_work_unless_skipped(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "d"
+    names = [f"i{k}.jpg" for k in range(8)]
+    write_images(folder, names[:2])  # 6 of 8 are missing
+    spec = write_csv(folder / "t.csv", [(n, f"caption {n}") for n in names])
+    with pytest.raises(FileNotFoundError, match=r"t\.csv names 6 of 8 images not found \(first 5: i2\.jpg \(line 4\), "
+                                                r"i3\.jpg \(line 5\), .*i6\.jpg \(line 8\)\); pass --skip-missing"):
+        open_source(str(spec))
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        source = open_source(str(spec), skip_missing=True)
+    assert "6 of 8 images not found" in caplog.text and "skipped (--skip-missing)" in caplog.text
+    # keys stay those of the full file: an image's key does not depend on another image's absence
+    assert all_keys(source, "train") == ["000000000", "000000001"] and source.report()["not_found"] == 6
+    nothing = write_csv(folder / "none.csv", [("gone.jpg", "x")])
+    with pytest.raises(FileNotFoundError, match="none of its images exist"):
+        open_source(str(nothing), skip_missing=True)
+
+
+# ---------------------------------------------------------------- Flickr30k / Flickr8k (Karpathy's split file)
+
+
+def flickr_entry(n: int, split: str) -> dict:
+    """An entry as in dataset_flickr30k.json: no cocoid, no filepath."""
+    return {"filename": f"{1000 + n}.jpg", "imgid": n, "split": split, "sentids": [5 * n + k for k in range(5)],
+            "sentences": [{"raw": f"flickr {n} s{k}", "tokens": [], "imgid": n, "sentid": 5 * n + k}
+                          for k in range(5)]}
+
+
+def write_flickr(root: Path, splits: dict[str, list[int]], on_disk: list[int] | None = None,
+                 name: str = "dataset_flickr30k.json") -> tuple[Path, Path]:
+    """(the image folder, the split file): ROOT/flickr30k-images/{1000+n}.jpg and ROOT/NAME."""
+    images = root / "flickr30k-images"
+    numbers = [n for ns in splits.values() for n in ns]
+    write_images(images, [f"{1000 + n}.jpg" for n in (numbers if on_disk is None else on_disk)])
+    entries = [flickr_entry(n, split) for split, ns in splits.items() for n in ns]
+    (root / name).write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    return images, root / name
+
+
+def test_flickr_split_file(tmp_path: Path, caplog) -> None:
+    images, split_file = write_flickr(tmp_path, {"train": [3, 1, 2], "restval": [4], "val": [5, 6], "test": [7]})
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
+        source = open_source(str(images), split_file=str(split_file), shard_size=3)
+    assert source.name == "flickr" and source.splits() == ["train", "val", "test"]
+    assert all_keys(source, "train") == ["1001", "1002", "1003", "1004"]  # restval joins train; sorted keys
+    assert [u.size for u in source.units("train")] == [3, 1]
+    assert all_keys(source, "val") == ["1005", "1006"] and all_keys(source, "test") == ["1007"]
+    record = next(source.units("test")[0].records())
+    assert record.captions == tuple(f"flickr 7 s{k}" for k in range(5)) and record.path == str(images / "1007.jpg")
+    assert source.report() == {"split_file": str(split_file), "leakage_removed": 0, "keep_leaky": False,
+                               "not_found": 0, "records": {"train": 4, "val": 2, "test": 1}}
+    assert "leakage guard: removed 0" in caplog.text
+    # the folder that holds the image folder works too (the download's own layout)
+    assert all_keys(open_source(str(tmp_path), split_file=str(split_file)), "val") == ["1005", "1006"]
+
+
+@pytest.mark.parametrize("keep_leaky", [False, True])
+def test_flickr_leakage_guard(tmp_path: Path, keep_leaky: bool) -> None:
+    """An image listed in train and in test (a hand-made split file) leaves train, as with COCO."""
+    images, split_file = write_flickr(tmp_path, {"train": [1, 2, 3], "test": [2], "val": [4]})
+    source = open_source(str(images), split_file=str(split_file), keep_leaky=keep_leaky)
+    assert ("1002" in all_keys(source, "train")) == keep_leaky
+    assert source.report()["leakage_removed"] == (0 if keep_leaky else 1)
+    assert all_keys(source, "test") == ["1002"]
+
+
+def test_flickr_errors(tmp_path: Path, caplog) -> None:
+    images, split_file = write_flickr(tmp_path, {"train": list(range(8)), "val": [8]}, on_disk=[0, 1, 8])
+    with pytest.raises(FileNotFoundError, match=r"dataset_flickr30k\.json names 6 of 9 images not found under "
+                                                r".*flickr30k-images \(first 5: 1002\.jpg, 1003\.jpg, .*1006\.jpg\); "
+                                                "pass --skip-missing"):
+        open_source(str(images), split_file=str(split_file))
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        source = open_source(str(images), split_file=str(split_file), skip_missing=True)
+    assert all_keys(source, "train") == ["1000", "1001"] and source.report()["not_found"] == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [flickr_entry(0, "holdout")]}))
+    with pytest.raises(ValueError, match=r"bad\.json: images\[0\]: unknown split 'holdout'"):
+        open_source(str(images), split_file=str(bad))
+    bad.write_text(json.dumps({"images": [flickr_entry(0, "train"), {"filename": "x.jpg", "split": "train"}]}))
+    with pytest.raises(ValueError, match=r"bad\.json: images\[1\] lacks one of filename, split, sentences"):
+        open_source(str(images), split_file=str(bad))
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match=r'bad\.json: no "images" list'):
+        open_source(str(images), split_file=str(bad))
+    with pytest.raises(FileNotFoundError, match="dataset_coco.json"):  # a missing file: COCO's message, as before
+        open_source(str(images), split_file=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="--skip-missing does not apply to coco input; it applies to csv, flickr"):
+        open_source(str(write_coco_dir(tmp_path / "coco")), skip_missing=True)
+
+
+def test_flickr_and_coco_split_files_pick_their_own_kind(coco_root: Path, tmp_path: Path) -> None:
+    """COCO's split file on a COCO root stays COCO input; Flickr's on a folder is Flickr input, even
+    next to COCO's annotations."""
+    coco_file = tmp_path / "dataset_coco.json"
+    coco_file.write_text(json.dumps({"images": [karpathy_entry(1, "train"), karpathy_entry(11, "test")]}))
+    assert open_source(str(coco_root), split_file=str(coco_file)).name == "coco"
+    _, flickr_file = write_flickr(tmp_path / "f", {"train": [1], "test": [2]})
+    (tmp_path / "f" / "annotations").mkdir()
+    (tmp_path / "f" / "annotations" / "captions_train.json").write_text('{"images": [], "annotations": []}')
+    assert open_source(str(tmp_path / "f"), split_file=str(flickr_file)).name == "flickr"
+
+
+# ---------------------------------------------------------------- a held-out split for train-only input
+
+
+def test_val_fraction_is_a_pure_function_of_the_key(tars) -> None:
+    """Each tar gives unit i of train and unit i of val; the split is the key's hash alone, so
+    another grouping of the same samples (one tar, a directory, a brace pattern) picks the same keys."""
+    folder, keys = tars
+    source = open_source(str(folder), val_fraction=0.4)
+    assert source.splits() == ["train", "val"] and source.name == "wds"
+    train, val = ([[r.key for r in u.records()] for u in source.units(s)] for s in ("train", "val"))
+    assert [u.index for u in source.units("val")] == [0, 1, 2]
+    for unit_keys, t, v in zip(keys, train, val, strict=True):  # each tar's samples, on exactly one side, in tar order
+        assert sorted(t + v) == unit_keys and not set(t) & set(v)
+        assert t == [k for k in unit_keys if k in t] and v == [k for k in unit_keys if k in v]
+    flat_val = [k for v in val for k in v]
+    assert flat_val == [k for ks in keys for k in ks if in_held_out(k, 0.4)]
+    assert 2 <= len(flat_val) <= 14  # 18 keys at 0.4: not a degenerate side
+    again = open_source(f"{folder}/shard-{{00000..00002}}.tar", val_fraction=0.4)
+    assert [[r.key for r in u.records()] for u in again.units("val")] == val
+    clone = pickle.loads(pickle.dumps(source.units("val")[1]))  # a worker process gets units pickled
+    assert [r.key for r in clone.records()] == val[1]
+    assert source.report()["val_fraction"] == 0.4
+    # the hash itself: fixed values, so a change of function (which would move images between
+    # splits of existing caches) fails here
+    assert [in_held_out(f"{i:09d}", 0.5) for i in range(8)] == HASH_SIDES_AT_HALF
+    assert not in_held_out("x", 0.0) and in_held_out("x", 0.999999)
+
+
+# in_held_out(f"{i:09d}", 0.5) for i in 0..7: sha256's first 8 bytes of each key, below 2**63 or not
+HASH_SIDES_AT_HALF = [False, True, True, False, False, False, False, False]
+
+
+def test_val_fraction_on_a_csv_keeps_unit_sizes(tmp_path: Path) -> None:
+    spec = captioned_csv(tmp_path / "d", "t.csv", 10)
+    source = open_source(str(spec), shard_size=4, val_fraction=0.5)
+    for split in ("train", "val"):
+        units = source.units(split)
+        assert [u.size for u in units] == [len(list(u.records())) for u in units]
+    every = sorted(all_keys(source, "train") + all_keys(source, "val"))
+    assert every == [f"{i:09d}" for i in range(10)]
+
+
+def test_val_data_is_another_input(tars, tmp_path: Path) -> None:
+    folder, keys = tars
+    source = open_source(str(folder / "shard-00000.tar"), val_data=str(folder / "shard-{00001..00002}.tar"))
+    assert source.splits() == ["train", "val"]
+    assert all_keys(source, "train") == keys[0] and all_keys(source, "val") == keys[1] + keys[2]
+    assert source.report()["val_data"]["kind"] == "wds"
+    csv_train = captioned_csv(tmp_path / "c", "train.csv", 3)
+    csv_val = captioned_csv(tmp_path / "c", "val.tsv", 2, first=50, sep="\t")
+    mixed = open_source(str(csv_train), val_data=str(csv_val))
+    assert [r.path for u in mixed.units("val") for r in u.records()] == [
+        str(tmp_path / "c" / "images" / f"img_{50 + i}.jpg") for i in range(2)]
+    tar_with_csv_val = open_source(str(folder / "shard-00000.tar"), val_data=str(csv_val), csv_caption_key="title")
+    assert tar_with_csv_val.report()["val_data"]["kind"] == "csv"
+
+
+def test_held_out_errors(tars, coco_root: Path, tmp_path: Path) -> None:
+    folder, _ = tars
+    tar = str(folder / "shard-00000.tar")
+    with pytest.raises(ValueError, match="pass one of them"):
+        open_source(tar, val_data=tar, val_fraction=0.1)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=f"--val-fraction {bad}: expected a number between 0 and 1"):
+            open_source(tar, val_fraction=bad)
+    with pytest.raises(ValueError, match=r"--val-fraction adds a val split to input that has only train .*"
+                                         "this coco input has the splits train2017, val2017"):
+        open_source(str(coco_root), val_fraction=0.1)
+    with pytest.raises(ValueError, match="--val-data adds a val split.*train2017, val2017"):
+        open_source(tar, val_data=str(coco_root))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        open_source(tar, val_data=str(tmp_path / "nope"))
+    with pytest.raises(KeyError, match="valid: train, val"):
+        open_source(tar, val_fraction=0.1).units("test")

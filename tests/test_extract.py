@@ -21,10 +21,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cache_factory import photo_coco, teacher_config, write_coco
+from test_data_sources import captioned_csv, write_csv, write_images, write_tar
 from kdpipe import extract as extract_mod
 from kdpipe import store
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
+from kdpipe.data.heldout import in_held_out
 from kdpipe.data.shapes import make_shapes
 from kdpipe.extract import ExtractConfig, run
 from kdpipe.teachers import load_teacher
@@ -321,6 +323,57 @@ def test_extract_warns_about_upsampled_random_views(world, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kdpipe"):
         run(_cfg(world, tmp_path / "out", store_size=48, splits=["val"], prompts=False))
     assert "--store-size 48" in caplog.text and "pass --store-size >= 63" in caplog.text
+
+
+def test_tar_input_with_val_fraction_writes_shard_i_of_both_splits_from_tar_i(tmp_path):
+    """--val-fraction: val shard i holds exactly tar i's samples whose key hashes below the fraction."""
+    for shard in range(2):
+        write_tar(tmp_path / f"in-{shard}.tar", 10 * shard, 8)
+    spec = str(tmp_path / "in-{0..1}.tar")
+    summary = run(_cfg(spec, tmp_path / "out", val_fraction=0.5, prompts=False))
+    assert summary["train"]["shards"] == summary["val"]["shards"] == 2
+    for split in ("train", "val"):
+        for shard in store.open_cache(tmp_path / "out").manifest["splits"][split]["shards"]:
+            first = 10 * shard["index"]
+            with_image = [f"{i:09d}" for i in range(first, first + 8) if i % 5 != 4]  # write_tar leaves these out
+            expected = [k for k in with_image if in_held_out(k, 0.5) == (split == "val")]
+            h5 = store.read_h5_shard(tmp_path / "out" / split / f"{shard['name']}.h5")
+            assert h5.keys == expected
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"]["report"]["val_fraction"] == 0.5
+
+
+def test_resume_refuses_settings_that_move_images_between_shards(world, tmp_path):
+    """Kept shards must hold what this run would write: another --shard-size (or split definition)
+    is refused instead of mixing old and new shard boundaries (duplicate images)."""
+    out = tmp_path / "out"
+    run(_cfg(world, out, splits=["val"], prompts=False))
+    with pytest.raises(store.CacheError, match="--shard-size is 8, this run asks for 4"):
+        run(_cfg(world, out, splits=["val"], prompts=False, shard_size=4))
+    csv_spec = captioned_csv(tmp_path / "csv", "t.csv", 6)
+    run(_cfg(csv_spec, tmp_path / "c", val_fraction=0.5, prompts=False))
+    with pytest.raises(store.CacheError, match="--val-fraction is 0.5, this run asks for 0.25"):
+        run(_cfg(csv_spec, tmp_path / "c", val_fraction=0.25, prompts=False))
+
+
+def test_cli_input_errors_come_before_the_teacher(tmp_path):
+    """A CSV that names missing images, or lacks a column, is one line naming the file, before any
+    teacher work (here the teacher does not even exist)."""
+    spec = write_csv(tmp_path / "d" / "t.csv", [("gone.jpg", "a"), ("also-gone.jpg", "b"), ("x.jpg", "c")])
+    write_images(tmp_path / "d", ["x.jpg"])
+    base = ["extract", "--teacher", "no-such-teacher", "--data", str(spec), "--out", str(tmp_path / "o"),
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "t.csv names 2 of 3 images not found (gone.jpg (line 2), also-gone.jpg (line 3))" in text
+    assert "--skip-missing" in text and "no-such-teacher" not in text
+    result = CliRunner().invoke(app, [*base, "--csv-caption-key", "caption"])
+    expected = "no column 'caption' (--csv-caption-key); its columns: 'filepath', 'title', 'url'"
+    assert result.exit_code == 2 and expected in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*base, "--skip-missing"])  # then the teacher is the problem
+    assert result.exit_code == 2 and "no-such-teacher" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

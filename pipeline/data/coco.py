@@ -16,23 +16,31 @@ sub-directories by file name or image id (COCO 2017 renamed ``COCO_val2014_00000
 to ``000000391895.jpg``). If the split file lists no train/restval images, ``train`` is the
 annotation split whose name starts with "train". Leakage guard: the Karpathy 5k test images
 come from val2014, most of which is inside train2017, so by default every val/test image id is
-removed from ``train`` and the count is reported (``keep_leaky=True`` keeps them).
+removed from ``train`` and the count is reported (``keep_leaky=True`` keeps them). Images the
+split file names but the disk lacks are skipped with a warning (count and first few). Reading the
+split file and the leakage guard are ``karpathy.py``'s, shared with the Flickr kind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 
 from ..errors import BadValue, MissingInput, UnknownName
+from .karpathy import (
+    ImageFinder,
+    SplitEntry,
+    is_coco_split_file,
+    leakage_guard,
+    not_found_message,
+    read_split_file,
+    records_by_split,
+)
 from .records import Record, Unit, caption_splits, chunk_units
 
 log = logging.getLogger("kdpipe")
-
-KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
 def image_key(image_id: int) -> str:
@@ -70,68 +78,31 @@ def read_caption_split(root: Path, split: str, labels: dict[int, int]) -> list[R
     return sorted(records, key=lambda r: r.key)
 
 
-class ImageFinder:
-    """Finds an image under ROOT by relative path, else by file name or id in sub-directories."""
+def karpathy_record(entry: SplitEntry, finder: ImageFinder, labels: dict[int, int]) -> Record | None:
+    """A COCO split-file entry as a Record keyed by its cocoid; None when its image is not found.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._by_name: dict[str, str] | None = None
-
-    def find(self, filepath: str, filename: str, image_id: int) -> str | None:
-        direct = self.root / filepath / filename
-        if direct.is_file():
-            return str(direct)
-        index = self._index()
-        return index.get(filename) or index.get(f"{image_key(image_id)}{Path(filename).suffix}")
-
-    def _index(self) -> dict[str, str]:
-        # Built once, only when a direct lookup fails (e.g. 2014 names against 2017 folders).
-        if self._by_name is None:
-            self._by_name = {}
-            for sub in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name != "annotations"):
-                with os.scandir(sub) as entries:
-                    for entry in entries:
-                        self._by_name.setdefault(entry.name, entry.path)
-        return self._by_name
-
-
-def read_karpathy(split_file: Path, root: Path, labels: dict[int, int]) -> tuple[dict[str, list[Record]], int]:
-    """Records per Karpathy split (train = train + restval) and how many images were not found."""
-    data = json.loads(split_file.read_text())
-    finder = ImageFinder(root)
-    splits: dict[str, dict[str, Record]] = {"train": {}, "val": {}, "test": {}}
-    not_found = 0
-    for img in data["images"]:
-        split = KARPATHY_SPLITS.get(img["split"])
-        if split is None:
-            raise BadValue(f"{split_file}: unknown split {img['split']!r}; expected {sorted(KARPATHY_SPLITS)}")
-        path = finder.find(img.get("filepath", ""), img["filename"], img["cocoid"])
-        if path is None:
-            not_found += 1
-            continue
-        key = image_key(img["cocoid"])
-        captions = tuple(s["raw"] for s in img["sentences"])
-        splits[split][key] = Record(key, captions, labels.get(int(img["cocoid"])), path)
-    return {name: sorted(recs.values(), key=lambda r: r.key) for name, recs in splits.items()}, not_found
-
-
-def remove_leaks(splits: dict[str, list[Record]]) -> tuple[list[Record], int]:
-    """``train`` without any image id that is also in ``val`` or ``test``; returns the count removed."""
-    held_out = {r.key for name in ("val", "test") for r in splits.get(name, [])}
-    kept = [r for r in splits["train"] if r.key not in held_out]
-    return kept, len(splits["train"]) - len(kept)
+    COCO 2017 renamed ``COCO_val2014_000000391895.jpg`` to ``000000391895.jpg``: the id's name is
+    looked for too.
+    """
+    cocoid = entry.cocoid
+    assert cocoid is not None, "CocoSource refuses split-file entries without a cocoid"
+    key = image_key(cocoid)
+    path = finder.find(entry.filepath, entry.filename, f"{key}{Path(entry.filename).suffix}")
+    return None if path is None else Record(key, entry.captions, labels.get(cocoid), path)
 
 
 class CocoSource:
     """A COCO-style directory (``DATASETS`` entry "coco"); see the module docstring for the layout."""
 
     name = "coco"
+    options = frozenset({"split_file", "keep_leaky"})
 
     @staticmethod
     def matches(spec: str, *, split_file: str | None = None) -> bool:
         # With a split file the annotations are optional: captions come from the split file.
+        # Flickr's split files are the Flickr kind's.
         root = Path(spec)
-        if not root.is_dir():
+        if not root.is_dir() or (split_file is not None and not is_coco_split_file(split_file)):
             return False
         has_tars = any(root.glob("*.tar"))  # a directory of tars is wds input
         return bool(caption_splits(root)) or (split_file is not None and not has_tars)
@@ -148,20 +119,23 @@ class CocoSource:
         self._report["records"] = {s: len(r) for s, r in self._records.items()}
 
     def _karpathy(self, split_file: Path, labels: dict[int, int], keep_leaky: bool) -> dict[str, list[Record]]:
-        if not split_file.is_file():
-            raise MissingInput(f"split file {split_file} not found; expected Karpathy's dataset_coco.json")
-        splits, not_found = read_karpathy(split_file, self.root, labels)
-        if not_found:
-            log.warning("split file: %d images not found under %s (skipped)", not_found, self.root)
+        entries = read_split_file(split_file, "Karpathy's dataset_coco.json (or, with a Flickr image folder, "
+                                              "dataset_flickr30k.json / dataset_flickr8k.json)")
+        no_id = [e.filename for e in entries if e.cocoid is None]
+        if no_id:
+            raise BadValue(f"{split_file}: {len(no_id)} entries without a cocoid (first: {no_id[0]}); "
+                           "COCO's split file gives every image its cocoid")
+        finder = ImageFinder(self.root)
+        splits, not_found = records_by_split(entries, lambda entry: karpathy_record(entry, finder, labels))
         if not any(splits.values()):
             raise MissingInput(f"none of the images in {split_file} were found under {self.root}")
+        if not_found:  # COCO skips them: a split file may well name more of COCO than is on disk
+            log.warning("%s (skipped)", not_found_message(split_file, self.root, not_found, len(entries)))
         if not splits["train"]:
             splits["train"] = self._annotation_train(labels)
-        removed = 0
-        if not keep_leaky:
-            splits["train"], removed = remove_leaks(splits)
-        log.info("leakage guard: %s %d Karpathy val/test images from train", "kept" if keep_leaky else "removed", removed)
-        self._report.update(split_file=str(split_file), leakage_removed=removed, keep_leaky=keep_leaky, not_found=not_found)
+        removed = leakage_guard(splits, keep_leaky)
+        self._report.update(split_file=str(split_file), leakage_removed=removed, keep_leaky=keep_leaky,
+                            not_found=len(not_found))
         return {name: recs for name, recs in splits.items() if recs}
 
     def _annotation_train(self, labels: dict[int, int]) -> list[Record]:

@@ -2,11 +2,12 @@
 
 A ``Unit`` is one output shard's worth of input. Output shard ``i`` of a split holds exactly
 unit ``i``, so rank ``r`` of ``W`` can process units ``i % W == r`` and any world size writes
-the same files. A source kind (``coco.py``, ``wds_input.py``) implements ``SourceKind``;
-``sources.py`` registers the kinds and picks one for a spec.
+the same files. A source kind (``coco.py``, ``flickr.py``, ``csv_input.py``, ``wds_input.py``)
+implements ``SourceKind``; ``sources.py`` registers the kinds and picks one for a spec.
 
 This module is the leaf of ``kdpipe.data``: the record types, the layouts every kind tests for
-(``EXPECTED_LAYOUTS``, ``caption_splits``) and ``ErrorCounter``, the webdataset handler of both
+(``EXPECTED_LAYOUTS``, ``caption_splits``), the missing-image report every kind gives
+(``describe_missing``, ``check_missing``) and ``ErrorCounter``, the webdataset handler of both
 tar readers (input tars here, cache shards in ``kdpipe.cachereader``). It imports no kind.
 """
 
@@ -16,18 +17,21 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, runtime_checkable
 
-from ..errors import BadValue
+from ..errors import BadValue, MissingInput
 
 log = logging.getLogger("kdpipe")
 
 EXPECTED_LAYOUTS = (
     "expected a COCO-style directory (ROOT/annotations/captions_<split>.json with images in "
-    "ROOT/<split>/), WebDataset tars (shard.tar, a directory of *.tar, or a brace pattern such "
+    "ROOT/<split>/), an image folder with Karpathy's split file (--split-file dataset_coco.json, "
+    "dataset_flickr30k.json or dataset_flickr8k.json), a .csv/.tsv file of image paths and captions, "
+    "WebDataset tars (shard.tar, a directory of *.tar, or a brace pattern such "
     "as shards/{00000..00009}.tar) or a pipe: URL (pipe:cat shard.tar); "
     "for a small synthetic dataset run `kdpipe make-shapes data/shapes`"
 )
+MISSING_SHOWN = 5  # missing images named in a message
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,20 @@ class Source(Protocol):
 
 
 class SourceKind(Protocol):
-    """What a ``DATASETS`` entry provides: a spec test and a constructor."""
+    """What a ``DATASETS`` entry provides: a spec test, the input options it reads and a constructor.
+
+    ``options`` names the keyword arguments of ``open_source`` the kind takes besides
+    ``shard_size`` (e.g. ``split_file``); ``open_source`` passes exactly those and refuses an
+    option the user set that no opened kind reads.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[frozenset[str]]
 
     @staticmethod
     def matches(spec: str, *, split_file: str | None = None) -> bool: ...
 
-    def __call__(self, spec: str, *, shard_size: int, split_file: str | None, keep_leaky: bool) -> Source: ...
+    def __call__(self, spec: str, *, shard_size: int, **options: Any) -> Source: ...
 
 
 def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit]:
@@ -102,6 +114,25 @@ def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit
         chunk = FixedRecords(records[start : start + shard_size])
         units.append(Unit(index, f"{split}[{start}:{start + len(chunk)}]", chunk, len(chunk)))
     return units
+
+
+def describe_missing(what: str, missing: list[str], total: int, where: str = "") -> str:
+    """'WHAT N of M images not found WHERE (first 5: a, b, ...)': the count and the first few names."""
+    shown = ", ".join(missing[:MISSING_SHOWN])
+    first = f"first {MISSING_SHOWN}: " if len(missing) > MISSING_SHOWN else ""
+    return f"{what} {len(missing)} of {total} images not found{' ' + where if where else ''} ({first}{shown})"
+
+
+def check_missing(message: str, n_missing: int, total: int, skip: bool) -> None:
+    """Refuse an input that names images not on disk (``message`` from ``describe_missing``),
+    before any teacher work, unless ``skip`` (then a warning); refused whenever none exist."""
+    if n_missing == 0:
+        return
+    if n_missing == total:
+        raise MissingInput(f"{message}: none of its images exist; check the paths")
+    if not skip:
+        raise MissingInput(f"{message}; pass --skip-missing to extract without them")
+    log.warning("%s; skipped (--skip-missing)", message)
 
 
 def caption_splits(root: Path) -> list[str]:

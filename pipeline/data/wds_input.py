@@ -7,10 +7,11 @@ The spec is a local ``.tar``, a directory of ``*.tar``, a brace pattern
 (``shards/{00000..00009}.tar``), a ``pipe:`` URL (``pipe:curl -s https://.../{0..9}.tar``) or
 several of these joined by ``::``. One input tar is one unit (``shard_size`` does not apply).
 
-Tar input has a single split, ``train``: to extract a held-out split from tars, open it as a
-separate source. Image bytes are kept encoded in ``Record.data``; nothing is decoded here
-(and never a pickle). Read errors are counted and logged per tar rather than handled with
-webdataset's ``warn_and_continue``, which sleeps half a second per bad sample.
+Tar input has a single split, ``train``; ``open_source``'s ``val_data`` (other tars) or
+``val_fraction`` (a hash of each sample's key) adds ``val`` (``heldout.py``). Image bytes are
+kept encoded in ``Record.data``; nothing is decoded here (and never a pickle). Read errors are
+counted and logged per tar rather than handled with webdataset's ``warn_and_continue``, which
+sleeps half a second per bad sample.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class WdsSource:
     """WebDataset tars (``DATASETS`` entry "wds"); a single split ``train``, one unit per tar."""
 
     name = "wds"
+    options: frozenset[str] = frozenset()
 
     @staticmethod
     def matches(spec: str, *, split_file: str | None = None) -> bool:
@@ -119,9 +121,7 @@ class WdsSource:
             return any(p.name.endswith(TAR_SUFFIXES) for p in path.iterdir()) and not caption_splits(path)
         return spec.endswith(TAR_SUFFIXES)
 
-    def __init__(self, spec: str, *, shard_size: int = 1000, split_file: str | None = None, keep_leaky: bool = False):
-        if split_file is not None:
-            raise BadValue(f"{spec}: a split file applies to COCO-style directories, not to tar input")
+    def __init__(self, spec: str, *, shard_size: int = 1000) -> None:
         self.spec = spec
         self.urls = expand_spec(spec)
         self._units = [Unit(i, url, TarReader(url)) for i, url in enumerate(self.urls)]
@@ -131,7 +131,8 @@ class WdsSource:
 
     def units(self, split: str) -> list[Unit]:
         if split != "train":
-            raise UnknownName(f"unknown split {split!r}; valid: train (tar input has one split)")
+            raise UnknownName(f"unknown split {split!r}; valid: train (tar input has one split; --val-data or "
+                              "--val-fraction adds val)")
         return list(self._units)
 
     def classnames(self) -> list[str] | None:

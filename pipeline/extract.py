@@ -63,6 +63,9 @@ class ExtractConfig:
     precision: str = "auto"
     split_file: str | None = None  # Karpathy dataset_coco.json
     keep_leaky: bool = False  # keep Karpathy val/test images in train
+    image_column: str | None = None  # Parquet / Hugging Face input: column names (None: the usual names)
+    caption_column: str | None = None
+    label_column: str | None = None
     overwrite: bool = False
     shard_size: int = 1000  # images per shard (directory sources)
     store_size: int = STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
@@ -404,7 +407,8 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     source = open_source(cfg.data, shard_size=cfg.shard_size, split_file=cfg.split_file,
-                         keep_leaky=cfg.keep_leaky)
+                         keep_leaky=cfg.keep_leaky, image_column=cfg.image_column,
+                         caption_column=cfg.caption_column, label_column=cfg.label_column)
     splits = cfg.splits or source.splits()
     missing = sorted(set(splits) - set(source.splits()))
     if missing:

@@ -22,6 +22,7 @@ from kdpipe.teachers import load_teacher
 from kdpipe.weights import TEACHERS
 
 from test_data_sources import write_tar
+from test_table_inputs import shapes_records, write_hf_disk, write_img2dataset
 
 
 def _coco(shapes_root: Path, tmp_path: Path) -> str:
@@ -33,8 +34,16 @@ def _wds(shapes_root: Path, tmp_path: Path) -> str:
     return str(tmp_path / "shard-00000.tar")
 
 
+def _parquet(shapes_root: Path, tmp_path: Path) -> str:
+    return str(write_img2dataset(tmp_path / "00000.parquet", shapes_records(shapes_root, "train", 6)))
+
+
+def _hf(shapes_root: Path, tmp_path: Path) -> str:
+    return str(write_hf_disk(tmp_path / "saved", {"train": shapes_records(shapes_root, "train", 6)}))
+
+
 # input kind -> a builder of a small input of that kind (a spec `open_source` accepts)
-INPUT_FIXTURES: dict[str, Callable[[Path, Path], str]] = {"coco": _coco, "wds": _wds}
+INPUT_FIXTURES: dict[str, Callable[[Path, Path], str]] = {"coco": _coco, "wds": _wds, "parquet": _parquet, "hf": _hf}
 
 
 @pytest.mark.parametrize("kind", DATASETS.names())

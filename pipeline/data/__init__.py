@@ -1,10 +1,11 @@
-"""Input side of kdpipe: records from COCO-style directories or WebDataset tars, the shapes
-world generator, and the stored-image / view machinery.
+"""Input side of kdpipe: records from COCO-style directories, WebDataset tars, Parquet files or
+saved Hugging Face datasets, the shapes world generator, and the stored-image / view machinery.
 
 ``open_source(spec)`` returns a ``Source`` whose splits are lists of ``Unit``s of ``Record``s.
 
 Modules, imports pointing down the list: ``sources`` (the ``DATASETS`` registry, ``open_source``)
-> ``coco`` | ``wds_input`` (the source kinds) > ``records`` (record types, ``ErrorCounter``: the
+> ``coco`` | ``wds_input`` | ``parquet_input`` | ``hf_disk`` (the source kinds) > ``tables`` (Arrow
+table columns to records, for the last two) > ``records`` (record types, ``ErrorCounter``: the
 leaf); ``shapes`` (the synthetic world) and ``views`` (stored images, replayable views) stand
 alone. The cache's shards are read back by ``kdpipe.cachereader``, not here.
 """

@@ -126,6 +126,7 @@ class CocoSource:
     """A COCO-style directory (``DATASETS`` entry "coco"); see the module docstring for the layout."""
 
     name = "coco"
+    options = frozenset({"split_file", "keep_leaky"})
 
     @staticmethod
     def matches(spec: str, *, split_file: str | None = None) -> bool:

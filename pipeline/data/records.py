@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, runtime_checkable
 
 from ..errors import BadValue
 
@@ -25,7 +25,9 @@ log = logging.getLogger("kdpipe")
 EXPECTED_LAYOUTS = (
     "expected a COCO-style directory (ROOT/annotations/captions_<split>.json with images in "
     "ROOT/<split>/), WebDataset tars (shard.tar, a directory of *.tar, or a brace pattern such "
-    "as shards/{00000..00009}.tar) or a pipe: URL (pipe:cat shard.tar); "
+    "as shards/{00000..00009}.tar), a pipe: URL (pipe:cat shard.tar), Parquet files of image bytes "
+    "and captions (a.parquet, shards/*.parquet, a directory of them or of train/ and val/ folders of "
+    "them) or a Hugging Face dataset folder written by save_to_disk; "
     "for a small synthetic dataset run `kdpipe make-shapes data/shapes`"
 )
 
@@ -85,12 +87,18 @@ class Source(Protocol):
 
 
 class SourceKind(Protocol):
-    """What a ``DATASETS`` entry provides: a spec test and a constructor."""
+    """What a ``DATASETS`` entry provides: a spec test, the input options it reads and a constructor.
+
+    ``options`` names the keyword arguments of ``open_source`` the kind takes besides
+    ``shard_size``; ``open_source`` passes exactly those.
+    """
+
+    options: ClassVar[frozenset[str]]
 
     @staticmethod
     def matches(spec: str, *, split_file: str | None = None) -> bool: ...
 
-    def __call__(self, spec: str, *, shard_size: int, split_file: str | None, keep_leaky: bool) -> Source: ...
+    def __call__(self, spec: str, *, shard_size: int, **options: Any) -> Source: ...
 
 
 def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit]:

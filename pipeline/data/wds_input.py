@@ -109,6 +109,7 @@ class WdsSource:
     """WebDataset tars (``DATASETS`` entry "wds"); a single split ``train``, one unit per tar."""
 
     name = "wds"
+    options = frozenset({"split_file", "keep_leaky"})  # split_file only to refuse it with a tar-specific message
 
     @staticmethod
     def matches(spec: str, *, split_file: str | None = None) -> bool:

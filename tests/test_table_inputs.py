@@ -8,6 +8,7 @@ Hugging Face's (an ``image`` {bytes, path} struct, a list of captions, a ClassLa
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,6 +57,7 @@ def write_hf_parquet(path: Path, records: list[Record]) -> Path:
 def write_hf_disk(root: Path, splits: dict[str, list[Record]]) -> Path:
     """A DatasetDict saved with save_to_disk: an Image feature, a list of captions and a ClassLabel."""
     datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
                                   "label": datasets.ClassLabel(names=list(SHAPES))})
     parts = {name: datasets.Dataset.from_dict(
@@ -89,6 +91,8 @@ def test_img2dataset_parquet_units_are_n_rows_read_across_row_groups(shapes_root
     assert [r.captions for r in got] == [(r.captions[0],) for r in recs]  # txt, not also caption
     assert all(r.label is None and r.path is None for r in got)
     assert source.report() == {"files": {"train": 2}, "records": {"train": 10}}
+    # a unit's reader goes to a DataLoader worker: it pickles and reads the same rows there
+    assert [r.key for r in pickle.loads(pickle.dumps(units[1].reader))()] == [r.key for r in recs[4:7]]
 
 
 def test_a_file_and_a_glob_are_inputs_and_a_failed_download_has_no_image(shapes_root, tmp_path):
@@ -158,6 +162,9 @@ def test_column_errors_name_the_file_the_column_and_what_was_expected(shapes_roo
         open_source(path, caption_column="title")
     with pytest.raises(BadValue, match=r"column 'status' is string; expected an integer"):
         open_source(path, label_column="status")
+    # a default-named label column that is not an integer is not a class index: not read, not refused
+    pq.write_table(pq.read_table(path).append_column("label", pa.array(["cat", "dog"])), tmp_path / "l.parquet")
+    assert [r.label for r in read_all(str(tmp_path / "l.parquet"))] == [None, None]
     with pytest.raises(BadValue, match=r"column 'key' is string; expected binary image bytes"):
         open_source(path, image_column="key")
     pq.write_table(pa.table({"jpg": [b"x"], "txt": [3]}), tmp_path / "b.parquet")
@@ -194,6 +201,7 @@ def test_saved_dataset_dict_splits_records_and_classnames(shapes_root, tmp_path)
     assert [r.label for r in got] == [r.label for r in val]
     assert [r.data for r in got] == [Path(r.path).read_bytes() for r in val]
     assert [r.key for r in got] == ["validation-000000000", "validation-000000001", "validation-000000002"]
+    assert list(pickle.loads(pickle.dumps(source.units("val")[0].reader))()) == got[:2]
     # one saved split (a Dataset folder) is the train split
     single = open_source(str(root / "validation"))
     assert single.splits() == ["train"] and len(list(single.units("train")[0].records())) == 3
@@ -222,6 +230,7 @@ def _end_to_end(data: Path, tmp_path: Path) -> dict:
     return json.loads((cache / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_parquet_folders_extract_whiten_train_and_eval(shapes_root, tmp_path):
     # train in HF's layout (5-6 captions an image: enough rows to whiten 32-dim text), val in img2dataset's
     write_hf_parquet(tmp_path / "pq" / "train" / "00000.parquet", shapes_records(shapes_root, "train", 24))
@@ -232,6 +241,7 @@ def test_parquet_folders_extract_whiten_train_and_eval(shapes_root, tmp_path):
     assert (tmp_path / "run" / "eval.json").is_file()
 
 
+@pytest.mark.slow
 def test_saved_hf_dataset_extracts_whitens_trains_and_evals(shapes_root, tmp_path):
     write_hf_disk(tmp_path / "dd", {"train": shapes_records(shapes_root, "train", 24),
                                     "validation": shapes_records(shapes_root, "val", 8)})
@@ -239,3 +249,12 @@ def test_saved_hf_dataset_extracts_whitens_trains_and_evals(shapes_root, tmp_pat
     assert manifest["source"]["kind"] == "hf" and manifest["classnames"] == list(SHAPES)
     assert {s: manifest["splits"][s]["count"] for s in ("train", "val")} == {"train": 24, "val": 8}
     assert (tmp_path / "run" / "eval.json").is_file()
+
+
+def test_cli_names_a_missing_column_in_one_line_before_the_teacher_loads(shapes_root, tmp_path):
+    path = write_img2dataset(tmp_path / "a.parquet", shapes_records(shapes_root, "train", 2))
+    result = CliRunner().invoke(app, ["extract", "--teacher", "tiny-clip", "--data", str(path), "--out",
+                                      str(tmp_path / "c"), "--caption-column", "title", "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{path}: no caption column 'title'; its columns are key, jpg, txt, caption, status" in " ".join(result.output.split())
+    assert not (tmp_path / "c").exists()

@@ -10,7 +10,8 @@ a Hugging Face dataset has an ``image`` column (an ``Image`` feature, stored as 
 
 Accepted types: image = binary (encoded bytes) or a struct with a binary ``bytes`` field (and a
 string ``path`` used when the bytes are null); caption = a string or a list of strings;
-label = an integer (a negative label, Hugging Face's "no label", becomes ``None``).
+label = an integer (a negative label, Hugging Face's "no label", becomes ``None``); a default-named
+label column of another type is not read, a named one is refused.
 
 pyarrow is an optional dependency (``pip install 'kdpipe[parquet]'``), imported where used.
 """
@@ -67,7 +68,7 @@ def pick_columns(
     names = list(schema.names)
     image_col = _find(names, image, IMAGE_COLUMNS, "image", "--image-column", where)
     caption_col = _find(names, caption, CAPTION_COLUMNS, "caption", "--caption-column", where)
-    label_col = label if label is not None else next((c for c in LABEL_COLUMNS if c in names), None)
+    label_col = label if label is not None else _integer_label(schema)
     if label is not None and label not in names:
         _missing(names, label, "label", where)
     columns = Columns(image_col, caption_col, label_col, KEY_COLUMN if KEY_COLUMN in names else None)
@@ -85,6 +86,13 @@ def _find(names: list[str], asked: str | None, defaults: tuple[str, ...], what: 
         raise BadValue(f"{where}: no {what} column (looked for {', '.join(defaults)}; name one with {flag}); "
                        f"its columns are {', '.join(names)}")
     return found
+
+
+def _integer_label(schema: ArrowSchema) -> str | None:
+    """The first default label column of an integer type: a string "label" is not a class index."""
+    import pyarrow as pa
+
+    return next((c for c in LABEL_COLUMNS if c in schema.names and pa.types.is_integer(schema.field(c).type)), None)
 
 
 def _missing(names: list[str], column: str, what: str, where: str) -> None:

@@ -22,8 +22,11 @@ def extract(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Input (required, here or in --config): a "
                                        "COCO-layout root (annotations/captions_*.json + image folders, e.g. from "
                                        "`kdpipe make-shapes`); COCO or Flickr30k/Flickr8k images with Karpathy's "
-                                       "--split-file; a .csv/.tsv of image paths and captions (--csv-*); or "
-                                       "WebDataset tars (a.tar, 'shards/{00000..00009}.tar', 'pipe:...')."),
+                                       "--split-file; a .csv/.tsv of image paths and captions (--csv-*); "
+                                       "WebDataset tars (a.tar, 'shards/{00000..00009}.tar', 'pipe:...'); Parquet "
+                                       "files of image bytes and captions (a.parquet, 'shards/*.parquet', a folder "
+                                       "of them or of train/ and val/ folders); or a Hugging Face dataset saved "
+                                       "with save_to_disk (its splits; validation -> val)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write (required, here or in "
                                        "--config; re-running resumes it)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
@@ -62,6 +65,15 @@ def extract(
                                                  "this fraction of it, between 0 and 1, in the val split (e.g. 0.01), "
                                                  "chosen by a hash of each sample's key: the same images on "
                                                  "every run and any number of processes."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", show_default="jpg, else image, img, png, "
+                                               "webp", help="Parquet / Hugging Face input: the column of image "
+                                               "bytes (binary, or a {bytes, path} struct as HF's Image)."),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", show_default="txt, else caption, "
+                                                 "captions, text", help="Parquet / Hugging Face input: the "
+                                                 "column of captions (a string or a list of strings)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", show_default="label or cls if there",
+                                               help="Parquet / Hugging Face input: an integer class-label column "
+                                               "(a ClassLabel's names become the class names)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache at --out."),
     shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per shard."),
     store_size: int = typer.Option(256, "--store-size", min=32, help="Stored image's shorter side, at most. "
@@ -91,6 +103,7 @@ def extract(
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
             skip_missing=skip_missing, csv_img_key=csv_img_key, csv_caption_key=csv_caption_key,
             csv_separator=csv_separator, val_data=val_data, val_fraction=val_fraction,
+            image_column=image_column, caption_column=caption_column, label_column=label_column,
             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
             splits=split or None, allow_random_init=allow_random_init,
             prompts=prompts, prompt_sets=prompt_set or None), params={"splits": "split", "prompt_sets": "prompt_set"})

@@ -69,6 +69,9 @@ class ExtractConfig:
     csv_separator: str | None = None  # None: tab for .tsv, comma for .csv
     val_data: str | None = None  # another input as the val split (CSV or tar input)
     val_fraction: float | None = None  # or this fraction of the input as val, by a hash of each key
+    image_column: str | None = None  # Parquet / Hugging Face input: column names (None: the usual names)
+    caption_column: str | None = None
+    label_column: str | None = None
     overwrite: bool = False
     shard_size: int = 1000  # images per shard (directory sources)
     store_size: int = STORE_SIZE  # stored image's shorter side, at most (>= the teacher's input size)
@@ -209,8 +212,10 @@ def manifest_header(cfg: ExtractConfig, teacher: Teacher, source: Source) -> dic
     }
 
 
-# Settings that decide which image goes into which shard of which split (absent in older caches: None)
-SPLIT_SETTINGS = ("split_file", "keep_leaky", "shard_size", "val_data", "val_fraction")
+# Settings that decide which image (and caption) goes into which shard of which split. A cache made
+# before a setting existed could not have used it: absent there, it is not compared.
+SPLIT_SETTINGS = ("split_file", "keep_leaky", "shard_size", "val_data", "val_fraction", "csv_img_key",
+                  "csv_caption_key", "csv_separator", "image_column", "caption_column", "label_column")
 
 
 def compatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -221,9 +226,10 @@ def compatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for key in ("views", "view_policy", "embed_dim"):
         if old.get(key) != new[key]:
             return f"its {key} is {old.get(key)!r}, this run asks for {new[key]!r}"
+    made_with = old.get("config", {})
     for key in SPLIT_SETTINGS:  # a kept shard must hold the images this run would put in it
-        was, asked = old.get("config", {}).get(key), new["config"][key]
-        if was != asked:
+        was, asked = made_with.get(key), new["config"][key]
+        if key in made_with and was != asked:
             return f"its --{key.replace('_', '-')} is {was!r}, this run asks for {asked!r}"
     return None
 
@@ -420,7 +426,9 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     source = open_source(cfg.data, shard_size=cfg.shard_size, split_file=cfg.split_file,
                          keep_leaky=cfg.keep_leaky, skip_missing=cfg.skip_missing, csv_img_key=cfg.csv_img_key,
                          csv_caption_key=cfg.csv_caption_key, csv_separator=cfg.csv_separator,
-                         val_data=cfg.val_data, val_fraction=cfg.val_fraction)
+                         val_data=cfg.val_data, val_fraction=cfg.val_fraction,
+                         image_column=cfg.image_column, caption_column=cfg.caption_column,
+                         label_column=cfg.label_column)
     splits = cfg.splits or source.splits()
     missing = sorted(set(splits) - set(source.splits()))
     if missing:

@@ -27,6 +27,7 @@ from kdpipe.teachers import load_teacher
 from kdpipe.weights import TEACHERS
 
 from test_data_sources import captioned_csv, write_flickr, write_tar
+from test_table_inputs import shapes_records, write_hf_disk, write_img2dataset
 
 InputFixture = tuple[str, dict[str, Any]]  # a spec and open_source's keyword arguments (extract's flags)
 
@@ -52,10 +53,21 @@ def _wds(shapes_root: Path, tmp_path: Path) -> InputFixture:
     return str(tmp_path / "shard-{00000..00003}.tar"), {"val_fraction": 0.25}
 
 
+def _parquet(shapes_root: Path, tmp_path: Path) -> InputFixture:
+    for split, n in (("train", 24), ("val", 6)):  # train/ and val/ folders of img2dataset shards
+        write_img2dataset(tmp_path / "parquet" / split / "00000.parquet", shapes_records(shapes_root, split, n))
+    return str(tmp_path / "parquet"), {}
+
+
+def _hf(shapes_root: Path, tmp_path: Path) -> InputFixture:
+    splits = {"train": shapes_records(shapes_root, "train", 24), "validation": shapes_records(shapes_root, "val", 6)}
+    return str(write_hf_disk(tmp_path / "saved", splits)), {}
+
+
 # input kind -> a builder of a small input of that kind, with a held-out split; fit-whitening
 # needs more train rows (images x views, captions) than the tiny teacher's 32 dimensions
 INPUT_FIXTURES: dict[str, Callable[[Path, Path], InputFixture]] = {
-    "coco": _coco, "csv": _csv, "flickr": _flickr, "wds": _wds}
+    "coco": _coco, "csv": _csv, "flickr": _flickr, "hf": _hf, "parquet": _parquet, "wds": _wds}
 
 
 def _fixture(kind: str, shapes_root: Path, tmp_path: Path) -> InputFixture:

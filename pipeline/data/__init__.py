@@ -1,15 +1,16 @@
 """Input side of kdpipe: records from COCO-style directories, Flickr30k/8k with Karpathy's split
-file, CSV/TSV files or WebDataset tars, the shapes world generator, and the stored-image / view
-machinery.
+file, CSV/TSV files, WebDataset tars, Parquet files or saved Hugging Face datasets, the shapes
+world generator, and the stored-image / view machinery.
 
 ``open_source(spec)`` returns a ``Source`` whose splits are lists of ``Unit``s of ``Record``s.
 
 Modules, imports pointing down the list: ``sources`` (the ``DATASETS`` registry, ``open_source``)
-> ``coco`` | ``flickr`` | ``csv_input`` | ``wds_input`` (the source kinds) and ``heldout`` (a val
-split for train-only input) > ``karpathy`` (split files, shared by coco and flickr) > ``records``
-(record types, the missing-image report, ``ErrorCounter``: the leaf); ``shapes`` (the synthetic
-world) and ``views`` (stored images, replayable views) stand alone. The cache's shards are read
-back by ``kdpipe.cachereader``, not here.
+> ``coco`` | ``flickr`` | ``csv_input`` | ``wds_input`` | ``parquet_input`` | ``hf_disk`` (the source
+kinds) and ``heldout`` (a val split for train-only input) > ``karpathy`` (split files, shared by coco
+and flickr) and ``tables`` (Arrow table columns to records, for parquet and hf) > ``records`` (record
+types, the missing-image report, ``ErrorCounter``: the leaf); ``shapes`` (the synthetic world) and
+``views`` (stored images, replayable views) stand alone. The cache's shards are read back by
+``kdpipe.cachereader``, not here.
 """
 
 from .records import Record, Source, Unit

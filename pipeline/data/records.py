@@ -28,7 +28,9 @@ EXPECTED_LAYOUTS = (
     "ROOT/<split>/), an image folder with Karpathy's split file (--split-file dataset_coco.json, "
     "dataset_flickr30k.json or dataset_flickr8k.json), a .csv/.tsv file of image paths and captions, "
     "WebDataset tars (shard.tar, a directory of *.tar, or a brace pattern such "
-    "as shards/{00000..00009}.tar) or a pipe: URL (pipe:cat shard.tar); "
+    "as shards/{00000..00009}.tar), a pipe: URL (pipe:cat shard.tar), Parquet files of image bytes "
+    "and captions (a.parquet, shards/*.parquet, a directory of them or of train/ and val/ folders of "
+    "them) or a Hugging Face dataset folder written by save_to_disk; "
     "for a small synthetic dataset run `kdpipe make-shapes data/shapes`"
 )
 MISSING_SHOWN = 5  # missing images named in a message

@@ -1,9 +1,12 @@
 """Which source reads a spec: the ``DATASETS`` registry of source kinds and ``open_source``.
 
 The kinds (``coco.CocoSource``, ``csv_input.CsvSource``, ``flickr.FlickrSource``,
-``wds_input.WdsSource``) know nothing of this registry; they are registered here, so the import
-arrows point one way (sources -> kinds -> records). ``open_source`` also adds a held-out ``val``
-split to an input that has only ``train`` (``heldout``), whatever its kind.
+``wds_input.WdsSource``, ``parquet_input.ParquetSource``, ``hf_disk.HfDiskSource``) know nothing
+of this registry; they are registered here, so the import arrows point one way (sources -> kinds
+-> records). A kind's ``options`` names the keyword arguments of ``open_source`` it reads besides
+``shard_size``; it is passed exactly those, and an option the user set that the input's kind does
+not read is refused. ``open_source`` also adds a held-out ``val`` split to an input that has only
+``train`` (``heldout``), whatever its kind.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .coco import CocoSource
 from .csv_input import CAPTION_KEY, IMG_KEY, CsvSource
 from .flickr import FlickrSource
 from .heldout import HashSplit, WithVal, check_fraction
+from .hf_disk import HfDiskSource
+from .parquet_input import ParquetSource
 from .records import EXPECTED_LAYOUTS, Source, SourceKind
 from .wds_input import WdsSource
 
@@ -28,11 +33,14 @@ DATASETS.register("coco")(CocoSource)
 DATASETS.register("csv")(CsvSource)
 DATASETS.register("flickr")(FlickrSource)
 DATASETS.register("wds")(WdsSource)
+DATASETS.register("parquet")(ParquetSource)
+DATASETS.register("hf")(HfDiskSource)
 
 # The input options a kind may take (its ``options``), with their defaults: one set to anything
 # else must be read by the input's kind (or by --val-data's), else it is refused.
 OPTION_DEFAULTS: dict[str, Any] = {"split_file": None, "keep_leaky": False, "skip_missing": False,
-                                   "csv_img_key": IMG_KEY, "csv_caption_key": CAPTION_KEY, "csv_separator": None}
+                                   "csv_img_key": IMG_KEY, "csv_caption_key": CAPTION_KEY, "csv_separator": None,
+                                   "image_column": None, "caption_column": None, "label_column": None}
 TRAIN_ONLY_OPTIONS = frozenset({"split_file", "keep_leaky"})  # they shape the training input's splits only
 
 
@@ -40,6 +48,7 @@ def open_source(
     spec: str, *, shard_size: int = 1000, split_file: str | None = None, keep_leaky: bool = False,
     skip_missing: bool = False, csv_img_key: str = IMG_KEY, csv_caption_key: str = CAPTION_KEY,
     csv_separator: str | None = None, val_data: str | None = None, val_fraction: float | None = None,
+    image_column: str | None = None, caption_column: str | None = None, label_column: str | None = None,
 ) -> Source:
     """Open the input named by ``spec``; the kind is chosen from its layout.
 
@@ -51,7 +60,8 @@ def open_source(
     """
     spec = str(spec)
     options = dict(split_file=split_file, keep_leaky=keep_leaky, skip_missing=skip_missing,
-                   csv_img_key=csv_img_key, csv_caption_key=csv_caption_key, csv_separator=csv_separator)
+                   csv_img_key=csv_img_key, csv_caption_key=csv_caption_key, csv_separator=csv_separator,
+                   image_column=image_column, caption_column=caption_column, label_column=label_column)
     if val_data is not None and val_fraction is not None:
         raise BadValue("--val-data and --val-fraction both define the val split; pass one of them")
     if val_fraction is not None:

@@ -57,6 +57,15 @@ def extract(
                                                    "imagenet-simple (x 7), for `kdpipe eval --zeroshot "
                                                    "imagenet:PATH` of image-only students. Re-running on a "
                                                    "finished cache keeps its shards and adds only the missing sets."),
+    add_teacher: bool = typer.Option(False, "--add-teacher", help="Add --teacher to the existing cache at --out "
+                                     "(no --data): it sees the stored images and views, replayed at its input "
+                                     "size, and its embeddings go to SPLIT/teachers/NAME/; the other teachers' "
+                                     "files are never rewritten, and re-running resumes."),
+    teacher_name: Optional[str] = typer.Option(None, "--teacher-name", help="With --add-teacher: the teacher's "
+                                               "name in the cache (default: its label, e.g. ViT-B-32)."),
+    overwrite_teacher: Optional[str] = typer.Option(None, "--overwrite-teacher", metavar="NAME", help="With "
+                                                    "--add-teacher: replace the added teacher NAME, whose "
+                                                    "weights differ (its files are removed first)."),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Run TEACHER once over DATA and write image/text embeddings of every view and caption to OUT."""
@@ -64,13 +73,14 @@ def extract(
 
     with user_errors():
         cfg = stage_config(ctx, ExtractConfig, config, dict(
-            teacher=teacher, data=data, out=str(out) if out else None, pretrained=pretrained, views=views,
+            teacher=teacher, data="" if add_teacher and data is None else data, out=str(out) if out else None, pretrained=pretrained, views=views,
             batch_size=batch_size, workers=workers, device=device, precision=precision,
             dist_timeout=dist_timeout,
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
             splits=split or None, allow_random_init=allow_random_init,
-            prompts=prompts, prompt_sets=prompt_set or None), params={"splits": "split", "prompt_sets": "prompt_set"})
+            prompts=prompts, prompt_sets=prompt_set or None, add_teacher=add_teacher, teacher_name=teacher_name,
+            overwrite_teacher=overwrite_teacher), params={"splits": "split", "prompt_sets": "prompt_set"})
         result = run(cfg)
     if "stopped" in result:
         console.print(f"[yellow]stopped[/] by {result['stopped']}: {escape(cfg.out)} holds the finished shards; "

@@ -251,7 +251,9 @@ def prepare_out(root: Path, header: dict[str, Any], overwrite: bool) -> Manifest
         wipe_cache(root)
         existing = None
     root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(root, {**header, "splits": existing.data.get("splits", {}) if existing else {}})
+    manifest = Manifest(root, {**header, "splits": {}})
+    if existing is not None:  # resuming keeps the shards and the teachers added to the cache (format 2)
+        manifest.data.update({k: existing.data[k] for k in ("splits", "teachers", "format") if k in existing.data})
     return manifest
 
 

@@ -133,6 +133,17 @@ def test_rerun_is_a_noop(two, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in two.rglob("*.h5")} == before
 
 
+def test_rerunning_the_first_teachers_extract_keeps_the_added_teachers(world, two, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    before = _digests(out)
+    run(_cfg(world, out))
+    manifest = json.loads((out / store.MANIFEST).read_text())
+    assert manifest["format"] == 2 and list(manifest["teachers"]) == ["tiny-clip", "b"]
+    assert _digests(out) == before
+    assert store.open_cache(out, verify="sha256").load_split("val", teacher="b").img.shape == (6, 3, 24)
+
+
 def test_killed_add_resumes_without_touching_the_other_teachers(single, two, tmp_path, monkeypatch):
     out = tmp_path / "c"
     shutil.copytree(single, out)
@@ -230,3 +241,34 @@ def test_cli_add_teacher(single, tmp_path):
     result = CliRunner().invoke(app, ["extract", "--teacher", "tiny-clip", "--data", str(tmp_path), "--out",
                                       str(tmp_path / "n"), "--teacher-name", "x"])
     assert result.exit_code == 2 and "go with --add-teacher" in result.output
+
+
+def test_disk_full_while_adding_says_what_is_kept_and_a_rerun_finishes(single, two, tmp_path, monkeypatch):
+    import errno
+
+    from kdpipe.errors import WriteFailed
+
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    before, b = _digests(out), _teacher_b(tmp_path / "b.json")
+    real, calls = store._write_h5, []
+
+    def write_h5(path, samples, embed_dim):  # the second shard of teacher b meets a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, samples, embed_dim)
+
+    monkeypatch.setattr(store, "_write_h5", write_h5)
+    with pytest.raises(WriteFailed) as err:
+        _add(out, b)
+    assert err.value.needed_for == "b/shard-000001.h5" and err.value.needed > 0
+    assert err.value.kept.startswith("1 of 4 shards of teacher 'b' are complete") and "re-run" in err.value.resume
+    assert _digests(out, skip_teacher="b") == before
+    assert sorted(p.name for p in (out / "train" / "teachers" / "b").iterdir()) == ["shard-000000.h5",
+                                                                                     "shard-000000.json"]
+    monkeypatch.undo()
+    _add(out, b)
+    got = store.open_cache(out, verify="sha256").load_split("train", ("img",), teacher="b")
+    assert np.array_equal(got.img, store.open_cache(two).load_split("train", ("img",), teacher="b").img)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,11 +87,14 @@ class ExtractConfig:
     add_teacher: bool = False  # run `teacher` over the existing cache `out` (its stored images and views)
     teacher_name: str | None = None  # the added teacher's name in the cache (default: its label, folder-safe)
     overwrite_teacher: str | None = None  # replace the added teacher of this name (another teacher's weights)
+    extra_teachers: list[str] | None = None  # more teachers (--teacher again), added after the first one
+    extra_pretrained: list[str] | None = None  # their weights, one each in order ("none": without weights)
 
 
 # Settings of the add-teacher path, left out of the manifest's "config" so a single-teacher cache's
 # manifest is what it always was.
-ADD_TEACHER_SETTINGS = ("add_teacher", "teacher_name", "overwrite_teacher")
+ADD_TEACHER_SETTINGS = ("add_teacher", "teacher_name", "overwrite_teacher", "extra_teachers", "extra_pretrained")
+NO_WEIGHTS = "none"  # an --pretrained entry of a teacher without weights, when several are paired
 
 
 # --------------------------------------------------------------------------- workers: decode
@@ -415,13 +418,58 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
 
     Stopped by SIGTERM / SIGUSR1: returns ``{"stopped": signal name}`` instead (see the module docstring).
     """
+    extra = extra_teacher_configs(cfg)
     with runtime.stop_requests() as request:
         if cfg.add_teacher:
             return add_teacher(cfg, request)
         if cfg.teacher_name is not None or cfg.overwrite_teacher is not None:
             raise BadValue("--teacher-name and --overwrite-teacher go with --add-teacher (the first teacher of a "
                            "cache is named by its label)")
-        return extract_all(cfg, request)
+        result = extract_all(cfg, request)
+        for more in extra:  # the first teacher as always, then each other one over its stored views
+            if "stopped" in result:
+                break
+            added = add_teacher(more, request)
+            if "stopped" in added:
+                return added
+            log.info("teacher %s added: %s", more.teacher, {k: v["count"] for k, v in added.items()})
+        return result
+
+
+def teacher_options(teachers: list[str] | None, pretrained: list[str] | None) -> dict[str, Any]:
+    """--teacher and --pretrained, each given once or more, as ExtractConfig's fields (None: not given).
+
+    One teacher takes at most one --pretrained; several take none or one each, in order.
+    """
+    teachers, pretrained = teachers or [], pretrained or []
+    if len(teachers) > 1 and pretrained and len(pretrained) != len(teachers):
+        raise BadValue(f"{len(teachers)} --teacher and {len(pretrained)} --pretrained: give one --pretrained per "
+                       f"--teacher, in order ({NO_WEIGHTS!r} for a teacher without weights), or none")
+    if len(teachers) <= 1 and len(pretrained) > 1:
+        raise BadValue(f"{len(pretrained)} --pretrained for one --teacher")
+    weights = [None if w == NO_WEIGHTS and len(teachers) > 1 else w for w in pretrained]
+    return {"teacher": teachers[0] if teachers else None, "pretrained": weights[0] if weights else None,
+            "extra_teachers": teachers[1:] or None, "extra_pretrained": weights[1:] or None}
+
+
+def extra_teacher_configs(cfg: ExtractConfig) -> list[ExtractConfig]:
+    """The add-teacher configs of ``cfg.extra_teachers``, checked before anything runs."""
+    teachers, weights = cfg.extra_teachers or [], cfg.extra_pretrained
+    if not teachers:
+        if weights:
+            raise BadValue("more --pretrained than --teacher")
+        return []
+    if cfg.add_teacher:
+        raise BadValue("--add-teacher adds one --teacher at a time")
+    if runtime.detect_launch().world_size > 1:
+        raise CannotRun("several --teacher run in one process for now (the ones after the first use "
+                        "--add-teacher's path); run without torchrun / srun")
+    if weights is not None and len(weights) != len(teachers):
+        raise BadValue(f"{len(teachers)} extra teachers and {len(weights)} extra pretrained: give one each, in order "
+                       f"({NO_WEIGHTS!r} for a teacher without weights)")
+    pairs = zip(teachers, weights or [None] * len(teachers))
+    return [replace(cfg, teacher=t, pretrained=None if w == NO_WEIGHTS else w, add_teacher=True,
+                    extra_teachers=None, extra_pretrained=None) for t, w in pairs]
 
 
 def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, Any]:
@@ -476,14 +524,13 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
 
 def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, Any]:
     """Run ``cfg.teacher`` over every shard of the cache ``cfg.out`` and write its own files (module docstring)."""
-    dist = runtime.init_distributed(cfg.device, cfg.dist_timeout)
-    if dist.enabled:
+    if runtime.detect_launch().world_size > 1:
         raise CannotRun("--add-teacher runs in one process for now; run it without torchrun / srun")
     root = Path(cfg.out)
     if Manifest.load(root) is None:
         raise CacheError(f"--add-teacher needs an existing cache at {root}; create it with `kdpipe extract`")
     manifest = Manifest(root, open_cache(root, verify="size").manifest)  # the other teachers' files are intact
-    device = runtime.dist_device(dist, cfg.device)
+    device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device, allow_random_init=cfg.allow_random_init)
     check_stored_size(manifest.data, teacher.preprocess)

@@ -272,3 +272,31 @@ def test_disk_full_while_adding_says_what_is_kept_and_a_rerun_finishes(single, t
     _add(out, b)
     got = store.open_cache(out, verify="sha256").load_split("train", ("img",), teacher="b")
     assert np.array_equal(got.img, store.open_cache(two).load_split("train", ("img",), teacher="b").img)
+
+
+def test_several_teachers_in_one_pass_equal_extract_then_add(world, two, tmp_path):
+    b = _teacher_b(tmp_path / "b.json")
+    args = ["extract", "--teacher", "tiny-clip", "--teacher", str(b), "--data", str(world), "--out",
+            str(tmp_path / "c"), "--device", "cpu", "--workers", "0", "--views", "3", "--batch-size", "4",
+            "--shard-size", "8", "--no-prompts", "--allow-random-init"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cache, ref = store.open_cache(tmp_path / "c", verify="sha256"), store.open_cache(two)
+    assert list(cache.teachers()) == ["tiny-clip", "b"]
+    for teacher in ("tiny-clip", "b"):  # the same embeddings (the files hold write times: not byte-equal)
+        got, want = cache.load_split("train", teacher=teacher), ref.load_split("train", teacher=teacher)
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
+    result = CliRunner().invoke(app, [*args[:5], "--pretrained", "openai", *args[5:]])
+    assert result.exit_code == 2 and "one --pretrained per --teacher" in result.output
+
+
+def test_teacher_options_pair_pretrained_in_order():
+    from kdpipe.extract import teacher_options
+
+    assert teacher_options(["a"], ["x"]) == {"teacher": "a", "pretrained": "x", "extra_teachers": None,
+                                             "extra_pretrained": None}
+    assert teacher_options(["a", "b", "c"], ["none", "y", "none"]) == {
+        "teacher": "a", "pretrained": None, "extra_teachers": ["b", "c"], "extra_pretrained": [None, "y", None][1:]}
+    assert teacher_options(["a", "b"], None)["extra_pretrained"] is None
+    with pytest.raises(BadValue, match="2 --pretrained for one --teacher"):
+        teacher_options(["a"], ["x", "y"])

@@ -612,21 +612,47 @@ def add_split(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifes
               request: runtime.StopRequest) -> None:
     """The added teacher's shards of one split, each skipped when already complete; stops at ``request``."""
     split_dir = manifest.root / split
-    shards = manifest.split(split)["shards"]
-    with make_progress("img", disable=not cfg.progress) as progress:
-        task = progress.add_task(f"add {name} {split}", total=sum(s["count"] for s in shards), info="")
-        for primary in shards:
-            entry = finished_teacher_entry(split_dir, name, primary)
-            if entry is None:
-                samples = embed_shard(teacher, split_dir / f"{primary['name']}.tar", primary["count"], cfg.batch_size,
-                                      precision, request, lambda n: progress.update(task, advance=n))
-                if samples is None:
-                    return
-                entry = write_teacher_shard(split_dir, name, primary["index"], samples, teacher.embed_dim)
-            else:
-                progress.update(task, advance=entry["count"])
+    todo = []
+    for primary in manifest.split(split)["shards"]:
+        entry = finished_teacher_entry(split_dir, name, primary)
+        if entry is None:
+            todo.append(primary)
+        else:
             manifest.add_teacher_shard(name, split, entry)
-            manifest.save()
+    manifest.save()
+    log.info("%s: teacher %r has %d of %d shards, adding the rest", split, name,
+             len(manifest.split(split)["shards"]) - len(todo), len(manifest.split(split)["shards"]))
+    if todo:
+        add_shards(cfg, teacher, name, manifest, split, todo, precision, request)
+
+
+def add_shards(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifest, split: str,
+               todo: list[dict[str, Any]], precision: str, request: runtime.StopRequest) -> None:
+    """Embed and write the teacher's shards of the primary entries ``todo``; at ``request`` the shards in flight are dropped."""
+    split_dir = manifest.root / split
+    stream = StoredStream([(p["index"], str(split_dir / f"{p['name']}.tar"), p["count"]) for p in todo],
+                          cfg.batch_size, teacher.preprocess)
+    loader = DataLoader(stream, batch_size=None, num_workers=min(cfg.workers, len(todo)),
+                        pin_memory=runtime.pin_memory(teacher.device), worker_init_fn=runtime.WorkerInit())
+    counts = {p["index"]: p["count"] for p in todo}
+    pending: dict[int, list[CachedSample]] = {}
+    with make_progress("img", disable=not cfg.progress) as progress:
+        task = progress.add_task(f"add {name} {split}", total=sum(counts.values()), info="")
+        for item in loader:
+            if request:
+                return
+            if isinstance(item, UnitDone):
+                samples = pending.pop(item.index, [])
+                if len(samples) != counts[item.index]:
+                    raise CacheError(f"{split} shard {item.index} holds {len(samples)} samples, its manifest entry "
+                                     f"{counts[item.index]}; the cache is corrupt")
+                entry = write_teacher_shard(split_dir, name, item.index, samples, teacher.embed_dim)
+                manifest.add_teacher_shard(name, split, entry)
+                manifest.save()
+                continue
+            index, batch = item
+            pending.setdefault(index, []).extend(embed_batch(teacher, batch, precision))
+            progress.update(task, advance=len(batch))
 
 
 def finished_teacher_entry(split_dir: Path, name: str, primary: dict[str, Any]) -> dict[str, Any] | None:
@@ -638,19 +664,21 @@ def finished_teacher_entry(split_dir: Path, name: str, primary: dict[str, Any]) 
     return entry if (entry["count"], entry["captions"]) == (primary["count"], primary["captions"]) else None
 
 
-def embed_shard(teacher: Teacher, tar: Path, count: int, batch_size: int, precision: str,
-                request: runtime.StopRequest, advance: Any) -> list[CachedSample] | None:
-    """The teacher's embeddings of one stored shard, in its order; None when stopped (the shard is dropped)."""
-    samples: list[CachedSample] = []
-    stream = iter(stored_samples(tar) if count else ())  # webdataset refuses an empty tar
-    while batch := [replayed(s, teacher.preprocess) for _, s in zip(range(batch_size), stream)]:
-        if request:
-            return None
-        samples += embed_batch(teacher, batch, precision)
-        advance(len(batch))
-    if len(samples) != count:
-        raise CacheError(f"{tar} holds {len(samples)} samples, its manifest entry {count}; the cache is corrupt")
-    return samples
+class StoredStream(IterableDataset):
+    """Yields (shard index, [Prepared]) batches of a cache's stored samples cut for a teacher ``pre``, and a
+    UnitDone after each shard; each DataLoader worker takes whole shards (as ``UnitStream``)."""
+
+    def __init__(self, shards: list[tuple[int, str, int]], batch_size: int, pre: Preprocess) -> None:
+        self.shards, self.batch_size, self.pre = shards, batch_size, pre  # shards: (index, tar path, count)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for index, tar, count in self.shards[wid::nw]:
+            stream = iter(stored_samples(tar) if count else ())  # webdataset refuses an empty tar
+            while batch := [replayed(s, self.pre) for _, s in zip(range(self.batch_size), stream)]:
+                yield index, batch
+            yield UnitDone(index)
 
 
 def replayed(stored: StoredSample, pre: Preprocess) -> Prepared:

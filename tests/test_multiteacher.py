@@ -300,3 +300,36 @@ def test_teacher_options_pair_pretrained_in_order():
     assert teacher_options(["a", "b"], None)["extra_pretrained"] is None
     with pytest.raises(BadValue, match="2 --pretrained for one --teacher"):
         teacher_options(["a"], ["x", "y"])
+
+
+def test_decoding_workers_give_the_same_teacher_files(single, two, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    _add(out, _teacher_b(tmp_path / "b.json"), workers=2)
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    for split in ("train", "val"):
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
+
+
+def test_sigterm_stops_the_add_and_a_rerun_finishes(single, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    real, calls = extract_mod.embed_batch, {"n": 0}
+
+    def embed_then_term(teacher, batch, precision):  # the preemption notice arrives during the third batch
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(teacher, batch, precision)
+
+    monkeypatch.setattr(extract_mod, "embed_batch", embed_then_term)
+    result = _add(out, b := _teacher_b(tmp_path / "b.json"))
+    assert result == {"stopped": "SIGTERM"}
+    folder = out / "train" / "teachers" / "b"
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-000000.h5", "shard-000000.json"]  # 2 batches of 4
+    monkeypatch.setattr(extract_mod, "embed_batch", real)
+    assert _add(out, b)["train"]["count"] == 20

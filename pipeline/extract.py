@@ -535,14 +535,14 @@ def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device, allow_random_init=cfg.allow_random_init)
     check_stored_size(manifest.data, teacher.preprocess)
     name = claim_name(manifest, teacher.fingerprint, cfg.teacher_name, cfg.overwrite_teacher)
-    warn_other_view0(manifest.data, teacher.preprocess, name)
-    if name not in manifest.teachers():
-        manifest.add_teacher(name, teacher.fingerprint, teacher.embed_dim, teacher.logit_scale)
-    manifest.save()
     splits = cfg.splits or list(manifest.data["splits"])
     missing = sorted(set(splits) - set(manifest.data["splits"]))
     if missing:
         raise BadValue(f"split(s) {missing} not in the cache {root}; it has {sorted(manifest.data['splits'])}")
+    warn_other_view0(manifest.data, teacher.preprocess, name)
+    if name not in manifest.teachers():
+        manifest.add_teacher(name, teacher.fingerprint, teacher.embed_dim, teacher.logit_scale)
+    manifest.save()
     seconds = {}
     with on_write_failure(lambda: kept_teacher_shards(manifest, name)):
         for split in splits:
@@ -551,9 +551,11 @@ def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
             seconds[split] = time.perf_counter() - start
             if request:
                 return {"stopped": request.signal}
-    info = manifest.teachers()[name]["splits"]
-    return {split: {"count": info[split]["count"], "captions": info[split]["captions"], "skipped": {},
-                    "shards": len(info[split]["shards"]), "seconds": round(seconds[split], 3)} for split in splits}
+    done = manifest.teachers()[name]["splits"]
+    empty = {"count": 0, "captions": 0, "shards": []}
+    return {split: {"count": done.get(split, empty)["count"], "captions": done.get(split, empty)["captions"],
+                    "skipped": {}, "shards": len(done.get(split, empty)["shards"]), "seconds": round(seconds[split], 3)}
+            for split in splits}
 
 
 def check_stored_size(manifest: dict[str, Any], pre: Preprocess) -> None:
@@ -577,8 +579,9 @@ def claim_name(manifest: Manifest, fingerprint: dict[str, Any], wanted: str | No
             raise AlreadyExists(f"teacher {describe_teacher(fingerprint)} is already in the cache as {held!r}")
         return name
     if teachers[name]["primary"]:
-        raise AlreadyExists(f"{name!r} is the cache's first teacher ({describe_teacher(teachers[name]['fingerprint'])}), "
-                            "whose embeddings are the shards themselves; " + (
+        first = describe_teacher(teachers[name]["fingerprint"])
+        raise AlreadyExists(f"{name!r} is the cache's first teacher ({first}), whose embeddings are the shards "
+                            "themselves; " + (
                                 "it is already there" if held == name else
                                 "name this one with --teacher-name, or re-extract with --overwrite"))
     if held == name and overwrite is None:
@@ -628,7 +631,8 @@ def add_split(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifes
 
 def add_shards(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifest, split: str,
                todo: list[dict[str, Any]], precision: str, request: runtime.StopRequest) -> None:
-    """Embed and write the teacher's shards of the primary entries ``todo``; at ``request`` the shards in flight are dropped."""
+    """Embed and write the teacher's shards for the primary entries ``todo``; at ``request`` the shards in
+    flight are dropped."""
     split_dir = manifest.root / split
     stream = StoredStream([(p["index"], str(split_dir / f"{p['name']}.tar"), p["count"]) for p in todo],
                           cfg.batch_size, teacher.preprocess)

@@ -477,8 +477,9 @@ class Cache:
         done = {s["name"] for s in entry["splits"].get(split, {}).get("shards", [])}
         missing = [n for n in names if n not in done]
         if missing:
-            raise CacheError(f"teacher {teacher!r} of cache {self.root} lacks {len(missing)} of {len(names)} shards "
-                             f"of split {split!r}; re-run `kdpipe extract --add-teacher` with that teacher to finish it")
+            raise CacheError(f"teacher {teacher!r} of cache {self.root} lacks {len(missing)} of {len(names)} "
+                             f"shards of split {split!r}; re-run `kdpipe extract --add-teacher` with that teacher "
+                             "to finish it")
         return [teacher_dir(self.root / split, teacher) / f"{n}.h5" for n in names]
 
     def teacher_shard(self, split: str, shard: str, teacher: str,

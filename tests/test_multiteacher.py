@@ -205,6 +205,10 @@ def test_first_teacher_and_duplicates_refused(two, tmp_path):
         run(_cfg("", two, add_teacher=True))
     with pytest.raises(BadValue, match="folder name"):
         _add(two, _teacher_b(tmp_path / "b.json"), teacher_name="../up")
+    before = (two / store.MANIFEST).read_bytes()
+    with pytest.raises(BadValue, match=r"split\(s\) \['test'\] not in the cache"):
+        _add(two, _teacher_b(tmp_path / "d.json", embed_dim=12), teacher_name="d", splits=["test"])
+    assert (two / store.MANIFEST).read_bytes() == before  # nothing recorded for a refused teacher
 
 
 def test_teacher_larger_than_the_stored_images_is_refused(world, tmp_path):

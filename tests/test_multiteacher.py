@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -317,9 +322,6 @@ def test_decoding_workers_give_the_same_teacher_files(single, two, tmp_path):
 
 
 def test_sigterm_stops_the_add_and_a_rerun_finishes(single, tmp_path, monkeypatch):
-    import os
-    import signal
-
     out = tmp_path / "c"
     shutil.copytree(single, out)
     real, calls = extract_mod.embed_batch, {"n": 0}
@@ -337,3 +339,45 @@ def test_sigterm_stops_the_add_and_a_rerun_finishes(single, tmp_path, monkeypatc
     assert sorted(p.name for p in folder.iterdir()) == ["shard-000000.h5", "shard-000000.json"]  # 2 batches of 4
     monkeypatch.setattr(extract_mod, "embed_batch", real)
     assert _add(out, b)["train"]["count"] == 20
+
+
+SLOW_ADD = """
+import sys, time
+from kdpipe import extract
+from kdpipe.cli.main import app
+real = extract.embed_batch
+def slow(*a, **kw):
+    time.sleep(0.4)
+    return real(*a, **kw)
+extract.embed_batch = slow
+app()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and SIGKILL")
+def test_sigkill_mid_add_then_rerun(single, two, tmp_path):
+    """A real `kill -9` of `extract --add-teacher` after its first shard: the other files keep their bytes,
+    and the same command finishes the teacher with the embeddings of an uninterrupted add."""
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    before = _digests(out)
+    b = _teacher_b(tmp_path / "b.json")
+    args = ["extract", "--add-teacher", "--teacher", str(b), "--teacher-name", "b", "--out", str(out), "--device",
+            "cpu", "--workers", "0", "--batch-size", "4", "--allow-random-init"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_ADD, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "train" / "teachers" / "b" / "shard-000000.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert first.exists() and not (out / "val" / "teachers" / "b" / "shard-000000.json").exists()
+    assert _digests(out, skip_teacher="b") == before
+    _add(out, b)
+    assert _digests(out, skip_teacher="b") == before
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    for split in ("train", "val"):
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)

@@ -139,8 +139,7 @@ normalize_images = views.normalize_images  # uint8 batches are normalised on the
 
 def replay_view(jpg: bytes, view: dict[str, Any], size: int, interpolation: str) -> torch.Tensor:
     """The stored JPEG's pixels in one stored view (a views.json entry) at ``size``: uint8 [3, size, size]."""
-    stored = views.to_rgb(views.decode_image(jpg))
-    return pil_to_uint8(views.apply_view(stored, views.View.from_dict(view), size, interpolation))
+    return replay_views(jpg, [view], size, interpolation)[0]
 
 
 def replay_views(jpg: bytes, view_dicts: list[dict[str, Any]], size: int, interpolation: str) -> torch.Tensor:

@@ -15,10 +15,12 @@ from kdpipe.progress import console
 
 def extract(
     ctx: typer.Context,
-    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="Teacher (required, here or in --config): "
-                                          "a shipped config (tiny-clip, shapes-vit), an open_clip model name "
-                                          "(ViT-B-32, ...), a model-config JSON path or an open_clip folder as "
-                                          "local-dir:DIR (e.g. a `kdpipe pretrain-teacher` output)."),
+    teacher: Optional[list[str]] = typer.Option(None, "--teacher", "-t", help="Teacher (required, here or in "
+                                                "--config): a shipped config (tiny-clip, shapes-vit), an open_clip "
+                                                "model name (ViT-B-32, ...), a model-config JSON path or an "
+                                                "open_clip folder as local-dir:DIR (e.g. a `kdpipe pretrain-teacher` "
+                                                "output). Repeat it for several teachers in one cache: the first "
+                                                "runs as usual, each other one then over the stored views."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Input (required, here or in --config): a "
                                        "COCO-layout root (annotations/captions_*.json + image folders, e.g. from "
                                        "`kdpipe make-shapes`); COCO or Flickr30k/Flickr8k images with Karpathy's "
@@ -29,8 +31,10 @@ def extract(
                                        "with save_to_disk (its splits; validation -> val)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write (required, here or in "
                                        "--config; re-running resumes it)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
-                                             "(e.g. laion2b_s34b_b79k, openai) or a local .pt/.bin/.safetensors file."),
+    pretrained: Optional[list[str]] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "
+                                                   "(e.g. laion2b_s34b_b79k, openai) or a local .pt/.bin/.safetensors "
+                                                   "file; with several --teacher, one each in order (none: no "
+                                                   "weights)."),
     views: int = typer.Option(4, "--views", min=1, help="Views per image; view 0 is the teacher's eval "
                               "transform (its open_clip resize_mode: shortest, squash or longest), the rest "
                               "random resized crops + flips the trainer replays exactly."),
@@ -90,14 +94,24 @@ def extract(
                                                    "imagenet-simple (x 7), for `kdpipe eval --zeroshot "
                                                    "imagenet:PATH` of image-only students. Re-running on a "
                                                    "finished cache keeps its shards and adds only the missing sets."),
+    add_teacher: bool = typer.Option(False, "--add-teacher", help="Add --teacher to the existing cache at --out "
+                                     "(no --data): it sees the stored images and views, replayed at its input "
+                                     "size, and its embeddings go to SPLIT/teachers/NAME/; the other teachers' "
+                                     "files are never rewritten, and re-running resumes."),
+    teacher_name: Optional[str] = typer.Option(None, "--teacher-name", help="With --add-teacher: the teacher's "
+                                               "name in the cache (default: its label, e.g. ViT-B-32)."),
+    overwrite_teacher: Optional[str] = typer.Option(None, "--overwrite-teacher", metavar="NAME", help="With "
+                                                    "--add-teacher: replace the added teacher NAME, whose "
+                                                    "weights differ (its files are removed first)."),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Run TEACHER once over DATA and write image/text embeddings of every view and caption to OUT."""
-    from kdpipe.extract import ExtractConfig, run
+    from kdpipe.extract import ExtractConfig, run, teacher_options
 
     with user_errors():
         cfg = stage_config(ctx, ExtractConfig, config, dict(
-            teacher=teacher, data=data, out=str(out) if out else None, pretrained=pretrained, views=views,
+            **teacher_options(teacher, pretrained), data="" if add_teacher and data is None else data,
+            out=str(out) if out else None, views=views,
             batch_size=batch_size, workers=workers, device=device, precision=precision,
             dist_timeout=dist_timeout,
             split_file=str(split_file) if split_file else None, keep_leaky=keep_leaky,
@@ -106,7 +120,10 @@ def extract(
             image_column=image_column, caption_column=caption_column, label_column=label_column,
             overwrite=overwrite, shard_size=shard_size, store_size=store_size,
             splits=split or None, allow_random_init=allow_random_init,
-            prompts=prompts, prompt_sets=prompt_set or None), params={"splits": "split", "prompt_sets": "prompt_set"})
+            prompts=prompts, prompt_sets=prompt_set or None, add_teacher=add_teacher, teacher_name=teacher_name,
+            overwrite_teacher=overwrite_teacher), params={"splits": "split", "prompt_sets": "prompt_set",
+                                                                 "extra_teachers": "teacher",
+                                                                 "extra_pretrained": "pretrained"})
         result = run(cfg)
     if "stopped" in result:
         console.print(f"[yellow]stopped[/] by {result['stopped']}: {escape(cfg.out)} holds the finished shards; "

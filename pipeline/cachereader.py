@@ -11,7 +11,9 @@ student is trained on, validated on and evaluated on come from one decoding path
 * training and validation: ``make_loader`` / ``epoch_batches`` over ``stream_config(...)``
   (batches of ``decode_sample``: pixels, cached targets, caption, label);
 * evaluation: ``view0_loader`` (one ordered pass of view 0 and every caption, no cached
-  targets; ``decode_view0``).
+  targets; ``decode_view0``);
+* adding a teacher to a cache: ``stored_samples`` (one shard in order: stored image, views,
+  captions, label) and ``replay_views`` (every stored view of a sample at the new teacher's size).
 
 How the stream is split and why (DDP ranks must never hang on uneven shards):
 
@@ -71,6 +73,7 @@ from .runtime import WorkerInit
 # Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
 WANTED = ("jpg", "views.json", "img.npy", "txt.npy", "captions.json", "cls.txt")
 VIEW0_MEMBERS = ("jpg", "views.json", "captions.json")  # an evaluation pass: no cached targets
+STORED_MEMBERS = ("jpg", "views.json", "captions.json", "cls.txt")  # what another teacher needs: no targets
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,39 @@ normalize_images = views.normalize_images  # uint8 batches are normalised on the
 
 def replay_view(jpg: bytes, view: dict[str, Any], size: int, interpolation: str) -> torch.Tensor:
     """The stored JPEG's pixels in one stored view (a views.json entry) at ``size``: uint8 [3, size, size]."""
+    return replay_views(jpg, [view], size, interpolation)[0]
+
+
+def replay_views(jpg: bytes, view_dicts: list[dict[str, Any]], size: int, interpolation: str) -> torch.Tensor:
+    """Every stored view of one sample at ``size`` (the JPEG decoded once): uint8 [V, 3, size, size]."""
     stored = views.to_rgb(views.decode_image(jpg))
-    return pil_to_uint8(views.apply_view(stored, views.View.from_dict(view), size, interpolation))
+    return torch.stack([pil_to_uint8(views.apply_view(stored, views.View.from_dict(v), size, interpolation))
+                        for v in view_dicts])
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    """What a cached sample holds apart from any teacher's embeddings."""
+
+    key: str
+    jpg: bytes
+    views: list[dict[str, Any]]  # views.json
+    captions: list[str]
+    label: int  # -1 unknown
+
+
+def stored_samples(tar: Path | str) -> Iterator[StoredSample]:
+    """One shard's samples in their stored order, without cached targets (adding a teacher).
+
+    A sample that cannot be read raises: the shard passed its size check, so it is corrupt, and a
+    teacher added with a sample missing would no longer line up with the primary's shard.
+    """
+    def wanted(fname: str) -> bool:
+        return fname.split(".", 1)[-1].lower() in STORED_MEMBERS
+
+    for s in wds.tarfile_samples([{"url": str(tar)}], handler=wds.reraise_exception, select_files=wanted):
+        label = int(s["cls.txt"].decode()) if "cls.txt" in s else -1
+        yield StoredSample(s["__key__"], s["jpg"], json.loads(s["views.json"]), json.loads(s["captions.json"]), label)
 
 
 def decode_sample(cfg: StreamConfig, sample: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,13 @@ resumes from them.
 SIGTERM or SIGUSR1 (a scheduler's preemption notice) stops the run at the next batch: the shards
 in flight are dropped (only finished shards are ever written, and listed in the manifest) and
 re-running the same command resumes.
+
+``--add-teacher`` (``add_teacher``) runs another teacher over an existing cache: it reads each
+shard's stored JPEG and views (``cachereader.stored_samples``), replays every view at that
+teacher's input size, mean and std (``cachereader.replay_views``: every teacher sees the same
+pixel region, no image decoded from the source or view drawn again), encodes the captions and
+writes ``SPLIT/teachers/NAME/`` shard by shard (``store.write_teacher_shard``); a re-run resumes
+and nothing of the other teachers is rewritten.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,9 +34,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import __version__, runtime
+from .cachereader import StoredSample, replay_views, stored_samples
 from .data import Record, Source, open_source, views
 from .data.views import STORE_SIZE  # the config default (in ExtractConfig the field `views` hides the module)
-from .errors import BadValue, on_write_failure
+from .errors import AlreadyExists, BadValue, CannotRun, on_write_failure
 from .progress import make_progress
 from .store import (
     FORMAT_VERSION,
@@ -38,11 +46,16 @@ from .store import (
     CachedSample,
     CacheError,
     Manifest,
+    check_teacher_name,
+    default_teacher_name,
     describe_teacher,
+    open_cache,
     read_sidecar,
     same_fingerprint,
+    teacher_dir,
     verify_shard,
     write_shard,
+    write_teacher_shard,
 )
 from .teachers import Preprocess, Teacher, load_teacher
 
@@ -80,6 +93,17 @@ class ExtractConfig:
     prompts: bool = True  # write prompts.h5 (zero-shot class prompts); a re-run adds the sets it lacks
     prompt_sets: list[str] | None = None  # named sets beyond the defaults (e.g. imagenet, imagenet-simple)
     progress: bool = True
+    add_teacher: bool = False  # run `teacher` over the existing cache `out` (its stored images and views)
+    teacher_name: str | None = None  # the added teacher's name in the cache (default: its label, folder-safe)
+    overwrite_teacher: str | None = None  # replace the added teacher of this name (another teacher's weights)
+    extra_teachers: list[str] | None = None  # more teachers (--teacher again), added after the first one
+    extra_pretrained: list[str] | None = None  # their weights, one each in order ("none": without weights)
+
+
+# Settings of the add-teacher path, left out of the manifest's "config" so a single-teacher cache's
+# manifest is what it always was.
+ADD_TEACHER_SETTINGS = ("add_teacher", "teacher_name", "overwrite_teacher", "extra_teachers", "extra_pretrained")
+NO_WEIGHTS = "none"  # an --pretrained entry of a teacher without weights, when several are paired
 
 
 # --------------------------------------------------------------------------- workers: decode
@@ -207,7 +231,7 @@ def manifest_header(cfg: ExtractConfig, teacher: Teacher, source: Source) -> dic
         "source": {"spec": str(cfg.data), "kind": source.name, "report": source.report(),
                    "split_file": cfg.split_file, "keep_leaky": cfg.keep_leaky},
         "classnames": source.classnames(),
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", *ADD_TEACHER_SETTINGS)},
         "splits": {},
     }
 
@@ -250,7 +274,9 @@ def prepare_out(root: Path, header: dict[str, Any], overwrite: bool) -> Manifest
         wipe_cache(root)
         existing = None
     root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(root, {**header, "splits": existing.data.get("splits", {}) if existing else {}})
+    manifest = Manifest(root, {**header, "splits": {}})
+    if existing is not None:  # resuming keeps the shards and the teachers added to the cache (format 2)
+        manifest.data.update({k: existing.data[k] for k in ("splits", "teachers", "format") if k in existing.data})
     return manifest
 
 
@@ -407,12 +433,63 @@ def summary(manifest: Manifest) -> dict[str, Any]:
 
 
 def run(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract every split of cfg.data into the cache cfg.out; returns the split summary.
+    """Extract every split of cfg.data into the cache cfg.out (or, with ``add_teacher``, run cfg.teacher
+    over the cache cfg.out); returns the split summary.
 
     Stopped by SIGTERM / SIGUSR1: returns ``{"stopped": signal name}`` instead (see the module docstring).
     """
+    extra = extra_teacher_configs(cfg)
     with runtime.stop_requests() as request:
-        return extract_all(cfg, request)
+        if cfg.add_teacher:
+            return add_teacher(cfg, request)
+        if cfg.teacher_name is not None or cfg.overwrite_teacher is not None:
+            raise BadValue("--teacher-name and --overwrite-teacher go with --add-teacher (the first teacher of a "
+                           "cache is named by its label)")
+        result = extract_all(cfg, request)
+        for more in extra:  # the first teacher as always, then each other one over its stored views
+            if "stopped" in result:
+                break
+            added = add_teacher(more, request)
+            if "stopped" in added:
+                return added
+            log.info("teacher %s added: %s", more.teacher, {k: v["count"] for k, v in added.items()})
+        return result
+
+
+def teacher_options(teachers: list[str] | None, pretrained: list[str] | None) -> dict[str, Any]:
+    """--teacher and --pretrained, each given once or more, as ExtractConfig's fields (None: not given).
+
+    One teacher takes at most one --pretrained; several take none or one each, in order.
+    """
+    teachers, pretrained = teachers or [], pretrained or []
+    if len(teachers) > 1 and pretrained and len(pretrained) != len(teachers):
+        raise BadValue(f"{len(teachers)} --teacher and {len(pretrained)} --pretrained: give one --pretrained per "
+                       f"--teacher, in order ({NO_WEIGHTS!r} for a teacher without weights), or none")
+    if len(teachers) <= 1 and len(pretrained) > 1:
+        raise BadValue(f"{len(pretrained)} --pretrained for one --teacher")
+    weights = [None if w == NO_WEIGHTS and len(teachers) > 1 else w for w in pretrained]
+    return {"teacher": teachers[0] if teachers else None, "pretrained": weights[0] if weights else None,
+            "extra_teachers": teachers[1:] or None, "extra_pretrained": weights[1:] or None}
+
+
+def extra_teacher_configs(cfg: ExtractConfig) -> list[ExtractConfig]:
+    """The add-teacher configs of ``cfg.extra_teachers``, checked before anything runs."""
+    teachers, weights = cfg.extra_teachers or [], cfg.extra_pretrained
+    if not teachers:
+        if weights:
+            raise BadValue("more --pretrained than --teacher")
+        return []
+    if cfg.add_teacher:
+        raise BadValue("--add-teacher adds one --teacher at a time")
+    if runtime.detect_launch().world_size > 1:
+        raise CannotRun("several --teacher run in one process for now (the ones after the first use "
+                        "--add-teacher's path); run without torchrun / srun")
+    if weights is not None and len(weights) != len(teachers):
+        raise BadValue(f"{len(teachers)} extra teachers and {len(weights)} extra pretrained: give one each, in order "
+                       f"({NO_WEIGHTS!r} for a teacher without weights)")
+    pairs = zip(teachers, weights or [None] * len(teachers))
+    return [replace(cfg, teacher=t, pretrained=None if w == NO_WEIGHTS else w, add_teacher=True,
+                    extra_teachers=None, extra_pretrained=None) for t, w in pairs]
 
 
 def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, Any]:
@@ -464,3 +541,186 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     for split, info in result.items():
         info["seconds"] = round(seconds.get(split, 0.0), 3)  # this process's time on the split
     return result
+
+
+# --------------------------------------------------------------------------- adding a teacher
+
+
+def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, Any]:
+    """Run ``cfg.teacher`` over every shard of the cache ``cfg.out`` and write its own files (module docstring)."""
+    if runtime.detect_launch().world_size > 1:
+        raise CannotRun("--add-teacher runs in one process for now; run it without torchrun / srun")
+    root = Path(cfg.out)
+    if Manifest.load(root) is None:
+        raise CacheError(f"--add-teacher needs an existing cache at {root}; create it with `kdpipe extract`")
+    manifest = Manifest(root, open_cache(root, verify="size").manifest)  # the other teachers' files are intact
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device, allow_random_init=cfg.allow_random_init)
+    check_stored_size(manifest.data, teacher.preprocess)
+    name = claim_name(manifest, teacher.fingerprint, cfg.teacher_name, cfg.overwrite_teacher)
+    splits = cfg.splits or list(manifest.data["splits"])
+    missing = sorted(set(splits) - set(manifest.data["splits"]))
+    if missing:
+        raise BadValue(f"split(s) {missing} not in the cache {root}; it has {sorted(manifest.data['splits'])}")
+    warn_other_view0(manifest.data, teacher.preprocess, name)
+    if name not in manifest.teachers():
+        manifest.add_teacher(name, teacher.fingerprint, teacher.embed_dim, teacher.logit_scale)
+    manifest.save()
+    seconds = {}
+    with on_write_failure(lambda: kept_teacher_shards(manifest, name)):
+        for split in splits:
+            start = time.perf_counter()
+            add_split(cfg, teacher, name, manifest, split, precision, request)
+            seconds[split] = time.perf_counter() - start
+            if request:
+                return {"stopped": request.signal}
+    done = manifest.teachers()[name]["splits"]
+    empty = {"count": 0, "captions": 0, "shards": []}
+    return {split: {"count": done.get(split, empty)["count"], "captions": done.get(split, empty)["captions"],
+                    "skipped": {}, "shards": len(done.get(split, empty)["shards"]), "seconds": round(seconds[split], 3)}
+            for split in splits}
+
+
+def check_stored_size(manifest: dict[str, Any], pre: Preprocess) -> None:
+    """Refuse a teacher whose input is larger than the stored images (view 0 would be upsampled)."""
+    stored = int(manifest["view_policy"]["store_size"])
+    if stored < pre.size:
+        raise BadValue(f"this teacher's input is {pre.size} px but the cache stores images of at most {stored} px: "
+                       f"view 0 would be upsampled; it needs a cache extracted with --store-size >= {pre.size}")
+
+
+def claim_name(manifest: Manifest, fingerprint: dict[str, Any], wanted: str | None, overwrite: str | None) -> str:
+    """The added teacher's name in the cache; a name held by other weights is refused unless ``overwrite``
+    names it (its files are then removed). The same name and weights again: the add resumes."""
+    name = check_teacher_name(wanted or default_teacher_name(fingerprint))
+    teachers = manifest.teachers()
+    if overwrite is not None and overwrite != name:
+        raise BadValue(f"--overwrite-teacher {overwrite}: the teacher being added is named {name!r}")
+    held = next((n for n, t in teachers.items() if same_fingerprint(t["fingerprint"], fingerprint)), None)
+    if name not in teachers:
+        if held is not None:
+            raise AlreadyExists(f"teacher {describe_teacher(fingerprint)} is already in the cache as {held!r}")
+        return name
+    if teachers[name]["primary"]:
+        first = describe_teacher(teachers[name]["fingerprint"])
+        raise AlreadyExists(f"{name!r} is the cache's first teacher ({first}), whose embeddings are the shards "
+                            "themselves; " + (
+                                "it is already there" if held == name else
+                                "name this one with --teacher-name, or re-extract with --overwrite"))
+    if held == name and overwrite is None:
+        return name  # resume
+    if overwrite is None:
+        raise AlreadyExists(f"the cache already has a teacher {name!r} with other weights "
+                            f"({describe_teacher(teachers[name]['fingerprint'])}); pass --overwrite-teacher {name} "
+                            "to replace it, or --teacher-name to add this one under another name")
+    drop_teacher(manifest, name)
+    return name
+
+
+def drop_teacher(manifest: Manifest, name: str) -> None:
+    """Forget an added teacher, then remove its files (the manifest never lists files that are gone)."""
+    log.warning("--overwrite-teacher: removing teacher %r from %s", name, manifest.root)
+    manifest.drop_teacher(name)
+    manifest.save()
+    for split in manifest.data["splits"]:
+        shutil.rmtree(teacher_dir(manifest.root / split, name), ignore_errors=True)
+
+
+def warn_other_view0(manifest: dict[str, Any], pre: Preprocess, name: str) -> None:
+    """View 0 is replayed as stored (the first teacher's eval resize), so every teacher sees the same pixels."""
+    stored = manifest["view_policy"]["view0"]
+    if stored != pre.resize_mode:
+        log.warning("teacher %r resizes with %r for eval, but view 0 of this cache is %r (the first teacher's): "
+                    "it sees view 0 as stored, the same pixels as every other teacher", name, pre.resize_mode, stored)
+
+
+def add_split(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifest, split: str, precision: str,
+              request: runtime.StopRequest) -> None:
+    """The added teacher's shards of one split, each skipped when already complete; stops at ``request``."""
+    split_dir = manifest.root / split
+    todo = []
+    for primary in manifest.split(split)["shards"]:
+        entry = finished_teacher_entry(split_dir, name, primary)
+        if entry is None:
+            todo.append(primary)
+        else:
+            manifest.add_teacher_shard(name, split, entry)
+    manifest.save()
+    log.info("%s: teacher %r has %d of %d shards, adding the rest", split, name,
+             len(manifest.split(split)["shards"]) - len(todo), len(manifest.split(split)["shards"]))
+    if todo:
+        add_shards(cfg, teacher, name, manifest, split, todo, precision, request)
+
+
+def add_shards(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifest, split: str,
+               todo: list[dict[str, Any]], precision: str, request: runtime.StopRequest) -> None:
+    """Embed and write the teacher's shards for the primary entries ``todo``; at ``request`` the shards in
+    flight are dropped."""
+    split_dir = manifest.root / split
+    stream = StoredStream([(p["index"], str(split_dir / f"{p['name']}.tar"), p["count"]) for p in todo],
+                          cfg.batch_size, teacher.preprocess)
+    loader = DataLoader(stream, batch_size=None, num_workers=min(cfg.workers, len(todo)),
+                        pin_memory=runtime.pin_memory(teacher.device), worker_init_fn=runtime.WorkerInit())
+    counts = {p["index"]: p["count"] for p in todo}
+    pending: dict[int, list[CachedSample]] = {}
+    with make_progress("img", disable=not cfg.progress) as progress:
+        task = progress.add_task(f"add {name} {split}", total=sum(counts.values()), info="")
+        for item in loader:
+            if request:
+                return
+            if isinstance(item, UnitDone):
+                samples = pending.pop(item.index, [])
+                if len(samples) != counts[item.index]:
+                    raise CacheError(f"{split} shard {item.index} holds {len(samples)} samples, its manifest entry "
+                                     f"{counts[item.index]}; the cache is corrupt")
+                entry = write_teacher_shard(split_dir, name, item.index, samples, teacher.embed_dim)
+                manifest.add_teacher_shard(name, split, entry)
+                manifest.save()
+                continue
+            index, batch = item
+            pending.setdefault(index, []).extend(embed_batch(teacher, batch, precision))
+            progress.update(task, advance=len(batch))
+
+
+def finished_teacher_entry(split_dir: Path, name: str, primary: dict[str, Any]) -> dict[str, Any] | None:
+    """The added teacher's entry of a shard when its files are complete and match the primary shard."""
+    folder = teacher_dir(split_dir, name)
+    entry = read_sidecar(folder, primary["index"])
+    if entry is None or verify_shard(folder, entry, full=True, exts=("h5",)) is not None:
+        return None
+    return entry if (entry["count"], entry["captions"]) == (primary["count"], primary["captions"]) else None
+
+
+class StoredStream(IterableDataset):
+    """Yields (shard index, [Prepared]) batches of a cache's stored samples cut for a teacher ``pre``, and a
+    UnitDone after each shard; each DataLoader worker takes whole shards (as ``UnitStream``)."""
+
+    def __init__(self, shards: list[tuple[int, str, int]], batch_size: int, pre: Preprocess) -> None:
+        self.shards, self.batch_size, self.pre = shards, batch_size, pre  # shards: (index, tar path, count)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for index, tar, count in self.shards[wid::nw]:
+            stream = iter(stored_samples(tar) if count else ())  # webdataset refuses an empty tar
+            while batch := [replayed(s, self.pre) for _, s in zip(range(self.batch_size), stream)]:
+                yield index, batch
+            yield UnitDone(index)
+
+
+def replayed(stored: StoredSample, pre: Preprocess) -> Prepared:
+    """A stored sample with its stored views cut for the teacher ``pre``: [V, 3, S, S] normalised pixels."""
+    pixels = views.normalize_images(replay_views(stored.jpg, stored.views, pre.size, pre.interpolation),
+                                    pre.mean, pre.std)
+    return Prepared(stored.key, stored.jpg, stored.views, pixels, stored.captions, stored.label)
+
+
+def kept_teacher_shards(manifest: Manifest, name: str) -> tuple[str, str]:
+    """After a failed write: how many of the added teacher's shards are complete, and that a re-run resumes."""
+    splits = manifest.teachers().get(name, {}).get("splits", {})
+    done = sum(len(info["shards"]) for info in splits.values())
+    total = sum(len(info["shards"]) for info in manifest.data["splits"].values())
+    return (f"{done} of {total} shards of teacher {name!r} are complete and listed in {manifest.path}; "
+            "the other teachers' files are untouched",
+            "free some space, then re-run the same command: it keeps the complete shards and adds the rest")

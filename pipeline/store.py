@@ -7,6 +7,13 @@ sidecar is written last, so a shard with a sidecar is complete; the manifest lis
 only after its sidecar exists, and every reader checks sizes (and on request sha256) against it.
 A disk that fills up while a shard is written raises ``errors.WriteFailed`` with the shard's size;
 the shard's temporary files are removed and the shards before it stay complete.
+
+Several teachers (ensemble distillation): the first teacher (the *primary*) owns the tar and h5
+members above, exactly as in a single-teacher cache. Each teacher added later has its own files,
+``SPLIT/teachers/NAME/shard-NNNNNN.h5`` (the primary h5's layout, same keys in the same order)
+and its sidecar ``shard-NNNNNN.json``, written in that order, so adding a teacher never rewrites
+a byte of another teacher's files. The manifest's ``teachers`` table lists every teacher by name
+(``Manifest.teachers``); a cache without it is a single-teacher cache (format 1).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,14 +32,17 @@ import numpy as np
 import webdataset as wds
 
 from .atomic import atomic_write, atomic_write_json
-from .errors import CannotRun, WriteFailed
+from .errors import BadValue, CannotRun, WriteFailed
 
 log = logging.getLogger("kdpipe")
 
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.h5"
 TEACHER_EVAL_JSON = "teacher_eval.json"  # the teacher's own figures (`kdpipe eval --teacher CACHE`)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a single-teacher cache; adding a teacher makes it FORMAT_TEACHERS
+FORMAT_TEACHERS = 2  # the manifest has a ``teachers`` table (readers of format 1 still read the primary)
+TEACHERS_DIR = "teachers"  # SPLIT/teachers/NAME/: an added teacher's shards
+TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class CacheError(CannotRun):
@@ -159,9 +170,58 @@ def write_shard(
         entry = _shard_entry(name, index, samples, files, skipped or {})
         atomic_write_json(split_dir / f"{name}.json", entry)
     except WriteFailed as err:
-        for path in files.values():  # a shard without its sidecar is unfinished: give its space back
-            path.unlink(missing_ok=True)
-        err.needed, err.needed_for = shard_bytes(samples), f"{name} (tar + h5)"
+        _unfinished(files.values(), err, shard_bytes(samples), f"{name} (tar + h5)")
+        raise
+    return entry
+
+
+def _unfinished(files: Any, err: WriteFailed, needed: int, what: str) -> None:
+    """A shard without its sidecar is unfinished: give its space back; the error says what it needed."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    err.needed, err.needed_for = needed, what
+
+
+def teacher_dir(split_dir: Path, name: str) -> Path:
+    """Where an added teacher's shards of one split live: ``SPLIT/teachers/NAME``."""
+    return split_dir / TEACHERS_DIR / name
+
+
+def check_teacher_name(name: str) -> str:
+    """A teacher name is a folder name: letters, digits, ``.``, ``_``, ``-`` (at most 64)."""
+    if not TEACHER_NAME.fullmatch(name):
+        raise BadValue(f"teacher name {name!r} is not usable as a folder name; use letters, digits, '.', '_' "
+                       "and '-' (at most 64, starting with a letter or digit), e.g. --teacher-name vitb32")
+    return name
+
+
+def default_teacher_name(fp: dict[str, Any]) -> str:
+    """The name a teacher gets in a cache unless one is given: its label (else its open_clip name), made
+    folder-safe ("ViT-B-32", "shapes-vit", "hf-hub_org_model")."""
+    raw = str(fp.get("label") or fp.get("name") or "teacher")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._-") or "teacher"
+    return safe[:64]
+
+
+def write_teacher_shard(split_dir: Path, teacher: str, index: int, samples: list[CachedSample],
+                        embed_dim: int) -> dict[str, Any]:
+    """Write an added teacher's shard (h5, then sidecar) crash-safely; return its manifest entry.
+
+    ``samples`` are the primary shard's samples in its order, with this teacher's embeddings; only
+    the embeddings, norms, keys and labels are written (the images and views stay in the primary tar).
+    """
+    folder = teacher_dir(split_dir, teacher)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = shard_name(index)
+    h5 = folder / f"{name}.h5"
+    try:
+        atomic_write(h5, lambda tmp: _write_h5(tmp, samples, embed_dim))
+        entry = {"name": name, "index": index, "count": len(samples),
+                 "captions": int(sum(len(s.captions) for s in samples)), "h5": file_digest(h5)}
+        atomic_write_json(folder / f"{name}.json", entry)
+    except WriteFailed as err:
+        arrays = sum(s.img.size * 2 + s.txt.size * 2 + (s.img_norms.size + s.txt_norms.size) * 4 + 32 for s in samples)
+        _unfinished([h5], err, arrays + 8192, f"{teacher}/{name}.h5")
         raise
     return entry
 
@@ -180,9 +240,13 @@ def _shard_entry(name: str, index: int, samples: list[CachedSample], files: dict
     }
 
 
-def verify_shard(split_dir: Path, entry: dict[str, Any], full: bool = True) -> str | None:
-    """None when the shard's files match its entry, else a reason. ``full`` checks sha256."""
-    for ext in ("tar", "h5"):
+def verify_shard(split_dir: Path, entry: dict[str, Any], full: bool = True,
+                 exts: tuple[str, ...] = ("tar", "h5")) -> str | None:
+    """None when the shard's files match its entry, else a reason. ``full`` checks sha256.
+
+    ``exts``: the files of the shard; an added teacher's shard (in its ``teacher_dir``) is ``("h5",)``.
+    """
+    for ext in exts:
         path = split_dir / f"{entry['name']}.{ext}"
         if not path.exists():
             return f"{path} is missing"
@@ -247,6 +311,38 @@ class Manifest:
             for reason, n in s["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
         info["skipped"] = dict(sorted(skipped.items()))
+
+    # ----------------------------------------------------------------- teachers
+
+    def teachers(self) -> dict[str, dict[str, Any]]:
+        """name -> {"fingerprint", "embed_dim", "logit_scale", "primary": bool[, "splits"]}, the primary first.
+
+        A single-teacher cache (no ``teachers`` table) has one, named by ``default_teacher_name``.
+        An added teacher's ``splits`` maps a split to {"count", "captions", "shards": [sidecar entries]}.
+        """
+        if "teachers" in self.data:
+            return self.data["teachers"]
+        return {default_teacher_name(self.data["teacher"]): {
+            "fingerprint": self.data["teacher"], "embed_dim": self.data["embed_dim"],
+            "logit_scale": self.data["logit_scale"], "primary": True}}
+
+    def add_teacher(self, name: str, fingerprint: dict[str, Any], embed_dim: int, logit_scale: float) -> None:
+        """Record an added teacher (no shards yet); the cache becomes format 2."""
+        table = self.teachers()
+        table[name] = {"fingerprint": fingerprint, "embed_dim": embed_dim, "logit_scale": logit_scale,
+                       "primary": False, "splits": {}}
+        self.data["teachers"] = table
+        self.data["format"] = FORMAT_TEACHERS
+
+    def drop_teacher(self, name: str) -> None:
+        """Forget an added teacher (its files are the caller's to remove)."""
+        self.data.get("teachers", {}).pop(name, None)
+
+    def add_teacher_shard(self, name: str, split: str, entry: dict[str, Any]) -> None:
+        """Record (or replace) an added teacher's shard entry and recompute its split totals."""
+        info = self.teachers()[name]["splits"].setdefault(split, {"count": 0, "captions": 0, "shards": []})
+        shards = sorted([s for s in info["shards"] if s["name"] != entry["name"]] + [entry], key=lambda s: s["name"])
+        info.update(shards=shards, count=sum(s["count"] for s in shards), captions=sum(s["captions"] for s in shards))
 
 
 # --------------------------------------------------------------------------- reading
@@ -325,14 +421,16 @@ class Cache:
     def count(self, split: str) -> int:
         return int(self.require_split(split)["count"])
 
-    def iter_h5(self, split: str, fields: tuple[str, ...] | None = None) -> Iterator[H5Shard]:
-        """Shards of a split one at a time (memory: one shard)."""
-        for path in self.shard_paths(split, "h5"):
+    def iter_h5(self, split: str, fields: tuple[str, ...] | None = None,
+                teacher: str | None = None) -> Iterator[H5Shard]:
+        """Shards of a split one at a time (memory: one shard); ``teacher``: whose embeddings (default: the primary)."""
+        paths = self.shard_paths(split, "h5") if teacher is None else self.teacher_h5_paths(split, teacher)
+        for path in paths:
             yield read_h5_shard(path, fields)
 
-    def load_split(self, split: str, fields: tuple[str, ...] | None = None) -> H5Shard:
+    def load_split(self, split: str, fields: tuple[str, ...] | None = None, teacher: str | None = None) -> H5Shard:
         """All shards of a split concatenated in memory (val/test eval and analysis)."""
-        shards = list(self.iter_h5(split, fields))
+        shards = list(self.iter_h5(split, fields, teacher))
         offsets = [np.zeros(1, np.int64)]
         base = 0
         for s in shards:
@@ -345,6 +443,52 @@ class Cache:
     @property
     def prompts_path(self) -> Path:
         return self.root / PROMPTS
+
+    # ----------------------------------------------------------------- teachers
+
+    def teachers(self) -> dict[str, dict[str, Any]]:
+        """Every teacher by name, the primary first (``Manifest.teachers``)."""
+        return Manifest(self.root, self.manifest).teachers()
+
+    @property
+    def primary(self) -> str:
+        """The name of the teacher whose embeddings are the tar and h5 members."""
+        return next(iter(self.teachers()))
+
+    def teacher_entry(self, name: str) -> dict[str, Any]:
+        teachers = self.teachers()
+        if name not in teachers:
+            raise CacheError(f"cache {self.root} has no teacher {name!r}; it has {', '.join(teachers)}")
+        return teachers[name]
+
+    def find_teacher(self, fingerprint: dict[str, Any]) -> str | None:
+        """The name under which this teacher (``same_fingerprint``) is in the cache, or None."""
+        return next((n for n, t in self.teachers().items() if same_fingerprint(t["fingerprint"], fingerprint)), None)
+
+    def teacher_h5_paths(self, split: str, teacher: str) -> list[Path]:
+        """A teacher's h5 files of a split, in shard order (non-empty shards, as ``shard_paths``).
+
+        Refuses a teacher whose extraction has not covered the split yet.
+        """
+        entry = self.teacher_entry(teacher)
+        if entry["primary"]:
+            return self.shard_paths(split, "h5")
+        names = [s["name"] for s in self.require_split(split)["shards"] if s["count"]]
+        done = {s["name"] for s in entry["splits"].get(split, {}).get("shards", [])}
+        missing = [n for n in names if n not in done]
+        if missing:
+            raise CacheError(f"teacher {teacher!r} of cache {self.root} lacks {len(missing)} of {len(names)} "
+                             f"shards of split {split!r}; re-run `kdpipe extract --add-teacher` with that teacher "
+                             "to finish it")
+        return [teacher_dir(self.root / split, teacher) / f"{n}.h5" for n in names]
+
+    def teacher_shard(self, split: str, shard: str, teacher: str,
+                      fields: tuple[str, ...] | None = None) -> H5Shard:
+        """One teacher's embeddings of one shard (by shard name, e.g. "shard-000003"); same layout as the primary's."""
+        paths = [p for p in self.teacher_h5_paths(split, teacher) if p.stem == shard]
+        if not paths:
+            raise CacheError(f"cache {self.root} has no non-empty shard {shard!r} in split {split!r}")
+        return read_h5_shard(paths[0], fields)
 
 
 def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict | None = None) -> Cache:
@@ -371,7 +515,26 @@ def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict |
                 if problem:
                     raise CacheError(f"cache {root} is corrupt: {problem}; re-run the same "
                                      "`kdpipe extract` command to rewrite that shard")
+        for name in list(cache.teachers())[1:]:
+            verify_teacher(cache, name, full=verify == "sha256")
     return cache
+
+
+def verify_teacher(cache: Cache, name: str, full: bool) -> None:
+    """An added teacher's listed shards: files match their entries and hold the primary shard's samples.
+
+    A shard not listed yet (an add in progress) is no error here; ``Cache.teacher_h5_paths`` refuses it.
+    """
+    primary = {split: {s["name"]: s for s in info["shards"]} for split, info in cache.manifest["splits"].items()}
+    for split, info in cache.teacher_entry(name).get("splits", {}).items():
+        for entry in info["shards"]:
+            own = primary.get(split, {}).get(entry["name"])
+            problem = verify_shard(teacher_dir(cache.root / split, name), entry, full, exts=("h5",))
+            if own is None or (own["count"], own["captions"]) != (entry["count"], entry["captions"]):
+                problem = f"{split}/{entry['name']} of teacher {name!r} does not match the cache's shard"
+            if problem:
+                raise CacheError(f"cache {cache.root} is corrupt: {problem}; re-run `kdpipe extract --add-teacher` "
+                                 f"with teacher {name!r} (and --overwrite-teacher {name} if that does not fix it)")
 
 
 # Fingerprint keys that describe a teacher without identifying it: the open_clip version changes no

@@ -1,0 +1,383 @@
+"""Several teachers in one cache: `extract --add-teacher`, the per-teacher files and their refusals.
+
+The first teacher (tiny-clip, 32 px, D = 32) makes the cache as always; teacher "b" (tiny-clip's
+architecture at 48 px with D = 24) is added from the stored images and views.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdpipe import extract as extract_mod
+from kdpipe import store
+from kdpipe.cli.main import app
+from kdpipe.data import views as V
+from kdpipe.data.shapes import make_shapes
+from kdpipe.errors import AlreadyExists, BadValue
+from kdpipe.extract import ExtractConfig, run
+from kdpipe.teachers import load_teacher
+from kdpipe.weights import CONFIG_DIR
+
+
+def _cfg(data: Path | str, out: Path, **kw) -> ExtractConfig:
+    base = dict(teacher="tiny-clip", data=str(data), out=str(out), views=3, batch_size=4, workers=0,
+                device="cpu", shard_size=8, progress=False, prompts=False, allow_random_init=True)
+    return ExtractConfig(**{**base, **kw})
+
+
+def _teacher_b(path: Path, embed_dim: int = 24, size: int = 48) -> Path:
+    """tiny-clip's architecture at another input size and embedding width (a model-config JSON)."""
+    cfg = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
+    cfg["embed_dim"], cfg["vision_cfg"]["image_size"] = embed_dim, size
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _add(out: Path, teacher: Path, **kw) -> dict:
+    return run(_cfg("", out, teacher=str(teacher), add_teacher=True, **{"teacher_name": "b", **kw}))
+
+
+def _digests(root: Path, skip_teacher: str | None = None) -> dict[str, str]:
+    """sha256 of every file of a cache but the manifest (and, when given, one added teacher's folders)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_dir() or rel.name == store.MANIFEST or (skip_teacher and f"teachers/{skip_teacher}/" in str(rel)):
+            continue
+        out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, 20, 6, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "c"
+    run(_cfg(world, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(single, tmp_path_factory) -> Path:
+    """The single-teacher cache with teacher "b" added."""
+    root = tmp_path_factory.mktemp("two")
+    out = root / "c"
+    shutil.copytree(single, out)
+    _add(out, _teacher_b(root / "b.json"))
+    return out
+
+
+def test_single_teacher_cache_is_format_1_with_its_teacher_named(single):
+    manifest = json.loads((single / store.MANIFEST).read_text())
+    assert manifest["format"] == 1 and "teachers" not in manifest
+    assert not any("add_teacher" in k or k.endswith("_teacher") for k in manifest["config"])
+    assert not list(single.rglob(store.TEACHERS_DIR))
+    cache = store.open_cache(single, verify="sha256")
+    assert list(cache.teachers()) == ["tiny-clip"] and cache.primary == "tiny-clip"
+    by_name, plain = cache.load_split("train", teacher="tiny-clip"), cache.load_split("train")
+    assert by_name.keys == plain.keys and np.array_equal(by_name.img, plain.img)
+
+
+def test_added_teacher_round_trip(two, single, tmp_path):
+    """Its own files, the primary's keys in order, and its embeddings = the teacher on the replayed stored views."""
+    cache = store.open_cache(two, verify="sha256")
+    assert cache.manifest["format"] == 2 and list(cache.teachers()) == ["tiny-clip", "b"]
+    entry = cache.teacher_entry("b")
+    assert entry["embed_dim"] == 24 and entry["fingerprint"]["preprocess"]["size"] == 48
+    assert entry["splits"]["train"]["count"] == 20 and len(entry["splits"]["train"]["shards"]) == 3
+    assert (two / "val" / "teachers" / "b" / "shard-000000.h5").exists()
+    assert _digests(two, skip_teacher="b") == _digests(single)  # nothing of the first teacher rewritten
+    primary, b = cache.load_split("val"), cache.load_split("val", teacher="b")
+    assert b.keys == primary.keys and b.img.shape == (6, 3, 24) and b.txt.shape == (len(primary.txt), 24)
+    assert np.array_equal(b.txt_offsets, primary.txt_offsets) and np.array_equal(b.labels, primary.labels)
+    shard = cache.teacher_shard("val", "shard-000000", "b")
+    assert shard.keys == b.keys and np.array_equal(shard.img, b.img)
+
+    teacher = load_teacher(str(_teacher_b(tmp_path / "b.json")), device=torch.device("cpu"), allow_random_init=True)
+    pre = teacher.preprocess
+    tar = {s["__key__"]: s for s in _tar(two / "val" / "shard-000000.tar")}
+    for n, key in enumerate(b.keys[:2]):
+        stored = V.decode_image(tar[key]["jpg"]).convert("RGB")
+        for v, view in enumerate(json.loads(tar[key]["views.json"])):
+            x = V.to_tensor(V.apply_view(stored, V.View.from_dict(view), 48, pre.interpolation), pre.mean, pre.std)
+            feat = torch.nn.functional.normalize(teacher.encode_images(x[None]).float(), dim=-1)[0]
+            assert float(feat @ torch.from_numpy(b.img[n, v].astype(np.float32))) >= 0.999
+        captions = json.loads(tar[key]["captions.json"])
+        ref = torch.nn.functional.normalize(teacher.encode_texts(captions, trim=False).float(), dim=-1)
+        got = torch.from_numpy(b.txt[b.txt_offsets[n]:b.txt_offsets[n + 1]].astype(np.float32))
+        assert float((ref * got).sum(-1).min()) >= 0.999
+
+
+def _tar(path: Path) -> list[dict]:
+    import webdataset as wds
+
+    return list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+
+
+def test_rerun_is_a_noop(two, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in two.rglob("*.h5")}
+    _add(two, _teacher_b(tmp_path / "b.json"))
+    assert {p: p.stat().st_mtime_ns for p in two.rglob("*.h5")} == before
+
+
+def test_rerunning_the_first_teachers_extract_keeps_the_added_teachers(world, two, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    before = _digests(out)
+    run(_cfg(world, out))
+    manifest = json.loads((out / store.MANIFEST).read_text())
+    assert manifest["format"] == 2 and list(manifest["teachers"]) == ["tiny-clip", "b"]
+    assert _digests(out) == before
+    assert store.open_cache(out, verify="sha256").load_split("val", teacher="b").img.shape == (6, 3, 24)
+
+
+def test_killed_add_resumes_without_touching_the_other_teachers(single, two, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    b = _teacher_b(tmp_path / "b.json")
+    _add(out, _teacher_b(tmp_path / "c.json", embed_dim=16), teacher_name="c")  # a third teacher, there before
+    before = _digests(out)
+    real, calls = extract_mod.write_teacher_shard, {"n": 0}
+
+    def crashing(split_dir, teacher, index, samples, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a truncated h5 without sidecar, as a SIGKILL would leave it
+            folder = store.teacher_dir(split_dir, teacher)
+            (folder / f"{store.shard_name(index)}.h5").write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt
+        return real(split_dir, teacher, index, samples, *a, **kw)
+
+    monkeypatch.setattr(extract_mod, "write_teacher_shard", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _add(out, b)
+    assert _digests(out, skip_teacher="b") == before
+    store.open_cache(out, verify="sha256")  # the listed shards verify; the unfinished one is not listed
+    with pytest.raises(store.CacheError, match="lacks 1 of 3 shards"):
+        store.open_cache(out).load_split("train", teacher="b")
+    first = {p: p.stat().st_mtime_ns for p in (out / "train" / "teachers" / "b").glob("shard-00000[01].h5")}
+    assert len(first) == 2
+    monkeypatch.setattr(extract_mod, "write_teacher_shard", real)
+    _add(out, b)
+    assert _digests(out, skip_teacher="b") == before
+    assert {p: p.stat().st_mtime_ns for p in first} == first
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    assert list(cache.teachers()) == ["tiny-clip", "c", "b"]
+    for split in ("train", "val"):
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
+
+
+def test_a_name_held_by_other_weights_is_refused_unless_overwritten(two, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    other = _teacher_b(tmp_path / "other.json", embed_dim=20)
+    with pytest.raises(AlreadyExists, match="--overwrite-teacher b"):
+        _add(out, other)
+    primary_files = _digests(out, skip_teacher="b")
+    _add(out, other, overwrite_teacher="b")
+    cache = store.open_cache(out, verify="sha256")
+    assert cache.teacher_entry("b")["embed_dim"] == 20 and cache.load_split("val", teacher="b").img.shape[-1] == 20
+    assert _digests(out, skip_teacher="b") == primary_files
+    with pytest.raises(BadValue, match="named 'b'"):
+        _add(out, other, overwrite_teacher="x")
+
+
+def test_first_teacher_and_duplicates_refused(two, tmp_path):
+    with pytest.raises(AlreadyExists, match="first teacher.*--overwrite"):  # other weights under the primary's name
+        run(_cfg("", two, teacher=str(_teacher_b(tmp_path / "x.json", embed_dim=20)), add_teacher=True,
+                 teacher_name="tiny-clip"))
+    with pytest.raises(AlreadyExists, match="already in the cache as 'b'"):
+        _add(two, _teacher_b(tmp_path / "b.json"), teacher_name="again")
+    with pytest.raises(AlreadyExists, match="already there"):
+        run(_cfg("", two, add_teacher=True))
+    with pytest.raises(BadValue, match="folder name"):
+        _add(two, _teacher_b(tmp_path / "b.json"), teacher_name="../up")
+    before = (two / store.MANIFEST).read_bytes()
+    with pytest.raises(BadValue, match=r"split\(s\) \['test'\] not in the cache"):
+        _add(two, _teacher_b(tmp_path / "d.json", embed_dim=12), teacher_name="d", splits=["test"])
+    assert (two / store.MANIFEST).read_bytes() == before  # nothing recorded for a refused teacher
+
+
+def test_teacher_larger_than_the_stored_images_is_refused(world, tmp_path):
+    out = tmp_path / "small"
+    run(_cfg(world, out, store_size=40, views=1, splits=["val"]))
+    with pytest.raises(BadValue, match=r"input is 48 px.*at most 40 px.*--store-size >= 48"):
+        _add(out, _teacher_b(tmp_path / "b.json"))
+    assert not list(out.rglob(store.TEACHERS_DIR)) and "teachers" not in json.loads((out / store.MANIFEST).read_text())
+
+
+def test_corrupt_added_teacher_detected(two, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    h5 = out / "train" / "teachers" / "b" / "shard-000001.h5"
+    data = bytearray(h5.read_bytes())
+    data[-10] ^= 0xFF
+    h5.write_bytes(bytes(data))
+    store.open_cache(out)  # same size
+    with pytest.raises(store.CacheError, match="teachers/b/shard-000001.h5 does not match its sha256"):
+        store.open_cache(out, verify="sha256")
+
+
+def test_cli_add_teacher(single, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    b = _teacher_b(tmp_path / "b.json")
+    args = ["extract", "--add-teacher", "--teacher", str(b), "--out", str(out), "--teacher-name", "b",
+            "--device", "cpu", "--workers", "0", "--allow-random-init"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "20 images" in result.output and list(store.open_cache(out).teachers()) == ["tiny-clip", "b"]
+    result = CliRunner().invoke(app, [*args, "--overwrite-teacher", "z"])
+    assert result.exit_code == 2 and "named 'b'" in result.output
+    result = CliRunner().invoke(app, ["extract", "--teacher", "tiny-clip", "--data", str(tmp_path), "--out",
+                                      str(tmp_path / "n"), "--teacher-name", "x"])
+    assert result.exit_code == 2 and "go with --add-teacher" in result.output
+
+
+def test_disk_full_while_adding_says_what_is_kept_and_a_rerun_finishes(single, two, tmp_path, monkeypatch):
+    import errno
+
+    from kdpipe.errors import WriteFailed
+
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    before, b = _digests(out), _teacher_b(tmp_path / "b.json")
+    real, calls = store._write_h5, []
+
+    def write_h5(path, samples, embed_dim):  # the second shard of teacher b meets a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, samples, embed_dim)
+
+    monkeypatch.setattr(store, "_write_h5", write_h5)
+    with pytest.raises(WriteFailed) as err:
+        _add(out, b)
+    assert err.value.needed_for == "b/shard-000001.h5" and err.value.needed > 0
+    assert err.value.kept.startswith("1 of 4 shards of teacher 'b' are complete") and "re-run" in err.value.resume
+    assert _digests(out, skip_teacher="b") == before
+    assert sorted(p.name for p in (out / "train" / "teachers" / "b").iterdir()) == ["shard-000000.h5",
+                                                                                     "shard-000000.json"]
+    monkeypatch.undo()
+    _add(out, b)
+    got = store.open_cache(out, verify="sha256").load_split("train", ("img",), teacher="b")
+    assert np.array_equal(got.img, store.open_cache(two).load_split("train", ("img",), teacher="b").img)
+
+
+def test_several_teachers_in_one_pass_equal_extract_then_add(world, two, tmp_path):
+    b = _teacher_b(tmp_path / "b.json")
+    args = ["extract", "--teacher", "tiny-clip", "--teacher", str(b), "--data", str(world), "--out",
+            str(tmp_path / "c"), "--device", "cpu", "--workers", "0", "--views", "3", "--batch-size", "4",
+            "--shard-size", "8", "--no-prompts", "--allow-random-init"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cache, ref = store.open_cache(tmp_path / "c", verify="sha256"), store.open_cache(two)
+    assert list(cache.teachers()) == ["tiny-clip", "b"]
+    for teacher in ("tiny-clip", "b"):  # the same embeddings (the files hold write times: not byte-equal)
+        got, want = cache.load_split("train", teacher=teacher), ref.load_split("train", teacher=teacher)
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
+    result = CliRunner().invoke(app, [*args[:5], "--pretrained", "openai", *args[5:]])
+    assert result.exit_code == 2 and "one --pretrained per --teacher" in result.output
+
+
+def test_teacher_options_pair_pretrained_in_order():
+    from kdpipe.extract import teacher_options
+
+    assert teacher_options(["a"], ["x"]) == {"teacher": "a", "pretrained": "x", "extra_teachers": None,
+                                             "extra_pretrained": None}
+    assert teacher_options(["a", "b", "c"], ["none", "y", "none"]) == {
+        "teacher": "a", "pretrained": None, "extra_teachers": ["b", "c"], "extra_pretrained": [None, "y", None][1:]}
+    assert teacher_options(["a", "b"], None)["extra_pretrained"] is None
+    with pytest.raises(BadValue, match="2 --pretrained for one --teacher"):
+        teacher_options(["a"], ["x", "y"])
+
+
+def test_decoding_workers_give_the_same_teacher_files(single, two, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    _add(out, _teacher_b(tmp_path / "b.json"), workers=2)
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    for split in ("train", "val"):
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
+
+
+def test_sigterm_stops_the_add_and_a_rerun_finishes(single, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    real, calls = extract_mod.embed_batch, {"n": 0}
+
+    def embed_then_term(teacher, batch, precision):  # the preemption notice arrives during the third batch
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(teacher, batch, precision)
+
+    monkeypatch.setattr(extract_mod, "embed_batch", embed_then_term)
+    result = _add(out, b := _teacher_b(tmp_path / "b.json"))
+    assert result == {"stopped": "SIGTERM"}
+    folder = out / "train" / "teachers" / "b"
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-000000.h5", "shard-000000.json"]  # 2 batches of 4
+    monkeypatch.setattr(extract_mod, "embed_batch", real)
+    assert _add(out, b)["train"]["count"] == 20
+
+
+SLOW_ADD = """
+import sys, time
+from kdpipe import extract
+from kdpipe.cli.main import app
+real = extract.embed_batch
+def slow(*a, **kw):
+    time.sleep(0.4)
+    return real(*a, **kw)
+extract.embed_batch = slow
+app()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and SIGKILL")
+def test_sigkill_mid_add_then_rerun(single, two, tmp_path):
+    """A real `kill -9` of `extract --add-teacher` after its first shard: the other files keep their bytes,
+    and the same command finishes the teacher with the embeddings of an uninterrupted add."""
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    before = _digests(out)
+    b = _teacher_b(tmp_path / "b.json")
+    args = ["extract", "--add-teacher", "--teacher", str(b), "--teacher-name", "b", "--out", str(out), "--device",
+            "cpu", "--workers", "0", "--batch-size", "4", "--allow-random-init"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_ADD, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "train" / "teachers" / "b" / "shard-000000.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert first.exists() and not (out / "val" / "teachers" / "b" / "shard-000000.json").exists()
+    assert _digests(out, skip_teacher="b") == before
+    _add(out, b)
+    assert _digests(out, skip_teacher="b") == before
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    for split in ("train", "val"):
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)

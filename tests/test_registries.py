@@ -27,7 +27,7 @@ from kdpipe.teachers import load_teacher
 from kdpipe.weights import TEACHERS
 
 from test_data_sources import captioned_csv, write_flickr, write_tar
-from test_table_inputs import shapes_records, write_hf_disk, write_img2dataset
+from test_table_inputs import shapes_records, write_hf_disk
 
 InputFixture = tuple[str, dict[str, Any]]  # a spec and open_source's keyword arguments (extract's flags)
 
@@ -54,8 +54,14 @@ def _wds(shapes_root: Path, tmp_path: Path) -> InputFixture:
 
 
 def _parquet(shapes_root: Path, tmp_path: Path) -> InputFixture:
-    for split, n in (("train", 24), ("val", 6)):  # train/ and val/ folders of img2dataset shards
-        write_img2dataset(tmp_path / "parquet" / split / "00000.parquet", shapes_records(shapes_root, split, n))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split, n in (("train", 24), ("val", 6)):  # train/ and val/ folders, every caption of an image in a list
+        records, folder = shapes_records(shapes_root, split, n), tmp_path / "parquet" / split
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"key": [r.key for r in records], "jpg": [Path(r.path).read_bytes() for r in records],
+                                 "txt": [list(r.captions) for r in records]}), folder / "00000.parquet")
     return str(tmp_path / "parquet"), {}
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import BadValue, UnknownName
+from ..errors import BadValue
 from .records import Record, Unit
-from .tables import SPLIT_NAMES, Columns, pick_columns, require_pyarrow, table_records
+from .tables import SPLIT_NAMES, Columns, TableSplits, pick_columns, require_pyarrow, table_records
 
 log = logging.getLogger("kdpipe")
 
@@ -82,7 +82,7 @@ class SplitRows:
         return iter(table_records(table, self.columns, f"{Path(self.folder).name}-", self.start, Path(self.folder)))
 
 
-class HfDiskSource:
+class HfDiskSource(TableSplits):
     """A ``save_to_disk`` folder (``DATASETS`` entry "hf"); see the module docstring."""
 
     name = "hf"
@@ -114,17 +114,6 @@ class HfDiskSource:
                      SplitRows(str(folder), start, min(start + self.shard_size, n_rows), columns),
                      min(start + self.shard_size, n_rows) - start)
                 for i, start in enumerate(range(0, n_rows, self.shard_size))]
-
-    def splits(self) -> list[str]:
-        return list(self._units)
-
-    def units(self, split: str) -> list[Unit]:
-        if split not in self._units:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._units)}")
-        return list(self._units[split])
-
-    def classnames(self) -> list[str] | None:
-        return self._classnames
 
     def report(self) -> dict:
         return {"records": dict(self._rows)}

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import BadValue, MissingInput, UnknownName
+from ..errors import BadValue, MissingInput
 from .records import Record, Unit, caption_splits
-from .tables import SPLIT_NAMES, Columns, classlabel_names, pick_columns, require_pyarrow, schema_features, table_records
+from .tables import (SPLIT_NAMES, Columns, TableSplits, classlabel_names, pick_columns, require_pyarrow,
+                     schema_features, table_records)
 
 log = logging.getLogger("kdpipe")
 
@@ -81,7 +82,7 @@ def groups_covering(metadata, start: int, stop: int) -> tuple[list[int], int]:  
     return groups, (start if first is None else first)
 
 
-class ParquetSource:
+class ParquetSource(TableSplits):
     """Parquet input (``DATASETS`` entry "parquet"); see the module docstring for the layouts."""
 
     name = "parquet"
@@ -136,17 +137,6 @@ class ParquetSource:
                 units.append(Unit(len(units), f"{file.name}[{start}:{stop}]", RowRange(str(file), start, stop, columns),
                                   stop - start))
         return units
-
-    def splits(self) -> list[str]:
-        return list(self._units)
-
-    def units(self, split: str) -> list[Unit]:
-        if split not in self._units:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._units)}")
-        return list(self._units[split])
-
-    def classnames(self) -> list[str] | None:
-        return self._classnames
 
     def report(self) -> dict:
         return {"files": {s: len(f) for s, f in self._files.items()},

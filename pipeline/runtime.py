@@ -91,10 +91,11 @@ DEFAULT_PORT = 29500  # torchrun's; a SLURM run without MASTER_PORT derives one 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run once the process group is up (``init_distributed``)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launcher: str = "none"  # none | torchrun | slurm
 
     @property
     def is_main(self) -> bool:
@@ -177,8 +178,7 @@ def init_distributed(device_name: str = "auto", timeout_min: float = DEFAULT_DIS
                                 rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(minutes=timeout_min))
         _IDLE_GROUP = dist.new_group(backend="gloo", timeout=IDLE_WAIT)
-    return DistInfo(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank,
-                    launcher=launch.launcher)
+    return DistInfo(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank)
 
 
 def local_cuda_index(local_rank: int) -> int:

@@ -9,10 +9,18 @@ so that, with C the (population) covariance of the fitted data, ``W @ C @ W.T �
 that learnt whitened targets gives directions s only; ``map_back_torch`` returns them to the
 original space as ``normalise(r · normalise(s) @ W_inv.T + mu)``, ``r = whitened_rms(w)``.
 
-ZCA: ``W = U diag((λ+ε)^-1/2) Uᵀ`` (the symmetric whitening; it rotates least, so whitened
-features stay closest to the originals). PCA: ``W = diag((λ+ε)^-1/2) Uᵀ`` (coordinates along
-the principal axes, largest variance first). ``ε = eps_rel × mean(λ)``: a relative floor, so
-the same ``eps_rel`` means the same thing whatever the scale of the embeddings.
+ZCA: ``W = U diag(s) Uᵀ`` (the symmetric whitening; it rotates least, so whitened features stay
+closest to the originals). PCA: ``W = diag(s) Uᵀ`` (coordinates along the principal axes, largest
+variance first). Full whitening has ``s = (λ+ε)^-1/2``; ``ε = eps_rel × mean(λ)``: a relative
+floor, so the same ``eps_rel`` means the same thing whatever the scale of the embeddings.
+
+Variants (``Variant``) change only the per-direction scales s, so W stays exactly invertible:
+
+- shrinkage γ: ``ε = γ·mean(λ)``, i.e. whitening Σ + γ·mean(λ)·I (γ = eps_rel; large γ ≈ no whitening);
+- partial power α: ``s = (λ+ε)^(−α/2)``: α = 1 whitens, α = 0 only centres, α = ½ halves the
+  log-spread of the spectrum (λ_max/λ_min → its square root);
+- PCA-truncated, share p: only the top k directions that hold a share p of the variance are scaled;
+  the other D − k keep s = 1 (as they are: small next to the whitened ones, so mostly dropped).
 """
 
 from __future__ import annotations
@@ -126,10 +134,91 @@ class Whitening:
     eps: float
     n: int
     method: str
+    power: float = 1.0  # α: directions scaled by (λ+ε)^(−α/2)
+    top_k: int | None = None  # the directions scaled (largest first); None: all D
 
     @property
     def dim(self) -> int:
         return int(self.mu.shape[0])
+
+    @property
+    def scales(self) -> np.ndarray:
+        """s [D]: the factor each principal direction (largest λ first) is multiplied by."""
+        return direction_scales(self.eigvals, self.eps, self.power, self.top_k)
+
+    @property
+    def is_full(self) -> bool:
+        """Whether every direction is whitened (α = 1, no truncation): W C Wᵀ = I − εWWᵀ."""
+        return self.power == 1.0 and (self.top_k is None or self.top_k == self.dim)
+
+
+DEFAULT_EPS_REL = 1e-4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which whitening to fit, beyond the method (module docstring). The defaults are full ZCA/PCA.
+
+    shrink γ (ε = γ·mean(λ)), power α in (0, 1], share p in (0, 1] of the variance held by the
+    whitened top directions (None: all directions).
+    """
+
+    shrink: float = DEFAULT_EPS_REL
+    power: float = 1.0
+    share: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.shrink >= 0:
+            raise BadValue(f"whitening shrink (eps_rel) must be >= 0, got {self.shrink}")
+        if not 0 < self.power <= 1:
+            raise BadValue(f"whitening power alpha must be in (0, 1], got {self.power}")
+        if self.share is not None and not 0 < self.share <= 1:
+            raise BadValue(f"whitening share must be in (0, 1], got {self.share}")
+
+    @property
+    def name(self) -> str:
+        """Canonical spelling: "full" for the defaults, else its non-default parts, e.g. "alpha=0.5,top=0.9"."""
+        parts = [f"alpha={self.power:g}"] if self.power != 1.0 else []
+        parts += [f"shrink={self.shrink:g}"] if self.shrink != DEFAULT_EPS_REL else []
+        parts += [f"top={self.share:g}"] if self.share is not None else []
+        return ",".join(parts) or "full"
+
+
+VARIANT_KEYS = {"alpha": "power", "shrink": "shrink", "top": "share"}
+
+
+def parse_variant(spec: str) -> Variant:
+    """``"full"`` or comma-separated ``alpha=A``, ``shrink=G``, ``top=P`` -> Variant (bad input raises)."""
+    spec = spec.strip()
+    if spec in ("", "full"):
+        return Variant()
+    kwargs: dict[str, float] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in VARIANT_KEYS:
+            raise BadValue(f"bad whitening variant part {part!r} in {spec!r}; expected 'full' or "
+                           f"comma-separated {', '.join(k + '=NUMBER' for k in VARIANT_KEYS)}")
+        try:
+            kwargs[VARIANT_KEYS[key.strip()]] = float(value)
+        except ValueError:
+            raise BadValue(f"whitening variant {spec!r}: {key.strip()} needs a number, got {value!r}") from None
+    return Variant(**kwargs)
+
+
+def top_k_of_share(eigvals: np.ndarray, share: float | None) -> int | None:
+    """The fewest leading directions whose eigenvalues hold ``share`` of the total (None: all)."""
+    if share is None:
+        return None
+    cum = np.cumsum(eigvals) / max(float(eigvals.sum()), 1e-300)
+    return int(min(np.searchsorted(cum, share - 1e-12) + 1, len(eigvals)))
+
+
+def direction_scales(eigvals: np.ndarray, eps: float, power: float = 1.0, top_k: int | None = None) -> np.ndarray:
+    """s [D] = (λ+ε)^(−α/2) on the top_k directions (all when None), 1 on the others."""
+    s = (eigvals + eps) ** (-power / 2)
+    if top_k is not None:
+        s[top_k:] = 1.0
+    return s
 
 
 # method name -> (U [D, D], s [D] = (λ+ε)^-1/2) -> (W, W_inv)
@@ -160,23 +249,33 @@ def eigh_descending(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lam, u * np.where(signs == 0, 1.0, signs)
 
 
-def fit(moments: RunningMoments, eps_rel: float = 1e-4, method: str = "zca") -> Whitening:
-    """Fit a whitening transform to accumulated moments (population covariance)."""
+def fit(moments: RunningMoments, eps_rel: float = DEFAULT_EPS_REL, method: str = "zca",
+        power: float = 1.0, share: float | None = None) -> Whitening:
+    """Fit a whitening transform to accumulated moments (population covariance).
+
+    eps_rel is the shrinkage γ, power the partial exponent α, share the variance share of the
+    whitened top directions (``Variant``; ``fit_variant`` takes one).
+    """
     build = METHODS.get(method)
-    if eps_rel < 0:
-        raise BadValue(f"eps_rel must be >= 0, got {eps_rel}")
+    Variant(eps_rel, power, share)  # validates
     if moments.n <= moments.dim:
         raise ValueError(f"whitening {moments.dim}-dim features needs more than {moments.dim} rows, "
                          f"got {moments.n}: the covariance would be singular")
     lam, u = eigh_descending(moments.cov())
     eps = float(eps_rel * lam.mean())
-    if lam[-1] + eps <= 1e-12 * lam[0]:  # numerically singular: its inverse square root is noise
+    top_k = top_k_of_share(lam, share)
+    smallest = lam[(top_k or len(lam)) - 1]
+    if smallest + eps <= 1e-12 * lam[0]:  # numerically singular: its inverse square root is noise
         rank = int((lam > 0).sum())
         raise BadValue(f"the covariance is singular (rank {rank} < {moments.dim}) and eps_rel is 0: "
-                       "use eps_rel > 0")
-    s = 1.0 / np.sqrt(lam + eps)
-    w, w_inv = build(u, s)
-    return Whitening(moments.mean(), w, w_inv, lam, eps, moments.n, method)
+                       "use eps_rel > 0 (or whiten fewer directions: share < 1)")
+    w, w_inv = build(u, direction_scales(lam, eps, power, top_k))
+    return Whitening(moments.mean(), w, w_inv, lam, eps, moments.n, method, power, top_k)
+
+
+def fit_variant(moments: RunningMoments, variant: Variant, method: str = "zca") -> Whitening:
+    """``fit`` with the variant's shrink, power and share."""
+    return fit(moments, variant.shrink, method, variant.power, variant.share)
 
 
 def whitened_cov(w: Whitening, cov: np.ndarray) -> np.ndarray:
@@ -185,7 +284,10 @@ def whitened_cov(w: Whitening, cov: np.ndarray) -> np.ndarray:
 
 
 def eps_target(w: Whitening) -> np.ndarray:
-    """W C Wᵀ the fit produces on its own data: I shrunk by ε, = I − ε W Wᵀ [D, D].
+    """W C Wᵀ a full whitening (``is_full``) produces on its own data: I shrunk by ε, = I − ε W Wᵀ [D, D].
+
+    (A partial or truncated one is not white by design: compare with ``whitened_cov`` of the
+    fitted covariance instead.)
 
     (ZCA: U diag(λ/(λ+ε)) Uᵀ; PCA: diag(λ/(λ+ε)).) Its largest gap to I is ε / (λ_min + ε):
     when that exceeds a tolerance, ε — not the data or the arithmetic — sets how white the
@@ -195,17 +297,20 @@ def eps_target(w: Whitening) -> np.ndarray:
 
 
 def eps_max_deviation(w: Whitening) -> float:
-    """max_i ε / (λ_i + ε): how far from 1 the smallest whitened variance is, by design."""
-    return float(w.eps / (w.eigvals[-1] + w.eps)) if w.eps > 0 else 0.0
+    """max_i ε / (λ_i + ε) over the whitened directions: how far from 1 the smallest whitened
+    variance of a full whitening is, by design."""
+    smallest = w.eigvals[(w.top_k or w.dim) - 1]
+    return float(w.eps / (smallest + w.eps)) if w.eps > 0 else 0.0
 
 
 def whitened_rms(w: Whitening) -> float:
-    """r = √(Σ λ/(λ+ε)) = √tr(W C Wᵀ): the RMS norm of the whitened rows it was fitted on.
+    """r = √(Σ λ s²) = √tr(W C Wᵀ): the RMS norm of the whitened rows it was fitted on
+    (full whitening: √(Σ λ/(λ+ε))).
 
     A student trained against whitened targets learns their direction only (every loss
     normalises), so r is the length that direction is given back before un-whitening.
     """
-    return float(np.sqrt((w.eigvals / (w.eigvals + w.eps)).sum()))
+    return float(np.sqrt((w.eigvals * w.scales ** 2).sum()))
 
 
 # --------------------------------------------------------------------------- apply / invert

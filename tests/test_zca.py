@@ -173,3 +173,76 @@ def test_bad_inputs_are_refused():
         good.update(np.zeros((3, 7)))
     with pytest.raises(ValueError, match="dim"):
         good.merge(zca.RunningMoments(4))
+
+
+# --------------------------------------------------------------------------- variants (shrink, partial, truncated)
+
+
+def _whitened_eigvals(w: zca.Whitening, x: np.ndarray) -> np.ndarray:
+    """Eigenvalues (descending) of the covariance of apply(w, x)."""
+    z = zca.apply(w, x)
+    return np.linalg.eigvalsh(np.cov(z.T, bias=True))[::-1]
+
+
+@pytest.mark.parametrize("method", ["zca", "pca"])
+@pytest.mark.parametrize("power", [0.25, 0.5, 0.75, 1.0])
+def test_partial_whitening_scales_each_direction_by_its_power(method, power):
+    x = correlated(3000, 12, seed=5)
+    w = zca.fit(moments_of(x), eps_rel=0.0, method=method, power=power)
+    lam = np.linalg.eigvalsh(np.cov(x.T, bias=True))[::-1]
+    # W C Wᵀ's eigenvalues are λ·λ^(−α) = λ^(1−α), by hand from the data's own spectrum
+    np.testing.assert_allclose(_whitened_eigvals(w, x), lam ** (1 - power), rtol=1e-8)
+    if power == 0.5:  # the condition number falls to its square root
+        cond = lam[0] / lam[-1]
+        z = _whitened_eigvals(w, x)
+        assert z[0] / z[-1] == pytest.approx(np.sqrt(cond), rel=1e-8)
+    assert w.is_full == (power == 1.0)
+
+
+@pytest.mark.parametrize("gamma", [0.01, 0.1, 1.0])
+def test_shrinkage_whitens_sigma_plus_gamma_mean_lambda(gamma):
+    x = correlated(3000, 10, seed=6)
+    w = zca.fit_variant(moments_of(x), zca.Variant(shrink=gamma))
+    lam = np.linalg.eigvalsh(np.cov(x.T, bias=True))[::-1]
+    ridge = gamma * lam.mean()
+    np.testing.assert_allclose(_whitened_eigvals(w, x), lam / (lam + ridge), rtol=1e-8)
+    # the same W as inverting the square root of Σ + γ·mean(λ)·I directly (scipy)
+    reference = np.linalg.inv(scipy.linalg.sqrtm(np.cov(x.T, bias=True) + ridge * np.eye(10)).real)
+    np.testing.assert_allclose(w.W, reference, rtol=1e-7, atol=1e-9)
+
+
+def test_truncated_whitens_the_top_directions_and_leaves_the_rest():
+    x = correlated(4000, 10, seed=7)
+    lam = np.linalg.eigvalsh(np.cov(x.T, bias=True))[::-1]
+    share = 0.9
+    k = int(np.argmax(np.cumsum(lam) / lam.sum() >= share)) + 1  # fewest leading directions holding 90%
+    assert 1 < k < 10
+    w = zca.fit(moments_of(x), eps_rel=0.0, share=share)
+    assert w.top_k == k and not w.is_full
+    expected = np.sort(np.concatenate([np.ones(k), lam[k:]]))[::-1]  # top k at variance 1, the rest as they were
+    np.testing.assert_allclose(_whitened_eigvals(w, x), expected, rtol=1e-8)
+    assert zca.fit(moments_of(x), eps_rel=0.0, share=1.0).top_k == 10
+
+
+@pytest.mark.parametrize("variant", ["full", "alpha=0.5", "shrink=0.1", "top=0.8", "alpha=0.25,shrink=0.01,top=0.95"])
+@pytest.mark.parametrize("method", ["zca", "pca"])
+def test_every_variant_maps_back_exactly(variant, method):
+    x = correlated(2000, 12, seed=8)
+    w = zca.fit_variant(moments_of(x), zca.parse_variant(variant), method)
+    np.testing.assert_allclose(zca.invert(w, zca.apply(w, x)), x, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(w.W @ w.W_inv, np.eye(12), atol=1e-10)
+    # the back-map's length r is the RMS norm of the whitened rows it was fitted on
+    z = zca.apply(w, x)
+    assert zca.whitened_rms(w) == pytest.approx(np.sqrt((z ** 2).sum(axis=1).mean()), rel=1e-9)
+
+
+def test_variant_names_round_trip_and_bad_specs_are_refused():
+    for spec in ("full", "alpha=0.5", "shrink=0.1", "top=0.9", "alpha=0.25,shrink=0.01,top=0.95"):
+        assert zca.parse_variant(spec).name == spec
+    assert zca.parse_variant("top=0.9,alpha=0.5").name == "alpha=0.5,top=0.9"  # canonical order
+    assert zca.parse_variant("") == zca.Variant()
+    for bad, msg in (("alpha=0", "in \\(0, 1\\]"), ("alpha=1.5", "in \\(0, 1\\]"), ("top=0", "share"),
+                     ("shrink=-1", ">= 0"), ("beta=1", "expected 'full'"), ("alpha", "expected 'full'"),
+                     ("alpha=half", "needs a number")):
+        with pytest.raises(ValueError, match=msg):
+            zca.parse_variant(bad)

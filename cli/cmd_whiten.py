@@ -21,6 +21,13 @@ def fit_whitening(
         "image-text alignment), or all (the three; one pass either way)."),
     eps_rel: float = typer.Option(1e-4, "--eps-rel", help="ε added to every eigenvalue, relative to the mean eigenvalue."),
     method: str = typer.Option("zca", "--method", help="zca (W = U diag((λ+ε)^-1/2) Uᵀ) or pca (W = diag((λ+ε)^-1/2) Uᵀ)."),
+    variant: Optional[list[str]] = typer.Option(
+        None, "--variant",
+        help="Also fit this variant of every mode, stored as MODE@VARIANT (train with --whiten joint@VARIANT); "
+        "repeatable. Comma-separated alpha=A (partial: scale by (λ+ε)^(-A/2), A in (0,1]), shrink=G "
+        "(ε = G × mean eigenvalue), top=P (whiten only the leading directions holding a share P of the "
+        "variance); e.g. --variant alpha=0.5 --variant top=0.9. The table gives the teacher's own "
+        "retrieval and zero-shot in each space: a variant that costs the teacher much is no target."),
     eval_split: Optional[str] = typer.Option(
         None, "--eval-split", help="Held-out split for the checks [default: val, else test]."),
     check_train: bool = typer.Option(
@@ -40,8 +47,8 @@ def fit_whitening(
 
     with user_errors():
         cfg = stage_config(ctx, whiten.WhitenConfig, config, dict(
-            cache=cache, mode=mode, eps_rel=eps_rel, method=method, eval_split=eval_split,
-            check_train=check_train, verify=verify, progress=progress))
+            cache=cache, mode=mode, eps_rel=eps_rel, method=method, variants=variant or None, eval_split=eval_split,
+            check_train=check_train, verify=verify, progress=progress), params={"variants": "variant"})
         report = whiten.run(cfg)
     failed = [m for m, r in report["modes"].items() if not r["train_cov"]["ok"]]
     console.print(f"whitening: {report['whitening']} (checks: {Path(cfg.cache) / whiten.WHITENING_JSON})"

@@ -180,3 +180,21 @@ def with_ratios(student: dict[str, float], teacher: dict[str, float]) -> dict[st
         t = teacher.get(name)
         out[name] = {"student": s, "teacher": t, "ratio": s / t if t else None}
     return out
+
+
+def modality_gap(img: Tensor, txt: Tensor) -> float:
+    """‖mean(x̂_img) − mean(x̂_txt)‖: the distance between the centroids of the unit image rows
+    img [N, D] and unit text rows txt [M, D] (Liang et al., "Mind the Gap", 2022); 0 ≤ gap ≤ 2."""
+    require_finite(img, "image embeddings")
+    require_finite(txt, "text embeddings")
+    return float((F.normalize(img.double(), dim=-1).mean(0) - F.normalize(txt.double(), dim=-1).mean(0)).norm())
+
+
+def effective_rank(x: Tensor) -> float:
+    """exp(entropy of σ/Σσ) of the unit rows x [N, D], σ their singular values (RankMe, Garrido et
+    al. 2023, after Roy & Vetterli 2007): 1 when every row is the same direction, min(N, D) when
+    the rows spread evenly over every direction. Low values are "feature collapse"."""
+    require_finite(x, "embeddings")
+    s = torch.linalg.svdvals(F.normalize(x.double(), dim=-1))
+    p = s / s.sum().clamp_min(1e-300)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))

@@ -5,11 +5,14 @@ whitened by transforms that ``kdpipe fit-whitening`` fitted on the cache. This m
 what the trainer and the evaluator must agree on; the math is in ``kdpipe.zca``.
 
 - ``CACHE/whitening.h5`` (written by the whiten stage): one group per fitted transform
-  (``FIT_MODES``), each with datasets ``H5_ARRAYS`` (float64) and attrs eps, n, method; root
-  attrs teacher (fingerprint JSON), modes (JSON), eps_rel. ``load_whitening`` reads a group.
+  (``FIT_MODES``, and ``MODE@VARIANT`` for each extra variant of ``zca.Variant``, e.g.
+  ``joint@alpha=0.5``), each with datasets ``H5_ARRAYS`` (float64) and attrs eps, n, method,
+  power, top_k; root attrs teacher (fingerprint JSON), modes (JSON: the group names), eps_rel.
+  ``load_whitening`` reads a group.
 - The space table ``SPACES``: for each ``--whiten`` mode, the fitted transform each
   modality's targets go through (a modality not listed stays in the teacher's space).
-  ``FITTED_ON``: the modalities each transform is fitted on.
+  ``FITTED_ON``: the modalities each transform is fitted on. ``--whiten joint@alpha=0.5``
+  is the same space through the variant's transforms (``space_of``).
 - ``Targets``: teacher embeddings -> the student's space, z = (t − μ)Wᵀ per modality.
 - The map back: t̂ = normalise(r · normalise(s) W⁻¹ᵀ + μ), r = √(Σ λ/(λ+ε)) the RMS norm
   of whitened train targets (``BackMap``, ``zca.map_back_torch``, ``zca.whitened_rms``).
@@ -54,13 +57,29 @@ SPACES: dict[str, dict[str, str]] = {
     "separate": {"image": "image", "text": "text"},
 }
 WHITEN_MODES = tuple(SPACES)
+VARIANT_SEP = "@"  # joint@alpha=0.5: the joint space through the alpha=0.5 variant's transform
+FULL = zca.Variant().name
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+    """"joint@alpha=0.5" -> ("joint", "alpha=0.5") (variant canonical); "joint" -> ("joint", "full")."""
+    base, _, variant = mode.partition(VARIANT_SEP)
+    return base, zca.parse_variant(variant).name if variant else FULL
+
+
+def group_name(fit_mode: str, variant: str = FULL) -> str:
+    """The whitening.h5 group of a fitted transform: "joint" (full) or "joint@alpha=0.5"."""
+    return fit_mode if variant == FULL else f"{fit_mode}{VARIANT_SEP}{variant}"
 
 
 def space_of(mode: str) -> dict[str, str]:
-    """SPACES[mode]; unknown modes raise listing the valid ones."""
-    if mode not in SPACES:
-        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(WHITEN_MODES)}")
-    return SPACES[mode]
+    """{modality: whitening.h5 group} for a ``--whiten`` mode (optionally ``MODE@VARIANT``);
+    unknown modes raise listing the valid ones."""
+    base, variant = split_mode(mode)
+    if base not in SPACES or (base == "none" and variant != FULL):
+        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(WHITEN_MODES)}, each but none "
+                       f"optionally @VARIANT (e.g. joint@alpha=0.5; variants: full or alpha=A,shrink=G,top=P)")
+    return {modality: group_name(fit, variant) for modality, fit in SPACES[base].items()}
 
 
 # --------------------------------------------------------------------------- CACHE/whitening.h5
@@ -71,8 +90,10 @@ def read_transform(path: Path, mode: str) -> zca.Whitening:
     with h5py.File(path, "r") as f:
         g = f[mode]
         arrays = {k: g[k][()] for k in H5_ARRAYS}
+        top_k = int(g.attrs.get("top_k", -1))  # files before variants: full whitening
         return zca.Whitening(**arrays, eps=float(g.attrs["eps"]), n=int(g.attrs["n"]),
-                             method=str(g.attrs["method"]))
+                             method=str(g.attrs["method"]), power=float(g.attrs.get("power", 1.0)),
+                             top_k=None if top_k < 0 else top_k)
 
 
 def whitening_info(path: str | Path) -> dict[str, Any]:
@@ -96,8 +117,8 @@ def load_whitening(cache_or_path: Cache | str | Path, mode: str,
     fingerprint must equal ``expect_teacher`` — by default the teacher of the cache it sits in
     (or the given Cache), so a whitening file copied next to another teacher's cache is refused.
     """
-    if mode not in FIT_MODES:
-        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(FIT_MODES)}")
+    if split_mode(mode)[0] not in FIT_MODES:
+        raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(FIT_MODES)} (optionally @VARIANT)")
     path, expect_teacher = _locate(cache_or_path, expect_teacher)
     if not path.exists():
         raise MissingInput(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
@@ -166,7 +187,7 @@ def load_targets(cache: Cache, mode: str) -> Targets:
     """The stored whitening for ``mode``; its teacher must be the cache's."""
     if not space_of(mode):
         return Targets()
-    params, method = _cache_params(cache, mode, tuple(SPACES[mode]))
+    params, method = _cache_params(cache, mode, tuple(space_of(mode)))
     return Targets(mode, params, str(cache.root / WHITENING_H5), method)
 
 
@@ -244,8 +265,8 @@ def whitening_mode(spec: RunSpec | dict[str, Any]) -> str | None:
     ``spec``: the run's ``RunSpec``, or its student.json as read.
     """
     spec = spec if isinstance(spec, RunSpec) else RunSpec.from_json(spec)
-    if spec.whitening is not None and spec.whitening not in SPACES:
-        raise BadValue(f"student.json has whitening mode {spec.whitening!r}; known: {', '.join(WHITEN_MODES)}")
+    if spec.whitening is not None:
+        space_of(spec.whitening)  # an unknown mode raises
     return spec.whitening
 
 
@@ -274,7 +295,7 @@ def student_space(run: Path, spec: RunSpec | dict[str, Any], cache: Cache, text_
     mode = whitening_mode(spec)
     if mode is None:
         return Space()
-    mapped = tuple(m for m in SPACES[mode] if m == "image" or text_tower)
+    mapped = tuple(m for m in space_of(mode) if m == "image" or text_tower)
     if not mapped:
         return Space()
     path = run / spec.whitening_file if spec.whitening_file else None

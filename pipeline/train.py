@@ -67,7 +67,7 @@ from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # no
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
-from .targetspace import WHITEN_MODES, Targets, load_targets, save_whitening, to_teacher_space
+from .targetspace import Targets, load_targets, save_whitening, space_of, split_mode, to_teacher_space
 from .trainconfig import TrainConfig, config_toml, continues, resolve_config  # noqa: F401  (resolve_config: also kdpipe.train's)
 
 log = logging.getLogger("kdpipe")
@@ -89,8 +89,7 @@ def write_config(cfg: TrainConfig, path: Path) -> None:
 def check_config(cfg: TrainConfig) -> None:
     if not cfg.cache or not cfg.out:
         raise BadValue("both --cache and --out are required")
-    if cfg.whiten not in WHITEN_MODES:
-        raise BadValue(f"unknown --whiten {cfg.whiten!r}; valid: {', '.join(WHITEN_MODES)}")
+    space_of(cfg.whiten)  # an unknown --whiten raises, listing the valid ones
     if cfg.views_used not in ("all", "0"):
         raise BadValue(f"--views-used must be 'all' or '0', got {cfg.views_used!r}")
     for name in ("epochs", "batch_size", "log_every", "bn_samples", "val_samples", "max_nonfinite"):
@@ -256,7 +255,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     cache = open_checked_cache(cfg)
     targets = load_targets(cache, cfg.whiten)
     weights = losses.parse_losses(cfg.losses)
-    if cfg.whiten in ("image", "text") and set(weights) & set(CROSS_MODAL):
+    if split_mode(cfg.whiten)[0] in ("image", "text") and set(weights) & set(CROSS_MODAL):
         log.warning("--whiten %s whitens only %s targets; cross-modal losses (%s) then compare a whitened with "
                     "an unwhitened space: use --whiten joint to keep image-text alignment", cfg.whiten, cfg.whiten,
                     ", ".join(sorted(set(weights) & set(CROSS_MODAL))))

@@ -37,7 +37,8 @@ from .prompts import read_prompts
 from .atomic import atomic_write, atomic_write_json
 from .errors import BadValue
 from .store import Cache, CacheError, H5Shard, open_cache
-from .targetspace import FIT_MODES, FITTED_ON, H5_ARRAYS, SPACES, WHITENING_H5, load_whitening, read_transform
+from .targetspace import (FIT_MODES, FITTED_ON, FULL, H5_ARRAYS, SPACES, WHITENING_H5, group_name, load_whitening,
+                          read_transform, split_mode)
 
 log = logging.getLogger("kdpipe")
 
@@ -48,6 +49,7 @@ class WhitenConfig:
     mode: str = "all"  # image | text | joint | all (= all three)
     eps_rel: float = 1e-4  # ε = eps_rel × mean eigenvalue
     method: str = "zca"  # zca | pca (zca.METHODS)
+    variants: list[str] | None = None  # more transforms per mode (zca.Variant specs): groups MODE@VARIANT
     eval_split: str | None = None  # held-out split for the checks; None: "val", else "test", else none
     check_train: bool = True  # second pass over train for the whitened covariance (else analytic)
     verify: str = "size"  # cache verification: none | size | sha256
@@ -108,19 +110,32 @@ def accumulate(cache: Cache, progress: Bar | None = None) -> dict[str, zca.Runni
     return moments
 
 
+def variant_of(group: str, eps_rel: float) -> zca.Variant:
+    """The variant a whitening.h5 group is fitted with: the plain mode groups use --eps-rel."""
+    _, variant = split_mode(group)
+    return zca.Variant(shrink=eps_rel) if variant == FULL else zca.parse_variant(variant)
+
+
+def groups_of(modes: list[str], variants: list[str] | None) -> list[str]:
+    """Every whitening.h5 group to fit: each mode, then each mode through each extra variant."""
+    names = [zca.parse_variant(v).name for v in variants or []]
+    return modes + [group_name(m, v) for v in dict.fromkeys(names) if v != FULL for m in modes]
+
+
 def fit_modes(moments: dict[str, zca.RunningMoments], modes: list[str], eps_rel: float,
               method: str) -> dict[str, zca.Whitening]:
-    """Fit one transform per mode; too few rows for the dimension is refused, not shrunk."""
+    """Fit one transform per group (a mode, or MODE@VARIANT); too few rows for the dimension is
+    refused, not shrunk."""
     out = {}
     for mode in modes:
-        m = moments[mode]
+        m = moments[split_mode(mode)[0]]
         if m.n <= m.dim:
-            what = {"image": "image views", "text": "captions", "joint": "image views + captions"}[mode]
+            what = {"image": "image views", "text": "captions", "joint": "image views + captions"}[split_mode(mode)[0]]
             raise BadValue(
                 f"the {FIT_SPLIT} split has {m.n} {what} for {m.dim}-dim embeddings; fitting a "
                 f"{m.dim}×{m.dim} covariance needs more than {m.dim} rows (≥ 10×{m.dim} for a stable "
                 "estimate): extract more training images (or views) first")
-        out[mode] = zca.fit(m, eps_rel=eps_rel, method=method)
+        out[mode] = zca.fit_variant(m, variant_of(mode, eps_rel), method)
     return out
 
 
@@ -130,7 +145,8 @@ def fit_modes(moments: dict[str, zca.RunningMoments], modes: list[str], eps_rel:
 def write_whitening(path: Path, fitted: dict[str, zca.Whitening], teacher: dict, eps_rel: float) -> None:
     """Write whitening.h5 under a temporary name, check it reopens, then rename it into place.
 
-    One group per mode (datasets mu, W, W_inv, eigvals in float64; attrs eps, n, method);
+    One group per mode or MODE@VARIANT (datasets mu, W, W_inv, eigvals in float64; attrs eps, n,
+    method, power, top_k (−1: every direction));
     root attrs: format, teacher fingerprint (JSON), embeddings, modes (JSON), eps_rel.
     """
     def write(tmp: Path) -> None:
@@ -142,7 +158,8 @@ def write_whitening(path: Path, fitted: dict[str, zca.Whitening], teacher: dict,
                 g = f.create_group(mode)
                 for name in H5_ARRAYS:
                     g.create_dataset(name, data=getattr(w, name).astype(np.float64))
-                g.attrs.update({"eps": w.eps, "n": w.n, "method": w.method})
+                g.attrs.update({"eps": w.eps, "n": w.n, "method": w.method, "power": w.power,
+                                "top_k": -1 if w.top_k is None else w.top_k})
         for mode, w in fitted.items():  # a file that does not read back must never replace a good one
             back = read_transform(tmp, mode)
             if not np.array_equal(back.W, w.W) or not np.isfinite(back.W_inv).all():
@@ -162,9 +179,11 @@ def _params(w: zca.Whitening) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _space(mode: str, fitted: dict[str, zca.Whitening]) -> dict[str, zca.Whitening]:
     """Which transform whitens each modality in ``mode``'s space: the joint one for both, or
-    (a per-modality fit) each modality through its own, as ``--whiten separate`` trains."""
-    space = SPACES["joint" if mode == "joint" else "separate"]
-    return {modality: fitted[fit_mode] for modality, fit_mode in space.items()}
+    (a per-modality fit) each modality through its own of the same variant, as ``--whiten
+    separate`` trains."""
+    base, variant = split_mode(mode)
+    space = SPACES["joint" if base == "joint" else "separate"]
+    return {modality: fitted[group_name(fit_mode, variant)] for modality, fit_mode in space.items()}
 
 
 def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes: list[str],
@@ -177,16 +196,25 @@ def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes
     for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt")):
         rows = {k: torch.from_numpy(v).float() for k, v in modality_rows(shard).items()}
         for mode in modes:
-            for modality in FITTED_ON[mode]:
+            for modality in FITTED_ON[split_mode(mode)[0]]:
                 out[mode].update(zca.apply_torch(rows[modality], *params[mode]))
         if progress:
             progress.update(task, advance=1)
     return out
 
 
-def cov_check(w: zca.Whitening, cov: np.ndarray, how: str) -> dict[str, Any]:
-    """Compare a whitened covariance [D, D] with I, or with I − εWWᵀ when ε dominates."""
+def cov_check(w: zca.Whitening, cov: np.ndarray, how: str, fit_cov: np.ndarray | None = None) -> dict[str, Any]:
+    """Compare a whitened covariance [D, D] with I, or with I − εWWᵀ when ε dominates.
+
+    A partial or truncated variant is not white by design: it is compared with W C Wᵀ of the
+    fitted covariance ``fit_cov`` (what the fit promised), in float64.
+    """
     dev_i = float(np.abs(cov - np.eye(w.dim)).max())
+    if not w.is_full and fit_cov is not None:
+        dev = float(np.abs(cov - zca.whitened_cov(w, fit_cov)).max())
+        return {"max_abs_C_minus_I": dev_i, "max_abs_C_minus_target": dev, "tolerance": COV_TOL,
+                "eps_max_deviation": None, "eps_dominates": False, "partial": True, "ok": dev <= COV_TOL,
+                "how": how + "; target W C Wᵀ of the fitted covariance (partial or truncated: not white by design)"}
     dev_target = float(np.abs(cov - zca.eps_target(w)).max())
     eps_dev = zca.eps_max_deviation(w)
     dominates = eps_dev > COV_TOL
@@ -207,9 +235,10 @@ def train_checks(cache: Cache, moments: dict[str, zca.RunningMoments], fitted: d
     """Per mode: whitened train covariance vs I (data pass in float32, or analytic in float64)."""
     if data_pass:
         white = whitened_train_moments(cache, fitted, modes, progress)
-        return {m: cov_check(fitted[m], white[m].cov(), "second pass over train, float32 apply") for m in modes}
-    return {m: cov_check(fitted[m], zca.whitened_cov(fitted[m], moments[m].cov()), "analytic W C Wᵀ, float64")
-            for m in modes}
+        return {m: cov_check(fitted[m], white[m].cov(), "second pass over train, float32 apply",
+                             moments[split_mode(m)[0]].cov()) for m in modes}
+    return {m: cov_check(fitted[m], zca.whitened_cov(fitted[m], moments[split_mode(m)[0]].cov()),
+                         "analytic W C Wᵀ, float64", moments[split_mode(m)[0]].cov()) for m in modes}
 
 
 # --------------------------------------------------------------------------- checks: held out
@@ -225,10 +254,13 @@ def pick_eval_split(cache: Cache, wanted: str | None) -> str | None:
     return next((s for s in ("val", "test") if s in cache.splits() and cache.manifest["splits"][s]["shards"]), None)
 
 
-def heldout_band(held: H5Shard, w: zca.Whitening, mode: str) -> dict[str, Any]:
-    """Eigenvalues of the held-out whitened covariance next to the MP band for that n, D."""
+def heldout_band(held: H5Shard, w: zca.Whitening, mode: str) -> dict[str, Any] | None:
+    """Eigenvalues of the held-out whitened covariance next to the MP band for that n, D
+    (None for a partial or truncated variant: the band describes white data only)."""
+    if not w.is_full:
+        return None
     rows = modality_rows(held)
-    x = np.concatenate([rows[modality] for modality in FITTED_ON[mode]])
+    x = np.concatenate([rows[modality] for modality in FITTED_ON[split_mode(mode)[0]]])
     z = zca.apply(w, x.astype(np.float64))
     lam = np.linalg.eigvalsh(np.cov(z.T, bias=True)) if len(z) > 1 else np.zeros(w.dim)
     lo, hi = zca.eigen_band(len(z), w.dim)
@@ -286,12 +318,27 @@ def heldout_checks(cache: Cache, split: str, fitted: dict[str, zca.Whitening], m
     for mode in modes:
         space = _space(mode, everything)
         per_mode[mode] = {"heldout": heldout_band(held, fitted[mode], mode),
-                          "teacher": {"space": _space_name(mode), **teacher_scores(held, prompt_sets, space)}}
-    return per_mode, teacher_scores(held, prompt_sets, None), notes
+                          "teacher": {"space": _space_name(mode), **teacher_scores(held, prompt_sets, space),
+                                      **embedding_geometry(held, space)}}
+    return per_mode, {**teacher_scores(held, prompt_sets, None), **embedding_geometry(held, None)}, notes
+
+
+def embedding_geometry(held: H5Shard, space: dict[str, zca.Whitening] | None) -> dict[str, Any]:
+    """The teacher's held-out modality gap and effective ranks (view 0 images, every caption), in
+    its own space (None) or whitened: what whitening is said to change ("mitigates the modality
+    gap and prevents feature collapse")."""
+    img, txt = held.img[:, 0].astype(np.float64), held.txt.astype(np.float64)
+    if space is not None:
+        img, txt = zca.apply(space["image"], img), zca.apply(space["text"], txt)
+    img, txt = torch.from_numpy(img), torch.from_numpy(txt)
+    return {"modality_gap": metrics.modality_gap(img, txt),
+            "effective_rank": {"image": metrics.effective_rank(img), "text": metrics.effective_rank(txt)}}
 
 
 def _space_name(mode: str) -> str:
-    return "images and texts via joint" if mode == "joint" else "images via image, texts/prompts via text"
+    via = f" ({split_mode(mode)[1]})" if split_mode(mode)[1] != FULL else ""
+    return (f"images and texts via joint{via}" if split_mode(mode)[0] == "joint"
+            else f"images via image{via}, texts/prompts via text{via}")
 
 
 # --------------------------------------------------------------------------- report
@@ -309,19 +356,22 @@ def print_table(report: dict[str, Any]) -> None:
     split = report.get("eval_split") or "held-out"
     table = Table(title=f"whitening: {report['method']}, eps_rel {report['eps_rel']:g}, fit on {FIT_SPLIT}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col in ("space", "n fit", "λmax/λmin", "max|C−I|", f"{split} eig", "MP band", "i2t@1", "t2i@1", "zs@1"):
+    for col in ("space", "n fit", "λmax/λmin", "max|C−I|", f"{split} eig", "MP band", "i2t@1", "t2i@1", "zs@1",
+                "gap", "erank i/t"):
         table.add_column(col, justify="left" if col == "space" else "right", no_wrap=True)
 
     def scores(t: dict | None) -> list[str]:
         if not t:
-            return ["–"] * 3
-        r, zs = t["retrieval"], t["zero_shot"]
-        return [f"{r['i2t_R@1']:.3f}", f"{r['t2i_R@1']:.3f}", " ".join(f"{v['top1']:.3f}" for v in zs.values()) or "–"]
+            return ["–"] * 5
+        r, zs, er = t["retrieval"], t["zero_shot"], t["effective_rank"]
+        return [f"{r['i2t_R@1']:.3f}", f"{r['t2i_R@1']:.3f}", " ".join(f"{v['top1']:.3f}" for v in zs.values()) or "–",
+                f"{t['modality_gap']:.2f}", f"{er['image']:.0f}/{er['text']:.0f}"]
 
     table.add_row("raw", "", "", "", "", "", *scores(report.get("teacher_raw")))
     for mode, m in report["modes"].items():
         cov = m["train_cov"]
-        dev = f"{cov['max_abs_C_minus_I']:.1e}" + ("(ε)" if cov["eps_dominates"] else "")
+        dev = (f"{cov['max_abs_C_minus_target']:.1e}(W C Wᵀ)" if cov.get("partial") else
+               f"{cov['max_abs_C_minus_I']:.1e}" + ("(ε)" if cov["eps_dominates"] else ""))
         dev = dev if cov["ok"] else f"[red]{dev} FAIL[/]"
         h = m.get("heldout")
         band = (_fmt_range(h["eig_min"], h["eig_max"]), _fmt_range(*h["mp_band"])) if h else ("–", "–")
@@ -331,7 +381,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def _mode_summary(w: zca.Whitening) -> dict[str, Any]:
-    return {"n": w.n, "method": w.method, "eps": w.eps,
+    return {"n": w.n, "method": w.method, "eps": w.eps, "power": w.power, "top_k": w.top_k,
             "eigvals": {"max": float(w.eigvals[0]), "min": float(w.eigvals[-1]), "mean": float(w.eigvals.mean())}}
 
 
@@ -339,16 +389,19 @@ def _partners(moments: dict[str, zca.RunningMoments], modes: list[str], cfg: Whi
               notes: list[str]) -> dict[str, zca.Whitening]:
     """Per-modality spaces pair the image and text transforms: fit the missing one for the checks only."""
     out = {}
-    for mode, other in (("image", "text"), ("text", "image")):
-        if mode in modes and other not in modes and moments[other].n > moments[other].dim:
-            out[other] = zca.fit(moments[other], cfg.eps_rel, cfg.method)
-            notes.append(f"the {other} transform was fitted for the {mode} mode's retrieval check only (not stored)")
+    for group in modes:
+        base, variant = split_mode(group)
+        other = {"image": "text", "text": "image"}.get(base)
+        partner = group_name(other, variant) if other else None
+        if partner and partner not in modes and partner not in out and moments[other].n > moments[other].dim:
+            out[partner] = zca.fit_variant(moments[other], variant_of(partner, cfg.eps_rel), cfg.method)
+            notes.append(f"the {partner} transform was fitted for the {group} mode's retrieval check only (not stored)")
     return out
 
 
 def _validate(cfg: WhitenConfig) -> list[str]:
     """Check every name before reading anything; -> the modes to fit."""
-    modes = resolve_modes(cfg.mode)
+    modes = groups_of(resolve_modes(cfg.mode), cfg.variants)
     zca.METHODS.get(cfg.method)
     if cfg.verify not in VERIFY_CHOICES:
         raise BadValue(f"unknown --verify {cfg.verify!r}; valid: {', '.join(VERIFY_CHOICES)}")

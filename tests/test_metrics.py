@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from clip_benchmark.metrics import zeroshot_retrieval as clip_benchmark
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
+from kdpipe import metrics
 from kdpipe.metrics import (
     agreement,
     retrieval_recall,
@@ -268,3 +271,21 @@ def test_with_ratios():
     assert out["top1"] == {"student": 0.6, "teacher": 0.8, "ratio": pytest.approx(0.75)}
     assert out["R@1"]["ratio"] is None
     assert out["extra"] == {"student": 1.0, "teacher": None, "ratio": None}
+
+
+def test_modality_gap_by_hand():
+    img = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit rows e1, e2: centroid (0.5, 0.5)
+    txt = torch.tensor([[-1.0, 0.0], [-5.0, 0.0]])  # centroid (−1, 0)
+    assert metrics.modality_gap(img, txt) == pytest.approx(math.hypot(1.5, 0.5), abs=1e-12)
+    assert metrics.modality_gap(img, img * 7) == 0.0
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.modality_gap(torch.full((2, 2), float("nan")), txt)
+
+
+def test_effective_rank_by_hand():
+    assert metrics.effective_rank(torch.ones(10, 4)) == pytest.approx(1.0, abs=1e-9)  # collapsed: one direction
+    assert metrics.effective_rank(torch.eye(4) * 3) == pytest.approx(4.0, abs=1e-9)  # evenly over 4 directions
+    # rows e1, e1, e2 -> σ = (√2, 1) -> p = (√2, 1)/(√2 + 1)
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([math.sqrt(2), 1.0], dtype=torch.float64) / (math.sqrt(2) + 1)
+    assert metrics.effective_rank(x) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-9)

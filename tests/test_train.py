@@ -45,7 +45,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
     root = make_fake_cache(tmp_path_factory.mktemp("train") / "cache", n_train=N_TRAIN, n_val=N_VAL, dim=DIM,
                            views=2, captions=3, shard_size=32)
-    run(WhitenConfig(cache=str(root), check_train=False, progress=False))
+    run(WhitenConfig(cache=str(root), check_train=False, variants=["alpha=0.5"], progress=False))
     return root
 
 
@@ -385,6 +385,24 @@ def test_whitened_training_saves_what_maps_the_student_back(cache_dir, tmp_path)
     back = T.to_teacher_space(z, params)
     assert (back * t).sum(-1).mean() > 0.99
     assert (T.to_teacher_space(z, None) * t).sum(-1).mean() < 0.9  # without the map it is another space
+
+
+def test_a_whitening_variant_trains_and_maps_back_through_its_own_transform(cache_dir, tmp_path):
+    from kdpipe import targetspace
+
+    out = tmp_path / "run"
+    T.run(_cfg(cache_dir, out, whiten="joint@alpha=0.5", max_steps=1))
+    spec = json.loads((out / "student.json").read_text())
+    assert spec["whitening"]["mode"] == "joint@alpha=0.5"
+    cache = open_cache(cache_dir)
+    half, full = (targetspace.load_whitening(cache, g) for g in ("joint@alpha=0.5", "joint"))
+    saved = load_file(str(out / "whitening.safetensors"))
+    torch.testing.assert_close(saved["image.W"], torch.as_tensor(half.W, dtype=torch.float32))
+    assert not torch.allclose(torch.as_tensor(half.W), torch.as_tensor(full.W))
+    space = targetspace.student_space(out, spec, cache, text_tower=False)  # what eval uses
+    torch.testing.assert_close(space.image.w_inv, torch.as_tensor(half.W_inv, dtype=torch.float32))
+    with pytest.raises(ValueError, match="holds modes"):  # a variant that was not fitted
+        T.run(_cfg(cache_dir, tmp_path / "run2", whiten="joint@alpha=0.25", max_steps=1))
 
 
 def test_single_modality_whitening_warns_about_cross_modal_losses(cache_dir, tmp_path, caplog):

@@ -268,3 +268,43 @@ def test_cli_bad_names_exit_2(tmp_path, args, message):
 def test_cli_missing_cache_exit_2(tmp_path):
     result = runner.invoke(app, ["fit-whitening", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no cache at" in result.output
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def test_variants_are_stored_beside_the_full_fit_and_checked_against_their_design(tmp_path):
+    root = fresh_cache(tmp_path, n_train=200, n_val=40)
+    result = runner.invoke(app, ["fit-whitening", str(root), "--mode", "joint", "--no-progress",
+                                 "--variant", "alpha=0.5", "--variant", "top=0.9,alpha=1", "--variant", "full"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / whiten.WHITENING_JSON).read_text())
+    assert list(report["modes"]) == ["joint", "joint@alpha=0.5", "joint@top=0.9"]
+    rows = train_rows(root)["joint"]
+    lam = np.linalg.eigvalsh(np.cov(rows.T, bias=True))[::-1]
+    half = whiten.load_whitening(root, "joint@alpha=0.5")
+    assert half.power == 0.5 and half.top_k is None
+    z = zca.apply(half, rows)  # partial: the whitened spectrum is λ (λ+ε)^(−1/2), by hand
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.cov(z.T, bias=True))[::-1], lam / np.sqrt(lam + half.eps),
+                               rtol=1e-6)
+    top = whiten.load_whitening(root, "joint@top=0.9")
+    assert top.top_k == int(np.argmax(np.cumsum(lam) / lam.sum() >= 0.9)) + 1 < DIM
+    for group in ("joint@alpha=0.5", "joint@top=0.9"):
+        cov = report["modes"][group]["train_cov"]
+        assert cov["partial"] and cov["ok"] and cov["max_abs_C_minus_I"] > 0.05  # not white, as designed
+        assert report["modes"][group]["heldout"] is None  # the MP band describes white data only
+        teacher = report["modes"][group]["teacher"]
+        assert 0 <= teacher["retrieval"]["i2t_R@1"] <= 1 and 0 < teacher["modality_gap"] <= 2
+        assert 1 <= teacher["effective_rank"]["image"] <= DIM
+    # the full fit is unchanged by the variants beside it
+    np.testing.assert_allclose(whiten.load_whitening(root, "joint").W, reference_zca(rows)[1], rtol=1e-8, atol=1e-8)
+    assert "joint@alpha=0.5" in result.output and "gap" in result.output
+
+
+def test_a_missing_or_bad_variant_is_refused(cache_dir):
+    with pytest.raises(ValueError, match="holds modes"):
+        whiten.load_whitening(cache_dir, "joint@alpha=0.5")
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        whiten.load_whitening(cache_dir, "joint@alpha=2")
+    result = runner.invoke(app, ["fit-whitening", str(cache_dir), "--variant", "beta=1"])
+    assert result.exit_code == 2 and "expected 'full'" in result.output

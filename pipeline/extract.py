@@ -49,6 +49,7 @@ from .store import (
     check_teacher_name,
     default_teacher_name,
     describe_teacher,
+    file_digest,
     open_cache,
     read_sidecar,
     same_fingerprint,
@@ -575,6 +576,8 @@ def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
             seconds[split] = time.perf_counter() - start
             if request:
                 return {"stopped": request.signal}
+        if cfg.prompts:
+            add_teacher_prompts(manifest, name, teacher, cfg.prompt_sets)
     done = manifest.teachers()[name]["splits"]
     empty = {"count": 0, "captions": 0, "shards": []}
     return {split: {"count": done.get(split, empty)["count"], "captions": done.get(split, empty)["captions"],
@@ -625,6 +628,7 @@ def drop_teacher(manifest: Manifest, name: str) -> None:
     manifest.save()
     for split in manifest.data["splits"]:
         shutil.rmtree(teacher_dir(manifest.root / split, name), ignore_errors=True)
+    shutil.rmtree(teacher_dir(manifest.root, name), ignore_errors=True)  # its prompts, whitening, teacher_eval
 
 
 def warn_other_view0(manifest: dict[str, Any], pre: Preprocess, name: str) -> None:
@@ -714,6 +718,40 @@ def replayed(stored: StoredSample, pre: Preprocess) -> Prepared:
     pixels = views.normalize_images(replay_views(stored.jpg, stored.views, pre.size, pre.interpolation),
                                     pre.mean, pre.std)
     return Prepared(stored.key, stored.jpg, stored.views, pixels, stored.captions, stored.label)
+
+
+def add_teacher_prompts(manifest: Manifest, name: str, teacher: Teacher, extra: list[str] | None) -> None:
+    """``CACHE/teachers/NAME/prompts.h5``: the added teacher's class-prompt embeddings, listed in its manifest
+    entry (``files``). Sets already in the file are kept; while it is replaced it is unlisted, so the manifest
+    never lists a file that does not match it (a re-run lists it again)."""
+    from . import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
+
+    path = teacher_dir(manifest.root, name) / PROMPTS
+    have = prompts.read_prompts(path) if path.exists() else {}
+    sets = missing_prompt_sets(have, manifest.root / PROMPTS, teacher, manifest.data.get("classnames"), extra)
+    if sets:
+        manifest.list_teacher_file(name, PROMPTS, None)
+        manifest.save()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_prompts(path, {**have, **sets})
+    manifest.list_teacher_file(name, PROMPTS, file_digest(path))
+    manifest.save()
+
+
+def missing_prompt_sets(have: dict[str, Any], primary: Path, teacher: Teacher, classnames: list[str] | None,
+                        extra: list[str] | None) -> dict[str, Any]:
+    """The prompt sets an added teacher's file lacks (``have``), encoded by it: the primary's sets first (the
+    same class names and templates, so every teacher's zero-shot classifiers cover the same prompts), then
+    the default sets and ``extra``; the data's own class names only when neither file has a set yet."""
+    from . import prompts  # noqa: PLC0415
+
+    like = {n: s for n, s in (prompts.read_prompts(primary) if primary.exists() else {}).items() if n not in have}
+    named = [n for n in dict.fromkeys([*prompts.DEFAULT_SETS, *(extra or [])]) if n not in have and n not in like]
+    own = None if have or like else classnames
+    sets = prompts.encode_like(teacher, like)
+    if named or own:
+        sets.update(prompts.build_prompt_sets(teacher, named, extra_classnames=own))
+    return sets
 
 
 def kept_teacher_shards(manifest: Manifest, name: str) -> tuple[str, str]:

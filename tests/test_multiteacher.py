@@ -463,6 +463,33 @@ def test_cli_fit_whitening_unknown_teacher(two):
     assert not (two / store.TEACHERS_DIR / "zz").exists()
 
 
+@pytest.mark.slow
+def test_two_process_gloo_add_equals_one_process(single, two, tmp_path):
+    """`extract --add-teacher` under torchrun (2 ranks, gloo): rank r writes the shards i % 2 == r (here 2 + 1 of
+    train, 1 + 0 of val), rank 0 lists them all and writes the prompts; the same files as one process."""
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    before = _digests(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdpipe.cli",
+           "extract", "--add-teacher", "--teacher", str(_teacher_b(tmp_path / "b.json")), "--teacher-name", "b",
+           "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--allow-random-init"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digests(out, skip_teacher="b") == before
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    for split in ("train", "val"):
+        mine, theirs = cache.teacher_entry("b")["splits"][split], ref.teacher_entry("b")["splits"][split]
+        assert [s["name"] for s in mine["shards"]] == [s["name"] for s in theirs["shards"]]
+        assert (mine["count"], mine["captions"]) == (theirs["count"], theirs["captions"])
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.txt_offsets, want.txt_offsets)
+        np.testing.assert_allclose(got.img.astype(np.float32), want.img.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(got.txt.astype(np.float32), want.txt.astype(np.float32), atol=2e-3)
+    prompts_b = cache.teacher_prompts_path("b")
+    assert cache.teacher_entry("b")["files"] == {store.PROMPTS: store.file_digest(prompts_b)}
+
+
 SLOW_ADD = """
 import sys, time
 from kdpipe import extract

@@ -16,8 +16,9 @@ re-running the same command resumes.
 shard's stored JPEG and views (``cachereader.stored_samples``), replays every view at that
 teacher's input size, mean and std (``cachereader.replay_views``: every teacher sees the same
 pixel region, no image decoded from the source or view drawn again), encodes the captions and
-writes ``SPLIT/teachers/NAME/`` shard by shard (``store.write_teacher_shard``); a re-run resumes
-and nothing of the other teachers is rewritten.
+writes ``SPLIT/teachers/NAME/`` shard by shard (``store.write_teacher_shard``), then its class-prompt
+embeddings ``CACHE/teachers/NAME/prompts.h5``; a re-run resumes and nothing of the other teachers is
+rewritten. Under torchrun the shards are split between ranks as above, and rank 0 lists them.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ members above, exactly as in a single-teacher cache. Each teacher added later ha
 ``SPLIT/teachers/NAME/shard-NNNNNN.h5`` (the primary h5's layout, same keys in the same order)
 and its sidecar ``shard-NNNNNN.json``, written in that order, so adding a teacher never rewrites
 a byte of another teacher's files. The manifest's ``teachers`` table lists every teacher by name
-(``Manifest.teachers``); a cache without it is a single-teacher cache (format 1).
+(``Manifest.teachers``); a cache without it is a single-teacher cache (format 1). A teacher's
+cache-level files (prompts.h5, whitening, teacher_eval.json) are at the cache root for the primary
+and in ``CACHE/teachers/NAME/`` for an added one (``Cache.teacher_folder``); the manifest lists an
+added teacher's prompts.h5 in its entry (``files``), verified as its shards.
 """
 
 from __future__ import annotations

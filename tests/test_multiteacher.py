@@ -233,7 +233,7 @@ def test_cli_add_teacher(single, tmp_path):
     shutil.copytree(single, out)
     b = _teacher_b(tmp_path / "b.json")
     args = ["extract", "--add-teacher", "--teacher", str(b), "--out", str(out), "--teacher-name", "b",
-            "--device", "cpu", "--workers", "0", "--allow-random-init", "--no-prompts"]  # prompts: tested above
+            "--device", "cpu", "--workers", "0", "--allow-random-init", "--no-prompts"]  # prompts: their own tests
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "20 images" in result.output and list(store.open_cache(out).teachers()) == ["tiny-clip", "b"]

@@ -17,6 +17,9 @@ def eval_cmd(
     run: Optional[Path] = typer.Argument(None, help="Run directory written by `kdpipe train`."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Evaluate the teacher itself from this CACHE's "
                                            "embeddings (no teacher forward) instead of a RUN."),
+    teacher_name: Optional[str] = typer.Option(
+        None, "--teacher-name", help="With --teacher CACHE: which of the cache's teachers (its name in the cache) "
+        "[default: the first]; an added teacher's report goes to CACHE/teachers/NAME/teacher_eval.json."),
     cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache to evaluate on (default: the one "
                                          "RUN/student.json records)."),
     split: str = typer.Option("val", "--split", help="Held-out split of the cache: val or test."),
@@ -49,7 +52,7 @@ def eval_cmd(
 
     with user_errors():
         evaluate(stage_config(ctx, EvalConfig, config, dict(
-            run=run, teacher=teacher, cache=cache, split=split, checkpoint=checkpoint,
+            run=run, teacher=teacher, teacher_name=teacher_name, cache=cache, split=split, checkpoint=checkpoint,
             zeroshot=list(zeroshot or []),
             batch_size=batch_size, workers=workers, device=device, chunk=chunk, out=out,
             verify=verify, progress=not no_progress), params={"progress": "no_progress"}))

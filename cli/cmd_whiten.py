@@ -34,6 +34,10 @@ def fit_whitening(
         True, "--check-train/--no-check-train",
         help="Measure the whitened train covariance with a second pass (else computed analytically)."),
     verify: str = typer.Option("size", "--verify", help="Cache check before reading: none, size or sha256."),
+    teacher: Optional[str] = typer.Option(
+        None, "--teacher",
+        help="Which teacher of a cache with several (its name in the cache, as `kdpipe extract --add-teacher` "
+        "named it) [default: the first]; its files go to CACHE/teachers/NAME/."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     config: Optional[Path] = config_option(),
 ) -> None:
@@ -42,16 +46,17 @@ def fit_whitening(
     Writes CACHE/whitening.h5 (mu, W, W_inv, eigenvalues per mode; teacher fingerprint) and
     CACHE/whitening.json (checks: whitened train covariance vs I, held-out eigenvalues vs the
     Marchenko-Pastur band, the teacher's retrieval and zero-shot accuracy raw vs whitened).
+    With --teacher NAME (a teacher added to the cache), both go to CACHE/teachers/NAME/.
     """
     from kdpipe import whiten
 
     with user_errors():
         cfg = stage_config(ctx, whiten.WhitenConfig, config, dict(
             cache=cache, mode=mode, eps_rel=eps_rel, method=method, variants=variant or None, eval_split=eval_split,
-            check_train=check_train, verify=verify, progress=progress), params={"variants": "variant"})
+            check_train=check_train, verify=verify, teacher=teacher, progress=progress), params={"variants": "variant"})
         report = whiten.run(cfg)
     failed = [m for m, r in report["modes"].items() if not r["train_cov"]["ok"]]
-    console.print(f"whitening: {report['whitening']} (checks: {Path(cfg.cache) / whiten.WHITENING_JSON})"
+    console.print(f"whitening: {report['whitening']} (checks: {Path(report['whitening']).parent / whiten.WHITENING_JSON})"
                   + (f" [red]train covariance check failed for {failed}[/]" if failed else ""))
 
 

@@ -59,6 +59,7 @@ log = logging.getLogger("kdpipe")
 class EvalConfig:
     run: str | Path | None = None  # RUN directory written by `kdpipe train`
     teacher: str | Path | None = None  # CACHE: evaluate the teacher from its cached embeddings instead
+    teacher_name: str | None = None  # with `teacher`: which of the cache's teachers (default: the primary)
     cache: str | Path | None = None  # override the cache recorded in RUN/student.json
     checkpoint: str = "best"  # the run's weights to judge: best (validation) | last (final step)
     split: str = "val"
@@ -323,6 +324,8 @@ def _check(cfg: EvalConfig) -> None:
         raise BadValue("give a RUN directory to evaluate a student, or --teacher CACHE for the teacher (not both)")
     if cfg.run is not None:
         check_checkpoint(cfg.checkpoint)
+    if cfg.teacher_name is not None and cfg.teacher is None:
+        raise BadValue("--teacher-name picks one teacher of --teacher CACHE; give --teacher CACHE too")
     if cfg.batch_size < 1 or cfg.chunk < 1:
         raise BadValue("--batch-size and the similarity chunk must be at least 1")
     for spec in cfg.zeroshot:  # a typo fails before any image is read
@@ -333,25 +336,28 @@ def _check(cfg: EvalConfig) -> None:
 
 
 def run_teacher(cfg: EvalConfig) -> dict[str, Any]:
-    """The teacher's own figures on the split, from cached embeddings only."""
+    """The teacher's own figures on the split, from cached embeddings only; ``teacher_name``: which teacher of
+    the cache (its embeddings and prompts; its report goes to ``Cache.teacher_eval_path``)."""
     if cfg.zeroshot:
         raise BadValue("--zeroshot datasets need image embeddings, and the teacher is evaluated from cached "
                        "embeddings only (no teacher forward): only the cache's own split is available")
     cache = open_cache(cfg.teacher, verify=cfg.verify)
-    held = cache.load_split(cfg.split, fields=("img", "txt"))
+    name = cfg.teacher_name or cache.primary
+    fp = cache.teacher_entry(name)["fingerprint"]  # an unknown name is refused, listing the teachers
+    held = cache.load_split(cfg.split, fields=("img", "txt"), teacher=name)
     notes: list[str] = []
-    teacher = _teacher_embeddings(held, cache_classifiers(read_prompt_sets(cache), cache.classnames, notes))
+    teacher = _teacher_embeddings(held, cache_classifiers(read_prompt_sets(cache, name), cache.classnames, notes))
     txt_to_img, labels = torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels)
     scores = {**split_metrics(teacher, txt_to_img, labels, cfg.chunk, f"{cfg.split} split: teacher"),
               **agreement_metrics(teacher, teacher)}
     report = {
         "kind": "teacher", "dataset": _dataset_info(cache, cfg.split, held), "split": cfg.split,
-        "model": {"image": None, "text": None, "teacher": describe_teacher(cache.teacher)},
-        "teacher": cache.teacher, "space": RAW_SPACE,
+        "model": {"image": None, "text": None, "teacher": describe_teacher(fp)},
+        "teacher": fp, "space": RAW_SPACE,
         "metrics": {k: {"student": None, "teacher": v, "ratio": None} for k, v in scores.items()},
         "zeroshot": {}, "notes": notes, "config": _config_dict(cfg),
     }
-    _write(report, Path(cfg.out) if cfg.out else cache.root / TEACHER_EVAL_JSON)
+    _write(report, Path(cfg.out) if cfg.out else cache.teacher_eval_path(name))
     return report
 
 

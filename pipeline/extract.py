@@ -16,8 +16,9 @@ re-running the same command resumes.
 shard's stored JPEG and views (``cachereader.stored_samples``), replays every view at that
 teacher's input size, mean and std (``cachereader.replay_views``: every teacher sees the same
 pixel region, no image decoded from the source or view drawn again), encodes the captions and
-writes ``SPLIT/teachers/NAME/`` shard by shard (``store.write_teacher_shard``); a re-run resumes
-and nothing of the other teachers is rewritten.
+writes ``SPLIT/teachers/NAME/`` shard by shard (``store.write_teacher_shard``), then its class-prompt
+embeddings ``CACHE/teachers/NAME/prompts.h5``; a re-run resumes and nothing of the other teachers is
+rewritten. Under torchrun the shards are split between ranks as above, and rank 0 lists them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from . import __version__, runtime
 from .cachereader import StoredSample, replay_views, stored_samples
 from .data import Record, Source, open_source, views
 from .data.views import STORE_SIZE  # the config default (in ExtractConfig the field `views` hides the module)
-from .errors import AlreadyExists, BadValue, CannotRun, on_write_failure
+from .errors import AlreadyExists, BadValue, on_write_failure
 from .progress import make_progress
 from .store import (
     FORMAT_VERSION,
@@ -49,6 +50,7 @@ from .store import (
     check_teacher_name,
     default_teacher_name,
     describe_teacher,
+    file_digest,
     open_cache,
     read_sidecar,
     same_fingerprint,
@@ -481,9 +483,6 @@ def extra_teacher_configs(cfg: ExtractConfig) -> list[ExtractConfig]:
         return []
     if cfg.add_teacher:
         raise BadValue("--add-teacher adds one --teacher at a time")
-    if runtime.detect_launch().world_size > 1:
-        raise CannotRun("several --teacher run in one process for now (the ones after the first use "
-                        "--add-teacher's path); run without torchrun / srun")
     if weights is not None and len(weights) != len(teachers):
         raise BadValue(f"{len(teachers)} extra teachers and {len(weights)} extra pretrained: give one each, in order "
                        f"({NO_WEIGHTS!r} for a teacher without weights)")
@@ -547,35 +546,45 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
 
 
 def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, Any]:
-    """Run ``cfg.teacher`` over every shard of the cache ``cfg.out`` and write its own files (module docstring)."""
-    if runtime.detect_launch().world_size > 1:
-        raise CannotRun("--add-teacher runs in one process for now; run it without torchrun / srun")
+    """Run ``cfg.teacher`` over every shard of the cache ``cfg.out`` and write its own files (module docstring).
+
+    Under torchrun / srun rank r takes the shards i % world == r of each split (the same files for any world
+    size); rank 0 names the teacher before, and lists every rank's shards and writes its prompts after a barrier.
+    """
     root = Path(cfg.out)
     if Manifest.load(root) is None:
         raise CacheError(f"--add-teacher needs an existing cache at {root}; create it with `kdpipe extract`")
-    manifest = Manifest(root, open_cache(root, verify="size").manifest)  # the other teachers' files are intact
-    device = runtime.resolve_device(cfg.device)
+    dist = runtime.init_distributed(cfg.device, cfg.dist_timeout)
+    # rank 0 checks that the other teachers' files are intact (the others read the manifest it then writes)
+    manifest = Manifest(root, open_cache(root, verify="size" if dist.is_main else "none").manifest)
+    device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     teacher = load_teacher(cfg.teacher, cfg.pretrained, device=device, allow_random_init=cfg.allow_random_init)
     check_stored_size(manifest.data, teacher.preprocess)
-    name = claim_name(manifest, teacher.fingerprint, cfg.teacher_name, cfg.overwrite_teacher)
     splits = cfg.splits or list(manifest.data["splits"])
     missing = sorted(set(splits) - set(manifest.data["splits"]))
     if missing:
         raise BadValue(f"split(s) {missing} not in the cache {root}; it has {sorted(manifest.data['splits'])}")
-    warn_other_view0(manifest.data, teacher.preprocess, name)
-    if name not in manifest.teachers():
-        manifest.add_teacher(name, teacher.fingerprint, teacher.embed_dim, teacher.logit_scale)
-    manifest.save()
+    name = claim_teacher(cfg, manifest, teacher, dist)
     seconds = {}
     with on_write_failure(lambda: kept_teacher_shards(manifest, name)):
         for split in splits:
             start = time.perf_counter()
-            add_split(cfg, teacher, name, manifest, split, precision, request)
+            add_split(cfg, teacher, name, manifest, split, precision, request, dist)
             seconds[split] = time.perf_counter() - start
             if request:
-                return {"stopped": request.signal}
-    done = manifest.teachers()[name]["splits"]
+                break
+    runtime.wait_for_all(dist)  # a rank with fewer shards waits here for the others
+    if runtime.any_rank(bool(request), dist, device):  # then they agree whether to stop
+        return {"stopped": request.signal or "another rank's stop signal"}
+    if dist.is_main:
+        with on_write_failure(lambda: kept_teacher_shards(manifest, name)):
+            if dist.enabled:
+                collect_teacher_shards(manifest, name, splits)
+            if cfg.prompts:
+                add_teacher_prompts(manifest, name, teacher, cfg.prompt_sets)
+    runtime.wait_for_all(dist)
+    done = Manifest.load(root).teachers()[name]["splits"]
     empty = {"count": 0, "captions": 0, "shards": []}
     return {split: {"count": done.get(split, empty)["count"], "captions": done.get(split, empty)["captions"],
                     "skipped": {}, "shards": len(done.get(split, empty)["shards"]), "seconds": round(seconds[split], 3)}
@@ -625,6 +634,38 @@ def drop_teacher(manifest: Manifest, name: str) -> None:
     manifest.save()
     for split in manifest.data["splits"]:
         shutil.rmtree(teacher_dir(manifest.root / split, name), ignore_errors=True)
+    shutil.rmtree(teacher_dir(manifest.root, name), ignore_errors=True)  # its prompts, whitening, teacher_eval
+
+
+def claim_teacher(cfg: ExtractConfig, manifest: Manifest, teacher: Teacher, dist: runtime.DistInfo) -> str:
+    """The added teacher's name, recorded in the manifest by rank 0 (``claim_name``: refusals, resume,
+    --overwrite-teacher); the other ranks then read it back from the manifest."""
+    if dist.is_main:
+        name = claim_name(manifest, teacher.fingerprint, cfg.teacher_name, cfg.overwrite_teacher)
+        warn_other_view0(manifest.data, teacher.preprocess, name)
+        if name not in manifest.teachers():
+            manifest.add_teacher(name, teacher.fingerprint, teacher.embed_dim, teacher.logit_scale)
+        manifest.save()
+    runtime.barrier(dist)
+    if not dist.is_main:
+        manifest.data = Manifest.load(manifest.root).data
+        name = next(n for n, t in manifest.teachers().items() if same_fingerprint(t["fingerprint"], teacher.fingerprint))
+    return name
+
+
+def collect_teacher_shards(manifest: Manifest, name: str, splits: list[str]) -> None:
+    """Rank 0 after the barrier: list every rank's shards of the added teacher; refuse if one is missing.
+
+    Sizes only, as ``collect_manifest``: each shard's sha256 was computed (or verified) moments ago.
+    """
+    for split in splits:
+        for primary in manifest.split(split)["shards"]:
+            entry = finished_teacher_entry(manifest.root / split, name, primary, full=False)
+            if entry is None:
+                raise CacheError(f"shard {primary['name']} of {split} of teacher {name!r} is missing or corrupt "
+                                 "after extraction")
+            manifest.add_teacher_shard(name, split, entry)
+    manifest.save()
 
 
 def warn_other_view0(manifest: dict[str, Any], pre: Preprocess, name: str) -> None:
@@ -636,25 +677,28 @@ def warn_other_view0(manifest: dict[str, Any], pre: Preprocess, name: str) -> No
 
 
 def add_split(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifest, split: str, precision: str,
-              request: runtime.StopRequest) -> None:
-    """The added teacher's shards of one split, each skipped when already complete; stops at ``request``."""
+              request: runtime.StopRequest, dist: runtime.DistInfo) -> None:
+    """This rank's shards (i % world == rank) of the added teacher in one split, each skipped when already
+    complete; stops at ``request``. One process lists each shard as it is written; ranks leave it to rank 0."""
     split_dir = manifest.root / split
+    shards = manifest.split(split)["shards"][dist.rank::dist.world_size]
     todo = []
-    for primary in manifest.split(split)["shards"]:
+    for primary in shards:
         entry = finished_teacher_entry(split_dir, name, primary)
         if entry is None:
             todo.append(primary)
-        else:
+        elif not dist.enabled:
             manifest.add_teacher_shard(name, split, entry)
-    manifest.save()
-    log.info("%s: teacher %r has %d of %d shards, adding the rest", split, name,
-             len(manifest.split(split)["shards"]) - len(todo), len(manifest.split(split)["shards"]))
+    if not dist.enabled:
+        manifest.save()
+    log.info("%s: teacher %r has %d of %d shards, adding the rest", split, name, len(shards) - len(todo), len(shards))
     if todo:
-        add_shards(cfg, teacher, name, manifest, split, todo, precision, request)
+        add_shards(cfg, teacher, name, manifest, split, todo, precision, request, dist)
 
 
 def add_shards(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manifest, split: str,
-               todo: list[dict[str, Any]], precision: str, request: runtime.StopRequest) -> None:
+               todo: list[dict[str, Any]], precision: str, request: runtime.StopRequest,
+               dist: runtime.DistInfo) -> None:
     """Embed and write the teacher's shards for the primary entries ``todo``; at ``request`` the shards in
     flight are dropped."""
     split_dir = manifest.root / split
@@ -675,19 +719,22 @@ def add_shards(cfg: ExtractConfig, teacher: Teacher, name: str, manifest: Manife
                     raise CacheError(f"{split} shard {item.index} holds {len(samples)} samples, its manifest entry "
                                      f"{counts[item.index]}; the cache is corrupt")
                 entry = write_teacher_shard(split_dir, name, item.index, samples, teacher.embed_dim)
-                manifest.add_teacher_shard(name, split, entry)
-                manifest.save()
+                if not dist.enabled:
+                    manifest.add_teacher_shard(name, split, entry)
+                    manifest.save()
                 continue
             index, batch = item
             pending.setdefault(index, []).extend(embed_batch(teacher, batch, precision))
             progress.update(task, advance=len(batch))
 
 
-def finished_teacher_entry(split_dir: Path, name: str, primary: dict[str, Any]) -> dict[str, Any] | None:
-    """The added teacher's entry of a shard when its files are complete and match the primary shard."""
+def finished_teacher_entry(split_dir: Path, name: str, primary: dict[str, Any],
+                           full: bool = True) -> dict[str, Any] | None:
+    """The added teacher's entry of a shard when its files are complete (sha256 too when ``full``) and match
+    the primary shard."""
     folder = teacher_dir(split_dir, name)
     entry = read_sidecar(folder, primary["index"])
-    if entry is None or verify_shard(folder, entry, full=True, exts=("h5",)) is not None:
+    if entry is None or verify_shard(folder, entry, full=full, exts=("h5",)) is not None:
         return None
     return entry if (entry["count"], entry["captions"]) == (primary["count"], primary["captions"]) else None
 
@@ -714,6 +761,40 @@ def replayed(stored: StoredSample, pre: Preprocess) -> Prepared:
     pixels = views.normalize_images(replay_views(stored.jpg, stored.views, pre.size, pre.interpolation),
                                     pre.mean, pre.std)
     return Prepared(stored.key, stored.jpg, stored.views, pixels, stored.captions, stored.label)
+
+
+def add_teacher_prompts(manifest: Manifest, name: str, teacher: Teacher, extra: list[str] | None) -> None:
+    """``CACHE/teachers/NAME/prompts.h5``: the added teacher's class-prompt embeddings, listed in its manifest
+    entry (``files``). Sets already in the file are kept; while it is replaced it is unlisted, so the manifest
+    never lists a file that does not match it (a re-run lists it again)."""
+    from . import prompts  # noqa: PLC0415  (keeps the import graph of extract small)
+
+    path = teacher_dir(manifest.root, name) / PROMPTS
+    have = prompts.read_prompts(path) if path.exists() else {}
+    sets = missing_prompt_sets(have, manifest.root / PROMPTS, teacher, manifest.data.get("classnames"), extra)
+    if sets:
+        manifest.list_teacher_file(name, PROMPTS, None)
+        manifest.save()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_prompts(path, {**have, **sets})
+    manifest.list_teacher_file(name, PROMPTS, file_digest(path))
+    manifest.save()
+
+
+def missing_prompt_sets(have: dict[str, Any], primary: Path, teacher: Teacher, classnames: list[str] | None,
+                        extra: list[str] | None) -> dict[str, Any]:
+    """The prompt sets an added teacher's file lacks (``have``), encoded by it: the primary's sets first (the
+    same class names and templates, so every teacher's zero-shot classifiers cover the same prompts), then
+    the default sets and ``extra``; the data's own class names only when neither file has a set yet."""
+    from . import prompts  # noqa: PLC0415
+
+    like = {n: s for n, s in (prompts.read_prompts(primary) if primary.exists() else {}).items() if n not in have}
+    named = [n for n in dict.fromkeys([*prompts.DEFAULT_SETS, *(extra or [])]) if n not in have and n not in like]
+    own = None if have or like else classnames
+    sets = prompts.encode_like(teacher, like)
+    if named or own:
+        sets.update(prompts.build_prompt_sets(teacher, named, extra_classnames=own))
+    return sets
 
 
 def kept_teacher_shards(manifest: Manifest, name: str) -> tuple[str, str]:

@@ -150,6 +150,13 @@ def build_prompt_sets(
     return sets
 
 
+def encode_like(teacher: Teacher, sets: dict[str, PromptSet], batch_size: int = 256) -> dict[str, PromptSet]:
+    """The same sets (class names, templates) encoded by ``teacher``: another teacher's prompts of a cache."""
+    return {name: PromptSet(list(s.classnames), list(s.templates),
+                            encode_prompts(teacher, list(s.classnames), list(s.templates), batch_size))
+            for name, s in sets.items()}
+
+
 def find_set(sets: dict[str, PromptSet], classnames: list[str]) -> str | None:
     """Name of the set whose class names are exactly ``classnames`` (same order), else None."""
     for name, s in sets.items():

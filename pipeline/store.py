@@ -13,7 +13,10 @@ members above, exactly as in a single-teacher cache. Each teacher added later ha
 ``SPLIT/teachers/NAME/shard-NNNNNN.h5`` (the primary h5's layout, same keys in the same order)
 and its sidecar ``shard-NNNNNN.json``, written in that order, so adding a teacher never rewrites
 a byte of another teacher's files. The manifest's ``teachers`` table lists every teacher by name
-(``Manifest.teachers``); a cache without it is a single-teacher cache (format 1).
+(``Manifest.teachers``); a cache without it is a single-teacher cache (format 1). A teacher's
+cache-level files (prompts.h5, whitening, teacher_eval.json) are at the cache root for the primary
+and in ``CACHE/teachers/NAME/`` for an added one (``Cache.teacher_folder``); the manifest lists an
+added teacher's prompts.h5 in its entry (``files``), verified as its shards.
 """
 
 from __future__ import annotations
@@ -247,13 +250,20 @@ def verify_shard(split_dir: Path, entry: dict[str, Any], full: bool = True,
     ``exts``: the files of the shard; an added teacher's shard (in its ``teacher_dir``) is ``("h5",)``.
     """
     for ext in exts:
-        path = split_dir / f"{entry['name']}.{ext}"
-        if not path.exists():
-            return f"{path} is missing"
-        if path.stat().st_size != entry[ext]["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {entry[ext]['bytes']}"
-        if full and file_digest(path)["sha256"] != entry[ext]["sha256"]:
-            return f"{path} does not match its sha256 in the manifest"
+        problem = verify_file(split_dir / f"{entry['name']}.{ext}", entry[ext], full)
+        if problem:
+            return problem
+    return None
+
+
+def verify_file(path: Path, digest: dict[str, Any], full: bool) -> str | None:
+    """None when ``path`` has the {"bytes", "sha256"} the manifest lists (sha256 only when ``full``), else a reason."""
+    if not path.exists():
+        return f"{path} is missing"
+    if path.stat().st_size != digest["bytes"]:
+        return f"{path} has {path.stat().st_size} bytes, the manifest says {digest['bytes']}"
+    if full and file_digest(path)["sha256"] != digest["sha256"]:
+        return f"{path} does not match its sha256 in the manifest"
     return None
 
 
@@ -337,6 +347,15 @@ class Manifest:
     def drop_teacher(self, name: str) -> None:
         """Forget an added teacher (its files are the caller's to remove)."""
         self.data.get("teachers", {}).pop(name, None)
+
+    def list_teacher_file(self, name: str, file: str, digest: dict[str, Any] | None) -> None:
+        """List one of an added teacher's cache-level files (``CACHE/teachers/NAME/FILE``, e.g. prompts.h5)
+        with its {"bytes", "sha256"}, or unlist it (``digest`` None) while it is being replaced."""
+        files = self.teachers()[name].setdefault("files", {})
+        if digest is None:
+            files.pop(file, None)
+        else:
+            files[file] = digest
 
     def add_teacher_shard(self, name: str, split: str, entry: dict[str, Any]) -> None:
         """Record (or replace) an added teacher's shard entry and recompute its split totals."""
@@ -442,6 +461,7 @@ class Cache:
 
     @property
     def prompts_path(self) -> Path:
+        """The primary teacher's prompts.h5 (``teacher_prompts_path`` for any teacher)."""
         return self.root / PROMPTS
 
     # ----------------------------------------------------------------- teachers
@@ -464,6 +484,25 @@ class Cache:
     def find_teacher(self, fingerprint: dict[str, Any]) -> str | None:
         """The name under which this teacher (``same_fingerprint``) is in the cache, or None."""
         return next((n for n, t in self.teachers().items() if same_fingerprint(t["fingerprint"], fingerprint)), None)
+
+    def teacher_folder(self, teacher: str | None = None) -> Path:
+        """Where a teacher's cache-level files live (prompts.h5, teacher_eval.json, whitening.h5 / .json).
+
+        The primary's (``teacher`` None or its name) are at the cache root, as in a single-teacher
+        cache; an added teacher's in ``CACHE/teachers/NAME``. An unknown name is refused, listing the
+        cache's teachers.
+        """
+        if teacher is None or self.teacher_entry(teacher)["primary"]:
+            return self.root
+        return teacher_dir(self.root, teacher)
+
+    def teacher_prompts_path(self, teacher: str | None = None) -> Path:
+        """A teacher's class-prompt embeddings (the primary's: ``prompts_path``); same layout for every teacher."""
+        return self.teacher_folder(teacher) / PROMPTS
+
+    def teacher_eval_path(self, teacher: str | None = None) -> Path:
+        """A teacher's own figures on a held-out split (``kdpipe eval --teacher CACHE``)."""
+        return self.teacher_folder(teacher) / TEACHER_EVAL_JSON
 
     def teacher_h5_paths(self, split: str, teacher: str) -> list[Path]:
         """A teacher's h5 files of a split, in shard order (non-empty shards, as ``shard_paths``).
@@ -521,12 +560,19 @@ def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict |
 
 
 def verify_teacher(cache: Cache, name: str, full: bool) -> None:
-    """An added teacher's listed shards: files match their entries and hold the primary shard's samples.
+    """An added teacher's listed shards and files (its prompts.h5): files match their entries, shards
+    hold the primary shard's samples.
 
     A shard not listed yet (an add in progress) is no error here; ``Cache.teacher_h5_paths`` refuses it.
     """
     primary = {split: {s["name"]: s for s in info["shards"]} for split, info in cache.manifest["splits"].items()}
-    for split, info in cache.teacher_entry(name).get("splits", {}).items():
+    teacher = cache.teacher_entry(name)
+    for file, digest in teacher.get("files", {}).items():
+        problem = verify_file(teacher_dir(cache.root, name) / file, digest, full)
+        if problem:
+            raise CacheError(f"cache {cache.root} is corrupt: {problem}; re-run `kdpipe extract --add-teacher` with "
+                             f"teacher {name!r} (and --overwrite-teacher {name} if that does not fix it)")
+    for split, info in teacher.get("splits", {}).items():
         for entry in info["shards"]:
             own = primary.get(split, {}).get(entry["name"])
             problem = verify_shard(teacher_dir(cache.root / split, name), entry, full, exts=("h5",))

@@ -4,7 +4,8 @@ A student learns either the teacher's own (normalised) embeddings, the raw space
 whitened by transforms that ``kdpipe fit-whitening`` fitted on the cache. This module owns
 what the trainer and the evaluator must agree on; the math is in ``kdpipe.zca``.
 
-- ``CACHE/whitening.h5`` (written by the whiten stage): one group per fitted transform
+- ``CACHE/whitening.h5`` (written by the whiten stage; an added teacher's in
+  ``CACHE/teachers/NAME/``, ``whitening_path``): one group per fitted transform
   (``FIT_MODES``, and ``MODE@VARIANT`` for each extra variant of ``zca.Variant``, e.g.
   ``joint@alpha=0.5``), each with datasets ``H5_ARRAYS`` (float64) and attrs eps, n, method,
   power, top_k; root attrs teacher (fingerprint JSON), modes (JSON: the group names), eps_rel.
@@ -109,32 +110,45 @@ def whitening_info(path: str | Path) -> dict[str, Any]:
     return attrs
 
 
+def whitening_path(cache: Cache, teacher: str | None = None) -> Path:
+    """A teacher's whitening.h5 in ``cache`` (None: the primary's, ``CACHE/whitening.h5``)."""
+    return cache.teacher_folder(teacher) / WHITENING_H5
+
+
 def load_whitening(cache_or_path: Cache | str | Path, mode: str,
-                   expect_teacher: dict | None = None) -> zca.Whitening:
+                   expect_teacher: dict | None = None, teacher: str | None = None) -> zca.Whitening:
     """The fitted transform of ``mode`` for the trainer/evaluator.
 
     cache_or_path: a Cache, a cache directory, or a whitening.h5 file. The file's teacher
     fingerprint must equal ``expect_teacher`` — by default the teacher of the cache it sits in
     (or the given Cache), so a whitening file copied next to another teacher's cache is refused.
+    ``teacher`` (a Cache only): the whitening of that teacher of the cache (``whitening_path``),
+    checked against that teacher's fingerprint.
     """
     if split_mode(mode)[0] not in FIT_MODES:
         raise BadValue(f"unknown whitening mode {mode!r}; valid: {', '.join(FIT_MODES)} (optionally @VARIANT)")
-    path, expect_teacher = _locate(cache_or_path, expect_teacher)
+    if teacher is not None and not isinstance(cache_or_path, Cache):
+        raise BadValue("a teacher's whitening is found from its Cache (open_cache), not from a path")
+    path, expect_teacher = _locate(cache_or_path, expect_teacher, teacher)
+    fit = f"kdpipe fit-whitening {path.parent}" if teacher is None else \
+        f"kdpipe fit-whitening {cache_or_path.root} --teacher {teacher}"
     if not path.exists():
-        raise MissingInput(f"no whitening at {path}; run `kdpipe fit-whitening {path.parent} --mode {mode}`")
+        raise MissingInput(f"no whitening at {path}; run `{fit} --mode {mode}`")
     info = whitening_info(path)
     if expect_teacher is not None and not same_fingerprint(info["teacher"], expect_teacher):
         raise CacheError(f"{path} was fitted on embeddings of teacher {describe_teacher(info['teacher'])}, "
-                         f"not {describe_teacher(expect_teacher)}; re-run `kdpipe fit-whitening` on this cache")
+                         f"not {describe_teacher(expect_teacher)}; re-run `kdpipe fit-whitening` on this cache"
+                         + (f" with --teacher {teacher}" if teacher else ""))
     if mode not in info["modes"]:
-        raise BadValue(f"{path} holds modes {info['modes']}, not {mode!r}; re-run "
-                       f"`kdpipe fit-whitening {path.parent} --mode {mode}` (or --mode all)")
+        raise BadValue(f"{path} holds modes {info['modes']}, not {mode!r}; re-run `{fit} --mode {mode}` (or --mode all)")
     return read_transform(path, mode)
 
 
-def _locate(cache_or_path: Cache | str | Path, expect: dict | None) -> tuple[Path, dict | None]:
+def _locate(cache_or_path: Cache | str | Path, expect: dict | None,
+            teacher: str | None = None) -> tuple[Path, dict | None]:
     if isinstance(cache_or_path, Cache):
-        return cache_or_path.root / WHITENING_H5, expect or cache_or_path.teacher
+        fingerprint = cache_or_path.teacher_entry(teacher)["fingerprint"] if teacher else cache_or_path.teacher
+        return whitening_path(cache_or_path, teacher), expect or fingerprint
     path = Path(cache_or_path)
     if path.is_dir():
         manifest = Manifest.load(path)
@@ -144,14 +158,18 @@ def _locate(cache_or_path: Cache | str | Path, expect: dict | None) -> tuple[Pat
     return path, expect
 
 
-def _cache_params(cache: Cache, mode: str, modalities: tuple[str, ...]) -> tuple[dict, str | None]:
-    """{modality: {"mu" [D], "W" [D, D], "W_inv" [D, D], "scale" []} (float32)} and the fit method."""
+def _cache_params(cache: Cache, mode: str, modalities: tuple[str, ...],
+                  teacher: str | None = None) -> tuple[dict, str | None]:
+    """{modality: {"mu" [D], "W" [D, D], "W_inv" [D, D], "scale" []} (float32)} and the fit method;
+    ``teacher``: whose whitening (None: the primary's), D its embedding width."""
     params, method = {}, None
+    entry = cache.teacher_entry(teacher or cache.primary)
+    dim = int(entry["embed_dim"])
     for modality in modalities:
         fit_mode = space_of(mode)[modality]
-        w = load_whitening(cache, fit_mode, expect_teacher=cache.teacher)
-        if w.W.shape != (cache.embed_dim, cache.embed_dim):
-            raise CacheError(f"whitening {fit_mode} is {w.W.shape[0]}-dim, the cache is {cache.embed_dim}-dim")
+        w = load_whitening(cache, fit_mode, expect_teacher=entry["fingerprint"], teacher=teacher)
+        if w.W.shape != (dim, dim):
+            raise CacheError(f"whitening {fit_mode} is {w.W.shape[0]}-dim, the teacher's embeddings {dim}-dim")
         params[modality] = {**zca.to_torch(w, dtype=torch.float32),
                             "scale": torch.tensor(zca.whitened_rms(w), dtype=torch.float32)}
         method = w.method
@@ -183,12 +201,13 @@ class Targets:
         return replace(self, params={m: {k: v.to(device) for k, v in p.items()} for m, p in self.params.items()})
 
 
-def load_targets(cache: Cache, mode: str) -> Targets:
-    """The stored whitening for ``mode``; its teacher must be the cache's."""
+def load_targets(cache: Cache, mode: str, teacher: str | None = None) -> Targets:
+    """The stored whitening for ``mode``; its teacher must be the cache's (``teacher``: that teacher of
+    the cache, its whitening fitted by ``kdpipe fit-whitening --teacher NAME``; None: the primary)."""
     if not space_of(mode):
         return Targets()
-    params, method = _cache_params(cache, mode, tuple(space_of(mode)))
-    return Targets(mode, params, str(cache.root / WHITENING_H5), method)
+    params, method = _cache_params(cache, mode, tuple(space_of(mode)), teacher)
+    return Targets(mode, params, str(whitening_path(cache, teacher)), method)
 
 
 # --------------------------------------------------------------------------- back to the teacher's space

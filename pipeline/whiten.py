@@ -13,7 +13,9 @@ accumulating float64 moments of every image view (``image``) and every caption (
   in each whitened space (per-modality modes: images through the image transform, texts and
   prompts through the text transform; joint: everything through the joint transform).
 
-The results go to ``CACHE/whitening.json`` and a table. The file's name, its reader
+The results go to ``CACHE/whitening.json`` and a table. ``--teacher NAME`` fits another teacher of a
+cache with several (its embeddings and prompts): its files go to ``CACHE/teachers/NAME/`` instead
+(``store.Cache.teacher_folder``); the primary's stay at the cache root. The file's name, its reader
 (``load_whitening``, which refuses a file fitted for another teacher) and which modalities
 each transform covers belong to ``kdpipe.targetspace``, shared with the trainer and evaluator.
 """
@@ -37,8 +39,8 @@ from .prompts import read_prompts
 from .atomic import atomic_write, atomic_write_json
 from .errors import BadValue
 from .store import Cache, CacheError, H5Shard, open_cache
-from .targetspace import (FIT_MODES, FITTED_ON, FULL, H5_ARRAYS, SPACES, WHITENING_H5, group_name, load_whitening,
-                          read_transform, split_mode)
+from .targetspace import (FIT_MODES, FITTED_ON, FULL, H5_ARRAYS, SPACES, WHITENING_H5, group_name,  # noqa: F401
+                          load_whitening, read_transform, split_mode, whitening_path)  # WHITENING_H5: kept importable
 
 log = logging.getLogger("kdpipe")
 
@@ -53,6 +55,7 @@ class WhitenConfig:
     eval_split: str | None = None  # held-out split for the checks; None: "val", else "test", else none
     check_train: bool = True  # second pass over train for the whitened covariance (else analytic)
     verify: str = "size"  # cache verification: none | size | sha256
+    teacher: str | None = None  # which teacher of the cache (default: the primary; `kdpipe extract --add-teacher`)
     progress: bool = True
 
 
@@ -95,12 +98,21 @@ def modality_rows(shard: H5Shard) -> dict[str, np.ndarray]:
     return {"image": shard.img.reshape(-1, shard.img.shape[-1]), "text": shard.txt}
 
 
-def accumulate(cache: Cache, progress: Bar | None = None) -> dict[str, zca.RunningMoments]:
-    """One pass over the train split -> float64 moments for "image", "text" and "joint"."""
-    moments = {m: zca.RunningMoments(cache.embed_dim) for m in ("image", "text")}
-    paths = cache.shard_paths(FIT_SPLIT, "h5")
+def teacher_dim(cache: Cache, teacher: str) -> int:
+    """The embedding width of one teacher of the cache."""
+    return int(cache.teacher_entry(teacher)["embed_dim"])
+
+
+def accumulate(cache: Cache, progress: Bar | None = None, teacher: str | None = None) -> dict[str, zca.RunningMoments]:
+    """One pass over the train split -> float64 moments for "image", "text" and "joint".
+
+    ``teacher``: whose embeddings (a name of the cache's teachers; None: the primary).
+    """
+    teacher = teacher or cache.primary
+    moments = {m: zca.RunningMoments(teacher_dim(cache, teacher)) for m in ("image", "text")}
+    paths = cache.teacher_h5_paths(FIT_SPLIT, teacher)
     task = progress.add_task(f"fit   {FIT_SPLIT}", total=len(paths), info="") if progress else None
-    for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt")):
+    for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt"), teacher=teacher):
         check_finite(shard)
         for modality, rows in modality_rows(shard).items():
             moments[modality].update(rows)
@@ -187,13 +199,14 @@ def _space(mode: str, fitted: dict[str, zca.Whitening]) -> dict[str, zca.Whiteni
 
 
 def whitened_train_moments(cache: Cache, fitted: dict[str, zca.Whitening], modes: list[str],
-                           progress: Bar | None = None) -> dict[str, zca.RunningMoments]:
+                           progress: Bar | None = None, teacher: str | None = None) -> dict[str, zca.RunningMoments]:
     """Second pass over train: moments of each mode's own data after its float32 transform."""
+    teacher = teacher or cache.primary
     params = {m: _params(w) for m, w in fitted.items()}
-    out = {m: zca.RunningMoments(cache.embed_dim) for m in modes}
-    paths = cache.shard_paths(FIT_SPLIT, "h5")
+    out = {m: zca.RunningMoments(teacher_dim(cache, teacher)) for m in modes}
+    paths = cache.teacher_h5_paths(FIT_SPLIT, teacher)
     task = progress.add_task(f"check {FIT_SPLIT}", total=len(paths), info="") if progress else None
-    for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt")):
+    for shard in cache.iter_h5(FIT_SPLIT, fields=("img", "txt"), teacher=teacher):
         rows = {k: torch.from_numpy(v).float() for k, v in modality_rows(shard).items()}
         for mode in modes:
             for modality in FITTED_ON[split_mode(mode)[0]]:
@@ -231,10 +244,11 @@ def cov_check(w: zca.Whitening, cov: np.ndarray, how: str, fit_cov: np.ndarray |
 
 
 def train_checks(cache: Cache, moments: dict[str, zca.RunningMoments], fitted: dict[str, zca.Whitening],
-                 modes: list[str], data_pass: bool, progress: Bar | None = None) -> dict[str, dict]:
+                 modes: list[str], data_pass: bool, progress: Bar | None = None,
+                 teacher: str | None = None) -> dict[str, dict]:
     """Per mode: whitened train covariance vs I (data pass in float32, or analytic in float64)."""
     if data_pass:
-        white = whitened_train_moments(cache, fitted, modes, progress)
+        white = whitened_train_moments(cache, fitted, modes, progress, teacher)
         return {m: cov_check(fitted[m], white[m].cov(), "second pass over train, float32 apply",
                              moments[split_mode(m)[0]].cov()) for m in modes}
     return {m: cov_check(fitted[m], zca.whitened_cov(fitted[m], moments[split_mode(m)[0]].cov()),
@@ -299,17 +313,19 @@ def teacher_scores(held: H5Shard, prompt_sets: dict[str, np.ndarray],
 
 
 def heldout_checks(cache: Cache, split: str, fitted: dict[str, zca.Whitening], modes: list[str],
-                   partners: dict[str, zca.Whitening]) -> tuple[dict, dict, list[str]]:
+                   partners: dict[str, zca.Whitening], teacher: str | None = None) -> tuple[dict, dict, list[str]]:
     """-> (per-mode {heldout, teacher}, raw teacher scores, notes). ``partners`` supply the
-    other modality's transform for per-modality spaces when it was not asked for."""
-    held = cache.load_split(split, fields=("img", "txt"))
+    other modality's transform for per-modality spaces when it was not asked for; ``teacher``: whose
+    embeddings and prompts (None: the primary)."""
+    teacher = teacher or cache.primary
+    held = cache.load_split(split, fields=("img", "txt"), teacher=teacher)
     try:
         check_finite(held)
     except ValueError:  # name the shard, not the split: rescan shard by shard (rare path)
-        for shard in cache.iter_h5(split, fields=("img", "txt")):
+        for shard in cache.iter_h5(split, fields=("img", "txt"), teacher=teacher):
             check_finite(shard)
         raise
-    prompt_sets = read_prompt_sets(cache.prompts_path, cache.classnames)
+    prompt_sets = read_prompt_sets(cache.teacher_prompts_path(teacher), cache.classnames)
     notes = [] if prompt_sets else ["zero-shot skipped: no prompt set in prompts.h5 matches the cache's class names"]
     if prompt_sets and not (held.labels >= 0).any():
         notes.append(f"zero-shot skipped: the {split} split has no labels")
@@ -408,10 +424,11 @@ def _validate(cfg: WhitenConfig) -> list[str]:
     return modes
 
 
-def _add_heldout(report: dict[str, Any], cache: Cache, split: str, moments: dict[str, zca.RunningMoments],
-                 fitted: dict[str, zca.Whitening], cfg: WhitenConfig) -> None:
+def _add_heldout(report: dict[str, Any], cache: Cache, teacher: str, split: str,
+                 moments: dict[str, zca.RunningMoments], fitted: dict[str, zca.Whitening], cfg: WhitenConfig) -> None:
     notes = report["notes"]
-    per_mode, raw, more = heldout_checks(cache, split, fitted, list(fitted), _partners(moments, list(fitted), cfg, notes))
+    per_mode, raw, more = heldout_checks(cache, split, fitted, list(fitted),
+                                         _partners(moments, list(fitted), cfg, notes), teacher)
     for mode, checks in per_mode.items():
         report["modes"][mode].update(checks)
     report["teacher_raw"] = raw
@@ -419,22 +436,27 @@ def _add_heldout(report: dict[str, Any], cache: Cache, split: str, moments: dict
 
 
 def run(cfg: WhitenConfig) -> dict[str, Any]:
-    """Fit, write CACHE/whitening.h5, check, write CACHE/whitening.json; returns the report."""
+    """Fit, write CACHE/whitening.h5, check, write CACHE/whitening.json (an added teacher's: in
+    CACHE/teachers/NAME/); returns the report."""
     modes = _validate(cfg)
     cache = open_cache(cfg.cache, verify=cfg.verify)
+    teacher = cfg.teacher or cache.primary
+    fingerprint = cache.teacher_entry(teacher)["fingerprint"]  # an unknown name is refused, listing the teachers
     eval_split = pick_eval_split(cache, cfg.eval_split)
-    h5_path, json_path = cache.root / WHITENING_H5, cache.root / WHITENING_JSON
+    folder = cache.teacher_folder(teacher)
+    h5_path, json_path = whitening_path(cache, teacher), folder / WHITENING_JSON
     t0 = time.perf_counter()
     with make_progress("shards", disable=not cfg.progress) as progress:
-        moments = accumulate(cache, progress)
+        moments = accumulate(cache, progress, teacher)
         fitted = fit_modes(moments, modes, cfg.eps_rel, cfg.method)
         t_fit = time.perf_counter() - t0
-        write_whitening(h5_path, fitted, cache.teacher, cfg.eps_rel)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_whitening(h5_path, fitted, fingerprint, cfg.eps_rel)
         json_path.unlink(missing_ok=True)  # it described the previous fit
-        fitted = {m: load_whitening(cache, m) for m in modes}  # check what the trainer will read
-        train = train_checks(cache, moments, fitted, modes, cfg.check_train, progress)
+        fitted = {m: load_whitening(cache, m, teacher=teacher) for m in modes}  # check what the trainer will read
+        train = train_checks(cache, moments, fitted, modes, cfg.check_train, progress, teacher)
     report: dict[str, Any] = {
-        "cache": str(cache.root), "whitening": str(h5_path), "teacher": cache.teacher,
+        "cache": str(cache.root), "whitening": str(h5_path), "teacher": fingerprint, "teacher_name": teacher,
         "embeddings": EMBEDDINGS, "method": cfg.method, "eps_rel": cfg.eps_rel,
         "fit_split": FIT_SPLIT, "eval_split": eval_split,
         "train": {"image_rows": moments["image"].n, "captions": moments["text"].n},
@@ -444,7 +466,7 @@ def run(cfg: WhitenConfig) -> dict[str, Any]:
     if eval_split is None:
         report["notes"].append("no held-out split (val/test) in the cache: held-out checks skipped")
     else:
-        _add_heldout(report, cache, eval_split, moments, fitted, cfg)
+        _add_heldout(report, cache, teacher, eval_split, moments, fitted, cfg)
     report["seconds"] = {"fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)}
     atomic_write_json(json_path, report)
     print_table(report)

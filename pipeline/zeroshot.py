@@ -71,9 +71,13 @@ def encode_text(tower: nn.Module, texts: list[str], batch_size: int, device: tor
 # --------------------------------------------------------------------------- zero-shot classifiers
 
 
-def read_prompt_sets(cache: Cache) -> dict[str, prompts.PromptSet]:
-    """The cache's prompts.h5 ({set name: PromptSet}); empty when the cache has none."""
-    return prompts.read_prompts(cache.prompts_path) if cache.prompts_path.exists() else {}
+def read_prompt_sets(cache: Cache, teacher: str | None = None) -> dict[str, prompts.PromptSet]:
+    """The cache's prompts.h5 ({set name: PromptSet}); empty when the cache has none.
+
+    ``teacher``: that teacher's prompts in a cache with several (None: the primary's).
+    """
+    path = cache.teacher_prompts_path(teacher)
+    return prompts.read_prompts(path) if path.exists() else {}
 
 
 def text_classifier(tower: nn.Module, classnames: list[str], templates: list[str], space: Space,

@@ -14,7 +14,9 @@ So retrieval and zero-shot work from the raw embeddings, but not perfectly.
 
 For real extraction runs: ``write_coco`` (a COCO-layout input from image bytes), ``photo_coco``
 (three photo-like non-square images) and ``teacher_config`` (tiny-clip with an open_clip
-``preprocess_cfg``, e.g. another ``resize_mode``).
+``preprocess_cfg``, e.g. another ``resize_mode``); ``tiny_world`` / ``tiny_extract`` (a shapes world
+and tiny-clip's cache of it: conftest's ``tiny_world`` and ``tiny_cache`` fixtures) and
+``teacher_b_config`` (a second teacher for the several-teacher tests).
 """
 
 from __future__ import annotations
@@ -192,4 +194,42 @@ def teacher_config(path: Path, resize_mode: str, fill_color: int = 77, interpola
     model_cfg = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
     pp = {"resize_mode": resize_mode, "fill_color": fill_color, "interpolation": interpolation}
     path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}))
+    return path
+
+
+# --------------------------------------------------------------------------- real extractions
+
+TINY_TRAIN, TINY_VAL = 20, 6  # images of ``tiny_world``: 3 train shards and 1 val shard of 8
+
+
+def tiny_world(root: Path) -> Path:
+    """A shapes world in COCO layout: 20 train + 6 val images at 64 px, seed 3."""
+    from kdpipe.data.shapes import make_shapes  # noqa: PLC0415
+
+    make_shapes(root, TINY_TRAIN, TINY_VAL, size=64, seed=3)
+    return root
+
+
+def tiny_extract_config(data: Path | str, out: Path, **kw):
+    """``ExtractConfig`` of tiny-clip on CPU: 3 views, 8 images per batch and per shard, no decoding workers."""
+    from kdpipe.extract import ExtractConfig  # noqa: PLC0415  (torch: only the tests that extract pay)
+
+    base = dict(teacher="tiny-clip", data=str(data), out=str(out), views=3, batch_size=8, workers=0,
+                device="cpu", shard_size=8, progress=False, allow_random_init=True)
+    return ExtractConfig(**{**base, **kw})
+
+
+def tiny_extract(data: Path, out: Path, **kw) -> Path:
+    """tiny-clip's cache of ``data`` at ``out`` (with its prompts.h5 unless ``prompts=False``)."""
+    from kdpipe.extract import run  # noqa: PLC0415
+
+    run(tiny_extract_config(data, out, **kw))
+    return out
+
+
+def teacher_b_config(path: Path, embed_dim: int = 24, size: int = 48) -> Path:
+    """tiny-clip's architecture at another input size and embedding width (a model-config JSON)."""
+    cfg = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
+    cfg["embed_dim"], cfg["vision_cfg"]["image_size"] = embed_dim, size
+    path.write_text(json.dumps(cfg))
     return path

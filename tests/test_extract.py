@@ -20,36 +20,29 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from typer.testing import CliRunner
 
-from cache_factory import photo_coco, teacher_config, write_coco
+from cache_factory import TINY_VAL, photo_coco, teacher_config, tiny_extract_config, write_coco
 from test_data_sources import captioned_csv, write_csv, write_images, write_tar
 from kdpipe import extract as extract_mod
 from kdpipe import store
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
 from kdpipe.data.heldout import in_held_out
-from kdpipe.data.shapes import make_shapes
-from kdpipe.extract import ExtractConfig, run
+from kdpipe.extract import run
 from kdpipe.teachers import load_teacher
 
 
-def _cfg(data: Path, out: Path, **kw) -> ExtractConfig:
-    base = dict(teacher="tiny-clip", data=str(data), out=str(out), views=3, batch_size=8,
-                workers=0, device="cpu", shard_size=8, progress=False)
-    return ExtractConfig(**{**base, **kw})
+_cfg = tiny_extract_config  # the shared cache's settings (conftest's tiny_cache)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root, 20, 10, size=64, seed=3)
-    return root
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
-def cache(world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "c"
-    run(_cfg(world, out))
-    return out
+def cache(tiny_cache) -> Path:
+    """tiny-clip's cache of ``world`` (shared by the session: read-only)."""
+    return tiny_cache
 
 
 def _tar_samples(cache_dir: Path, split: str) -> dict[str, dict]:
@@ -69,7 +62,7 @@ def test_manifest_verifies_and_counts(cache, world):
     c = store.open_cache(cache, verify="sha256")
     m = c.manifest
     assert m["views"] == 3 and m["embed_dim"] == c.embed_dim
-    assert m["splits"]["train"]["count"] == 20 and m["splits"]["val"]["count"] == 10
+    assert m["splits"]["train"]["count"] == 20 and m["splits"]["val"]["count"] == TINY_VAL
     assert len(m["splits"]["train"]["shards"]) == 3  # 20 images / 8 per shard
     assert m["teacher"]["name"] == "tiny-clip" and m["teacher"]["preprocess"]["size"] > 0
     assert (cache / "prompts.h5").exists()
@@ -165,7 +158,7 @@ def test_other_teacher_refused_unless_overwrite(cache, world, tmp_path):
     with pytest.raises(store.CacheError, match="teacher"):
         run(_cfg(world, copy, splits=["val"]))
     summary = run(_cfg(world, copy, splits=["val"], overwrite=True))
-    assert summary["val"]["count"] == 10 and not (copy / "train").exists()
+    assert summary["val"]["count"] == TINY_VAL and not (copy / "train").exists()
 
 
 def _encoded(mode: str, fmt: str = "PNG", size=(40, 30)) -> bytes:

@@ -21,29 +21,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cache_factory import teacher_b_config, tiny_extract_config
 from kdpipe import extract as extract_mod
 from kdpipe import store
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
-from kdpipe.data.shapes import make_shapes
 from kdpipe.errors import AlreadyExists, BadValue
 from kdpipe.extract import ExtractConfig, run
 from kdpipe.teachers import load_teacher
-from kdpipe.weights import CONFIG_DIR
 
 
 def _cfg(data: Path | str, out: Path, **kw) -> ExtractConfig:
-    base = dict(teacher="tiny-clip", data=str(data), out=str(out), views=3, batch_size=4, workers=0,
-                device="cpu", shard_size=8, progress=False, prompts=False, allow_random_init=True)
-    return ExtractConfig(**{**base, **kw})
+    """The shared cache's settings, 4 images per batch (several batches per shard), no prompts unless asked."""
+    return tiny_extract_config(data, out, **{"batch_size": 4, "prompts": False, **kw})
 
 
-def _teacher_b(path: Path, embed_dim: int = 24, size: int = 48) -> Path:
-    """tiny-clip's architecture at another input size and embedding width (a model-config JSON)."""
-    cfg = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
-    cfg["embed_dim"], cfg["vision_cfg"]["image_size"] = embed_dim, size
-    path.write_text(json.dumps(cfg))
-    return path
+_teacher_b = teacher_b_config
 
 
 def _add(out: Path, teacher: Path, **kw) -> dict:
@@ -62,26 +55,23 @@ def _digests(root: Path, skip_teacher: str | None = None) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes(root, 20, 6, size=64, seed=3)
-    return root
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
-def single(world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "c"
-    run(_cfg(world, out))
-    return out
+def single(tiny_cache) -> Path:
+    """tiny-clip's cache of ``world``, with its prompts.h5 (shared by the session: read-only)."""
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")
 def two(single, tmp_path_factory) -> Path:
-    """The single-teacher cache with teacher "b" added."""
+    """The single-teacher cache with teacher "b" added, with its own prompts.h5."""
     root = tmp_path_factory.mktemp("two")
     out = root / "c"
     shutil.copytree(single, out)
-    _add(out, _teacher_b(root / "b.json"))
+    _add(out, _teacher_b(root / "b.json"), prompts=True)
     return out
 
 
@@ -196,6 +186,8 @@ def test_a_name_held_by_other_weights_is_refused_unless_overwritten(two, tmp_pat
     cache = store.open_cache(out, verify="sha256")
     assert cache.teacher_entry("b")["embed_dim"] == 20 and cache.load_split("val", teacher="b").img.shape[-1] == 20
     assert _digests(out, skip_teacher="b") == primary_files
+    assert not (out / store.TEACHERS_DIR / "b").exists()  # the old weights' prompts (whitening, eval) are gone
+    assert "files" not in cache.teacher_entry("b")
     with pytest.raises(BadValue, match="named 'b'"):
         _add(out, other, overwrite_teacher="x")
 
@@ -241,7 +233,7 @@ def test_cli_add_teacher(single, tmp_path):
     shutil.copytree(single, out)
     b = _teacher_b(tmp_path / "b.json")
     args = ["extract", "--add-teacher", "--teacher", str(b), "--out", str(out), "--teacher-name", "b",
-            "--device", "cpu", "--workers", "0", "--allow-random-init"]
+            "--device", "cpu", "--workers", "0", "--allow-random-init", "--no-prompts"]  # prompts: their own tests
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "20 images" in result.output and list(store.open_cache(out).teachers()) == ["tiny-clip", "b"]
@@ -339,6 +331,163 @@ def test_sigterm_stops_the_add_and_a_rerun_finishes(single, tmp_path, monkeypatc
     assert sorted(p.name for p in folder.iterdir()) == ["shard-000000.h5", "shard-000000.json"]  # 2 batches of 4
     monkeypatch.setattr(extract_mod, "embed_batch", real)
     assert _add(out, b)["train"]["count"] == 20
+
+
+# --------------------------------------------------------------------------- per-teacher prompts, whitening, eval
+
+
+def test_added_teacher_has_its_own_prompts_listed_and_verified(two, tmp_path):
+    """CACHE/teachers/b/prompts.h5: the primary's sets (same class names and templates) encoded by b, listed
+    in b's manifest entry with its sha256 and verified; the primary's prompts.h5 is where it always was."""
+    from kdpipe import prompts
+
+    cache = store.open_cache(two, verify="sha256")
+    path = two / store.TEACHERS_DIR / "b" / store.PROMPTS
+    assert cache.teacher_prompts_path("b") == path
+    assert cache.teacher_prompts_path() == cache.teacher_prompts_path("tiny-clip") == cache.prompts_path == \
+        two / store.PROMPTS
+    mine, primary = prompts.read_prompts(path), prompts.read_prompts(cache.prompts_path)
+    assert list(mine) == list(primary) and "shapes" in mine
+    for name, s in primary.items():
+        assert (mine[name].classnames, mine[name].templates) == (s.classnames, s.templates)
+        assert mine[name].emb.shape == (*s.emb.shape[:2], 24)
+    teacher = load_teacher(str(_teacher_b(tmp_path / "b.json")), device=torch.device("cpu"), allow_random_init=True)
+    want = prompts.encode_prompts(teacher, primary["shapes"].classnames, primary["shapes"].templates)
+    np.testing.assert_allclose(mine["shapes"].emb.astype(np.float32), want.astype(np.float32), atol=2e-3)
+    assert cache.teacher_entry("b")["files"] == {store.PROMPTS: store.file_digest(path)}
+    with pytest.raises(store.CacheError, match="has no teacher 'zz'; it has tiny-clip, b"):
+        cache.teacher_prompts_path("zz")
+
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    corrupt = out / store.TEACHERS_DIR / "b" / store.PROMPTS
+    data = bytearray(corrupt.read_bytes())
+    data[-10] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(store.CacheError, match="teachers/b/prompts.h5 does not match its sha256"):
+        store.open_cache(out, verify="sha256")
+
+
+def test_added_teachers_prompts_resume_and_are_unlisted_while_replaced(two, tmp_path, monkeypatch):
+    """A new --prompt-set for teacher b: killed while its prompts.h5 is replaced, the cache still verifies (the
+    file is unlisted first); the same command then adds the set, keeps the others and lists the file."""
+    from kdpipe import prompts
+
+    monkeypatch.setitem(prompts.PROMPT_SETS._entries, "tiny-test", lambda: (["tench", "goldfish"], ["a {}."]))
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    b, path = _teacher_b(tmp_path / "b.json"), out / store.TEACHERS_DIR / "b" / store.PROMPTS
+    before, others = prompts.read_prompts(path), _digests(out, skip_teacher="b")
+    real = prompts.write_prompts
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prompts, "write_prompts", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _add(out, b, prompts=True, prompt_sets=["tiny-test"])
+    cache = store.open_cache(out, verify="sha256")
+    assert "files" in cache.teacher_entry("b") and store.PROMPTS not in cache.teacher_entry("b")["files"]
+    monkeypatch.setattr(prompts, "write_prompts", real)
+    _add(out, b, prompts=True, prompt_sets=["tiny-test"])
+    after = prompts.read_prompts(path)
+    assert set(after) == set(before) | {"tiny-test"} and after["tiny-test"].emb.shape == (2, 1, 24)
+    assert all(np.array_equal(after[n].emb, s.emb) for n, s in before.items())
+    assert store.open_cache(out, verify="sha256").teacher_entry("b")["files"][store.PROMPTS] == store.file_digest(path)
+    assert _digests(out, skip_teacher="b") == others  # the primary's prompts.h5 has no tiny-test: not rewritten
+    mtime = path.stat().st_mtime_ns
+    _add(out, b, prompts=True, prompt_sets=["tiny-test"])
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_fit_whitening_of_an_added_teacher(two, tmp_path):
+    """`fit-whitening --teacher b`: fitted on b's train embeddings, written under CACHE/teachers/b/, found by
+    targetspace for that teacher only; an unknown name is refused with the cache's teachers."""
+    from kdpipe import targetspace, whiten
+    from kdpipe.errors import MissingInput
+
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    report = whiten.run(whiten.WhitenConfig(cache=str(out), mode="joint", teacher="b", progress=False))
+    folder = out / store.TEACHERS_DIR / "b"
+    assert report["whitening"] == str(folder / whiten.WHITENING_H5) and (folder / whiten.WHITENING_JSON).exists()
+    assert not (out / whiten.WHITENING_H5).exists() and not (out / whiten.WHITENING_JSON).exists()
+    assert report["teacher_name"] == "b" and report["modes"]["joint"]["train_cov"]["ok"]
+    assert "shapes" in report["teacher_raw"]["zero_shot"]  # b's own prompts (24-dim)
+    cache = store.open_cache(out)
+    train = cache.load_split("train", teacher="b")
+    rows = np.concatenate([train.img.reshape(-1, 24), train.txt]).astype(np.float64)
+    w = targetspace.load_whitening(cache, "joint", teacher="b")
+    assert w.W.shape == (24, 24) and w.n == len(rows)
+    np.testing.assert_allclose(w.mu, rows.mean(0), atol=1e-9)
+    assert targetspace.whitening_path(cache, "b") == folder / whiten.WHITENING_H5
+    assert targetspace.whitening_path(cache) == targetspace.whitening_path(cache, "tiny-clip") == out / "whitening.h5"
+    targets = targetspace.load_targets(cache, "joint", teacher="b")
+    assert targets.source == str(folder / whiten.WHITENING_H5) and targets.params["image"]["W"].shape == (24, 24)
+    with pytest.raises(MissingInput, match="no whitening at"):  # the primary's own is not b's
+        targetspace.load_targets(cache, "joint")
+    shutil.copy(folder / whiten.WHITENING_H5, out / whiten.WHITENING_H5)
+    with pytest.raises(store.CacheError, match="fitted on embeddings of teacher"):
+        targetspace.load_targets(cache, "joint")
+    with pytest.raises(store.CacheError, match="has no teacher 'zz'; it has tiny-clip, b"):
+        whiten.run(whiten.WhitenConfig(cache=str(out), teacher="zz", progress=False))
+
+
+def test_teacher_eval_of_an_added_teacher(two, tmp_path):
+    """`eval --teacher CACHE --teacher-name b`: b's own figures from its embeddings and prompts, written to
+    CACHE/teachers/b/teacher_eval.json."""
+    from kdpipe import evaluate, metrics
+
+    out = tmp_path / "c"
+    shutil.copytree(two, out)
+    result = CliRunner().invoke(app, ["eval", "--teacher", str(out), "--teacher-name", "b", "--device", "cpu",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cache = store.open_cache(out)
+    path = out / store.TEACHERS_DIR / "b" / store.TEACHER_EVAL_JSON
+    assert cache.teacher_eval_path("b") == path and not (out / store.TEACHER_EVAL_JSON).exists()
+    report = json.loads(path.read_text())
+    assert store.same_fingerprint(report["teacher"], cache.teacher_entry("b")["fingerprint"])
+    held = cache.load_split("val", teacher="b")
+    want = metrics.retrieval_recall(torch.from_numpy(held.img[:, 0].astype(np.float32)),
+                                    torch.from_numpy(held.txt.astype(np.float32)), torch.from_numpy(held.txt_to_img))
+    assert report["metrics"]["i2t_R@1"]["teacher"] == pytest.approx(want["i2t_R@1"])
+    assert "zeroshot/shapes/top1" in report["metrics"]
+    with pytest.raises(BadValue, match="--teacher-name"):
+        evaluate.run(evaluate.EvalConfig(run=str(out), teacher_name="b"))
+
+
+def test_cli_fit_whitening_unknown_teacher(two):
+    result = CliRunner().invoke(app, ["fit-whitening", str(two), "--teacher", "zz", "--no-progress"])
+    assert result.exit_code != 0 and "no teacher 'zz'; it has tiny-clip, b" in result.output
+    assert not (two / store.TEACHERS_DIR / "zz").exists()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_add_equals_one_process(single, two, tmp_path):
+    """`extract --add-teacher` under torchrun (2 ranks, gloo): rank r writes the shards i % 2 == r (here 2 + 1 of
+    train, 1 + 0 of val), rank 0 lists them all and writes the prompts; the same files as one process."""
+    out = tmp_path / "c"
+    shutil.copytree(single, out)
+    before = _digests(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdpipe.cli",
+           "extract", "--add-teacher", "--teacher", str(_teacher_b(tmp_path / "b.json")), "--teacher-name", "b",
+           "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--allow-random-init"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digests(out, skip_teacher="b") == before
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    for split in ("train", "val"):
+        mine, theirs = cache.teacher_entry("b")["splits"][split], ref.teacher_entry("b")["splits"][split]
+        assert [s["name"] for s in mine["shards"]] == [s["name"] for s in theirs["shards"]]
+        assert (mine["count"], mine["captions"]) == (theirs["count"], theirs["captions"])
+        got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
+        assert got.keys == want.keys and np.array_equal(got.txt_offsets, want.txt_offsets)
+        np.testing.assert_allclose(got.img.astype(np.float32), want.img.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(got.txt.astype(np.float32), want.txt.astype(np.float32), atol=2e-3)
+    prompts_b = cache.teacher_prompts_path("b")
+    assert cache.teacher_entry("b")["files"] == {store.PROMPTS: store.file_digest(prompts_b)}
 
 
 SLOW_ADD = """

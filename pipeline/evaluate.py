@@ -402,12 +402,24 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     return rows, info
 
 
+def teacher_prompt_sets(cache: Cache, teacher: str | None, notes: list[str]) -> dict[str, prompts.PromptSet]:
+    """The cache's prompt sets when they are ``teacher``'s: prompts.h5 holds the first (primary) teacher's
+    class embeddings, so a student of an added teacher gets no cache zero-shot rows (a note says why)."""
+    if teacher is None or cache.teacher_entry(teacher)["primary"]:
+        return read_prompt_sets(cache)
+    notes.append(f"no zero-shot on the cache's classes: its prompts.h5 holds teacher {cache.primary!r}'s class "
+                 f"embeddings, and this student learnt teacher {teacher!r}'s space")
+    return {}
+
+
 def run_student(cfg: EvalConfig) -> dict[str, Any]:
     """A student on the cache's split (+ any --zeroshot datasets); writes RUN/eval.json."""
     extra = [open_zeroshot(spec) for spec in cfg.zeroshot]  # a missing dataset fails before the slow part
     s = open_student(cfg)
-    held = s.cache.load_split(cfg.split, fields=("img", "txt"))
-    sets, notes = read_prompt_sets(s.cache), []
+    name = s.cache.find_teacher(s.spec.teacher)  # the teacher whose space the student learnt (open_cache checked it)
+    held = s.cache.load_split(cfg.split, fields=("img", "txt"), teacher=name)
+    notes: list[str] = []
+    sets = teacher_prompt_sets(s.cache, name, notes)
     rows, zs_info = split_rows(s, held, sets, cfg, notes)
     ext_scores, ext_info = external_zeroshot(s.image, s.text, sets, s.prep, s.space, s.device, extra,
                                              batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress)

@@ -12,6 +12,10 @@ The embeddings mimic a CLIP teacher's, in a D-dim space:
 - a class prompt is ``A (center + small noise) + text_offset``.
 So retrieval and zero-shot work from the raw embeddings, but not perfectly.
 
+Several teachers: ``extract_cfg`` (a tiny-clip extraction of a shapes world), ``teacher_b_config``
+(tiny-clip at another input size and D) and ``add_teacher_b`` (``--add-teacher`` it as "b"); the
+session fixtures ``teacher_world`` / ``one_teacher_cache`` / ``two_teacher_cache`` (conftest.py) use them.
+
 For real extraction runs: ``write_coco`` (a COCO-layout input from image bytes), ``photo_coco``
 (three photo-like non-square images) and ``teacher_config`` (tiny-clip with an open_clip
 ``preprocess_cfg``, e.g. another ``resize_mode``).
@@ -193,3 +197,27 @@ def teacher_config(path: Path, resize_mode: str, fill_color: int = 77, interpola
     pp = {"resize_mode": resize_mode, "fill_color": fill_color, "interpolation": interpolation}
     path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}))
     return path
+
+
+def extract_cfg(data: Path | str, out: Path, **kw):
+    """A fast tiny-clip extraction (3 views, shards of 8, CPU, no prompts) of ``data`` into ``out``."""
+    from kdpipe.extract import ExtractConfig  # noqa: PLC0415  (imports torch: only the tests that extract)
+
+    base = dict(teacher="tiny-clip", data=str(data), out=str(out), views=3, batch_size=4, workers=0,
+                device="cpu", shard_size=8, progress=False, prompts=False, allow_random_init=True)
+    return ExtractConfig(**{**base, **kw})
+
+
+def teacher_b_config(path: Path, embed_dim: int = 24, size: int = 48) -> Path:
+    """tiny-clip's architecture at another input size and embedding width (a model-config JSON)."""
+    cfg = json.loads((CONFIG_DIR / "tiny-clip.json").read_text())
+    cfg["embed_dim"], cfg["vision_cfg"]["image_size"] = embed_dim, size
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def add_teacher_b(out: Path, teacher: Path, **kw) -> dict:
+    """``kdpipe extract --add-teacher`` of ``teacher`` into the cache ``out``, named "b" unless told."""
+    from kdpipe.extract import run  # noqa: PLC0415
+
+    return run(extract_cfg("", out, teacher=str(teacher), add_teacher=True, **{"teacher_name": "b", **kw}))

@@ -165,6 +165,27 @@ def test_two_teacher_ensemble_end_to_end(two_teacher_cache, tmp_path):
     report = run_eval(EvalConfig(run=str(run_dir), split="val", device="cpu", progress=False))
     assert report["teacher"] == spec["teacher"] == store.open_cache(two_teacher_cache).teacher  # the student's space
     assert 0 < report["metrics"]["agreement/cosine"]["student"] <= 1
+    rows = report["metrics"]
+    cache = store.open_cache(two_teacher_cache)
+    sims = {}
+    for name in (PRIMARY, "b"):  # each teacher's figure is its own retrieval on its cached embeddings
+        held = cache.load_split("val", fields=("img", "txt"), teacher=name)
+        img = held.img[:, 0].astype(np.float64)
+        txt = held.txt.astype(np.float64)
+        sims[name] = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+        assert rows[f"teachers/{name}/i2t_R@1"]["teacher"] == pytest.approx(_i2t_r1(sims[name], held.txt_to_img))
+        assert rows[f"teachers/{name}/i2t_R@1"]["student"] == rows["i2t_R@1"]["student"]
+        assert rows[f"teachers/{name}/agreement/i2t_top1"]["teacher"] == 1.0
+        assert 0 <= rows[f"teachers/{name}/agreement/i2t_top1"]["student"] <= 1
+    ensemble_sim = 0.25 * sims[PRIMARY] + 0.75 * sims["b"]  # the weighted average similarity
+    assert rows["teachers/ensemble/i2t_R@1"]["teacher"] == pytest.approx(_i2t_r1(ensemble_sim, held.txt_to_img))
+    assert rows["teachers/ensemble/t2i_R@1"]["teacher"] == pytest.approx(
+        float(np.mean(ensemble_sim.argmax(axis=0) == held.txt_to_img)))
+
+
+def _i2t_r1(sim: np.ndarray, txt_to_img: np.ndarray) -> float:
+    """Share of images whose most similar caption [N, M] is one of their own."""
+    return float(np.mean(txt_to_img[sim.argmax(axis=1)] == np.arange(sim.shape[0])))
 
 
 def test_open_cache_finds_any_of_its_teachers(one_teacher_cache, two_teacher_cache):
@@ -172,3 +193,15 @@ def test_open_cache_finds_any_of_its_teachers(one_teacher_cache, two_teacher_cac
     assert store.open_cache(two_teacher_cache, expect_teacher=b).find_teacher(b) == "b"
     with pytest.raises(store.CacheError, match="was made by teacher tiny-clip .*, not b "):
         store.open_cache(one_teacher_cache, expect_teacher=b)
+
+
+def test_cli_train_refuses_an_unknown_teacher_naming_the_caches(two_teacher_cache, tmp_path):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from kdpipe.cli.main import app  # noqa: PLC0415
+
+    res = CliRunner().invoke(app, ["train", "--cache", str(two_teacher_cache), "--out", str(tmp_path / "r"),
+                                   "--teachers", f"{PRIMARY},zz", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert f"--teachers zz: cache {two_teacher_cache} has no such teacher; it has {PRIMARY}, b" in " ".join(res.output.split())
+    assert not (tmp_path / "r").exists()

@@ -227,8 +227,9 @@ def select_teachers(cfg: TrainConfig, cache: Cache) -> list[ensemble.Teacher]:
     if cfg.whiten != "none" and (len(teachers) > 1 or not teachers[0].primary):
         raise BadValue(f"--whiten {cfg.whiten} fits the cache's first teacher only; it cannot be used with "
                        f"--teachers {','.join(t.name for t in teachers)} (whitening per teacher is not there yet)")
-    for t in teachers:
-        cache.teacher_h5_paths("train", t.name)  # refuses a teacher whose add has not covered the split
+    for t in teachers:  # refuses, before any step, a teacher whose add has not covered a split the run reads
+        for split in ("train", "val") if "val" in cache.splits() else ("train",):
+            cache.teacher_h5_paths(split, t.name)
     return teachers
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,6 +98,17 @@ def test_teacher_selection_and_its_refusals(two_teacher_cache, tmp_path):
         ensemble.select_teachers(cache, ["b", "b"], None)
     with pytest.raises(BadValue, match="--whiten image .* --teachers b"):
         T.build_setup(_cfg(two_teacher_cache, tmp_path / "w", teachers=["b"], whiten="image"))
+
+
+def test_a_teacher_whose_add_has_not_covered_val_is_refused_before_training(two_teacher_cache, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(two_teacher_cache, cache)
+    manifest = json.loads((cache / store.MANIFEST).read_text())
+    del manifest["teachers"]["b"]["splits"]["val"]  # an add stopped after the train split
+    (cache / store.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(store.CacheError, match="teacher 'b' .* lacks 1 of 1 shards of split 'val'"):
+        T.build_setup(_cfg(cache, tmp_path / "r", teachers=[PRIMARY, "b"]))
+    assert not (tmp_path / "r").exists()
 
 
 # --------------------------------------------------------------------------- training
@@ -205,3 +217,50 @@ def test_cli_train_refuses_an_unknown_teacher_naming_the_caches(two_teacher_cach
     assert res.exit_code == 2, res.output
     assert f"--teachers zz: cache {two_teacher_cache} has no such teacher; it has {PRIMARY}, b" in " ".join(res.output.split())
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ensemble_grads(dist) -> dict[str, torch.Tensor]:
+    """Gradients of an ensemble's losses (heads, per-teacher modules) for a fixed global batch of 8, this
+    rank holding its slice."""
+    torch.manual_seed(0)
+    teachers = [ensemble.Teacher("a", 0.25, 8, 50.0, {}, True), ensemble.Teacher("b", 0.75, 6, 30.0, {}, False)]
+    image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+    built = T.losses.build_ensemble_losses({"fd": 7.8, "crd": 1.0, "icl": 1.0, "clip": 0.5, "afd": 1.0},
+                                           [(8, 50.0), (6, 30.0)])
+    distiller = T.Distiller(image, None, built, dist, teachers)
+    g = torch.Generator().manual_seed(1)
+    targets = [{"t_img": torch.randn(8, d, generator=g), "t_txt": torch.randn(8, d, generator=g)} for d in (8, 6)]
+    batch = {"image": torch.randn(8, 3, 4, 4, generator=g), **targets[0], "labels": torch.full((8,), -1),
+             "teachers": targets}
+    per = 8 // dist.world_size
+    cut = lambda v: v[dist.rank * per:(dist.rank + 1) * per]  # noqa: E731
+    local = {k: [{s: cut(x) for s, x in t.items()} for t in v] if k == "teachers" else cut(v) for k, v in batch.items()}
+    model = torch.nn.parallel.DistributedDataParallel(distiller) if dist.enabled else distiller
+    T.backward_global(T.losses.total_loss(model(local)), distiller, dist.world_size)
+    return {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_ensemble_grads(T.runtime.DistInfo(rank, world, rank)), Path(out_dir) / f"grads{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ensemble_gradients_equal_one_process_on_the_global_batch(tmp_path):
+    """The heads project each rank's slice before the gather, so they get their gradient as the student does."""
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    single = _ensemble_grads(T.runtime.DistInfo())
+    assert {"heads.0.weight", "losses.icl.members.1.logit_scale.log_scale", "losses.afd.members.1.fuse_img.weight"} <= set(single)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        assert grads.keys() == single.keys()
+        for k in single:
+            torch.testing.assert_close(grads[k], single[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -178,7 +178,8 @@ class Distiller(nn.Module):
         self.heads = ensemble.teacher_heads(self.teachers) if len(self.teachers) > 1 else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb)."""
+        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb; an ensemble:
+        teachers, one {t_img, t_txt [B,D_k]} per teacher, the first = t_img/t_txt)."""
         feats = {"s_img": self.image(batch["image"]), "t_img": batch["t_img"], "t_txt": batch["t_txt"],
                  "labels": batch["labels"]}
         if self.text is not None:

@@ -28,6 +28,13 @@ softmaxes over whitened cosines have the same mean entropy as its raw ones, on t
 pairs (``target_logit_scale``); it is logged and recorded as ``target_logit_scale`` in
 student.json.
 
+Several teachers (``--teachers A,B --teacher-weights``, ``kdpipe.ensemble``): the student lives in
+the first one's space (its D, preprocessing, targets, validation); an added teacher's targets are
+joined to each sample by key from its h5 (``cachereader.TeacherShards``). With more than one, the
+losses get every teacher's targets and the student through one projection head per other teacher
+(``Distiller.heads``, applied before the DDP gather), as ``kdpipe.losses`` describes. The primary
+alone (the default) reads exactly what a single-teacher cache gives.
+
 DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
 DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's
 ``gather_features``) before the losses, so contrastive terms see the global batch. Every

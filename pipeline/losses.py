@@ -446,9 +446,9 @@ class HintonDistillation(DistillLoss):
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, _, _ = self.sides(batch)
         tau = self.teacher_logit_scale
-        keys = "class_emb" if "class_emb" in batch else "t_txt"
-        z_s = tau * s_img @ (_unit(batch["class_emb"]) if keys == "class_emb" else s_txt).T
-        z_t = teacher_log_probs(batch, tau, lambda tau_k, t: tau_k * _unit(t["t_img"]) @ _unit(t[keys]).T / self.T)
+        over = "class_emb" if "class_emb" in batch else "t_txt"  # class prompts, else the batch's texts
+        z_s = tau * s_img @ (_unit(batch["class_emb"]) if over == "class_emb" else s_txt).T
+        z_t = teacher_log_probs(batch, tau, lambda tau_k, t: tau_k * _unit(t["t_img"]) @ _unit(t[over]).T / self.T)
         loss = self.alpha * self.T**2 * kl_log_probs(z_t, z_s / self.T)
         labels = batch.get("labels")
         if "class_emb" in batch and labels is not None and bool((labels >= 0).any()):

@@ -54,7 +54,7 @@ import io
 import json
 import random
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -69,6 +69,7 @@ from .data import views
 from .data.records import ErrorCounter
 from .errors import BadValue
 from .runtime import WorkerInit
+from .store import read_h5_shard
 
 # Tar members the trainer reads; anything else in a shard (e.g. a stray .pyd) is never opened.
 WANTED = ("jpg", "views.json", "img.npy", "txt.npy", "captions.json", "cls.txt")
@@ -93,6 +94,16 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     skip_batches: int = 0  # batches this rank already consumed in this epoch (resume)
     workers: int = 0  # the DataLoader's num_workers (0 = in process)
+    teachers: tuple["TeacherShards", ...] = ()  # added teachers whose targets join each sample (``join_teachers``)
+
+
+@dataclass(frozen=True)
+class TeacherShards:
+    """An added teacher's h5 files, one per tar of ``StreamConfig.shards`` in the same order
+    (``Cache.teacher_h5_paths``): same keys, same order, the teacher's own D."""
+
+    name: str
+    h5: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------- errors
@@ -188,17 +199,68 @@ def decode_sample(cfg: StreamConfig, sample: dict[str, Any]) -> dict[str, Any]:
                          f"{len(view_dicts)} views, {len(captions)} captions do not agree")
     v, c = pick_view_caption(cfg, key, img.shape[0], txt.shape[0])
     label = int(sample["cls.txt"].decode()) if "cls.txt" in sample else -1
-    return {
+    out = {
         "image": replay_view(sample["jpg"], view_dicts[v], cfg.image_size, cfg.interpolation),
         "t_img": torch.from_numpy(img[v].astype(np.float32)),
         "t_txt": torch.from_numpy(txt[c].astype(np.float32)),
         "caption": captions[c], "label": label, "key": key, "view": v, "caption_idx": c,
     }
+    if cfg.teachers:
+        out["teachers"] = join_teachers(cfg, sample.get("__url__", ""), key, v, c)
+    return out
+
+
+# --------------------------------------------------------------------------- added teachers' targets
+
+
+@dataclass(frozen=True)
+class TeacherRows:
+    """One added teacher's shard in memory with its key -> row map (``teacher_rows``)."""
+
+    row: dict[str, int]
+    img: np.ndarray  # [N, V, D] float16
+    txt: np.ndarray  # [M, D] float16
+    txt_offsets: np.ndarray  # [N + 1] int64
+
+
+@lru_cache(maxsize=4)
+def teacher_rows(h5_path: str) -> TeacherRows:
+    """An added teacher's h5 shard, loaded once per process (each DataLoader worker has its own).
+
+    A few shards stay loaded: the shuffle buffer mixes the tail of one shard with the head of the next.
+    """
+    shard = read_h5_shard(Path(h5_path), fields=("img", "txt"))
+    return TeacherRows({k: i for i, k in enumerate(shard.keys)}, shard.img, shard.txt, shard.txt_offsets)
+
+
+def join_teachers(cfg: StreamConfig, url: str, key: str, view: int, caption: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Each added teacher's targets of one sample: {name: {t_img [D_k], t_txt [D_k]}}.
+
+    The row is found by key in the teacher's h5 of the same shard; ``view`` and ``caption`` are the
+    ones the sample drew for the primary's targets, so every teacher saw the same pixels and text.
+    """
+    index = cfg.shards.index(url)
+    out = {}
+    for t in cfg.teachers:
+        rows = teacher_rows(t.h5[index])
+        if key not in rows.row:
+            raise ValueError(f"sample {key} of {url} is not in teacher {t.name!r}'s {t.h5[index]}")
+        i = rows.row[key]
+        n_views, first, end = rows.img.shape[1], int(rows.txt_offsets[i]), int(rows.txt_offsets[i + 1])
+        if view >= n_views or caption >= end - first:
+            raise ValueError(f"sample {key}: teacher {t.name!r} has {n_views} views and {end - first} captions "
+                             f"in {t.h5[index]}, the tar more")
+        out[t.name] = {"t_img": torch.from_numpy(rows.img[i, view].astype(np.float32)),
+                       "t_txt": torch.from_numpy(rows.txt[first + caption].astype(np.float32))}
+    return out
 
 
 def collate(samples: list[dict[str, Any]], errors: int) -> dict[str, Any]:
-    """Stack decoded samples into a batch dict (tensors + lists of captions and keys)."""
-    return {
+    """Stack decoded samples into a batch dict (tensors + lists of captions and keys).
+
+    With added teachers in the stream, ``teachers`` = {name: {t_img [B, D_k], t_txt [B, D_k]}}.
+    """
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),  # [B, 3, S, S] uint8: see normalize_images
         "t_img": torch.stack([s["t_img"] for s in samples]),  # [B, D] float32, unit norm
         "t_txt": torch.stack([s["t_txt"] for s in samples]),  # [B, D]
@@ -209,6 +271,10 @@ def collate(samples: list[dict[str, Any]], errors: int) -> dict[str, Any]:
         "keys": [s["key"] for s in samples],
         "data_errors": errors,
     }
+    if "teachers" in samples[0]:
+        batch["teachers"] = {name: {side: torch.stack([s["teachers"][name][side] for s in samples])
+                                    for side in ("t_img", "t_txt")} for name in samples[0]["teachers"]}
+    return batch
 
 
 def decode_view0(cfg: StreamConfig, sample: dict[str, Any], captions: bool) -> dict[str, Any]:

@@ -17,6 +17,11 @@ zero-shot top-1/top-5 with prompt ensembles (classifiers and the ``--zeroshot`` 
 image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
 embeddings ready-made, so the teacher's numbers and a student's go through the same code.
 
+A run of several teachers (``kdpipe train --teachers A,B``) is judged in its first teacher's space as
+above, and also against each teacher (``teachers/NAME/...``: retrieval next to that teacher's own,
+and the share of images whose top-1 caption is the same for both, each in its own space) and
+against their weighted ensemble (``teachers/ensemble/...``: the weighted average similarity).
+
 A student whose losses trained on class labels (hinton's hard-label CE) is not zero-shot on
 those classes: its accuracy there is reported as ``supervised/{set}/top1`` (no teacher ratio),
 never under ``zeroshot/``. The weights judged are the run's best by default (``checkpoint``:
@@ -402,18 +407,83 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
     rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels),
                                cfg.chunk, cfg.split)
+    rows.update(ensemble_rows(s, student, cfg.split, torch.from_numpy(held.txt_to_img), cfg.chunk))
     source = "teacher prompts.h5" if s.text is None else "student text tower"
     info = {n: {"images": int((held.labels >= 0).sum()), "classes": c.shape[1], "class_embeddings": source}
             for n, c in s_cls.items()}
     return rows, info
 
 
+def teacher_prompt_sets(cache: Cache, teacher: str | None, notes: list[str]) -> dict[str, prompts.PromptSet]:
+    """The cache's prompt sets when they are ``teacher``'s: prompts.h5 holds the first (primary) teacher's
+    class embeddings, so a student of an added teacher gets no cache zero-shot rows (a note says why)."""
+    if teacher is None or cache.teacher_entry(teacher)["primary"]:
+        return read_prompt_sets(cache)
+    notes.append(f"no zero-shot on the cache's classes: its prompts.h5 holds teacher {cache.primary!r}'s class "
+                 f"embeddings, and this student learnt teacher {teacher!r}'s space")
+    return {}
+
+
+# --------------------------------------------------------------------------- several teachers
+
+
+def top1_captions(img: Tensor, txt: Tensor, chunk: int = 1024) -> Tensor:
+    """[N] index of each image's most similar caption (cosine): img [N, D], txt [M, D], in chunks of images."""
+    txt = nn.functional.normalize(txt.float(), dim=-1)
+    return torch.cat([(nn.functional.normalize(img[i:i + chunk].float(), dim=-1) @ txt.T).argmax(dim=1)
+                      for i in range(0, img.shape[0], chunk)])
+
+
+def ensemble_embeddings(members: list[tuple[float, Embeddings]]) -> Embeddings:
+    """The ensemble as embeddings: concat_k(√w_k · x̂_k) per row, so that its cosine between an image and a
+    caption is Σ_k w_k cos_k (the teachers' weighted average similarity; weights sum to 1, rows stay unit)."""
+    def cat(rows: list[Tensor]) -> Tensor:
+        return torch.cat([math.sqrt(w) * nn.functional.normalize(x.float(), dim=-1) for (w, _), x in zip(members, rows)],
+                         dim=1)
+
+    return Embeddings(cat([e.img for _, e in members]), cat([e.txt for _, e in members]))
+
+
+def teacher_rows(student: Embeddings, teacher: Embeddings, txt_to_img: Tensor, prefix: str,
+                 chunk: int = 1024) -> dict[str, EvalRow]:
+    """The student against one teacher (or the ensemble) whose space may differ from the student's.
+
+    Retrieval: the student's figures next to that teacher's own. ``agreement/i2t_top1``: the share of
+    images whose most similar caption is the same for the student and the teacher (each in its own space).
+    """
+    s = metrics.retrieval_recall(student.img, student.txt, txt_to_img, chunk=chunk)
+    t = metrics.retrieval_recall(teacher.img, teacher.txt, txt_to_img, chunk=chunk)
+    same = top1_captions(student.img, student.txt, chunk) == top1_captions(teacher.img, teacher.txt, chunk)
+    s["agreement/i2t_top1"], t["agreement/i2t_top1"] = same.double().mean().item(), 1.0
+    return {f"{prefix}/{k}": v for k, v in metrics.with_ratios(s, t).items()}
+
+
+def ensemble_rows(s: StudentRun, student: Embeddings, split: str, txt_to_img: Tensor,
+                  chunk: int = 1024) -> dict[str, EvalRow]:
+    """For a run of several teachers (student.json's ``teachers``): the student against each teacher
+    (``teachers/NAME/...``) and against their weighted ensemble (``teachers/ensemble/...``); {} for one."""
+    recorded = s.spec.raw.get("teachers") or []
+    if len(recorded) < 2:
+        return {}
+    members = []
+    for t in recorded:
+        held = s.cache.load_split(split, fields=("img", "txt"), teacher=t["name"])
+        members.append((float(t["weight"]), _teacher_embeddings(held, {})))
+    rows: dict[str, EvalRow] = {}
+    for t, (_, emb) in zip(recorded, members):
+        rows.update(teacher_rows(student, emb, txt_to_img, f"teachers/{t['name']}", chunk))
+    rows.update(teacher_rows(student, ensemble_embeddings(members), txt_to_img, "teachers/ensemble", chunk))
+    return rows
+
+
 def run_student(cfg: EvalConfig) -> dict[str, Any]:
     """A student on the cache's split (+ any --zeroshot datasets); writes RUN/eval.json."""
     extra = [open_zeroshot(spec) for spec in cfg.zeroshot]  # a missing dataset fails before the slow part
     s = open_student(cfg)
-    held = s.cache.load_split(cfg.split, fields=("img", "txt"))
-    sets, notes = read_prompt_sets(s.cache), []
+    name = s.cache.find_teacher(s.spec.teacher)  # the teacher whose space the student learnt (open_cache checked it)
+    held = s.cache.load_split(cfg.split, fields=("img", "txt"), teacher=name)
+    notes: list[str] = []
+    sets = teacher_prompt_sets(s.cache, name, notes)
     rows, zs_info = split_rows(s, held, sets, cfg, notes)
     ext_scores, ext_info = external_zeroshot(s.image, s.text, sets, s.prep, s.space, s.device, extra,
                                              batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress)

@@ -13,6 +13,19 @@ Batch keys (all [B, D], D = teacher embed dim):
   s_img_masked   student on the masked input (``mfd`` only)
   labels [B]     int64 class labels, −1 = unknown (``hinton`` only, optional)
   class_emb [K, D]  teacher embeddings of the class prompts (``hinton`` only, optional)
+  teachers       an ensemble of K teachers only: a list, one dict per teacher, the first being the
+                 student's own space (the top-level t_img / t_txt / s_* are its own), each
+                 {t_img, t_txt [B, D_k]; s_img, s_txt, s_img_masked [B, D_k]: the student through
+                 that teacher's projection head (present as the top-level ones are); weight: float,
+                 the weights summing to 1; logit_scale: float, τ_k; class_emb [K, D_k] (optional)}
+
+Ensembles (MobileCLIP's reinforced training). A loss over similarity *distributions* (crd, hinton)
+compares the student with the weighted average of the teachers' probabilities,
+p = Σ_k w_k softmax(τ_k · logits_k) (``ensemble_log_probs``), each teacher at its own scale.
+A *feature* loss (fd, mfd, icl, gd, afd: ``per_teacher = True``) is built once per teacher (its
+D_k, τ_k, its own parameters) and its terms are Σ_k w_k · term_k over the teachers' dicts
+(``PerTeacher``). ``clip`` has no teacher targets (its positives are the diagonal): it runs once,
+in the student's own space. Without ``teachers`` every loss is the single-teacher one, unchanged.
 
 ŝ below is the L2-normalised student embedding, t the normalised teacher embedding.
 
@@ -30,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +82,33 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 
 def kl_logits(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) ‖ softmax(student)) per row, averaged over rows. [N, K] each."""
-    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1),
-                    log_target=True, reduction="batchmean")
+    return kl_log_probs(F.log_softmax(teacher, dim=-1), student)
+
+
+def kl_log_probs(teacher_log_p: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ softmax(student)) per row, averaged over rows; p given as log-probabilities. [N, K] each."""
+    return F.kl_div(F.log_softmax(student, dim=-1), teacher_log_p, log_target=True, reduction="batchmean")
+
+
+def ensemble_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """log Σ_k w_k softmax(logits_k) per row: K teachers' [N, C] logits -> [N, C] log-probabilities.
+
+    The average of the teachers' probabilities (not of their logits), as MobileCLIP's ensemble;
+    ``weights`` sum to 1. Computed as a logsumexp of log w_k + log_softmax(logits_k).
+    """
+    return torch.logsumexp(torch.stack([F.log_softmax(z, dim=-1) + math.log(w) for z, w in zip(logits, weights)]),
+                           dim=0)
+
+
+def teacher_log_probs(batch: dict[str, Any], scale: float,
+                      logits: Callable[[float, dict[str, Any]], torch.Tensor]) -> torch.Tensor:
+    """The teacher's log-probabilities [N, C] of ``logits(τ, teacher's dict)``; for an ensemble, of
+    the teachers' weighted average (``ensemble_log_probs``, each at its own τ_k). ``scale``: the
+    single teacher's τ (the batch itself is its dict)."""
+    if "teachers" not in batch:
+        return F.log_softmax(logits(scale, batch), dim=-1)
+    members = batch["teachers"]
+    return ensemble_log_probs([logits(m["logit_scale"], m) for m in members], [m["weight"] for m in members])
 
 
 def one_minus_cos(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -162,6 +200,7 @@ class DistillLoss(nn.Module):
     """
 
     default_weight: float = 1.0
+    per_teacher: bool = False  # an ensemble builds one per teacher (feature losses); see the module docstring
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False) -> None:
         super().__init__()
@@ -220,9 +259,11 @@ class FeatureDistillation(DistillLoss):
     (2 − 2cos)/D, so its weight maps to λ = 2w/D (``fd_lambda_from_mse``): CLIP-KD's fd 2000
     at D = 512 is fd=7.8125 here. Unlike the MSE weight, λ means the same at every D.
     ``fd_txt`` exists only with a text student (an image-only student's text side is the teacher).
+    Ensemble: one per teacher, against the student through that teacher's head.
     """
 
     default_weight = 7.8125
+    per_teacher = True
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = {"fd_img": self.weight * one_minus_cos(batch["s_img"], batch["t_img"])}
@@ -241,9 +282,11 @@ class MaskedFeatureDistillation(DistillLoss):
     """FD between the student on a *masked* image and the teacher's unmasked view: λ·mean(1 − cos).
 
     Needs ``s_img_masked`` (see ``mask_images``). Same λ semantics as ``fd``. Term: ``mfd``.
+    Ensemble: one per teacher, as ``fd``.
     """
 
     default_weight = 7.8125
+    per_teacher = True
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "s_img_masked" not in batch:
@@ -259,6 +302,9 @@ class ContrastiveRelationalDistillation(DistillLoss):
     τ_t is the teacher's (fixed) logit scale; τ_s is this loss's learnable scale, initialised
     at τ_t so a student that equals the teacher starts at zero loss (CLIP-KD reuses the
     student's CLIP scale, which starts at 14.3 while its teachers sit at 100).
+
+    Ensemble: softmax(τ_t t_img t_txtᵀ) becomes Σ_k w_k softmax(τ_k t^k_img t^k_txtᵀ), rows and
+    columns each (the student stays in its own space, the first teacher's; τ_s starts at its τ).
     """
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
@@ -267,10 +313,13 @@ class ContrastiveRelationalDistillation(DistillLoss):
         self.logit_scale = LogitScale(teacher_logit_scale, learnable=learn_scale)
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        s_img, s_txt, t_img, t_txt = self.sides(batch)
+        s_img, s_txt, _, _ = self.sides(batch)
         student = self.logit_scale() * s_img @ s_txt.T
-        teacher = self.teacher_logit_scale * t_img @ t_txt.T
-        loss = (kl_logits(teacher, student) + kl_logits(teacher.T, student.T)) / 2
+        rows = teacher_log_probs(batch, self.teacher_logit_scale,
+                                 lambda tau, t: tau * _unit(t["t_img"]) @ _unit(t["t_txt"]).T)
+        cols = teacher_log_probs(batch, self.teacher_logit_scale,
+                                 lambda tau, t: (tau * _unit(t["t_img"]) @ _unit(t["t_txt"]).T).T)
+        loss = (kl_log_probs(rows, student) + kl_log_probs(cols, student.T)) / 2
         return {"crd": self.weight * loss}
 
 
@@ -284,7 +333,10 @@ class InteractiveContrastiveLearning(DistillLoss):
     log(1/0.07) but multiplies without exp(), i.e. a learnable linear scale starting at 2.66 —
     a much softer softmax. We keep CLIP's parametrisation so the scale can reach the sharp
     values the teacher uses; ``init_scale=2.66`` reproduces CLIP-KD's starting point.
+    Ensemble: one per teacher (its own scale), the student through that teacher's head.
     """
+
+    per_teacher = True
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
                  init_scale: float = CLIP_INIT_SCALE) -> None:
@@ -315,7 +367,11 @@ class GradientDistillation(DistillLoss):
     takes the element-wise MSE (another 1/D); its weight 1e8 compensates those factors
     (1/(s²B²D) ≈ 1e-13 at B = 1024). No constant converts it, as the softmaxes differ; here
     the term is O(1) for any B, D, τ, so the default weight is 1, not 1e8.
+
+    Ensemble: one per teacher (G^s and G^t subtract in that teacher's space, at its τ_k).
     """
+
+    per_teacher = True
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, t_img, t_txt = self.sides(batch)
@@ -333,7 +389,10 @@ class AugmentedFeatureDistillation(DistillLoss):
 
     The fusion heads (Linear 2D -> D) belong to this loss and are dropped after training.
     Without a text student the text side is t_txt as is (nothing to fuse). Term: ``afd``.
+    Ensemble: one per teacher (fusion heads 2D_k -> D_k).
     """
+
+    per_teacher = True
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
                  init_scale: float = CLIP_INIT_SCALE) -> None:
@@ -367,6 +426,9 @@ class HintonDistillation(DistillLoss):
     batch's texts (z_s = τ_t·ŝ_img·(ŝ_txt or t_txt)ᵀ, z_t = τ_t·t_img·t_txtᵀ). Both sides use the
     teacher's fixed scale τ_t. The hard-label CE needs class logits and ``labels`` (−1 ignored);
     otherwise the term is the KD part alone (α·T²·KL). Defaults T = 4, α = 0.5. Term: ``hinton``.
+
+    Ensemble: softmax(z_t/T) becomes Σ_k w_k softmax(z^k_t/T), z^k_t at τ_k (over the class prompts,
+    each teacher's dict then needs its own ``class_emb``); the student keeps the first teacher's τ.
     """
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
@@ -382,14 +444,12 @@ class HintonDistillation(DistillLoss):
         return float(options.get("alpha", HINTON_ALPHA)) < 1
 
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        s_img, s_txt, t_img, t_txt = self.sides(batch)
+        s_img, s_txt, _, _ = self.sides(batch)
         tau = self.teacher_logit_scale
-        if "class_emb" in batch:
-            classes = _unit(batch["class_emb"])
-            z_s, z_t = tau * s_img @ classes.T, tau * t_img @ classes.T
-        else:
-            z_s, z_t = tau * s_img @ s_txt.T, tau * t_img @ t_txt.T
-        loss = self.alpha * self.T**2 * kl_logits(z_t / self.T, z_s / self.T)
+        over = "class_emb" if "class_emb" in batch else "t_txt"  # class prompts, else the batch's texts
+        z_s = tau * s_img @ (_unit(batch["class_emb"]) if over == "class_emb" else s_txt).T
+        z_t = teacher_log_probs(batch, tau, lambda tau_k, t: tau_k * _unit(t["t_img"]) @ _unit(t[over]).T / self.T)
+        loss = self.alpha * self.T**2 * kl_log_probs(z_t, z_s / self.T)
         labels = batch.get("labels")
         if "class_emb" in batch and labels is not None and bool((labels >= 0).any()):
             loss = loss + (1 - self.alpha) * F.cross_entropy(z_s, labels, ignore_index=-1)
@@ -503,6 +563,51 @@ def label_losses(weights: dict[str, float], options: dict[str, dict[str, Any]] |
     options = options or {}
     return [name for name, weight in weights.items()
             if weight > 0 and LOSSES.get(name).uses_labels(**options.get(name, {}))]
+
+
+class PerTeacher(nn.Module):
+    """A feature loss against each teacher of an ensemble: term = Σ_k w_k · term_k.
+
+    ``members[k]`` is the loss built for teacher k (its D_k, its τ_k, its own parameters) and sees
+    the batch with teacher k's dict over it (the student through teacher k's head, k's targets).
+    """
+
+    def __init__(self, members: Sequence[DistillLoss]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def teacher_logit_scale(self) -> float:
+        return self.members[0].teacher_logit_scale
+
+    @property
+    def logit_scale(self) -> "LogitScale | None":
+        """The first teacher's (what ``logit_scales`` logs)."""
+        return getattr(self.members[0], "logit_scale", None)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        shared = {k: v for k, v in batch.items() if k != "teachers"}
+        terms: dict[str, torch.Tensor] = {}
+        for member, teacher in zip(self.members, batch["teachers"], strict=True):
+            for name, value in member({**shared, **teacher}).items():
+                terms[name] = terms[name] + teacher["weight"] * value if name in terms else teacher["weight"] * value
+        return terms
+
+
+def build_ensemble_losses(weights: dict[str, float], teachers: Sequence[tuple[int, float]],
+                          text_student: bool = False, **options: dict[str, Any]) -> nn.ModuleDict:
+    """``build_losses`` for an ensemble of (embed_dim, logit_scale) teachers, the first the student's space.
+
+    A ``per_teacher`` loss becomes a ``PerTeacher`` of one module per teacher; the others are built
+    once, with the first teacher's D and τ, and average the teachers' probabilities themselves.
+    """
+    built = build_losses(weights, *teachers[0], text_student=text_student, **options)
+    for name, weight in weights.items():
+        cls = LOSSES.get(name)
+        if cls.per_teacher:
+            others = [cls(weight, dim, scale, text_student, **options.get(name, {})) for dim, scale in teachers[1:]]
+            built[name] = PerTeacher([built[name], *others])
+    return built
 
 
 def compute_terms(losses: nn.ModuleDict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -534,7 +534,8 @@ def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict |
     """Open a cache and check it against its manifest.
 
     verify: "none", "size" (every file exists with the recorded size; cheap) or "sha256".
-    expect_teacher: refuse a cache whose teacher fingerprint differs.
+    expect_teacher: refuse a cache none of whose teachers has this fingerprint (a student trained on
+    an added teacher or an ensemble records the teacher whose space it lives in: any of the cache's).
     """
     root = Path(root)
     if not root.is_dir():
@@ -543,10 +544,11 @@ def open_cache(root: str | Path, *, verify: str = "size", expect_teacher: dict |
     if manifest is None or "teacher" not in manifest.data:
         raise CacheError(f"{root} has no {MANIFEST}; it is not a finished kdpipe cache (run `kdpipe extract`)")
     cache = Cache(root, manifest.data)
-    if expect_teacher is not None and not same_fingerprint(cache.teacher, expect_teacher):
+    if expect_teacher is not None and cache.find_teacher(expect_teacher) is None:
+        others = [describe_teacher(t["fingerprint"]) for t in list(cache.teachers().values())[1:]]
         raise CacheError(
-            f"cache {root} was made by teacher {describe_teacher(cache.teacher)}, "
-            f"not {describe_teacher(expect_teacher)}")
+            f"cache {root} was made by teacher {describe_teacher(cache.teacher)}"
+            f"{' (with ' + ', '.join(others) + ' added)' if others else ''}, not {describe_teacher(expect_teacher)}")
     if verify != "none":
         for split, info in cache.manifest.get("splits", {}).items():
             for entry in info["shards"]:

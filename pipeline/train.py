@@ -28,6 +28,13 @@ softmaxes over whitened cosines have the same mean entropy as its raw ones, on t
 pairs (``target_logit_scale``); it is logged and recorded as ``target_logit_scale`` in
 student.json.
 
+Several teachers (``--teachers A,B --teacher-weights``, ``kdpipe.ensemble``): the student lives in
+the first one's space (its D, preprocessing, targets, validation); an added teacher's targets are
+joined to each sample by key from its h5 (``cachereader.TeacherShards``). With more than one, the
+losses get every teacher's targets and the student through one projection head per other teacher
+(``Distiller.heads``, applied before the DDP gather), as ``kdpipe.losses`` describes. The primary
+alone (the default) reads exactly what a single-teacher cache gives.
+
 DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
 DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's
 ``gather_features``) before the losses, so contrastive terms see the global batch. Every
@@ -58,7 +65,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import cachereader, losses, metrics, runlog, runtime, trainstate
+from . import cachereader, ensemble, losses, metrics, runlog, runtime, trainstate
 from .atomic import atomic_write
 from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
@@ -168,19 +175,25 @@ class Distiller(nn.Module):
     """Students + loss modules in one module (what DDP wraps); forward returns the loss terms."""
 
     def __init__(self, image: nn.Module, text: TextStudent | None, loss_modules: nn.ModuleDict,
-                 dist: runtime.DistInfo) -> None:
+                 dist: runtime.DistInfo, teachers: Sequence[ensemble.Teacher] = ()) -> None:
         super().__init__()
         self.image, self.text, self.losses = image, text, loss_modules
         self.dist = dist
+        # An ensemble's projection heads (student -> each other teacher's space); none for one teacher.
+        self.teachers = list(teachers)
+        self.heads = ensemble.teacher_heads(self.teachers) if len(self.teachers) > 1 else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb)."""
+        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb; an ensemble:
+        teachers, one {t_img, t_txt [B,D_k]} per teacher, the first = t_img/t_txt)."""
         feats = {"s_img": self.image(batch["image"]), "t_img": batch["t_img"], "t_txt": batch["t_txt"],
                  "labels": batch["labels"]}
         if self.text is not None:
             feats["s_txt"] = self.text(batch["tokens"])
         if "image_masked" in batch:
             feats["s_img_masked"] = self.image(batch["image_masked"])
+        if self.heads is not None:  # projected before the gather: heads get gradients as the student does
+            feats["teachers"] = ensemble.teacher_views(feats, batch["teachers"], self.teachers, self.heads)
         if self.dist.enabled:
             feats = gather_features(feats, self.dist)
         if "class_emb" in batch:
@@ -188,20 +201,49 @@ class Distiller(nn.Module):
         return losses.compute_terms(self.losses, feats)
 
 
-def gather_features(feats: dict[str, torch.Tensor], dist: runtime.DistInfo) -> dict[str, torch.Tensor]:
-    """All-gather every [B, ...] tensor across ranks -> [world·B, ...]; the local slice keeps its grad."""
-    return {name: runtime.all_gather_cat(x, dist) for name, x in feats.items()}
+def gather_features(feats: dict[str, Any], dist: runtime.DistInfo) -> dict[str, Any]:
+    """All-gather every [B, ...] tensor across ranks -> [world·B, ...]; the local slice keeps its grad.
+
+    An ensemble's ``teachers`` dicts are gathered the same way (their floats pass as they are).
+    """
+    def gather(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return runtime.all_gather_cat(x, dist)
+        return [gather_features(t, dist) for t in x] if isinstance(x, list) else x
+
+    return {name: gather(x) for name, x in feats.items()}
 
 
-def build_students(cfg: TrainConfig, cache: Cache) -> tuple[ImageStudent, TextStudent | None]:
-    pre = cache.teacher["preprocess"]
-    image = build_student(cfg.student, cache.embed_dim, cfg.image_size or int(pre["size"]),
+def build_students(cfg: TrainConfig, cache: Cache,
+                   teacher: ensemble.Teacher | None = None) -> tuple[ImageStudent, TextStudent | None]:
+    """The students in ``teacher``'s space (its D and preprocessing; default: the cache's primary)."""
+    fp, dim = (cache.teacher, cache.embed_dim) if teacher is None else (teacher.fingerprint, teacher.embed_dim)
+    pre = fp["preprocess"]
+    image = build_student(cfg.student, dim, cfg.image_size or int(pre["size"]),
                           mean=tuple(cfg.mean or pre["mean"]), std=tuple(cfg.std or pre["std"]),
                           init_checkpoint=cfg.init_checkpoint, **cfg.student_kwargs)
     text = None
     if cfg.text_student != "none":
-        text = build_text_student(cfg.text_student, cache.embed_dim, **cfg.text_student_kwargs)
+        text = build_text_student(cfg.text_student, dim, **cfg.text_student_kwargs)
     return image, text
+
+
+def select_teachers(cfg: TrainConfig, cache: Cache) -> list[ensemble.Teacher]:
+    """``--teachers`` / ``--teacher-weights`` resolved on the cache; refuses what this run cannot do yet."""
+    teachers = ensemble.select_teachers(cache, cfg.teachers, cfg.teacher_weights)
+    if cfg.whiten != "none" and (len(teachers) > 1 or not teachers[0].primary):
+        raise BadValue(f"--whiten {cfg.whiten} fits the cache's first teacher only; it cannot be used with "
+                       f"--teachers {','.join(t.name for t in teachers)} (whitening per teacher is not there yet)")
+    for t in teachers:  # refuses, before any step, a teacher whose add has not covered a split the run reads
+        for split in ("train", "val") if "val" in cache.splits() else ("train",):
+            cache.teacher_h5_paths(split, t.name)
+    return teachers
+
+
+def teacher_streams(cache: Cache, teachers: Sequence[ensemble.Teacher], split: str) -> tuple[cachereader.TeacherShards, ...]:
+    """The added teachers' h5 files the reader joins to the split's tar samples (the primary's are in the tars)."""
+    return tuple(cachereader.TeacherShards(t.name, tuple(str(p) for p in cache.teacher_h5_paths(split, t.name)))
+                 for t in teachers if not t.primary)
 
 
 def class_embeddings(cache: Cache, targets: Targets) -> torch.Tensor | None:
@@ -245,6 +287,7 @@ class Setup:
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
+    teachers: list[ensemble.Teacher]  # the run's, the student's space first
 
 
 def build_setup(cfg: TrainConfig) -> Setup:
@@ -253,6 +296,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     device = runtime.dist_device(dist, cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     cache = open_checked_cache(cfg)
+    teachers = select_teachers(cfg, cache)
     targets = load_targets(cache, cfg.whiten)
     weights = losses.parse_losses(cfg.losses)
     if split_mode(cfg.whiten)[0] in ("image", "text") and set(weights) & set(CROSS_MODAL):
@@ -261,15 +305,19 @@ def build_setup(cfg: TrainConfig) -> Setup:
                     ", ".join(sorted(set(weights) & set(CROSS_MODAL))))
     runtime.seed_everything(cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    image, text = build_students(cfg, cache)
-    raw_scale = float(cache.manifest["logit_scale"])
+    image, text = build_students(cfg, cache, teachers[0])
+    raw_scale = teachers[0].logit_scale
     scale = target_logit_scale(cache, targets, raw_scale, cfg.batch_size * dist.world_size)
     if targets.mode != "none":
         log.info("teacher logit scale %.2f in the raw space = %.2f in the %s-whitened space (same softmax entropy)",
                  raw_scale, scale, targets.mode)
-    loss_modules = losses.build_losses(weights, cache.embed_dim, scale, text_student=text is not None,
-                                       **cfg.loss_options)
-    distiller = Distiller(image, text, loss_modules, dist).to(device)
+    if len(teachers) > 1:
+        loss_modules = losses.build_ensemble_losses(weights, [(t.embed_dim, t.logit_scale) for t in teachers],
+                                                    text_student=text is not None, **cfg.loss_options)
+    else:
+        loss_modules = losses.build_losses(weights, teachers[0].embed_dim, scale, text_student=text is not None,
+                                           **cfg.loss_options)
+    distiller = Distiller(image, text, loss_modules, dist, teachers).to(device)
     runtime.seed_everything(cfg.seed + dist.rank)
     model: nn.Module = distiller
     if dist.enabled:
@@ -280,20 +328,23 @@ def build_setup(cfg: TrainConfig) -> Setup:
     total = cfg.epochs * spe
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, min(cfg.warmup_steps, total),
                                                                        cfg.min_lr_ratio))
-    pre = cache.teacher["preprocess"]
+    pre = teachers[0].fingerprint["preprocess"]
     stream = cachereader.stream_config(cache.shard_paths("train", "tar"), batch_size=cfg.batch_size,
                                        image_size=image.image_size, interpolation=pre["interpolation"],
                                        seed=cfg.seed, rank=dist.rank, world=dist.world_size,
                                        views_used=cfg.views_used, shuffle_buffer=cfg.shuffle_buffer,
-                                       workers=cfg.workers)
+                                       workers=cfg.workers, teachers=teacher_streams(cache, teachers, "train"))
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
-    class_emb = class_embeddings(cache, targets) if "hinton" in weights else None
+    # prompts.h5 holds the primary's class embeddings: with other teachers, hinton is in-batch
+    primary_only = len(teachers) == 1 and teachers[0].primary
+    class_emb = class_embeddings(cache, targets) if "hinton" in weights and primary_only else None
     return Setup(cfg=cfg, cache=cache, dist=dist, device=device, precision=precision,
                  image=image, text=text, distiller=distiller, model=model,
                  optimizer=optimizer, scheduler=scheduler,
                  scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen=mask_gen,
                  targets=targets.to(device), class_emb=None if class_emb is None else class_emb.to(device),
-                 weights=weights, stream=stream, steps_per_epoch=spe, total_steps=total, run_dir=Path(cfg.out))
+                 weights=weights, stream=stream, steps_per_epoch=spe, total_steps=total, run_dir=Path(cfg.out),
+                 teachers=teachers)
 
 
 def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
@@ -320,12 +371,15 @@ def images_on(setup: Setup, batch: dict[str, Any]) -> torch.Tensor:
 def to_device_batch(setup: Setup, batch: dict[str, Any]) -> dict[str, Any]:
     """The loader's batch on the device, targets mapped to the student's space, extras added."""
     d = setup.device
+    targets = run_targets(setup, batch)
     out: dict[str, Any] = {
         "image": images_on(setup, batch),
-        "t_img": setup.targets.apply(batch["t_img"].to(d, non_blocking=True), "image"),
-        "t_txt": setup.targets.apply(batch["t_txt"].to(d, non_blocking=True), "text"),
+        "t_img": setup.targets.apply(targets[0]["t_img"].to(d, non_blocking=True), "image"),
+        "t_txt": setup.targets.apply(targets[0]["t_txt"].to(d, non_blocking=True), "text"),
         "labels": batch["labels"].to(d),
     }
+    if len(targets) > 1:  # an ensemble (never whitened: select_teachers refuses it)
+        out["teachers"] = [{side: t[side].to(d, non_blocking=True) for side in ("t_img", "t_txt")} for t in targets]
     if setup.text is not None:
         out["tokens"] = setup.text.tokenize(batch["captions"]).to(d)
     if "mfd" in setup.weights:
@@ -334,6 +388,13 @@ def to_device_batch(setup: Setup, batch: dict[str, Any]) -> dict[str, Any]:
     if setup.class_emb is not None:
         out["class_emb"] = setup.class_emb
     return out
+
+
+def run_targets(setup: Setup, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """Each of the run's teachers' targets {t_img, t_txt [B, D_k]}, in the run's order: the primary's
+    from the tar members (the batch's t_img / t_txt), an added teacher's joined from its h5."""
+    return [{"t_img": batch["t_img"], "t_txt": batch["t_txt"]} if t.primary else batch["teachers"][t.name]
+            for t in setup.teachers]
 
 
 def backward_global(total: torch.Tensor, distiller: Distiller, world: int) -> None:
@@ -421,7 +482,7 @@ def refresh_bn(setup: Setup) -> int:
 def embed_val(setup: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Keys [N], student view-0 image embeddings [N, D] (teacher space) and, with a text
     student, [N, D] embeddings of each image's first caption."""
-    cache, pre = setup.cache, setup.cache.teacher["preprocess"]
+    cache, pre = setup.cache, setup.teachers[0].fingerprint["preprocess"]
     cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=setup.cfg.batch_size,
                                     image_size=setup.image.image_size, interpolation=pre["interpolation"],
                                     train=False, workers=min(setup.cfg.workers, 1))
@@ -452,7 +513,7 @@ def validate(setup: Setup) -> dict[str, float]:
     """
     refresh_bn(setup)
     keys, s_img, s_txt = embed_val(setup)
-    val = setup.cache.load_split("val", fields=("img", "txt"))
+    val = setup.cache.load_split("val", fields=("img", "txt"), teacher=setup.teachers[0].name)
     index = {k: i for i, k in enumerate(val.keys)}
     rows = np.array([index[k] for k in keys])
     t_img = torch.from_numpy(val.img[rows, 0].astype(np.float32))
@@ -487,7 +548,7 @@ def checkpoint_state(setup: Setup, pos: trainstate.Position, counters: dict[str,
         "model": setup.distiller.state_dict(), "optimizer": setup.optimizer.state_dict(),
         "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), "rng": rng,
         "position": pos.to_dict(), "counters": dict(counters), "best": dict(best),
-        "teacher": setup.cache.teacher, "world_size": setup.dist.world_size, "workers": setup.cfg.workers,
+        "teacher": setup.teachers[0].fingerprint, "world_size": setup.dist.world_size, "workers": setup.cfg.workers,
         "batch_size": setup.cfg.batch_size, "seed": setup.cfg.seed,
     }
 
@@ -508,9 +569,9 @@ def save_ckpt(setup: Setup, pos: trainstate.Position, counters: dict[str, int], 
 def restore(setup: Setup) -> tuple[trainstate.Position, dict[str, int], dict[str, Any]]:
     """Load the newest readable checkpoint into every piece of the run."""
     state, path = trainstate.load_latest(setup.run_dir)
-    if not same_fingerprint(state["teacher"], setup.cache.teacher):
-        raise CacheError(f"{path} was trained on teacher {describe_teacher(state['teacher'])}, but the cache "
-                         f"{setup.cache.root} is from {describe_teacher(setup.cache.teacher)}")
+    if not same_fingerprint(state["teacher"], setup.teachers[0].fingerprint):
+        raise CacheError(f"{path} was trained on teacher {describe_teacher(state['teacher'])}, but this run "
+                         f"learns from {describe_teacher(setup.teachers[0].fingerprint)} of {setup.cache.root}")
     setup.distiller.load_state_dict(state["model"])
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
@@ -653,11 +714,12 @@ def finalize(setup: Setup, val: dict[str, float] | None, pos: trainstate.Positio
             "val": val}
     checkpoints = {"best": save_best(setup, best, last), "last": last}
     meta = {
-        "teacher": setup.cache.teacher, "cache": str(Path(setup.cfg.cache).resolve()),
+        "teacher": setup.teachers[0].fingerprint, "cache": str(Path(setup.cfg.cache).resolve()),
+        "teachers": [t.record() for t in setup.teachers],
         "whitening": save_whitening(setup.run_dir, setup.targets),
         "losses": {"weights": setup.weights, "options": setup.cfg.loss_options}, "labels_used": labels_used(setup),
-        "views_used": setup.cfg.views_used, "teacher_logit_scale": float(setup.cache.manifest["logit_scale"]),
-        "target_logit_scale": target_scale(setup.distiller.losses, float(setup.cache.manifest["logit_scale"])),
+        "views_used": setup.cfg.views_used, "teacher_logit_scale": setup.teachers[0].logit_scale,
+        "target_logit_scale": target_scale(setup.distiller.losses, setup.teachers[0].logit_scale),
     }
     write_spec(setup.run_dir, setup.image, setup.text, meta, checkpoints)
     if checkpoints["best"]["file"] != weights_file("best"):  # a resumed run's older best, named no more
@@ -788,6 +850,13 @@ def preempted(setup: Setup, loop: LoopState, request: runtime.StopRequest) -> bo
 # --------------------------------------------------------------------------- entry point
 
 
+def ensemble_note(teachers: Sequence[ensemble.Teacher]) -> str:
+    """", ensemble a 0.50 + b 0.50" for several teachers, "" for one."""
+    if len(teachers) == 1:
+        return ""
+    return ", ensemble " + " + ".join(f"{t.name} {t.weight:.2f}" for t in teachers)
+
+
 def kept_after_failure(run_dir: Path) -> tuple[str, str]:
     """After a failed write (disk full, ...): the checkpoint that is intact, and how to continue from it."""
     kept, step = trainstate.describe_kept(run_dir)
@@ -818,7 +887,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             mlog = MetricsLog(setup.run_dir / METRICS_FILE, setup.dist.is_main, resume_step, sinks)
             if setup.dist.is_main:
                 console.print(f"train {cfg.student} on {setup.cache.root} "
-                              f"(teacher {describe_teacher(setup.cache.teacher)}, D={setup.cache.embed_dim}): "
+                              f"(teacher {describe_teacher(setup.teachers[0].fingerprint)}, "
+                              f"D={setup.teachers[0].embed_dim}{ensemble_note(setup.teachers)}): "
                               f"{setup.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
                               f"batch {cfg.batch_size} x {setup.dist.world_size}, {setup.precision} on {setup.device}")
             with on_write_failure(lambda: kept_after_failure(setup.run_dir)):

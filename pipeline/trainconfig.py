@@ -47,6 +47,14 @@ class TrainConfig:
         help="A loss's constructor argument, LOSS.NAME=VALUE (repeatable; VALUE as in TOML): e.g. hinton.T=2, "
         "icl.init_scale=2.66, crd.learn_scale=false. Given here, it replaces the whole table of a config file.",
         factory=dict)
+    teachers: list[str] | None = setting(
+        None, "The cache's teachers to learn from, by name (manifest.json's teachers table), "
+        "comma-separated, e.g. A,B (default: the cache's first teacher). The student lives in the first one's "
+        "space; with several, losses over similarity distributions (crd, hinton) learn the teachers' weighted "
+        "average probabilities and feature losses (fd, mfd, icl, gd, afd) use one projection head per teacher.")
+    teacher_weights: list[float] | None = setting(
+        None, "One positive weight per --teachers entry, in order, e.g. 0.5,0.5 (normalised to sum 1; "
+        "default: equal).")
     whiten: str = setting(
         "none", "none | image | text | joint | separate: learn whitened targets (needs `kdpipe fit-whitening`); "
         "joint keeps image-text alignment, separate whitens each modality with its own transform.")

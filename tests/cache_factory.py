@@ -15,8 +15,9 @@ So retrieval and zero-shot work from the raw embeddings, but not perfectly.
 For real extraction runs: ``write_coco`` (a COCO-layout input from image bytes), ``photo_coco``
 (three photo-like non-square images) and ``teacher_config`` (tiny-clip with an open_clip
 ``preprocess_cfg``, e.g. another ``resize_mode``); ``tiny_world`` / ``tiny_extract`` (a shapes world
-and tiny-clip's cache of it: conftest's ``tiny_world`` and ``tiny_cache`` fixtures) and
-``teacher_b_config`` (a second teacher for the several-teacher tests).
+and tiny-clip's cache of it: conftest's ``tiny_world`` and ``tiny_cache`` fixtures),
+``teacher_b_config`` (a second teacher: tiny-clip at another input size and D) and ``add_teacher_b``
+(``--add-teacher`` it as "b": conftest's ``two_teacher_cache``).
 """
 
 from __future__ import annotations
@@ -233,3 +234,12 @@ def teacher_b_config(path: Path, embed_dim: int = 24, size: int = 48) -> Path:
     cfg["embed_dim"], cfg["vision_cfg"]["image_size"] = embed_dim, size
     path.write_text(json.dumps(cfg))
     return path
+
+
+def add_teacher_b(out: Path, teacher: Path, **kw) -> dict:
+    """``kdpipe extract --add-teacher`` of ``teacher`` into the cache ``out``, named "b" unless told
+    (4 images per batch: several batches per shard; no prompts.h5 unless ``prompts=True``)."""
+    from kdpipe.extract import run  # noqa: PLC0415
+
+    base = {"batch_size": 4, "prompts": False, "teacher": str(teacher), "add_teacher": True, "teacher_name": "b"}
+    return run(tiny_extract_config("", out, **{**base, **kw}))

@@ -1,12 +1,14 @@
-"""Shared fixtures: tiny shapes worlds generated once per test session, and tiny-clip's cache of one."""
+"""Shared fixtures: tiny shapes worlds generated once per test session; tiny-clip's cache of one, and
+the same cache with a second teacher added."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from cache_factory import tiny_extract, tiny_world as make_tiny_world
+from cache_factory import add_teacher_b, teacher_b_config, tiny_extract, tiny_world as make_tiny_world
 from kdpipe.data.shapes import make_shapes
 
 SHAPES_TRAIN, SHAPES_VAL, SHAPES_SIZE = 24, 12, 64
@@ -31,3 +33,19 @@ def tiny_cache(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """tiny-clip's cache of ``tiny_world`` (``cache_factory.tiny_extract``: 3 views, shards of 8, prompts.h5).
     Read-only: copy it before changing anything (a re-run of the same extract is a no-op)."""
     return tiny_extract(tiny_world, tmp_path_factory.mktemp("tiny_cache") / "c")
+
+
+@pytest.fixture(scope="session")
+def one_teacher_cache(tiny_cache: Path) -> Path:
+    """``tiny_cache`` under the name the several-teacher tests use (format 1: one teacher). Read-only."""
+    return tiny_cache
+
+
+@pytest.fixture(scope="session")
+def two_teacher_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_cache`` with teacher "b" (tiny-clip at 48 px, D = 24) added, with its own prompts.h5. Read-only."""
+    root = tmp_path_factory.mktemp("two_teachers")
+    out = root / "c"
+    shutil.copytree(tiny_cache, out)
+    add_teacher_b(out, teacher_b_config(root / "b.json"), prompts=True)
+    return out

@@ -15,10 +15,13 @@ import torch.nn.functional as F
 from kdpipe.losses import (
     LOSSES,
     LogitScale,
+    PerTeacher,
+    build_ensemble_losses,
     build_losses,
     clamp_logit_scales,
     compute_terms,
     contrastive_grads,
+    ensemble_log_probs,
     entropy_matched_scale,
     fd_lambda_from_mse,
     label_losses,
@@ -482,3 +485,72 @@ def test_mask_images_edge_cases():
         mask_images(x, "random", ratio=0.5)
     with pytest.raises(ValueError, match="ratio"):
         mask_images(x, "patch", ratio=1.5)
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def _e(i: int, dim: int) -> list[float]:
+    return [1.0 if j == i else 0.0 for j in range(dim)]
+
+
+def _pair_ensemble(w_a: float, tau_a: float, tau_b: float) -> dict:
+    """Two teachers of two images: A (D = 2) pairs image i with caption i, B (D = 3) with the other caption.
+
+    The batch's top level is A's (the student's own space); the student equals A. Teacher logits:
+    A = τ_A·I, B = τ_B·(1 − I). The student is fed through B's (here: padding) head as well.
+    """
+    a_img = a_txt = torch.tensor([_e(0, 2), _e(1, 2)], dtype=torch.float64)
+    b_img, b_txt = torch.tensor([_e(0, 3), _e(1, 3)], dtype=torch.float64), torch.tensor([_e(1, 3), _e(0, 3)], dtype=torch.float64)
+    s_b = torch.tensor([_e(0, 3), _e(0, 3)], dtype=torch.float64)  # the student through B's head: row 1 wrong
+    return {"s_img": a_img.clone(), "s_txt": a_txt.clone(), "t_img": a_img, "t_txt": a_txt, "teachers": [
+        {"t_img": a_img, "t_txt": a_txt, "s_img": a_img.clone(), "s_txt": a_txt.clone(), "weight": w_a, "logit_scale": tau_a},
+        {"t_img": b_img, "t_txt": b_txt, "s_img": s_b, "s_txt": s_b.clone(), "weight": 1 - w_a, "logit_scale": tau_b}]}
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_ensemble_log_probs_average_probabilities_not_logits():
+    """w = (1/4, 3/4) over softmax([0, ln 3]) = (1/4, 3/4) and softmax([ln 3, 0]) = (3/4, 1/4)."""
+    got = ensemble_log_probs([torch.tensor([[0.0, math.log(3)]]), torch.tensor([[math.log(3), 0.0]])], [0.25, 0.75])
+    assert torch.allclose(got.exp(), torch.tensor([[0.25 * 0.25 + 0.75 * 0.75, 0.25 * 0.75 + 0.75 * 0.25]]))
+    one = torch.tensor([[0.3, -1.2, 2.0]])
+    assert torch.equal(ensemble_log_probs([one], [1.0]), F.log_softmax(one, dim=-1))  # one teacher: its own
+
+
+def test_crd_and_hinton_learn_the_ensembles_average_probabilities_each_at_its_own_scale():
+    """A at τ = ln 3 gives rows (3/4, 1/4); B at τ = ln 9 on the swapped captions (1/10, 9/10). Equal
+    weights: p = (0.425, 0.575) for row 0 (mirrored for row 1 and for the columns); the student (= A,
+    its scale starting at A's ln 3) has q = (3/4, 1/4). crd = KL(p ‖ q); hinton (T = 1, α = 1) the same."""
+    batch = _pair_ensemble(0.5, math.log(3), math.log(9))
+    p = [0.5 * 0.75 + 0.5 * 0.1, 0.5 * 0.25 + 0.5 * 0.9]
+    expected = _kl(p, [0.75, 0.25])
+    built = build_ensemble_losses({"crd": 1.0, "hinton": 2.0}, [(2, math.log(3)), (3, math.log(9))],
+                                  hinton={"T": 1.0, "alpha": 1.0}).double()
+    terms = compute_terms(built, batch)
+    assert terms["crd"].item() == pytest.approx(expected, rel=1e-6)  # the learnt scale starts as a float32 log
+    assert terms["hinton"].item() == pytest.approx(2.0 * expected, rel=1e-12)
+    assert not isinstance(built["crd"], PerTeacher)  # one module, in the student's space
+    alone = compute_terms(built, {k: v for k, v in batch.items() if k != "teachers"})  # A alone: student = teacher
+    assert alone["crd"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_losses_are_built_per_teacher_and_weighted():
+    """fd with λ = 2: A's term is 0 (student = A); through B's head row 0 matches and row 1 is orthogonal
+    (1 − cos = 0, 1: mean 1/2). w_A = 1/4: fd_img = fd_txt = 2 · (1/4 · 0 + 3/4 · 1/2) = 0.75."""
+    batch = _pair_ensemble(0.25, math.log(3), math.log(9))
+    batch["teachers"][1]["s_txt"] = torch.tensor([_e(1, 3), _e(1, 3)], dtype=torch.float64)  # row 0 right
+    built = build_ensemble_losses({"fd": 2.0, "icl": 1.0, "afd": 1.0, "gd": 1.0}, [(2, 5.0), (3, 7.0)],
+                                  text_student=True).double()
+    terms = compute_terms(built, batch)
+    assert terms["fd_img"].item() == pytest.approx(0.75, rel=1e-12)
+    assert terms["fd_txt"].item() == pytest.approx(0.75, rel=1e-12)
+    fd, afd, gd = built["fd"], built["afd"], built["gd"]
+    assert isinstance(fd, PerTeacher) and [m.embed_dim for m in fd.members] == [2, 3]
+    assert [m.fuse_img.in_features for m in afd.members] == [4, 6]  # fusion heads 2·D_k -> D_k
+    assert [m.teacher_logit_scale for m in gd.members] == [5.0, 7.0]
+    icl = built["icl"]
+    by_hand = sum(t["weight"] * icl.members[k]({**batch, **t})["icl"] for k, t in enumerate(batch["teachers"]))
+    assert torch.allclose(terms["icl"], by_hand, rtol=0, atol=1e-12)

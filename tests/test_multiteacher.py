@@ -21,13 +21,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache_factory import teacher_b_config, tiny_extract_config
+from cache_factory import add_teacher_b, teacher_b_config, tiny_extract_config
 from kdpipe import extract as extract_mod
 from kdpipe import store
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
 from kdpipe.errors import AlreadyExists, BadValue
-from kdpipe.extract import ExtractConfig, run
+from kdpipe.extract import run
 from kdpipe.teachers import load_teacher
 
 
@@ -36,11 +36,7 @@ def _cfg(data: Path | str, out: Path, **kw) -> ExtractConfig:
     return tiny_extract_config(data, out, **{"batch_size": 4, "prompts": False, **kw})
 
 
-_teacher_b = teacher_b_config
-
-
-def _add(out: Path, teacher: Path, **kw) -> dict:
-    return run(_cfg("", out, teacher=str(teacher), add_teacher=True, **{"teacher_name": "b", **kw}))
+_teacher_b, _add = teacher_b_config, add_teacher_b
 
 
 def _digests(root: Path, skip_teacher: str | None = None) -> dict[str, str]:
@@ -66,35 +62,31 @@ def single(tiny_cache) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two(single, tmp_path_factory) -> Path:
-    """The single-teacher cache with teacher "b" added, with its own prompts.h5."""
-    root = tmp_path_factory.mktemp("two")
-    out = root / "c"
-    shutil.copytree(single, out)
-    _add(out, _teacher_b(root / "b.json"), prompts=True)
-    return out
+def two(two_teacher_cache) -> Path:
+    """The single-teacher cache with teacher "b" added, with its own prompts.h5 (session-wide: read-only)."""
+    return two_teacher_cache
 
 
-def test_single_teacher_cache_is_format_1_with_its_teacher_named(single):
-    manifest = json.loads((single / store.MANIFEST).read_text())
+def test_single_teacher_cache_is_format_1_with_its_teacher_named(one_teacher_cache):
+    manifest = json.loads((one_teacher_cache / store.MANIFEST).read_text())
     assert manifest["format"] == 1 and "teachers" not in manifest
     assert not any("add_teacher" in k or k.endswith("_teacher") for k in manifest["config"])
-    assert not list(single.rglob(store.TEACHERS_DIR))
-    cache = store.open_cache(single, verify="sha256")
+    assert not list(one_teacher_cache.rglob(store.TEACHERS_DIR))
+    cache = store.open_cache(one_teacher_cache, verify="sha256")
     assert list(cache.teachers()) == ["tiny-clip"] and cache.primary == "tiny-clip"
     by_name, plain = cache.load_split("train", teacher="tiny-clip"), cache.load_split("train")
     assert by_name.keys == plain.keys and np.array_equal(by_name.img, plain.img)
 
 
-def test_added_teacher_round_trip(two, single, tmp_path):
+def test_added_teacher_round_trip(two_teacher_cache, one_teacher_cache, tmp_path):
     """Its own files, the primary's keys in order, and its embeddings = the teacher on the replayed stored views."""
-    cache = store.open_cache(two, verify="sha256")
+    cache = store.open_cache(two_teacher_cache, verify="sha256")
     assert cache.manifest["format"] == 2 and list(cache.teachers()) == ["tiny-clip", "b"]
     entry = cache.teacher_entry("b")
     assert entry["embed_dim"] == 24 and entry["fingerprint"]["preprocess"]["size"] == 48
     assert entry["splits"]["train"]["count"] == 20 and len(entry["splits"]["train"]["shards"]) == 3
-    assert (two / "val" / "teachers" / "b" / "shard-000000.h5").exists()
-    assert _digests(two, skip_teacher="b") == _digests(single)  # nothing of the first teacher rewritten
+    assert (two_teacher_cache / "val" / "teachers" / "b" / "shard-000000.h5").exists()
+    assert _digests(two_teacher_cache, skip_teacher="b") == _digests(one_teacher_cache)  # nothing of the first teacher rewritten
     primary, b = cache.load_split("val"), cache.load_split("val", teacher="b")
     assert b.keys == primary.keys and b.img.shape == (6, 3, 24) and b.txt.shape == (len(primary.txt), 24)
     assert np.array_equal(b.txt_offsets, primary.txt_offsets) and np.array_equal(b.labels, primary.labels)
@@ -103,7 +95,7 @@ def test_added_teacher_round_trip(two, single, tmp_path):
 
     teacher = load_teacher(str(_teacher_b(tmp_path / "b.json")), device=torch.device("cpu"), allow_random_init=True)
     pre = teacher.preprocess
-    tar = {s["__key__"]: s for s in _tar(two / "val" / "shard-000000.tar")}
+    tar = {s["__key__"]: s for s in _tar(two_teacher_cache / "val" / "shard-000000.tar")}
     for n, key in enumerate(b.keys[:2]):
         stored = V.decode_image(tar[key]["jpg"]).convert("RGB")
         for v, view in enumerate(json.loads(tar[key]["views.json"])):
@@ -122,26 +114,26 @@ def _tar(path: Path) -> list[dict]:
     return list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
 
 
-def test_rerun_is_a_noop(two, tmp_path):
-    before = {p: p.stat().st_mtime_ns for p in two.rglob("*.h5")}
-    _add(two, _teacher_b(tmp_path / "b.json"))
-    assert {p: p.stat().st_mtime_ns for p in two.rglob("*.h5")} == before
+def test_rerun_is_a_noop(two_teacher_cache, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in two_teacher_cache.rglob("*.h5")}
+    _add(two_teacher_cache, _teacher_b(tmp_path / "b.json"))
+    assert {p: p.stat().st_mtime_ns for p in two_teacher_cache.rglob("*.h5")} == before
 
 
-def test_rerunning_the_first_teachers_extract_keeps_the_added_teachers(world, two, tmp_path):
+def test_rerunning_the_first_teachers_extract_keeps_the_added_teachers(tiny_world, two_teacher_cache, tmp_path):
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     before = _digests(out)
-    run(_cfg(world, out))
+    run(_cfg(tiny_world, out))
     manifest = json.loads((out / store.MANIFEST).read_text())
     assert manifest["format"] == 2 and list(manifest["teachers"]) == ["tiny-clip", "b"]
     assert _digests(out) == before
     assert store.open_cache(out, verify="sha256").load_split("val", teacher="b").img.shape == (6, 3, 24)
 
 
-def test_killed_add_resumes_without_touching_the_other_teachers(single, two, tmp_path, monkeypatch):
+def test_killed_add_resumes_without_touching_the_other_teachers(one_teacher_cache, two_teacher_cache, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     b = _teacher_b(tmp_path / "b.json")
     _add(out, _teacher_b(tmp_path / "c.json", embed_dim=16), teacher_name="c")  # a third teacher, there before
     before = _digests(out)
@@ -168,16 +160,16 @@ def test_killed_add_resumes_without_touching_the_other_teachers(single, two, tmp
     _add(out, b)
     assert _digests(out, skip_teacher="b") == before
     assert {p: p.stat().st_mtime_ns for p in first} == first
-    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two_teacher_cache)
     assert list(cache.teachers()) == ["tiny-clip", "c", "b"]
     for split in ("train", "val"):
         got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
         assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
 
 
-def test_a_name_held_by_other_weights_is_refused_unless_overwritten(two, tmp_path):
+def test_a_name_held_by_other_weights_is_refused_unless_overwritten(two_teacher_cache, tmp_path):
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     other = _teacher_b(tmp_path / "other.json", embed_dim=20)
     with pytest.raises(AlreadyExists, match="--overwrite-teacher b"):
         _add(out, other)
@@ -192,33 +184,33 @@ def test_a_name_held_by_other_weights_is_refused_unless_overwritten(two, tmp_pat
         _add(out, other, overwrite_teacher="x")
 
 
-def test_first_teacher_and_duplicates_refused(two, tmp_path):
+def test_first_teacher_and_duplicates_refused(two_teacher_cache, tmp_path):
     with pytest.raises(AlreadyExists, match="first teacher.*--overwrite"):  # other weights under the primary's name
-        run(_cfg("", two, teacher=str(_teacher_b(tmp_path / "x.json", embed_dim=20)), add_teacher=True,
+        run(_cfg("", two_teacher_cache, teacher=str(_teacher_b(tmp_path / "x.json", embed_dim=20)), add_teacher=True,
                  teacher_name="tiny-clip"))
     with pytest.raises(AlreadyExists, match="already in the cache as 'b'"):
-        _add(two, _teacher_b(tmp_path / "b.json"), teacher_name="again")
+        _add(two_teacher_cache, _teacher_b(tmp_path / "b.json"), teacher_name="again")
     with pytest.raises(AlreadyExists, match="already there"):
-        run(_cfg("", two, add_teacher=True))
+        run(_cfg("", two_teacher_cache, add_teacher=True))
     with pytest.raises(BadValue, match="folder name"):
-        _add(two, _teacher_b(tmp_path / "b.json"), teacher_name="../up")
-    before = (two / store.MANIFEST).read_bytes()
+        _add(two_teacher_cache, _teacher_b(tmp_path / "b.json"), teacher_name="../up")
+    before = (two_teacher_cache / store.MANIFEST).read_bytes()
     with pytest.raises(BadValue, match=r"split\(s\) \['test'\] not in the cache"):
-        _add(two, _teacher_b(tmp_path / "d.json", embed_dim=12), teacher_name="d", splits=["test"])
-    assert (two / store.MANIFEST).read_bytes() == before  # nothing recorded for a refused teacher
+        _add(two_teacher_cache, _teacher_b(tmp_path / "d.json", embed_dim=12), teacher_name="d", splits=["test"])
+    assert (two_teacher_cache / store.MANIFEST).read_bytes() == before  # nothing recorded for a refused teacher
 
 
-def test_teacher_larger_than_the_stored_images_is_refused(world, tmp_path):
+def test_teacher_larger_than_the_stored_images_is_refused(tiny_world, tmp_path):
     out = tmp_path / "small"
-    run(_cfg(world, out, store_size=40, views=1, splits=["val"]))
+    run(_cfg(tiny_world, out, store_size=40, views=1, splits=["val"]))
     with pytest.raises(BadValue, match=r"input is 48 px.*at most 40 px.*--store-size >= 48"):
         _add(out, _teacher_b(tmp_path / "b.json"))
     assert not list(out.rglob(store.TEACHERS_DIR)) and "teachers" not in json.loads((out / store.MANIFEST).read_text())
 
 
-def test_corrupt_added_teacher_detected(two, tmp_path):
+def test_corrupt_added_teacher_detected(two_teacher_cache, tmp_path):
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     h5 = out / "train" / "teachers" / "b" / "shard-000001.h5"
     data = bytearray(h5.read_bytes())
     data[-10] ^= 0xFF
@@ -228,9 +220,9 @@ def test_corrupt_added_teacher_detected(two, tmp_path):
         store.open_cache(out, verify="sha256")
 
 
-def test_cli_add_teacher(single, tmp_path):
+def test_cli_add_teacher(one_teacher_cache, tmp_path):
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     b = _teacher_b(tmp_path / "b.json")
     args = ["extract", "--add-teacher", "--teacher", str(b), "--out", str(out), "--teacher-name", "b",
             "--device", "cpu", "--workers", "0", "--allow-random-init", "--no-prompts"]  # prompts: their own tests
@@ -244,13 +236,13 @@ def test_cli_add_teacher(single, tmp_path):
     assert result.exit_code == 2 and "go with --add-teacher" in result.output
 
 
-def test_disk_full_while_adding_says_what_is_kept_and_a_rerun_finishes(single, two, tmp_path, monkeypatch):
+def test_disk_full_while_adding_says_what_is_kept_and_a_rerun_finishes(one_teacher_cache, two_teacher_cache, tmp_path, monkeypatch):
     import errno
 
     from kdpipe.errors import WriteFailed
 
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     before, b = _digests(out), _teacher_b(tmp_path / "b.json")
     real, calls = store._write_h5, []
 
@@ -272,17 +264,17 @@ def test_disk_full_while_adding_says_what_is_kept_and_a_rerun_finishes(single, t
     monkeypatch.undo()
     _add(out, b)
     got = store.open_cache(out, verify="sha256").load_split("train", ("img",), teacher="b")
-    assert np.array_equal(got.img, store.open_cache(two).load_split("train", ("img",), teacher="b").img)
+    assert np.array_equal(got.img, store.open_cache(two_teacher_cache).load_split("train", ("img",), teacher="b").img)
 
 
-def test_several_teachers_in_one_pass_equal_extract_then_add(world, two, tmp_path):
+def test_several_teachers_in_one_pass_equal_extract_then_add(tiny_world, two_teacher_cache, tmp_path):
     b = _teacher_b(tmp_path / "b.json")
-    args = ["extract", "--teacher", "tiny-clip", "--teacher", str(b), "--data", str(world), "--out",
+    args = ["extract", "--teacher", "tiny-clip", "--teacher", str(b), "--data", str(tiny_world), "--out",
             str(tmp_path / "c"), "--device", "cpu", "--workers", "0", "--views", "3", "--batch-size", "4",
             "--shard-size", "8", "--no-prompts", "--allow-random-init"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    cache, ref = store.open_cache(tmp_path / "c", verify="sha256"), store.open_cache(two)
+    cache, ref = store.open_cache(tmp_path / "c", verify="sha256"), store.open_cache(two_teacher_cache)
     assert list(cache.teachers()) == ["tiny-clip", "b"]
     for teacher in ("tiny-clip", "b"):  # the same embeddings (the files hold write times: not byte-equal)
         got, want = cache.load_split("train", teacher=teacher), ref.load_split("train", teacher=teacher)
@@ -303,19 +295,19 @@ def test_teacher_options_pair_pretrained_in_order():
         teacher_options(["a"], ["x", "y"])
 
 
-def test_decoding_workers_give_the_same_teacher_files(single, two, tmp_path):
+def test_decoding_workers_give_the_same_teacher_files(one_teacher_cache, two_teacher_cache, tmp_path):
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     _add(out, _teacher_b(tmp_path / "b.json"), workers=2)
-    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two_teacher_cache)
     for split in ("train", "val"):
         got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
         assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)
 
 
-def test_sigterm_stops_the_add_and_a_rerun_finishes(single, tmp_path, monkeypatch):
+def test_sigterm_stops_the_add_and_a_rerun_finishes(one_teacher_cache, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     real, calls = extract_mod.embed_batch, {"n": 0}
 
     def embed_then_term(teacher, batch, precision):  # the preemption notice arrives during the third batch
@@ -505,11 +497,11 @@ app()
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and SIGKILL")
-def test_sigkill_mid_add_then_rerun(single, two, tmp_path):
+def test_sigkill_mid_add_then_rerun(one_teacher_cache, two_teacher_cache, tmp_path):
     """A real `kill -9` of `extract --add-teacher` after its first shard: the other files keep their bytes,
     and the same command finishes the teacher with the embeddings of an uninterrupted add."""
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     before = _digests(out)
     b = _teacher_b(tmp_path / "b.json")
     args = ["extract", "--add-teacher", "--teacher", str(b), "--teacher-name", "b", "--out", str(out), "--device",
@@ -526,7 +518,7 @@ def test_sigkill_mid_add_then_rerun(single, two, tmp_path):
     assert _digests(out, skip_teacher="b") == before
     _add(out, b)
     assert _digests(out, skip_teacher="b") == before
-    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two_teacher_cache)
     for split in ("train", "val"):
         got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")
         assert got.keys == want.keys and np.array_equal(got.img, want.img) and np.array_equal(got.txt, want.txt)

@@ -1,0 +1,266 @@
+"""Training on a cache of several teachers: the reader's join of an added teacher's targets,
+`train --teachers A,B --teacher-weights`, and what a run records of its teachers.
+
+The caches are conftest.py's: ``one_teacher_cache`` (tiny-clip, D = 32) and ``two_teacher_cache`` (the
+same with teacher "b", D = 24, 48 px, added).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdpipe import cachereader, ensemble, store
+from kdpipe import train as T
+from kdpipe.errors import BadValue, UnknownName
+from kdpipe.evaluate import EvalConfig
+from kdpipe.evaluate import run as run_eval
+
+PRIMARY = "tiny-clip"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _cfg(cache: Path, out: Path, **kw) -> T.TrainConfig:
+    base = dict(student="tiny", cache=str(cache), out=str(out), epochs=1, batch_size=4, workers=0, log_every=1,
+                bn_samples=8, val_samples=6, progress=False, lr=2e-3, warmup_steps=1, device="cpu",
+                losses="clip=1,fd=7.8,crd=1,icl=1", shuffle_buffer=8)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def _stored_rows(cache: store.Cache, teacher: str, keys: list[str], views: torch.Tensor,
+                 captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's stored train embeddings of (key, view) and (key, caption), float32 [B, D] each."""
+    split = cache.load_split("train", fields=("img", "txt"), teacher=teacher)
+    rows = np.array([split.keys.index(k) for k in keys])
+    img = split.img[rows, views.numpy()]
+    txt = split.txt[split.txt_offsets[rows] + captions.numpy()]
+    return torch.from_numpy(img.astype(np.float32)), torch.from_numpy(txt.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reader_joins_an_added_teachers_rows_by_key(two_teacher_cache, workers):
+    """Each sample's b targets are b's stored rows of its key, at the view and caption the primary's were drawn."""
+    cache = store.open_cache(two_teacher_cache)
+    b = T.teacher_streams(cache, ensemble.select_teachers(cache, [PRIMARY, "b"], None), "train")
+    cfg = cachereader.stream_config(cache.shard_paths("train", "tar"), batch_size=4, image_size=32,
+                                    interpolation="bicubic", seed=5, workers=workers, teachers=b, shuffle_buffer=8)
+    batches = list(cachereader.epoch_batches(cfg, 5))
+    assert [t.name for t in b] == ["b"] and len(batches) == 5
+    for batch in batches:
+        assert batch["teachers"]["b"]["t_img"].shape == (4, 24)
+        for name, got in ((PRIMARY, batch), ("b", batch["teachers"]["b"])):
+            img, txt = _stored_rows(cache, name, batch["keys"], batch["view"], batch["caption_idx"])
+            assert torch.equal(got["t_img"], img) and torch.equal(got["t_txt"], txt)
+    assert len({int(v) for batch in batches for v in batch["view"]}) > 1  # the drawn views differ: a real check
+
+
+def test_reader_without_added_teachers_has_no_teachers_key(two_teacher_cache):
+    cache = store.open_cache(two_teacher_cache)
+    cfg = cachereader.stream_config(cache.shard_paths("train", "tar"), batch_size=4, image_size=32,
+                                    interpolation="bicubic")
+    assert "teachers" not in next(iter(cachereader.epoch_batches(cfg, 1)))
+
+
+# --------------------------------------------------------------------------- choosing teachers
+
+
+def test_teacher_selection_and_its_refusals(two_teacher_cache, tmp_path):
+    cache = store.open_cache(two_teacher_cache)
+    default = ensemble.select_teachers(cache, None, None)
+    assert [(t.name, t.weight, t.embed_dim, t.primary) for t in default] == [(PRIMARY, 1.0, 32, True)]
+    pair = ensemble.select_teachers(cache, ["b", PRIMARY], [3, 1])
+    assert [(t.name, t.weight, t.embed_dim) for t in pair] == [("b", 0.75, 24), (PRIMARY, 0.25, 32)]
+    with pytest.raises(UnknownName, match=f"no such teacher; it has {PRIMARY}, b"):
+        ensemble.select_teachers(cache, ["c"], None)
+    with pytest.raises(BadValue, match="2 weight.s. for 1 teacher"):
+        ensemble.select_teachers(cache, ["b"], [1, 1])
+    with pytest.raises(BadValue, match="positive"):
+        ensemble.select_teachers(cache, ["b", PRIMARY], [1, 0])
+    with pytest.raises(BadValue, match="twice"):
+        ensemble.select_teachers(cache, ["b", "b"], None)
+    with pytest.raises(BadValue, match="--whiten image .* --teachers b"):
+        T.build_setup(_cfg(two_teacher_cache, tmp_path / "w", teachers=["b"], whiten="image"))
+
+
+def test_a_teacher_whose_add_has_not_covered_val_is_refused_before_training(two_teacher_cache, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(two_teacher_cache, cache)
+    manifest = json.loads((cache / store.MANIFEST).read_text())
+    del manifest["teachers"]["b"]["splits"]["val"]  # an add stopped after the train split
+    (cache / store.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(store.CacheError, match="teacher 'b' .* lacks 1 of 1 shards of split 'val'"):
+        T.build_setup(_cfg(cache, tmp_path / "r", teachers=[PRIMARY, "b"]))
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _trained_state(cache: Path, out: Path, steps: int, **kw) -> dict[str, torch.Tensor]:
+    T.run(_cfg(cache, out, max_steps=steps, **kw))
+    return torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["model"]
+
+
+def test_the_first_teacher_on_a_multi_teacher_cache_trains_as_on_its_single_teacher_cache(
+        one_teacher_cache, two_teacher_cache, tmp_path):
+    """Same weights after 3 steps, bit for bit (default teacher selection, and naming it)."""
+    ref = _trained_state(one_teacher_cache, tmp_path / "one", 3)
+    for name, kw in (("two", {}), ("named", {"teachers": [PRIMARY], "teacher_weights": [2.0]})):
+        got = _trained_state(two_teacher_cache, tmp_path / name, 3, **kw)
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+
+
+def test_an_added_teacher_alone_is_the_target(two_teacher_cache, tmp_path):
+    """--teachers b: the student lives in b's space (D 24, 48 px) and its targets are b's stored rows."""
+    cache = store.open_cache(two_teacher_cache)
+    setup = T.build_setup(_cfg(two_teacher_cache, tmp_path / "b", teachers=["b"]))
+    assert setup.image.image_size == 48 and setup.distiller.heads is None
+    batch = next(iter(cachereader.epoch_batches(setup.stream, 1)))
+    inputs = T.to_device_batch(setup, batch)
+    img, txt = _stored_rows(cache, "b", batch["keys"], batch["view"], batch["caption_idx"])
+    assert torch.equal(inputs["t_img"], img) and torch.equal(inputs["t_txt"], txt)
+    assert setup.image(inputs["image"]).shape == (4, 24)
+
+    result = T.run(_cfg(two_teacher_cache, tmp_path / "run", teachers=["b"], max_steps=2, epochs=1))
+    spec = json.loads((Path(result["run"]) / "student.json").read_text())
+    assert spec["teacher"] == cache.teacher_entry("b")["fingerprint"]
+    assert [(t["name"], t["weight"]) for t in spec["teachers"]] == [("b", 1.0)]
+    assert result["val"] is not None and 0 <= result["val"]["val_cos"] <= 1
+
+    # eval finds b in the cache (it refused a run whose teacher is not the primary) and compares with b's rows
+    report = run_eval(EvalConfig(run=result["run"], split="val", device="cpu", progress=False))
+    assert report["teacher"] == spec["teacher"] and report["model"]["teacher"].startswith("b")
+    assert any("prompts.h5" in note for note in report["notes"])
+    held = cache.load_split("val", fields=("img", "txt"), teacher="b")
+    teacher = T.metrics.retrieval_recall(torch.from_numpy(held.img[:, 0].astype(np.float32)),
+                                         torch.from_numpy(held.txt.astype(np.float32)),
+                                         torch.from_numpy(held.txt_to_img), ks=(1,))
+    assert {k: report["metrics"][k]["teacher"] for k in teacher} == teacher
+
+
+def test_two_teacher_ensemble_end_to_end(two_teacher_cache, tmp_path):
+    """A weighted ensemble trains (finite, every part gets gradients), records its teachers, and eval reports it."""
+    cfg = _cfg(two_teacher_cache, tmp_path / "ens", teachers=[PRIMARY, "b"], teacher_weights=[1.0, 3.0],
+               losses="clip=1,fd=7.8,mfd=1,crd=1,icl=1,gd=1,afd=1,hinton=1", max_steps=3)
+    setup = T.build_setup(cfg)
+    assert [tuple(h.weight.shape) for h in setup.distiller.heads] == [(24, 32)]  # D_0 = 32 -> D_b = 24
+    batch = T.to_device_batch(setup, next(iter(cachereader.epoch_batches(setup.stream, 1))))
+    terms = setup.distiller(batch)
+    T.losses.total_loss(terms).backward()
+    assert all(math.isfinite(float(v.detach())) for v in terms.values())
+    no_grad = [n for n, p in setup.distiller.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+
+    result = T.run(replace(cfg, out=str(tmp_path / "run")))
+    run_dir = Path(result["run"])
+    spec = json.loads((run_dir / "student.json").read_text())
+    assert [(t["name"], t["weight"], t["embed_dim"]) for t in spec["teachers"]] == [(PRIMARY, 0.25, 32), ("b", 0.75, 24)]
+    report = run_eval(EvalConfig(run=str(run_dir), split="val", device="cpu", progress=False))
+    assert report["teacher"] == spec["teacher"] == store.open_cache(two_teacher_cache).teacher  # the student's space
+    assert 0 < report["metrics"]["agreement/cosine"]["student"] <= 1
+    rows = report["metrics"]
+    cache = store.open_cache(two_teacher_cache)
+    sims = {}
+    for name in (PRIMARY, "b"):  # each teacher's figure is its own retrieval on its cached embeddings
+        held = cache.load_split("val", fields=("img", "txt"), teacher=name)
+        img = held.img[:, 0].astype(np.float64)
+        txt = held.txt.astype(np.float64)
+        sims[name] = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+        assert rows[f"teachers/{name}/i2t_R@1"]["teacher"] == pytest.approx(_i2t_r1(sims[name], held.txt_to_img))
+        assert rows[f"teachers/{name}/i2t_R@1"]["student"] == rows["i2t_R@1"]["student"]
+        assert rows[f"teachers/{name}/agreement/i2t_top1"]["teacher"] == 1.0
+        assert 0 <= rows[f"teachers/{name}/agreement/i2t_top1"]["student"] <= 1
+    ensemble_sim = 0.25 * sims[PRIMARY] + 0.75 * sims["b"]  # the weighted average similarity
+    assert rows["teachers/ensemble/i2t_R@1"]["teacher"] == pytest.approx(_i2t_r1(ensemble_sim, held.txt_to_img))
+    assert rows["teachers/ensemble/t2i_R@1"]["teacher"] == pytest.approx(
+        float(np.mean(ensemble_sim.argmax(axis=0) == held.txt_to_img)))
+
+
+def _i2t_r1(sim: np.ndarray, txt_to_img: np.ndarray) -> float:
+    """Share of images whose most similar caption [N, M] is one of their own."""
+    return float(np.mean(txt_to_img[sim.argmax(axis=1)] == np.arange(sim.shape[0])))
+
+
+def test_open_cache_finds_any_of_its_teachers(one_teacher_cache, two_teacher_cache):
+    b = store.open_cache(two_teacher_cache).teacher_entry("b")["fingerprint"]
+    assert store.open_cache(two_teacher_cache, expect_teacher=b).find_teacher(b) == "b"
+    with pytest.raises(store.CacheError, match="was made by teacher tiny-clip .*, not b "):
+        store.open_cache(one_teacher_cache, expect_teacher=b)
+
+
+def test_cli_train_refuses_an_unknown_teacher_naming_the_caches(two_teacher_cache, tmp_path):
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from kdpipe.cli.main import app  # noqa: PLC0415
+
+    res = CliRunner().invoke(app, ["train", "--cache", str(two_teacher_cache), "--out", str(tmp_path / "r"),
+                                   "--teachers", f"{PRIMARY},zz", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert f"--teachers zz: cache {two_teacher_cache} has no such teacher; it has {PRIMARY}, b" in " ".join(res.output.split())
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ensemble_grads(dist) -> dict[str, torch.Tensor]:
+    """Gradients of an ensemble's losses (heads, per-teacher modules) for a fixed global batch of 8, this
+    rank holding its slice."""
+    torch.manual_seed(0)
+    teachers = [ensemble.Teacher("a", 0.25, 8, 50.0, {}, True), ensemble.Teacher("b", 0.75, 6, 30.0, {}, False)]
+    image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+    built = T.losses.build_ensemble_losses({"fd": 7.8, "crd": 1.0, "icl": 1.0, "clip": 0.5, "afd": 1.0},
+                                           [(8, 50.0), (6, 30.0)])
+    distiller = T.Distiller(image, None, built, dist, teachers)
+    g = torch.Generator().manual_seed(1)
+    targets = [{"t_img": torch.randn(8, d, generator=g), "t_txt": torch.randn(8, d, generator=g)} for d in (8, 6)]
+    batch = {"image": torch.randn(8, 3, 4, 4, generator=g), **targets[0], "labels": torch.full((8,), -1),
+             "teachers": targets}
+    per = 8 // dist.world_size
+    cut = lambda v: v[dist.rank * per:(dist.rank + 1) * per]  # noqa: E731
+    local = {k: [{s: cut(x) for s, x in t.items()} for t in v] if k == "teachers" else cut(v) for k, v in batch.items()}
+    model = torch.nn.parallel.DistributedDataParallel(distiller) if dist.enabled else distiller
+    T.backward_global(T.losses.total_loss(model(local)), distiller, dist.world_size)
+    return {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_ensemble_grads(T.runtime.DistInfo(rank, world, rank)), Path(out_dir) / f"grads{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ensemble_gradients_equal_one_process_on_the_global_batch(tmp_path):
+    """The heads project each rank's slice before the gather, so they get their gradient as the student does."""
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    single = _ensemble_grads(T.runtime.DistInfo())
+    assert {"heads.0.weight", "losses.icl.members.1.logit_scale.log_scale", "losses.afd.members.1.fuse_img.weight"} <= set(single)
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        assert grads.keys() == single.keys()
+        for k in single:
+            torch.testing.assert_close(grads[k], single[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -13,6 +13,8 @@ Batch keys (all [B, D], D = teacher embed dim):
   s_img_masked   student on the masked input (``mfd`` only)
   labels [B]     int64 class labels, −1 = unknown (``hinton`` only, optional)
   class_emb [K, D]  teacher embeddings of the class prompts (``hinton`` only, optional)
+  s_logits, t_logits [B, K]  the student's class-head logits and the teacher's zero-shot logits
+                 over the class prompts (``hinton`` only, with ``train --labels``)
 
 ŝ below is the L2-normalised student embedding, t the normalised teacher embedding.
 
@@ -363,10 +365,13 @@ HINTON_ALPHA = 0.5  # KD share; the hard-label CE gets 1 − α (the CIFAR seed'
 class HintonDistillation(DistillLoss):
     """Temperature KD on image logits: α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, y).
 
-    Logits over the class prompts when ``class_emb`` is given (z = τ_t·x·cᵀ), else over the
-    batch's texts (z_s = τ_t·ŝ_img·(ŝ_txt or t_txt)ᵀ, z_t = τ_t·t_img·t_txtᵀ). Both sides use the
-    teacher's fixed scale τ_t. The hard-label CE needs class logits and ``labels`` (−1 ignored);
-    otherwise the term is the KD part alone (α·T²·KL). Defaults T = 4, α = 0.5. Term: ``hinton``.
+    Logits, first that applies: the batch's ``s_logits`` / ``t_logits`` (a student class head and
+    the teacher's zero-shot logits, ``train --labels``: task KD as in VLM_Distillation); over the
+    class prompts when ``class_emb`` is given (z = τ_t·x·cᵀ); else over the batch's texts
+    (z_s = τ_t·ŝ_img·(ŝ_txt or t_txt)ᵀ, z_t = τ_t·t_img·t_txtᵀ). Prompt and text logits use the
+    teacher's fixed scale τ_t on both sides. The hard-label CE needs class logits and ``labels``
+    (−1 ignored); otherwise the term is the KD part alone (α·T²·KL). α = 0 is the CE alone (no
+    teacher: the baseline of task KD). Defaults T = 4, α = 0.5. Term: ``hinton``.
     """
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
@@ -384,14 +389,17 @@ class HintonDistillation(DistillLoss):
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, t_img, t_txt = self.sides(batch)
         tau = self.teacher_logit_scale
-        if "class_emb" in batch:
+        if "s_logits" in batch:
+            z_s, z_t = batch["s_logits"].float(), batch["t_logits"].float()
+        elif "class_emb" in batch:
             classes = _unit(batch["class_emb"])
             z_s, z_t = tau * s_img @ classes.T, tau * t_img @ classes.T
         else:
             z_s, z_t = tau * s_img @ s_txt.T, tau * t_img @ t_txt.T
         loss = self.alpha * self.T**2 * kl_logits(z_t / self.T, z_s / self.T)
         labels = batch.get("labels")
-        if "class_emb" in batch and labels is not None and bool((labels >= 0).any()):
+        class_logits = "s_logits" in batch or "class_emb" in batch
+        if class_logits and labels is not None and bool((labels >= 0).any()):
             loss = loss + (1 - self.alpha) * F.cross_entropy(z_s, labels, ignore_index=-1)
         return {"hinton": self.weight * loss}
 

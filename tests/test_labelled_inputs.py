@@ -51,7 +51,8 @@ def write_cifar(root: Path, variant: str = "cifar10", train_per_file: int = 5, t
         names = list(CIFAR10_CLASSNAMES)
     else:
         folder, k = root / "cifar-100-python", len(CIFAR100_CLASSNAMES)
-        files, meta, names_key, labels_key = {"train": 5 * train_per_file, "test": test}, "meta", "fine_label_names", "fine_labels"
+        files = {"train": 5 * train_per_file, "test": test}
+        meta, names_key, labels_key = "meta", "fine_label_names", "fine_labels"
         names = [n.replace(" ", "_") for n in CIFAR100_CLASSNAMES]  # the meta file spells them with underscores
     folder.mkdir(parents=True)
     with (folder / meta).open("wb") as f:

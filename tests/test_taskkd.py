@@ -21,10 +21,11 @@ from kdpipe import losses as L
 from kdpipe import metrics
 from kdpipe import train as T
 from kdpipe.cli.main import app
+from kdpipe.prompts import CIFAR10_CLASSNAMES
 from kdpipe.store import open_cache
 from kdpipe.students import load_student
 
-from test_labelled_inputs import labelled_folder
+from test_labelled_inputs import labelled_folder, write_cifar
 
 DIM, N_TRAIN, N_VAL, BATCH = 16, 48, 16, 8
 
@@ -115,7 +116,8 @@ def test_the_teacher_side_is_the_raw_teacher_even_when_targets_are_whitened(cach
     fit(WhitenConfig(cache=str(cache), check_train=False, progress=False))
     setup = T.build_setup(_cfg(cache, tmp_path / "run", whiten="joint"))
     t_img = torch.randn(BATCH, DIM)
-    batch = {"image": torch.zeros(BATCH, 3, 32, 32, dtype=torch.uint8), "t_img": t_img, "t_txt": torch.randn(BATCH, DIM),
+    batch = {"image": torch.zeros(BATCH, 3, 32, 32, dtype=torch.uint8), "t_img": t_img,
+             "t_txt": torch.randn(BATCH, DIM),
              "labels": torch.zeros(BATCH, dtype=torch.long), "captions": [["c"]] * BATCH}
     out = T.to_device_batch(setup, batch)
     want = 100.0 * F.normalize(t_img, dim=-1) @ T.teacher_classifier(open_cache(cache))
@@ -178,9 +180,18 @@ def test_labels_are_refused_without_classes_prompts_or_hinton(cache_dir, tmp_pat
         T.build_setup(_cfg(no_prompts, tmp_path / "c", verify="none"))
 
 
-def test_cli_extract_a_labelled_folder_then_train_labels_and_eval(tmp_path):
-    """The CLI path of task KD on an image folder: extract (prompts on) -> train --labels -> eval's head rows."""
-    root, cache, run = labelled_folder(tmp_path / "folder", train=6, val=2), tmp_path / "cache", tmp_path / "run"
+LABELLED_INPUTS = {  # kind -> (write a fixture under a folder, its class names)
+    "imagefolder": (lambda tmp: labelled_folder(tmp / "folder", train=6, val=2), ["blue", "green", "red square"]),
+    "cifar": (lambda tmp: write_cifar(tmp / "cifar", "cifar10", train_per_file=3, test=4), list(CIFAR10_CLASSNAMES)),
+}
+
+
+@pytest.mark.parametrize("kind", LABELLED_INPUTS)
+def test_cli_extract_a_labelled_set_then_train_labels_and_eval(tmp_path, kind):
+    """The CLI path of task KD on each labelled input: extract (prompts on) -> train --labels -> eval's head rows
+    (CIFAR's classes are the cifar10 prompt set's: CLIP's names and templates)."""
+    write, classnames = LABELLED_INPUTS[kind]
+    root, cache, run = write(tmp_path), tmp_path / "cache", tmp_path / "run"
 
     def invoke(*args):
         result = CliRunner().invoke(app, [str(a) for a in args])
@@ -194,5 +205,5 @@ def test_cli_extract_a_labelled_folder_then_train_labels_and_eval(tmp_path):
            "--bn-samples", "4")
     output = invoke("eval", run, "--device", "cpu", "--no-progress")
     report = json.loads((run / "eval.json").read_text())
-    assert "head/top1" in output and report["dataset"]["classnames"] == ["blue", "green", "red square"]
+    assert "head/top1" in output and report["dataset"]["classnames"] == classnames
     assert all(math.isfinite(report["metrics"][f"head/{k}"]["teacher"]) for k in ("top1", "top5"))

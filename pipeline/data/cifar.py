@@ -73,7 +73,8 @@ def load_pickle(path: Path, expected: str) -> dict[str, Any]:
         with path.open("rb") as f:
             data = pickle.load(f, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise BadValue(f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); expected {expected}") from err
+        raise BadValue(f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); "
+                       f"expected {expected}") from err
     if not isinstance(data, dict):
         raise BadValue(f"{path}: holds a {type(data).__name__}, expected a dict ({expected})")
     return data
@@ -85,10 +86,12 @@ def read_batch(path: Path, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
     batch = load_pickle(path, expected)
     missing = [k for k in ("data", labels_key) if k not in batch]
     if missing:
-        raise BadValue(f"{path}: no {' or '.join(map(repr, missing))} key (it has {sorted(batch)}); expected {expected}")
+        raise BadValue(f"{path}: no {' or '.join(map(repr, missing))} key (it has {sorted(batch)}); "
+                       f"expected {expected}")
     data, labels = np.asarray(batch["data"]), np.asarray(batch[labels_key], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * SIDE * SIDE or len(labels) != len(data):
-        raise BadValue(f"{path}: 'data' is {data.dtype} {list(data.shape)} with {len(labels)} labels; expected {expected}")
+        raise BadValue(f"{path}: 'data' is {data.dtype} {list(data.shape)} with {len(labels)} labels; "
+                       f"expected {expected}")
     return data, labels
 
 
@@ -145,9 +148,11 @@ class CifarSource:
         meta = self.folder / self.layout.meta
         names = load_pickle(meta, f"the {self.layout.name} meta file, a dict with {self.layout.names_key!r}")
         if self.layout.names_key not in names:
-            raise BadValue(f"{meta}: no {self.layout.names_key!r} key (it has {sorted(names)}); expected the class names")
+            raise BadValue(f"{meta}: no {self.layout.names_key!r} key (it has {sorted(names)}); "
+                           "expected the class names")
         self._classnames = tuple(folder_classname(str(n)) for n in names[self.layout.names_key])
-        self._units = {split: self._split_units(split, files, shard_size) for split, files in self.layout.splits.items()}
+        self._units = {split: self._split_units(split, files, shard_size)
+                       for split, files in self.layout.splits.items()}
 
     def _split_units(self, split: str, files: tuple[str, ...], shard_size: int) -> list[Unit]:
         """Units of ``shard_size`` rows, never spanning two files (a unit reads one file)."""

@@ -101,7 +101,8 @@ class ImageFolderSource:
         has_names = names_file.is_file()
         self._classnames = (read_classnames(names_file, self.classes) if has_names
                             else [folder_classname(c) for c in self.classes])
-        self._records = {split: split_records(folder, self.classes, self._classnames) for split, folder in folders.items()}
+        self._records = {split: split_records(folder, self.classes, self._classnames)
+                         for split, folder in folders.items()}
         self._report = {"classes": len(self.classes), "class_names": str(names_file) if has_names else "folder names",
                         "records": {s: len(r) for s, r in self._records.items()}}
 

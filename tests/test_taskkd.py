@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -168,6 +169,13 @@ def test_head_rows_are_the_heads_top_k_beside_the_teachers_zero_shot():
 def test_labels_are_refused_without_classes_prompts_or_hinton(cache_dir, tmp_path):
     with pytest.raises(ValueError, match="--labels trains a class head with the hinton loss; --losses 'fd=1' has no"):
         T.build_setup(_cfg(cache_dir, tmp_path / "a", losses="fd=1"))
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(cache_dir, unlabelled)
+    for shard in (unlabelled / "train").glob("*.h5"):  # same size: the cache still verifies
+        with h5py.File(shard, "r+") as f:
+            f["labels"][...] = -1
+    with pytest.raises(ValueError, match=r"--labels: no train image of the cache .* has a label"):
+        T.build_setup(_cfg(unlabelled, tmp_path / "d"))
     no_prompts = tmp_path / "no-prompts"
     shutil.copytree(cache_dir, no_prompts)
     (no_prompts / "prompts.h5").unlink()

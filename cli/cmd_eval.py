@@ -47,7 +47,8 @@ def eval_cmd(
     config: Optional[Path] = config_option(),
 ) -> None:
     """Retrieval R@1/5/10 both ways, zero-shot top-1/top-5 and agreement with the teacher, each next to the
-    teacher's own figure on the same split and their ratio. Writes RUN/eval.json and prints a table."""
+    teacher's own figure on the same split and their ratio; for a run trained with --labels, its class head's
+    top-1/top-5 (head/) beside the teacher's zero-shot on the same images. Writes RUN/eval.json and prints a table."""
     from kdpipe.evaluate import EvalConfig, run as evaluate
 
     with user_errors():

@@ -27,8 +27,11 @@ def extract(
                                        "--split-file; a .csv/.tsv of image paths and captions (--csv-*); "
                                        "WebDataset tars (a.tar, 'shards/{00000..00009}.tar', 'pipe:...'); Parquet "
                                        "files of image bytes and captions (a.parquet, 'shards/*.parquet', a folder "
-                                       "of them or of train/ and val/ folders); or a Hugging Face dataset saved "
-                                       "with save_to_disk (its splits; validation -> val)."),
+                                       "of them or of train/ and val/ folders); a Hugging Face dataset saved "
+                                       "with save_to_disk (its splits; validation -> val); or a labelled set, for "
+                                       "`train --labels`: an image folder (ROOT/CLASS/*.jpg, or ROOT/train/CLASS and "
+                                       "ROOT/val/CLASS; optional ROOT/classnames.txt) or CIFAR-10/100 python batches "
+                                       "(cifar-10-batches-py/, cifar-100-python/ or the folder holding it; test -> val)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write (required, here or in "
                                        "--config; re-running resumes it)."),
     pretrained: Optional[list[str]] = typer.Option(None, "--pretrained", "-p", help="open_clip pretrained tag "

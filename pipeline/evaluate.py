@@ -12,6 +12,8 @@ its whitening), open the cache it was trained from, then
   split (no teacher forward), so every student figure has its ratio.
 
 Metrics (``kdpipe.metrics``): Recall@1/5/10 both ways with every caption (CLIP_benchmark),
+the class head's top-1/top-5 for a run trained with ``--labels`` (``head/``, beside the teacher's
+zero-shot on the same images),
 zero-shot top-1/top-5 with prompt ensembles (classifiers and the ``--zeroshot`` datasets:
 ``kdpipe.zeroshot``), and agreement with the teacher (mean cosine of
 image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
@@ -170,26 +172,41 @@ def align(keys: list[str], rows: Tensor, wanted: list[str], what: str) -> Tensor
     return rows[torch.tensor([index[k] for k in wanted], dtype=torch.long)]
 
 
-@torch.no_grad()
 def student_split_embeddings(
     image: nn.Module, text: nn.Module | None, cache: Cache, split: str, held: H5Shard, prep: ImagePrep,
     space: Space, cfg: EvalConfig, device: torch.device,
 ) -> tuple[Tensor, Tensor | None]:
     """Student image embeddings [N, D] (and its caption embeddings [M, D] when it has a text tower),
     unit rows in teacher space, in the HDF5 order of ``held``."""
-    keys, img_rows, caps = [], [], {}
+    img, txt, _ = student_split_outputs(image, text, cache, split, held, prep, space, cfg, device)
+    return img, txt
+
+
+@torch.no_grad()
+def student_split_outputs(
+    image: nn.Module, text: nn.Module | None, cache: Cache, split: str, held: H5Shard, prep: ImagePrep,
+    space: Space, cfg: EvalConfig, device: torch.device,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``student_split_embeddings`` and, for a student with a class head (``train --labels``), its
+    logits [N, K] on the same images (from the raw embedding, as trained), in the same order."""
+    head = getattr(image, "head", None)
+    keys, img_rows, logit_rows, caps = [], [], [], {}
     with make_progress("images", disable=not cfg.progress) as progress:
         task = progress.add_task(f"eval  {split}", total=len(held.keys), info="")
         for batch_keys, pixels, batch_caps in split_batches(cache, split, prep, cfg.batch_size, cfg.workers,
                                                             captions=text is not None):
-            img_rows.append(space.image_out(image(pixels.to(device)).float().cpu()))
+            raw = image(pixels.to(device))
+            img_rows.append(space.image_out(raw.float().cpu()))
+            if head is not None:
+                logit_rows.append(head(raw).float().cpu())
             keys += batch_keys
             caps.update(zip(batch_keys, batch_caps))
             progress.update(task, advance=len(batch_keys))
     img = align(keys, torch.cat(img_rows), held.keys, "images")
+    logits = align(keys, torch.cat(logit_rows), held.keys, "images") if logit_rows else None
     if text is None:
-        return img, None
-    return img, space.text_out(encode_text(text, _captions_in_order(caps, held), cfg.batch_size, device))
+        return img, None, logits
+    return img, space.text_out(encode_text(text, _captions_in_order(caps, held), cfg.batch_size, device)), logits
 
 
 def _captions_in_order(caps: dict[str, list[str]], held: H5Shard) -> list[str]:
@@ -247,6 +264,24 @@ def mark_supervised(rows: dict[str, EvalRow], classnames: dict[str, list[str]], 
     if moved:
         notes.append(SUPERVISED_NOTE.format(names=", ".join(moved), losses=", ".join(trained["losses"])))
     return moved
+
+
+HEAD_NOTE = ("head/: the class head trained with --labels on the cache's {k} classes (supervised); the teacher "
+             "column is the teacher's zero-shot top-1/top-5 on the same images over the same classes' prompts")
+
+
+def head_rows(logits: Tensor, teacher_img: Tensor, classifier: Tensor | None, labels: Tensor) -> dict[str, EvalRow]:
+    """The class head's top-1/top-5 ("head/top1", "head/top5") next to the teacher's zero-shot on the same
+    labelled images. logits [N, K], teacher_img [N, D] (cached view 0), classifier [D, K] or None, labels [N]."""
+    known = labels >= 0
+    if not known.any():
+        raise BadValue("the split has no labelled image: the class head cannot be scored")
+    if classifier is not None and classifier.shape[1] != logits.shape[1]:
+        raise BadValue(f"the class head has {logits.shape[1]} classes, the cache's classifier {classifier.shape[1]}")
+    student = metrics.topk_accuracy(logits[known], labels[known])
+    teacher = {} if classifier is None else metrics.zero_shot_accuracy(teacher_img[known], classifier, labels[known])
+    return metrics.with_ratios({f"head/{k}": v for k, v in student.items()},
+                               {f"head/{k}": v for k, v in teacher.items()})
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -402,12 +437,16 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     s_cls = t_cls if s.text is None else {
         n: text_classifier(s.text, sets[n].classnames, sets[n].templates, s.space, cfg.batch_size, s.device)
         for n in t_cls}
-    img, txt = student_split_embeddings(s.image, s.text, s.cache, cfg.split, held, s.prep, s.space, cfg, s.device)
+    img, txt, logits = student_split_outputs(s.image, s.text, s.cache, cfg.split, held, s.prep, s.space, cfg,
+                                             s.device)
     teacher = _teacher_embeddings(held, t_cls)
     student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
-    rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), torch.from_numpy(held.labels),
-                               cfg.chunk, cfg.split)
+    labels = torch.from_numpy(held.labels)
+    rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), labels, cfg.chunk, cfg.split)
     rows.update(ensemble_rows(s, student, cfg.split, torch.from_numpy(held.txt_to_img), cfg.chunk))
+    if logits is not None:
+        rows.update(head_rows(logits, teacher.img, next(iter(t_cls.values()), None), labels))
+        notes.append(HEAD_NOTE.format(k=logits.shape[1]))
     source = "teacher prompts.h5" if s.text is None else "student text tower"
     info = {n: {"images": int((held.labels >= 0).sum()), "classes": c.shape[1], "class_embeddings": source}
             for n, c in s_cls.items()}

@@ -13,6 +13,8 @@ Batch keys (all [B, D], D = teacher embed dim):
   s_img_masked   student on the masked input (``mfd`` only)
   labels [B]     int64 class labels, −1 = unknown (``hinton`` only, optional)
   class_emb [K, D]  teacher embeddings of the class prompts (``hinton`` only, optional)
+  s_logits, t_logits [B, K]  the student's class-head logits and the teacher's zero-shot logits
+                 over the class prompts (``hinton`` only, with ``train --labels``)
   teachers       an ensemble of K teachers only: a list, one dict per teacher, the first being the
                  student's own space (the top-level t_img / t_txt / s_* are its own), each
                  {t_img, t_txt [B, D_k]; s_img, s_txt, s_img_masked [B, D_k]: the student through
@@ -422,13 +424,17 @@ HINTON_ALPHA = 0.5  # KD share; the hard-label CE gets 1 − α (the CIFAR seed'
 class HintonDistillation(DistillLoss):
     """Temperature KD on image logits: α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, y).
 
-    Logits over the class prompts when ``class_emb`` is given (z = τ_t·x·cᵀ), else over the
-    batch's texts (z_s = τ_t·ŝ_img·(ŝ_txt or t_txt)ᵀ, z_t = τ_t·t_img·t_txtᵀ). Both sides use the
-    teacher's fixed scale τ_t. The hard-label CE needs class logits and ``labels`` (−1 ignored);
-    otherwise the term is the KD part alone (α·T²·KL). Defaults T = 4, α = 0.5. Term: ``hinton``.
+    Logits, first that applies: the batch's ``s_logits`` / ``t_logits`` (a student class head and
+    the teacher's zero-shot logits, ``train --labels``: task KD as in VLM_Distillation); over the
+    class prompts when ``class_emb`` is given (z = τ_t·x·cᵀ); else over the batch's texts
+    (z_s = τ_t·ŝ_img·(ŝ_txt or t_txt)ᵀ, z_t = τ_t·t_img·t_txtᵀ). Prompt and text logits use the
+    teacher's fixed scale τ_t on both sides. The hard-label CE needs class logits and ``labels``
+    (−1 ignored); otherwise the term is the KD part alone (α·T²·KL). α = 0 is the CE alone (no
+    teacher: the baseline of task KD). Defaults T = 4, α = 0.5. Term: ``hinton``.
 
-    Ensemble: softmax(z_t/T) becomes Σ_k w_k softmax(z^k_t/T), z^k_t at τ_k (over the class prompts,
-    each teacher's dict then needs its own ``class_emb``); the student keeps the first teacher's τ.
+    Ensemble (prompt or text logits): softmax(z_t/T) becomes Σ_k w_k softmax(z^k_t/T), z^k_t at τ_k
+    (over the class prompts, each teacher's dict then needs its own ``class_emb``); the student keeps
+    the first teacher's τ.
     """
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
@@ -446,12 +452,18 @@ class HintonDistillation(DistillLoss):
     def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s_img, s_txt, _, _ = self.sides(batch)
         tau = self.teacher_logit_scale
-        over = "class_emb" if "class_emb" in batch else "t_txt"  # class prompts, else the batch's texts
-        z_s = tau * s_img @ (_unit(batch["class_emb"]) if over == "class_emb" else s_txt).T
-        z_t = teacher_log_probs(batch, tau, lambda tau_k, t: tau_k * _unit(t["t_img"]) @ _unit(t[over]).T / self.T)
+        if "s_logits" in batch:  # a class head against the teacher's zero-shot logits (train --labels)
+            z_s = batch["s_logits"].float()
+            z_t = F.log_softmax(batch["t_logits"].float() / self.T, dim=-1)
+        else:
+            over = "class_emb" if "class_emb" in batch else "t_txt"  # class prompts, else the batch's texts
+            z_s = tau * s_img @ (_unit(batch["class_emb"]) if over == "class_emb" else s_txt).T
+            z_t = teacher_log_probs(batch, tau,
+                                    lambda tau_k, t: tau_k * _unit(t["t_img"]) @ _unit(t[over]).T / self.T)
         loss = self.alpha * self.T**2 * kl_log_probs(z_t, z_s / self.T)
         labels = batch.get("labels")
-        if "class_emb" in batch and labels is not None and bool((labels >= 0).any()):
+        class_logits = "s_logits" in batch or "class_emb" in batch
+        if class_logits and labels is not None and bool((labels >= 0).any()):
             loss = loss + (1 - self.alpha) * F.cross_entropy(z_s, labels, ignore_index=-1)
         return {"hinton": self.weight * loss}
 

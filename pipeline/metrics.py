@@ -118,6 +118,15 @@ def _logits(img: Tensor, classifier: Tensor) -> Tensor:
     return _unit(img) @ classifier.float().to(img.device)
 
 
+def zero_shot_logits(img: Tensor, classifier: Tensor, scale: float) -> Tensor:
+    """A CLIP model's class logits: img [N, D] (any norm), classifier [D, K] -> scale · img/|img| @ classifier [N, K].
+
+    With the teacher's image embeddings, its prompt-ensemble classifier and its logit scale, these
+    are the teacher's zero-shot logits (open_clip's ``logit_scale.exp() * image_features @ classifier``).
+    """
+    return scale * _logits(img, classifier)
+
+
 def zero_shot_predictions(img: Tensor, classifier: Tensor, chunk: int = 4096) -> Tensor:
     """Predicted class per image: img [N, D], classifier [D, K] -> LongTensor [N]."""
     preds = [_logits(img[s : s + chunk], classifier).argmax(dim=1) for s in range(0, img.shape[0], chunk)]
@@ -139,11 +148,22 @@ def zero_shot_accuracy(
         raise ValueError("zero_shot_accuracy needs at least one image")
     labels = labels.to(device=img.device, dtype=torch.long)
     k_max = min(max(ks), classifier.shape[1])
-    hits = []  # [N, k_max]: whether the label sits at each of the first k_max positions
-    for s in range(0, img.shape[0], chunk):
-        top = _logits(img[s : s + chunk], classifier).topk(k_max, dim=1).indices
-        hits.append(top == labels[s : s + chunk, None])
+    hits = [_top_hits(_logits(img[s : s + chunk], classifier), labels[s : s + chunk], k_max)
+            for s in range(0, img.shape[0], chunk)]
     hit = torch.cat(hits)
+    return {f"top{k}": hit[:, :k].any(dim=1).double().mean().item() for k in ks}
+
+
+def _top_hits(logits: Tensor, labels: Tensor, k_max: int) -> Tensor:
+    """[N, k_max] bool: whether the label sits at each of the first k_max places of the ranking."""
+    return logits.topk(k_max, dim=1).indices == labels[:, None]
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-K accuracy of class logits [N, K] for labels [N] -> {"top1": ..., "top5": ...} (K < k: 1.0)."""
+    if logits.shape[0] == 0:
+        raise ValueError("topk_accuracy needs at least one row")
+    hit = _top_hits(logits, labels.to(device=logits.device, dtype=torch.long), min(max(ks), logits.shape[1]))
     return {f"top{k}": hit[:, :k].any(dim=1).double().mean().item() for k in ks}
 
 

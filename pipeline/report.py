@@ -4,8 +4,9 @@ Reads what the other stages left in each run directory — ``student.json`` (stu
 teacher), ``config.toml`` (losses), ``eval.json`` (retrieval, zero-shot, agreement, with the
 teacher's values) and ``bench.json`` (size, latency, ratios) — and writes one row per run
 below a teacher row. Accuracy on classes whose labels a run trained on (``supervised/…`` in
-eval.json) gets its own column, apart from zero-shot. Anything a run lacks shows as "–", so a
-report can be made at any stage.
+eval.json) gets its own column, apart from zero-shot, and so does a ``--labels`` run's class head
+(``head/top1``; its teacher cell is the teacher's zero-shot on the same images). Anything a run
+lacks shows as "–", so a report can be made at any stage.
 Knows files, not math: every number is read, none recomputed.
 """
 
@@ -179,25 +180,35 @@ def zeroshot_names(runs: list[RunFiles], kind: str = "zeroshot") -> list[str]:
 # --------------------------------------------------------------------------- table
 
 
-def columns(zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
+HEAD_TOP1 = "head/top1"  # eval.json's class-head accuracy of a run trained with --labels
+
+
+def has_head(runs: list[RunFiles]) -> bool:
+    return any(HEAD_TOP1 in (r.eval or {}).get("metrics", {}) for r in runs)
+
+
+def columns(zeroshot: list[str], supervised: list[str] = (), head: bool = False) -> list[str]:
     return (["run", "student", "losses", "whitening", "i2t R@1", "t2i R@1"]
             + [f"zero-shot {n} top-1" for n in zeroshot]
             + [f"supervised {n} top-1" for n in supervised]
+            + ["class head top-1"] * head
             + ["agreement (cos)", "image size fp16", "image latency b1 p50", "image latency b1 p50 onnxruntime"])
 
 
-def student_row(r: RunFiles, zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
+def student_row(r: RunFiles, zeroshot: list[str], supervised: list[str] = (), head: bool = False) -> list[str]:
     ev = r.eval
     return ([r.path.name, student_name(r.student, ev), losses_of(r.student, r.config), whitening_of(r.student, ev),
              accuracy_cell(ev, "i2t_R@1"), accuracy_cell(ev, "t2i_R@1")]
             + [accuracy_cell(ev, f"zeroshot/{n}/top1") for n in zeroshot]
             + [accuracy_cell(ev, f"supervised/{n}/top1") for n in supervised]
+            + [accuracy_cell(ev, HEAD_TOP1)] * head
             + [_num(_metric(ev, "agreement/cosine", "student")), size_cell(r.bench), latency_cell(r.bench),
                onnx_latency_cell(r.bench)])
 
 
-def teacher_row(runs: list[RunFiles], zeroshot: list[str], supervised: list[str] = ()) -> list[str]:
-    """The teacher's figures from the first run that has each (its eval.json / bench.json)."""
+def teacher_row(runs: list[RunFiles], zeroshot: list[str], supervised: list[str] = (), head: bool = False) -> list[str]:
+    """The teacher's figures from the first run that has each (its eval.json / bench.json); under "class head
+    top-1", its zero-shot on the head's images (from the first run with a head)."""
     ev = next((r.eval for r in runs if r.eval), None)
     bench = next((r.bench for r in runs if r.bench), None)
     fp = next((fp for fp in map(teacher_of, runs) if fp), None)
@@ -206,6 +217,8 @@ def teacher_row(runs: list[RunFiles], zeroshot: list[str], supervised: list[str]
     return ([name, MISSING, MISSING, "none", t("i2t_R@1"), t("t2i_R@1")]
             + [t(f"zeroshot/{n}/top1") for n in zeroshot]
             + [MISSING for _ in supervised]  # the teacher never saw labels: its figure is in the zero-shot column
+            + [_num(next((_metric(r.eval, HEAD_TOP1, "teacher") for r in runs
+                          if HEAD_TOP1 in (r.eval or {}).get("metrics", {})), None))] * head
             + ["1.000" if ev else MISSING, size_cell(bench, "teacher"), latency_cell(bench, "teacher"),
                onnx_latency_cell(bench, "teacher")])
 
@@ -216,12 +229,12 @@ def _md_row(cells: list[str]) -> str:
 
 def markdown(runs: list[RunFiles]) -> str:
     """The report: title, one table (teacher row first), and notes on what is compared."""
-    zeroshot, supervised = zeroshot_names(runs), zeroshot_names(runs, "supervised")
-    head = columns(zeroshot, supervised)
+    zeroshot, supervised, with_head = zeroshot_names(runs), zeroshot_names(runs, "supervised"), has_head(runs)
+    head = columns(zeroshot, supervised, with_head)
     align = ["---"] * LABEL_COLUMNS + ["---:"] * (len(head) - LABEL_COLUMNS)  # labels left, numbers right
     lines = ["# kdpipe report", "", _md_row(head), "|" + "|".join(align) + "|",
-             _md_row(teacher_row(runs, zeroshot, supervised))]
-    lines += [_md_row(student_row(r, zeroshot, supervised)) for r in runs]
+             _md_row(teacher_row(runs, zeroshot, supervised, with_head))]
+    lines += [_md_row(student_row(r, zeroshot, supervised, with_head)) for r in runs]
     lines += ["", *notes(runs)]
     return "\n".join(lines) + "\n"
 
@@ -245,6 +258,9 @@ def notes(runs: list[RunFiles]) -> list[str]:
         out.append("\"supervised\" columns: the run's losses trained on these classes' labels (e.g. hinton's "
                    "hard-label CE), so its accuracy there is supervised, not zero-shot; it has no teacher ratio "
                    "and must not be compared with the zero-shot columns.")
+    if has_head(runs):
+        out.append("\"class head top-1\": the class head of a run trained with --labels (task KD, or CE alone), "
+                   "next to (÷) the teacher's zero-shot top-1 on the same images, the teacher row's figure.")
     fps = {json.dumps(fp, sort_keys=True) for fp in map(teacher_of, runs) if fp}
     if len(fps) > 1:
         out.append("Warning: these runs were distilled from different teachers; each ratio is to its own "

@@ -231,6 +231,8 @@ class ImageStudent(nn.Module):
     Attributes used by the trainer: ``mask_kind`` / ``patch_size`` (for ``losses.mask_images``),
     ``mean`` / ``std`` (input normalisation), ``spec`` (how to rebuild it); by export:
     ``timm_name`` / ``timm_kwargs`` / ``global_pool`` (the backbone as a timm model, see ``Backbone``).
+    ``head``: the class head of a run trained with ``--labels`` (``add_class_head``), else None; it
+    maps the embedding to class logits and is saved with the student (``image.head.*``).
     """
 
     def __init__(
@@ -245,10 +247,24 @@ class ImageStudent(nn.Module):
         self.timm_name, self.timm_kwargs, self.global_pool = backbone.timm_name, backbone.timm_kwargs, backbone.global_pool
         self.mean, self.std = tuple(mean), tuple(std)
         self.spec = spec
+        self.head: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, S, S] normalised images -> [B, D] un-normalised embeddings."""
         return self.proj(self.backbone(x))
+
+    def add_class_head(self, num_classes: int) -> nn.Linear:
+        """A linear class head on the embedding, [B, D] -> [B, num_classes] logits (``--labels``)."""
+        if num_classes < 1:
+            raise BadValue(f"a class head needs at least one class, got {num_classes}")
+        self.head = nn.Linear(self.embed_dim, num_classes).to(self.proj.weight.device)
+        return self.head
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, D] embeddings (this student's ``forward``) -> [B, K] class logits of the head."""
+        if self.head is None:
+            raise ValueError("this student has no class head (it was not trained with --labels)")
+        return self.head(embedding)
 
 
 def build_student(
@@ -368,7 +384,9 @@ def write_spec(run_dir: str | Path, image: ImageStudent, text: TextStudent | Non
                   "init_checkpoint": image.spec.get("init_checkpoint"),
                   # informational (name + kwargs rebuild it): the backbone as a timm model
                   "timm": None if image.timm_name is None else {
-                      "name": image.timm_name, "kwargs": image.timm_kwargs, "global_pool": image.global_pool}},
+                      "name": image.timm_name, "kwargs": image.timm_kwargs, "global_pool": image.global_pool},
+                  # --labels: the class head's size (its class names are the cache's, in labels_used)
+                  "class_head": None if image.head is None else {"classes": image.head.out_features}},
         "text": None if text is None else {"name": text.spec["name"], "kwargs": text.spec["kwargs"]},
         "embed_dim": image.embed_dim, "image_size": image.image_size,
         "mean": list(image.mean), "std": list(image.std),
@@ -422,6 +440,8 @@ def load_student(run_dir: str | Path, device: str | torch.device = "cpu",
     image = build_student(spec["image"]["name"], spec["embed_dim"], spec["image_size"],
                           mean=tuple(spec["mean"]), std=tuple(spec["std"]), **spec["image"]["kwargs"])
     image.spec["init_checkpoint"] = spec["image"].get("init_checkpoint")  # provenance only, not reloaded
+    if spec["image"].get("class_head"):
+        image.add_class_head(int(spec["image"]["class_head"]["classes"]))
     try:
         image.load_state_dict(_with_prefix(weights, "image."))
     except RuntimeError as err:

@@ -194,6 +194,8 @@ class Distiller(nn.Module):
             feats["s_img_masked"] = self.image(batch["image_masked"])
         if self.heads is not None:  # projected before the gather: heads get gradients as the student does
             feats["teachers"] = ensemble.teacher_views(feats, batch["teachers"], self.teachers, self.heads)
+        if "t_logits" in batch:  # --labels: the class head on the student's embedding, vs the teacher's logits
+            feats["s_logits"], feats["t_logits"] = self.image.classify(feats["s_img"]), batch["t_logits"]
         if self.dist.enabled:
             feats = gather_features(feats, self.dist)
         if "class_emb" in batch:
@@ -260,6 +262,44 @@ def class_embeddings(cache: Cache, targets: Targets) -> torch.Tensor | None:
     return targets.apply(metrics.zero_shot_classifier(emb).T.contiguous(), "text")
 
 
+def teacher_classifier(cache: Cache) -> torch.Tensor:
+    """``--labels``: the teacher's prompt-ensemble classifier of the cache's classes, [D, K] (raw teacher space).
+
+    The teacher's logits over the class prompts are not stored in the cache: for an image, they are
+    τ_t · (its stored normalised embedding) · this classifier (``metrics.zero_shot_logits``), exactly
+    what open_clip's zero-shot classifier gives on the same pixels. Refuses a cache without labels.
+    """
+    from .prompts import find_set, read_prompts  # noqa: PLC0415
+
+    hint = "extract a labelled input (an image folder, CIFAR batches, a COCO root with labels_*.json, ...)"
+    if not cache.classnames:
+        raise BadValue(f"--labels: the cache {cache.root} has no classes (its input had no labels); {hint}")
+    if not any(bool((shard.labels >= 0).any()) for shard in cache.iter_h5("train", fields=("img_norms",))):
+        raise BadValue(f"--labels: no train image of the cache {cache.root} has a label; {hint}")
+    sets = read_prompts(cache.prompts_path) if cache.prompts_path.exists() else {}
+    name = find_set(sets, list(cache.classnames))
+    if name is None:
+        raise BadValue(f"--labels: {cache.prompts_path} has no prompt set of the cache's {len(cache.classnames)} "
+                       "classes (the teacher side of task KD); re-run `kdpipe extract` with prompts (not --no-prompts)")
+    return metrics.zero_shot_classifier(torch.from_numpy(sets[name].emb.astype(np.float32)))
+
+
+def add_class_head(cfg: TrainConfig, cache: Cache, image: ImageStudent, weights: dict[str, float],
+                   teachers: list[ensemble.Teacher]) -> torch.Tensor | None:
+    """``--labels``: a class head on the image student; returns the teacher's classifier [D, K] (None without)."""
+    if not cfg.labels:
+        return None
+    if [t.name for t in teachers] != [cache.primary]:
+        raise BadValue(f"--labels learns the zero-shot logits of the cache's first teacher ({cache.primary}) alone; "
+                       f"--teachers {','.join(t.name for t in teachers)} is not supported with it yet")
+    if "hinton" not in weights:
+        raise BadValue(f"--labels trains a class head with the hinton loss; --losses {cfg.losses!r} has no hinton "
+                       "(e.g. --losses hinton=1, or hinton=1 --loss-options hinton.alpha=0 for the CE baseline)")
+    classifier = teacher_classifier(cache)
+    image.add_class_head(classifier.shape[1])
+    return classifier
+
+
 # --------------------------------------------------------------------------- the run's pieces
 
 
@@ -288,6 +328,7 @@ class Setup:
     total_steps: int
     run_dir: Path
     teachers: list[ensemble.Teacher]  # the run's, the student's space first
+    teacher_classes: torch.Tensor | None = None  # --labels: the teacher's classifier [D, K], raw space
 
 
 def build_setup(cfg: TrainConfig) -> Setup:
@@ -306,6 +347,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     runtime.seed_everything(cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     image, text = build_students(cfg, cache, teachers[0])
+    teacher_classes = add_class_head(cfg, cache, image, weights, teachers)
     raw_scale = teachers[0].logit_scale
     scale = target_logit_scale(cache, targets, raw_scale, cfg.batch_size * dist.world_size)
     if targets.mode != "none":
@@ -344,7 +386,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
                  scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen=mask_gen,
                  targets=targets.to(device), class_emb=None if class_emb is None else class_emb.to(device),
                  weights=weights, stream=stream, steps_per_epoch=spe, total_steps=total, run_dir=Path(cfg.out),
-                 teachers=teachers)
+                 teachers=teachers, teacher_classes=None if teacher_classes is None else teacher_classes.to(device))
 
 
 def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
@@ -387,6 +429,9 @@ def to_device_batch(setup: Setup, batch: dict[str, Any]) -> dict[str, Any]:
                                                  setup.image.patch_size, generator=setup.mask_gen)
     if setup.class_emb is not None:
         out["class_emb"] = setup.class_emb
+    if setup.teacher_classes is not None:  # the teacher's logits over the class prompts, from its raw embeddings
+        out["t_logits"] = metrics.zero_shot_logits(batch["t_img"].to(d).float(), setup.teacher_classes,
+                                                   float(setup.cache.manifest["logit_scale"]))
     return out
 
 
@@ -504,6 +549,26 @@ def embed_val(setup: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | Non
     return keys[:n], torch.cat(img)[:n].cpu(), torch.cat(txt)[:n].cpu() if txt else None
 
 
+@torch.no_grad()
+def head_accuracy(setup: Setup) -> dict[str, float]:
+    """``--labels``: the class head's top-1 on up to ``val_samples`` labelled val images (view 0, eval mode)."""
+    cache, pre = setup.cache, setup.cache.teacher["preprocess"]
+    cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=setup.cfg.batch_size,
+                                    image_size=setup.image.image_size, interpolation=pre["interpolation"],
+                                    train=False, workers=min(setup.cfg.workers, 1))
+    hits, seen = 0, 0
+    setup.image.eval()
+    for batch in cachereader.make_loader(cfg):
+        known = batch["labels"] >= 0
+        with runtime.autocast(setup.precision, setup.device):
+            logits = setup.image.classify(setup.image(images_on(setup, batch)))
+        hits += int((logits.argmax(dim=1).cpu() == batch["labels"])[known].sum())
+        seen += int(known.sum())
+        if seen >= setup.cfg.val_samples:
+            break
+    return {"val_top1": hits / max(seen, 1), "val_labelled": seen}
+
+
 def validate(setup: Setup) -> dict[str, float]:
     """Quick validation: student (view 0, eval mode, after precise BN) vs cached teacher embeddings.
 
@@ -530,6 +595,9 @@ def validate(setup: Setup) -> dict[str, float]:
         first = torch.from_numpy(val.txt[starts].astype(np.float32))
         out["val_txt_cos"] = metrics.agreement(s_txt, first)["cosine"]
     out["val_score"] = (out["val_i2t_R@1"] + out["val_t2i_R@1"]) / 2 + 1e-3 * out["val_cos"]
+    if setup.teacher_classes is not None:  # --labels: the best checkpoint is the best classifier
+        out.update(head_accuracy(setup))
+        out["val_score"] = out["val_top1"] + 1e-3 * out["val_cos"]
     out["val_images"] = len(keys)
     return out
 
@@ -768,8 +836,9 @@ def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any
 def val_line(step: int, val: dict[str, float], best: dict[str, Any]) -> str:
     """'val step 120: R@1 i2t 0.412, t2i 0.398; cos 0.871; best 0.405 (step 80)' (score: mean R@1)."""
     text = f", text cos {val['val_txt_cos']:.3f}" if "val_txt_cos" in val else ""
+    head = f"; head top-1 {val['val_top1']:.3f}" if "val_top1" in val else ""
     return (f"val step {step:,}: R@1 i2t {val['val_i2t_R@1']:.3f}, t2i {val['val_t2i_R@1']:.3f}; "
-            f"cos {val['val_cos']:.3f}{text}; best {best['score']:.3f} (step {best['step']:,})")
+            f"cos {val['val_cos']:.3f}{text}{head}; best {best['score']:.3f} (step {best['step']:,})")
 
 
 def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:

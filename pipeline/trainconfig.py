@@ -55,6 +55,11 @@ class TrainConfig:
     teacher_weights: list[float] | None = setting(
         None, "One positive weight per --teachers entry, in order, e.g. 0.5,0.5 (normalised to sum 1; "
         "default: equal).")
+    labels: bool = setting(
+        False, "Task KD on the cache's class labels (a labelled input: imagefolder, cifar, ...): the student gets a "
+        "class head whose logits are hinton's student side (teacher side: its zero-shot logits over the class prompts, "
+        "from the cached embeddings) and its CE term's; eval reports the head's top-1/top-5. VLM_Distillation's recipe: "
+        "--losses hinton=1 (T=4, alpha=0.5); the no-teacher baseline: --losses hinton=1 --loss-options hinton.alpha=0.")
     whiten: str = setting(
         "none", "none | image | text | joint | separate: learn whitened targets (needs `kdpipe fit-whitening`); "
         "joint keeps image-text alignment, separate whitens each modality with its own transform.")

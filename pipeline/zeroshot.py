@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import metrics, prompts
 from .data import views
+from .data.labelled import CLASSNAMES_FILE, folder_classname, read_classnames, refuse_empty_classes
 from .errors import BadValue, MissingInput
 from .progress import make_progress
 from .registry import Registry
@@ -124,7 +125,6 @@ class LabelledImages:
 
 ZeroShotBuilder = Callable[..., LabelledImages]  # (path, **options) -> LabelledImages
 ZEROSHOT_DATASETS: Registry[ZeroShotBuilder] = Registry("zero-shot dataset")
-CLASSNAMES_FILE = "classnames.txt"  # next to a folder's class folders: their class names
 WNID = re.compile(r"n\d{8}")  # a WordNet synset id, ImageNet's class folder name
 IMAGENET_CLASSES = 1000
 IMAGENET_SCORING = ("present", "all")  # imagenet:PATH:classes=...
@@ -142,60 +142,12 @@ def _image_folder(path: str, what: str, layout: str) -> Any:
     if not any(p.is_dir() for p in root.iterdir()):
         raise MissingInput(f"{what} {path} has no class sub-folders (expected {layout})")
     ds = ImageFolder(path, allow_empty=True)  # empty classes are named below, one at a time
-    counts = Counter(ds.targets)
-    empty = [c for i, c in enumerate(ds.classes) if not counts[i]]
-    if empty:
-        more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
-        raise MissingInput(f"class folder {root / empty[0]} holds no image files ({', '.join(IMG_EXTENSIONS)}){more}")
+    counts = Counter(ds.classes[t] for t in ds.targets)
+    refuse_empty_classes(root, ds.classes, counts, IMG_EXTENSIONS)
     return ds
 
 
 # --------------------------------------------------------------------------- folder:PATH and its class names
-
-
-def read_classnames(path: Path, folders: list[str]) -> list[str]:
-    """A class-names file -> one name per folder, in ``folders``' order.
-
-    Two forms: one name per line in the folders' sorted order (``folders`` is sorted), or
-    ``folder<TAB>name`` lines in any order (lines for folders that are not there are ignored, so
-    one file serves every subset). Blank lines are skipped; names are kept as written.
-    """
-    if not path.is_file():
-        raise MissingInput(f"class-names file {path} does not exist (one name per line, or folder<TAB>name lines)")
-    lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
-    tabbed = [n for n, line in lines if "\t" in line]
-    if not tabbed:
-        return _names_in_order(path, [line.strip() for _, line in lines], folders)
-    plain = [n for n, line in lines if "\t" not in line]
-    if plain:
-        raise BadValue(f"{path} line {plain[0]}: no tab, but line {tabbed[0]} is folder<TAB>name; "
-                       "write every line in one form (a name per line, or folder<TAB>name)")
-    return _names_by_folder(path, lines, folders)
-
-
-def _names_in_order(path: Path, names: list[str], folders: list[str]) -> list[str]:
-    if len(names) != len(folders):
-        shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
-        raise BadValue(f"{path} has {len(names)} class names for {len(folders)} class folders: expected one name "
-                       f"per line in the folders' sorted order ({shown}), or folder<TAB>name lines")
-    return names
-
-
-def _names_by_folder(path: Path, lines: list[tuple[int, str]], folders: list[str]) -> list[str]:
-    found: dict[str, tuple[int, str]] = {}
-    for n, line in lines:
-        folder, _, name = (part.strip() for part in line.partition("\t"))
-        if not folder or not name:
-            raise BadValue(f"{path} line {n}: expected folder<TAB>name, got {line!r}")
-        if folder in found:
-            raise BadValue(f"{path} line {n}: folder {folder!r} is already named on line {found[folder][0]}")
-        found[folder] = (n, name)
-    missing = [f for f in folders if f not in found]
-    if missing:
-        raise BadValue(f"{path} names no class for folder {missing[0]!r}"
-                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return [found[f][1] for f in folders]
 
 
 @ZEROSHOT_DATASETS.register("folder")
@@ -207,7 +159,7 @@ def _folder(path: str, *, names: str | None = None) -> LabelledImages:
     if names or file.is_file():
         classnames, source = read_classnames(file, ds.classes), str(file)
     else:
-        classnames, source = [c.replace("_", " ") for c in ds.classes], "folder names"
+        classnames, source = [folder_classname(c) for c in ds.classes], "folder names"
         if all(WNID.fullmatch(c) for c in ds.classes):
             log.warning("zero-shot folder %s: its class folders are wnids, used as class names; for ImageNet "
                         "val use imagenet:%s (CLIP's class names and prompts)", path, path)

@@ -38,8 +38,8 @@ def all_keys(source, split: str) -> list[str]:
 
 
 def test_registry_and_errors(tmp_path: Path) -> None:
-    assert DATASETS.names() == ["coco", "csv", "flickr", "hf", "parquet", "wds"]
-    with pytest.raises(KeyError, match="coco, csv, flickr, hf, parquet, wds"):
+    assert DATASETS.names() == ["cifar", "coco", "csv", "flickr", "hf", "imagefolder", "parquet", "wds"]
+    with pytest.raises(KeyError, match="cifar, coco, csv, flickr, hf, imagefolder, parquet, wds"):
         DATASETS.get("imagenet")
     with pytest.raises(FileNotFoundError, match=r"annotations/captions_<split>\.json"):
         open_source(str(tmp_path / "nope"))

@@ -27,6 +27,7 @@ from kdpipe.teachers import load_teacher
 from kdpipe.weights import TEACHERS
 
 from test_data_sources import captioned_csv, write_flickr, write_tar
+from test_labelled_inputs import labelled_folder, write_cifar
 from test_table_inputs import shapes_records, write_hf_disk
 
 InputFixture = tuple[str, dict[str, Any]]  # a spec and open_source's keyword arguments (extract's flags)
@@ -72,8 +73,17 @@ def _hf(shapes_root: Path, tmp_path: Path) -> InputFixture:
 
 # input kind -> a builder of a small input of that kind, with a held-out split; fit-whitening
 # needs more train rows (images x views, captions) than the tiny teacher's 32 dimensions
+def _imagefolder(shapes_root: Path, tmp_path: Path) -> InputFixture:
+    return str(labelled_folder(tmp_path / "folder", train=8, val=2)), {}  # 2 captions per image
+
+
+def _cifar(shapes_root: Path, tmp_path: Path) -> InputFixture:
+    return str(write_cifar(tmp_path / "cifar", "cifar10", train_per_file=4, test=4)), {}
+
+
 INPUT_FIXTURES: dict[str, Callable[[Path, Path], InputFixture]] = {
-    "coco": _coco, "csv": _csv, "flickr": _flickr, "hf": _hf, "parquet": _parquet, "wds": _wds}
+    "cifar": _cifar, "coco": _coco, "csv": _csv, "flickr": _flickr, "hf": _hf, "imagefolder": _imagefolder,
+    "parquet": _parquet, "wds": _wds}
 
 
 def _fixture(kind: str, shapes_root: Path, tmp_path: Path) -> InputFixture:

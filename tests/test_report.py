@@ -98,6 +98,20 @@ def test_supervised_accuracy_has_its_own_column_apart_from_zero_shot(tmp_path):
     assert "Weights evaluated: hinton best (step 12)." in md
 
 
+def test_a_class_head_has_its_own_column_beside_the_teachers_zero_shot(tmp_path):
+    kd, taskkd = write_run(tmp_path / "kd"), write_run(tmp_path / "taskkd")
+    ev = json.loads((taskkd / "eval.json").read_text())
+    ev["metrics"]["head/top1"] = {"student": 0.6, "teacher": 0.4, "ratio": 1.5}
+    (taskkd / "eval.json").write_text(json.dumps(ev))
+    md = report.run(report.ReportConfig(runs=[kd, taskkd], out=tmp_path / "r.md"))["markdown"]
+    head, teacher, row_kd, row_taskkd = table_rows(md)
+    col = head.index("class head top-1")
+    assert (teacher[col], row_kd[col], row_taskkd[col]) == ("0.400", "–", "0.600 (1.50×)")
+    assert "the class head of a run trained with --labels" in md
+    plain = report.run(report.ReportConfig(runs=[kd], out=tmp_path / "p.md"))["markdown"]
+    assert "class head" not in plain  # no column without a head
+
+
 def test_a_student_bigger_or_slower_than_its_teacher_says_so():
     bench = {"student": {"image": {"size_fp16_bytes": 2 * 2**20, "latency_b1_p50_ms": 4.0}},
              "ratios": {"image": {"size_fp16_bytes": 0.5, "latency_b1_p50_ms": 0.25}}}  # teacher ÷ student

@@ -1,13 +1,15 @@
 """Input side of kdpipe: records from COCO-style directories, Flickr30k/8k with Karpathy's split
-file, CSV/TSV files, WebDataset tars, Parquet files or saved Hugging Face datasets, the shapes
+file, CSV/TSV files, WebDataset tars, Parquet files or saved Hugging Face datasets, labelled image
+folders and CIFAR-10/100 python batches (``labelled``: class names and captions of labelled sets), the shapes
 world generator, and the stored-image / view machinery.
 
 ``open_source(spec)`` returns a ``Source`` whose splits are lists of ``Unit``s of ``Record``s.
 
 Modules, imports pointing down the list: ``sources`` (the ``DATASETS`` registry, ``open_source``)
-> ``coco`` | ``flickr`` | ``csv_input`` | ``wds_input`` | ``parquet_input`` | ``hf_disk`` (the source
-kinds) and ``heldout`` (a val split for train-only input) > ``karpathy`` (split files, shared by coco
-and flickr) and ``tables`` (Arrow table columns to records, for parquet and hf) > ``records`` (record
+> ``coco`` | ``flickr`` | ``csv_input`` | ``wds_input`` | ``parquet_input`` | ``hf_disk`` | ``imagefolder``
+| ``cifar`` (the source kinds) and ``heldout`` (a val split for train-only input) > ``karpathy`` (split files, shared by coco
+and flickr), ``tables`` (Arrow table columns to records, for parquet and hf) and ``labelled`` (class
+names and captions, for imagefolder, cifar and kdpipe.zeroshot's folders) > ``records`` (record
 types, the missing-image report, ``ErrorCounter``: the leaf); ``shapes`` (the synthetic world) and
 ``views`` (stored images, replayable views) stand alone. The cache's shards are read back by
 ``kdpipe.cachereader``, not here.

@@ -30,7 +30,9 @@ EXPECTED_LAYOUTS = (
     "WebDataset tars (shard.tar, a directory of *.tar, or a brace pattern such "
     "as shards/{00000..00009}.tar), a pipe: URL (pipe:cat shard.tar), Parquet files of image bytes "
     "and captions (a.parquet, shards/*.parquet, a directory of them or of train/ and val/ folders of "
-    "them) or a Hugging Face dataset folder written by save_to_disk; "
+    "them), a Hugging Face dataset folder written by save_to_disk, a labelled image folder (ROOT/CLASS/IMAGE, or "
+    "ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE) or CIFAR-10/100 python batches (cifar-10-batches-py/, "
+    "cifar-100-python/); "
     "for a small synthetic dataset run `kdpipe make-shapes data/shapes`"
 )
 MISSING_SHOWN = 5  # missing images named in a message

@@ -1,7 +1,8 @@
 """Which source reads a spec: the ``DATASETS`` registry of source kinds and ``open_source``.
 
 The kinds (``coco.CocoSource``, ``csv_input.CsvSource``, ``flickr.FlickrSource``,
-``wds_input.WdsSource``, ``parquet_input.ParquetSource``, ``hf_disk.HfDiskSource``) know nothing
+``wds_input.WdsSource``, ``parquet_input.ParquetSource``, ``hf_disk.HfDiskSource``, and the labelled
+``imagefolder.ImageFolderSource`` and ``cifar.CifarSource``) know nothing
 of this registry; they are registered here, so the import arrows point one way (sources -> kinds
 -> records). A kind's ``options`` names the keyword arguments of ``open_source`` it reads besides
 ``shard_size``; it is passed exactly those, and an option the user set that the input's kind does
@@ -17,11 +18,13 @@ from typing import Any
 
 from ..errors import BadValue, MissingInput
 from ..registry import Registry
+from .cifar import CifarSource
 from .coco import CocoSource
 from .csv_input import CAPTION_KEY, IMG_KEY, CsvSource
 from .flickr import FlickrSource
 from .heldout import HashSplit, WithVal, check_fraction
 from .hf_disk import HfDiskSource
+from .imagefolder import ImageFolderSource
 from .parquet_input import ParquetSource
 from .records import EXPECTED_LAYOUTS, Source, SourceKind
 from .wds_input import WdsSource
@@ -35,6 +38,8 @@ DATASETS.register("flickr")(FlickrSource)
 DATASETS.register("wds")(WdsSource)
 DATASETS.register("parquet")(ParquetSource)
 DATASETS.register("hf")(HfDiskSource)
+DATASETS.register("imagefolder")(ImageFolderSource)
+DATASETS.register("cifar")(CifarSource)
 
 # The input options a kind may take (its ``options``), with their defaults: one set to anything
 # else must be read by the input's kind (or by --val-data's), else it is refused.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,18 +136,16 @@ def test_shared_caption_share_on_hand_made_captions() -> None:
 
 
 @pytest.fixture(scope="module")
-def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, float]:
-    """The issue's measurement: a 500-image val split at the default size (~1 s), and how long it took."""
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The issue's measurement: a 500-image val split at the default size (~1 s)."""
     root = tmp_path_factory.mktemp("held-out")
-    start = time.perf_counter()
-    summary = make_shapes(root, 1, 500, seed=0)
-    return root, summary, time.perf_counter() - start
+    return root, make_shapes(root, 1, 500, seed=0)
 
 
-def test_held_out_captions_pick_out_their_image(held_out: tuple[Path, dict, float]) -> None:
+def test_held_out_captions_pick_out_their_image(held_out: tuple[Path, dict]) -> None:
     """At most 5% of 500 val captions are word for word another image's caption (was 60%), and none is
     shared by more than two images."""
-    root, summary, seconds = held_out
+    root, summary = held_out
     per_image = captions_by_image(root, "val")
     share = shared_caption_share(per_image)
     assert share <= 0.05, share
@@ -160,10 +157,9 @@ def test_held_out_captions_pick_out_their_image(held_out: tuple[Path, dict, floa
     assert max(len(v) for v in owners.values()) <= 2
     labels = np.bincount(list(load(root, "labels", "val")["labels"].values()), minlength=len(SHAPES))
     assert labels.min() >= 0.6 * 500 / len(SHAPES), labels  # zero-shot classes stay balanced
-    assert seconds < 10.0  # ~1 s on one core
 
 
-def test_captions_fit_the_shapes_teachers_context(held_out: tuple[Path, dict, float]) -> None:
+def test_captions_fit_the_shapes_teachers_context(held_out: tuple[Path, dict]) -> None:
     """No caption is cut by the 32-token text context of shapes-vit (open_clip's tokenizer, SOT and EOT included)."""
     import open_clip
 
@@ -203,12 +199,11 @@ def test_relation_words() -> None:
     assert _relation(at("top left"), at("centre")) == "to the left of"  # a diagonal takes the horizontal word
 
 
-def test_fast_enough(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_a_train_only_world(tmp_path: Path) -> None:
+    # (its speed, ~1 ms per image on one core, is not asserted here: timings belong in benchmarks/)
     summary = make_shapes(tmp_path, 300, 0, size=64)
-    # ~1 ms per image on one core; the bound is loose for a busy CI machine.
-    assert time.perf_counter() - start < 6.0
     assert summary["images"] == {"train": 300, "val": 0} and not (tmp_path / "val").exists()
+    assert len(list((tmp_path / "train").iterdir())) == 300
 
 
 @pytest.mark.parametrize("kwargs", [dict(n_train=0, n_val=1), dict(n_train=2, n_val=-1), dict(n_train=2, n_val=1, size=8)])

@@ -27,7 +27,7 @@ from kdpipe import store
 from kdpipe.cli.main import app
 from kdpipe.data import views as V
 from kdpipe.errors import AlreadyExists, BadValue
-from kdpipe.extract import run
+from kdpipe.extract import ExtractConfig, run
 from kdpipe.teachers import load_teacher
 
 

@@ -28,7 +28,7 @@ from kdpipe.weights import TEACHERS
 
 from test_data_sources import captioned_csv, write_flickr, write_tar
 from test_labelled_inputs import labelled_folder, write_cifar
-from test_table_inputs import shapes_records, write_hf_disk
+from test_table_inputs import shapes_records, write_hf_disk, write_hf_parquet, write_img2dataset
 
 InputFixture = tuple[str, dict[str, Any]]  # a spec and open_source's keyword arguments (extract's flags)
 
@@ -55,14 +55,10 @@ def _wds(shapes_root: Path, tmp_path: Path) -> InputFixture:
 
 
 def _parquet(shapes_root: Path, tmp_path: Path) -> InputFixture:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for split, n in (("train", 24), ("val", 6)):  # train/ and val/ folders, every caption of an image in a list
-        records, folder = shapes_records(shapes_root, split, n), tmp_path / "parquet" / split
-        folder.mkdir(parents=True)
-        pq.write_table(pa.table({"key": [r.key for r in records], "jpg": [Path(r.path).read_bytes() for r in records],
-                                 "txt": [list(r.captions) for r in records]}), folder / "00000.parquet")
+    # train/ in HF's layout (every caption of an image in a list: enough rows to whiten 32-dim text),
+    # val/ in img2dataset's (one caption a row): both layouts in one input
+    write_hf_parquet(tmp_path / "parquet" / "train" / "00000.parquet", shapes_records(shapes_root, "train", 24))
+    write_img2dataset(tmp_path / "parquet" / "val" / "00000.parquet", shapes_records(shapes_root, "val", 6))
     return str(tmp_path / "parquet"), {}
 
 

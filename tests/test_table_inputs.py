@@ -209,46 +209,7 @@ def test_saved_dataset_dict_splits_records_and_classnames(shapes_root, tmp_path)
         open_source(str(root), caption_column="title")
 
 
-# --------------------------------------------------------------------------- end to end
-
-
-def _end_to_end(data: Path, tmp_path: Path) -> dict:
-    """extract (tiny teacher) -> fit-whitening -> train (a few steps) -> eval, through the CLI."""
-    runner = CliRunner()
-    cache, run = tmp_path / "cache", tmp_path / "run"
-    steps = [
-        ["extract", "--teacher", "tiny-clip", "--data", str(data), "--out", str(cache), "--views", "2",
-         "--store-size", "64", "--shard-size", "10", "--workers", "0", "--device", "cpu", "--batch-size", "8"],
-        ["fit-whitening", str(cache), "--no-progress"],
-        ["train", "--student", "tiny", "--cache", str(cache), "--out", str(run), "--max-steps", "3",
-         "--batch-size", "4", "--bn-samples", "8", "--workers", "0", "--device", "cpu", "--no-progress"],
-        ["eval", str(run), "--device", "cpu", "--no-progress"],
-    ]
-    for args in steps:
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, f"{args[0]}: {result.output}"
-    return json.loads((cache / "manifest.json").read_text())
-
-
-@pytest.mark.slow
-def test_parquet_folders_extract_whiten_train_and_eval(shapes_root, tmp_path):
-    # train in HF's layout (5-6 captions an image: enough rows to whiten 32-dim text), val in img2dataset's
-    write_hf_parquet(tmp_path / "pq" / "train" / "00000.parquet", shapes_records(shapes_root, "train", 24))
-    write_img2dataset(tmp_path / "pq" / "val" / "00000.parquet", shapes_records(shapes_root, "val", 8))
-    manifest = _end_to_end(tmp_path / "pq", tmp_path)
-    assert manifest["source"]["kind"] == "parquet"
-    assert {s: manifest["splits"][s]["count"] for s in ("train", "val")} == {"train": 24, "val": 8}
-    assert (tmp_path / "run" / "eval.json").is_file()
-
-
-@pytest.mark.slow
-def test_saved_hf_dataset_extracts_whitens_trains_and_evals(shapes_root, tmp_path):
-    write_hf_disk(tmp_path / "dd", {"train": shapes_records(shapes_root, "train", 24),
-                                    "validation": shapes_records(shapes_root, "val", 8)})
-    manifest = _end_to_end(tmp_path / "dd", tmp_path)
-    assert manifest["source"]["kind"] == "hf" and manifest["classnames"] == list(SHAPES)
-    assert {s: manifest["splits"][s]["count"] for s in ("train", "val")} == {"train": 24, "val": 8}
-    assert (tmp_path / "run" / "eval.json").is_file()
+# --------------------------------------------------------------------------- CLI (end to end: test_registries.py)
 
 
 def test_cli_names_a_missing_column_in_one_line_before_the_teacher_loads(shapes_root, tmp_path):

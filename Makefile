@@ -29,10 +29,11 @@ $(LINKS): $(STAMP) $(shell find pipeline cli -type d -not -name __pycache__)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	touch $(LINKS)
 
-# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md)
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md).
+# --durations: the slowest tests close every run (CI must stay under 20 minutes on 2 cores).
 test: $(LINKS)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(LINKS)
 	$(PY) -m pytest -q -m "not slow"

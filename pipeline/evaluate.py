@@ -101,15 +101,19 @@ class Embeddings:
 
 def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024,
                   whose: str = "") -> dict[str, float]:
-    """Retrieval R@1/5/10 both ways, plus zero-shot top-1/top-5 per classifier on the labelled images.
+    """Retrieval R@1/5/10 both ways, zero-shot top-1/top-5 per classifier on the labelled images, and
+    the geometry whitening is said to change: the modality gap (image vs text centroid) and the
+    effective rank of the image embeddings (``metrics.modality_gap``, ``metrics.effective_rank``).
 
     txt_to_img [M] long, labels [N] long (−1: unknown). Keys: "i2t_R@1", ...,
-    "zeroshot/{dataset}/top1". ``whose`` (e.g. "val split: student") prefixes the error that
-    refuses non-finite embeddings.
+    "zeroshot/{dataset}/top1", "geometry/modality_gap", "geometry/effective_rank_image". ``whose``
+    (e.g. "val split: student") prefixes the error that refuses non-finite embeddings.
     """
     who = f"{whose} " if whose else ""
     out = metrics.retrieval_recall(e.img, e.txt, txt_to_img, chunk=chunk,
                                    img_name=f"{who}image embeddings", txt_name=f"{who}text embeddings")
+    out["geometry/modality_gap"] = metrics.modality_gap(e.img, e.txt)  # finite: retrieval_recall checked
+    out["geometry/effective_rank_image"] = metrics.effective_rank(e.img)
     known = labels >= 0
     if known.any():
         for name, classifier in e.classifiers.items():

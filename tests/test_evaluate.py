@@ -159,7 +159,7 @@ def test_eval_run_writes_eval_json(fake_cache, tmp_path):
     t_report = E.run(E.EvalConfig(teacher=fake_cache, out=tmp_path / "t.json", progress=False))
     for name, row in saved["metrics"].items():
         assert row["teacher"] == t_report["metrics"][name]["teacher"], name
-        assert 0.0 <= row["student"] <= 1.0 or name == "agreement/cosine"
+        assert 0.0 <= row["student"] <= 1.0 or name == "agreement/cosine" or name.startswith("geometry/")
         if row["teacher"]:
             assert row["ratio"] == pytest.approx(row["student"] / row["teacher"])
     assert (tmp_path / "t.json").is_file()
@@ -497,3 +497,13 @@ def test_cli_eval_teacher(fake_cache, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--teacher", str(fake_cache), "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["metrics"]["i2t_R@1"]["teacher"] > 0
+
+
+def test_geometry_rows_are_the_metrics_of_the_same_embeddings():
+    """eval's modality gap and effective rank are metrics.modality_gap / effective_rank of the split's rows."""
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(12, 8, generator=g), torch.randn(20, 8, generator=g) + 2.0
+    rows = E.split_metrics(E.Embeddings(img, txt), torch.arange(20) % 12, torch.full((12,), -1))
+    assert rows["geometry/modality_gap"] == pytest.approx(metrics.modality_gap(img, txt))
+    assert rows["geometry/modality_gap"] > 0.5  # the text rows sit around (2, ..., 2): far from the images
+    assert rows["geometry/effective_rank_image"] == pytest.approx(metrics.effective_rank(img))

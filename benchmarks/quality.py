@@ -90,7 +90,8 @@ def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: 
                                     batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
                                     workers=1, device="cpu", seed=seed, progress=False,
                                     resume=resumed, **RECIPES[recipe])
-            train.run(cfg)
+            if train.run(cfg).get("stopped"):  # SIGTERM/SIGUSR1: checkpointed; a re-run resumes it
+                raise SystemExit(f"{run_dir.name}: stopped by a signal, checkpoint saved; re-run to resume")
         evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
         (run_dir / RUN_JSON).write_text(json.dumps({
             "student": student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,

@@ -74,10 +74,12 @@ def train_and_eval(cache: Path, run_dir: Path, recipe: str, seed: int, args: arg
     if not (run_dir / EVAL_JSON).exists():
         start, resumed = time.perf_counter(), (run_dir / CKPT_DIR).exists()
         if not (run_dir / SPEC_FILE).exists():  # student.json is written last
-            train.run(train.TrainConfig(student=args.student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
-                                        batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
-                                        workers=1, device="cpu", seed=seed, progress=False, labels=True,
-                                        resume=resumed, **RECIPES[recipe]))
+            result = train.run(train.TrainConfig(
+                student=args.student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64, workers=1, device="cpu",
+                seed=seed, progress=False, labels=True, resume=resumed, **RECIPES[recipe]))
+            if result.get("stopped"):  # SIGTERM/SIGUSR1: checkpointed; a re-run resumes it
+                raise SystemExit(f"{run_dir.name}: stopped by a signal, checkpoint saved; re-run to resume")
         (run_dir / RUN_JSON).write_text(json.dumps({
             "student": args.student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,
             "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1), "resumed": resumed}))

@@ -264,20 +264,22 @@ def test_cli_train_refuses_an_unknown_teacher_naming_the_caches(two_teacher_cach
 
 def _ensemble_grads(dist) -> dict[str, torch.Tensor]:
     """Gradients of an ensemble's losses (heads, per-teacher modules) for a fixed global batch of 8, this
-    rank holding its slice."""
+    rank holding its slice (hinton over 5 class prompts: each rank has every teacher's class_emb whole)."""
     torch.manual_seed(0)
     teachers = [ensemble.Teacher("a", 0.25, 8, 50.0, {}, True), ensemble.Teacher("b", 0.75, 6, 30.0, {}, False)]
     image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
-    built = T.losses.build_ensemble_losses({"fd": 7.8, "crd": 1.0, "icl": 1.0, "clip": 0.5, "afd": 1.0},
+    built = T.losses.build_ensemble_losses({"fd": 7.8, "crd": 1.0, "icl": 1.0, "clip": 0.5, "afd": 1.0, "hinton": 1.0},
                                            [(8, 50.0), (6, 30.0)])
     distiller = T.Distiller(image, None, built, dist, teachers)
     g = torch.Generator().manual_seed(1)
-    targets = [{"t_img": torch.randn(8, d, generator=g), "t_txt": torch.randn(8, d, generator=g)} for d in (8, 6)]
+    targets = [{"t_img": torch.randn(8, d, generator=g), "t_txt": torch.randn(8, d, generator=g),
+                "class_emb": torch.randn(5, d, generator=g)} for d in (8, 6)]
     batch = {"image": torch.randn(8, 3, 4, 4, generator=g), **targets[0], "labels": torch.full((8,), -1),
              "teachers": targets}
     per = 8 // dist.world_size
-    cut = lambda v: v[dist.rank * per:(dist.rank + 1) * per]  # noqa: E731
-    local = {k: [{s: cut(x) for s, x in t.items()} for t in v] if k == "teachers" else cut(v) for k, v in batch.items()}
+    cut = lambda k, v: v if k == "class_emb" else v[dist.rank * per:(dist.rank + 1) * per]  # noqa: E731
+    local = {k: [{s: cut(s, x) for s, x in t.items()} for t in v] if k == "teachers" else cut(k, v)
+             for k, v in batch.items()}
     model = torch.nn.parallel.DistributedDataParallel(distiller) if dist.enabled else distiller
     T.backward_global(T.losses.total_loss(model(local)), distiller, dist.world_size)
     return {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}

@@ -19,9 +19,11 @@ zero-shot top-1/top-5 with prompt ensembles (classifiers and the ``--zeroshot`` 
 image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
 embeddings ready-made, so the teacher's numbers and a student's go through the same code.
 
-A run of several teachers (``kdpipe train --teachers A,B``) is judged in its first teacher's space as
-above, and also against each teacher (``teachers/NAME/...``: retrieval next to that teacher's own,
-and the share of images whose top-1 caption is the same for both, each in its own space) and
+A student is judged in the space of the teacher it learnt (student.json's ``teacher``; zero-shot with
+that teacher's own prompts.h5). A run of several teachers (``kdpipe train --teachers A,B``) is judged
+in its first teacher's space as above, and also against each teacher (``teachers/NAME/...``: retrieval
+next to that teacher's own, the share of images whose top-1 caption is the same for both, each in its
+own space, and zero-shot with the student's classifier next to that teacher's, from its prompts) and
 against their weighted ensemble (``teachers/ensemble/...``: the weighted average similarity).
 
 A student whose losses trained on class labels (hinton's hard-label CE) is not zero-shot on

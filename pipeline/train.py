@@ -33,7 +33,10 @@ the first one's space (its D, preprocessing, targets, validation); an added teac
 joined to each sample by key from its h5 (``cachereader.TeacherShards``). With more than one, the
 losses get every teacher's targets and the student through one projection head per other teacher
 (``Distiller.heads``, applied before the DDP gather), as ``kdpipe.losses`` describes. The primary
-alone (the default) reads exactly what a single-teacher cache gives.
+alone (the default) reads exactly what a single-teacher cache gives. Each teacher's cache-level files
+are its own: ``--whiten`` with one added teacher uses its whitening (``fit-whitening --teacher NAME``)
+and calibrates τ on its rows (refused for an ensemble: the teachers' spaces differ); hinton over
+class prompts takes each teacher's classifier from its own prompts.h5.
 
 DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
 DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's

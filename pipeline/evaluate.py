@@ -19,9 +19,11 @@ zero-shot top-1/top-5 with prompt ensembles (classifiers and the ``--zeroshot`` 
 image embeddings, share of identical zero-shot top-1). ``evaluate_embeddings`` takes the
 embeddings ready-made, so the teacher's numbers and a student's go through the same code.
 
-A run of several teachers (``kdpipe train --teachers A,B``) is judged in its first teacher's space as
-above, and also against each teacher (``teachers/NAME/...``: retrieval next to that teacher's own,
-and the share of images whose top-1 caption is the same for both, each in its own space) and
+A student is judged in the space of the teacher it learnt (student.json's ``teacher``; zero-shot with
+that teacher's own prompts.h5). A run of several teachers (``kdpipe train --teachers A,B``) is judged
+in its first teacher's space as above, and also against each teacher (``teachers/NAME/...``: retrieval
+next to that teacher's own, the share of images whose top-1 caption is the same for both, each in its
+own space, and zero-shot with the student's classifier next to that teacher's, from its prompts) and
 against their weighted ensemble (``teachers/ensemble/...``: the weighted average similarity).
 
 A student whose losses trained on class labels (hinton's hard-label CE) is not zero-shot on
@@ -114,9 +116,18 @@ def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int 
                                    img_name=f"{who}image embeddings", txt_name=f"{who}text embeddings")
     out["geometry/modality_gap"] = metrics.modality_gap(e.img, e.txt)  # finite: retrieval_recall checked
     out["geometry/effective_rank_image"] = metrics.effective_rank(e.img)
-    known = labels >= 0
-    if known.any():
-        for name, classifier in e.classifiers.items():
+    out.update(zeroshot_metrics(e, labels))
+    return out
+
+
+def zeroshot_metrics(e: Embeddings, labels: Tensor, names: Iterable[str] | None = None) -> dict[str, float]:
+    """Zero-shot top-1/top-5 ("zeroshot/{name}/top1", ...) of each classifier of ``e`` (``names``: only
+    those) on the labelled images; labels [N] long (−1: unknown)."""
+    known, out = labels >= 0, {}
+    if not known.any():
+        return out
+    for name, classifier in e.classifiers.items():
+        if names is None or name in names:
             acc = metrics.zero_shot_accuracy(e.img[known], classifier, labels[known])
             out.update({f"zeroshot/{name}/{k}": v for k, v in acc.items()})
     return out
@@ -259,10 +270,10 @@ def mark_supervised(rows: dict[str, EvalRow], classnames: dict[str, list[str]], 
     if not trained:
         return []
     moved = [n for n, names in classnames.items() if sorted(names) == sorted(trained["classnames"])]
-    for name in moved:
-        for key in [k for k in rows if k.startswith(f"zeroshot/{name}/")]:
-            rows[f"supervised/{name}/{key.rsplit('/', 1)[1]}"] = {"student": rows.pop(key)["student"],
-                                                                 "teacher": None, "ratio": None}
+    for name in moved:  # an ensemble's teachers/NAME/zeroshot/... rows too
+        was, now = f"zeroshot/{name}/", f"supervised/{name}/"
+        for key in [k for k in rows if k.startswith(was) or f"/{was}" in k]:
+            rows[key.replace(was, now, 1)] = {"student": rows.pop(key)["student"], "teacher": None, "ratio": None}
         if name in info:
             info[name]["supervised"] = True
     if moved:
@@ -447,7 +458,7 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
     labels = torch.from_numpy(held.labels)
     rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), labels, cfg.chunk, cfg.split)
-    rows.update(ensemble_rows(s, student, cfg.split, torch.from_numpy(held.txt_to_img), cfg.chunk))
+    rows.update(ensemble_rows(s, student, cfg.split, torch.from_numpy(held.txt_to_img), labels, cfg.chunk))
     if logits is not None:
         rows.update(head_rows(logits, teacher.img, next(iter(t_cls.values()), None), labels))
         notes.append(HEAD_NOTE.format(k=logits.shape[1]))
@@ -455,16 +466,6 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     info = {n: {"images": int((held.labels >= 0).sum()), "classes": c.shape[1], "class_embeddings": source}
             for n, c in s_cls.items()}
     return rows, info
-
-
-def teacher_prompt_sets(cache: Cache, teacher: str | None, notes: list[str]) -> dict[str, prompts.PromptSet]:
-    """The cache's prompt sets when they are ``teacher``'s: prompts.h5 holds the first (primary) teacher's
-    class embeddings, so a student of an added teacher gets no cache zero-shot rows (a note says why)."""
-    if teacher is None or cache.teacher_entry(teacher)["primary"]:
-        return read_prompt_sets(cache)
-    notes.append(f"no zero-shot on the cache's classes: its prompts.h5 holds teacher {cache.primary!r}'s class "
-                 f"embeddings, and this student learnt teacher {teacher!r}'s space")
-    return {}
 
 
 # --------------------------------------------------------------------------- several teachers
@@ -479,43 +480,58 @@ def top1_captions(img: Tensor, txt: Tensor, chunk: int = 1024) -> Tensor:
 
 def ensemble_embeddings(members: list[tuple[float, Embeddings]]) -> Embeddings:
     """The ensemble as embeddings: concat_k(√w_k · x̂_k) per row, so that its cosine between an image and a
-    caption is Σ_k w_k cos_k (the teachers' weighted average similarity; weights sum to 1, rows stay unit)."""
-    def cat(rows: list[Tensor]) -> Tensor:
-        return torch.cat([math.sqrt(w) * nn.functional.normalize(x.float(), dim=-1) for (w, _), x in zip(members, rows)],
-                         dim=1)
+    caption is Σ_k w_k cos_k (the teachers' weighted average similarity; weights sum to 1, rows stay unit).
+    Its classifiers, for the sets every member has, likewise: concat_k(√w_k · c_k) per class (columns)."""
+    def cat(rows: list[Tensor], dim: int = 1) -> Tensor:
+        return torch.cat([math.sqrt(w) * nn.functional.normalize(x.float(), dim=dim)
+                          for (w, _), x in zip(members, rows)], dim=dim)
 
-    return Embeddings(cat([e.img for _, e in members]), cat([e.txt for _, e in members]))
+    shared = [n for n in members[0][1].classifiers if all(n in e.classifiers for _, e in members)]
+    return Embeddings(cat([e.img for _, e in members]), cat([e.txt for _, e in members]),
+                      {n: cat([e.classifiers[n] for _, e in members], dim=0) for n in shared})
 
 
-def teacher_rows(student: Embeddings, teacher: Embeddings, txt_to_img: Tensor, prefix: str,
+def teacher_rows(student: Embeddings, teacher: Embeddings, txt_to_img: Tensor, labels: Tensor, prefix: str,
                  chunk: int = 1024) -> dict[str, EvalRow]:
     """The student against one teacher (or the ensemble) whose space may differ from the student's.
 
     Retrieval: the student's figures next to that teacher's own. ``agreement/i2t_top1``: the share of
     images whose most similar caption is the same for the student and the teacher (each in its own space).
+    Zero-shot, for each prompt set both have a classifier of: the student's top-1/top-5 with its own
+    classifier next to the teacher's with its own (its prompts), and ``agreement/{set}/top1``, the share
+    of images whose predicted class is the same. labels [N] long (−1: unknown).
     """
     s = metrics.retrieval_recall(student.img, student.txt, txt_to_img, chunk=chunk)
     t = metrics.retrieval_recall(teacher.img, teacher.txt, txt_to_img, chunk=chunk)
     same = top1_captions(student.img, student.txt, chunk) == top1_captions(teacher.img, teacher.txt, chunk)
     s["agreement/i2t_top1"], t["agreement/i2t_top1"] = same.double().mean().item(), 1.0
+    shared = [n for n in student.classifiers if n in teacher.classifiers]
+    s.update(zeroshot_metrics(student, labels, shared))
+    t.update(zeroshot_metrics(teacher, labels, shared))
+    for name in shared:
+        same = (metrics.zero_shot_predictions(student.img, student.classifiers[name])
+                == metrics.zero_shot_predictions(teacher.img, teacher.classifiers[name]))
+        s[f"agreement/{name}/top1"], t[f"agreement/{name}/top1"] = same.double().mean().item(), 1.0
     return {f"{prefix}/{k}": v for k, v in metrics.with_ratios(s, t).items()}
 
 
-def ensemble_rows(s: StudentRun, student: Embeddings, split: str, txt_to_img: Tensor,
+def ensemble_rows(s: StudentRun, student: Embeddings, split: str, txt_to_img: Tensor, labels: Tensor,
                   chunk: int = 1024) -> dict[str, EvalRow]:
     """For a run of several teachers (student.json's ``teachers``): the student against each teacher
-    (``teachers/NAME/...``) and against their weighted ensemble (``teachers/ensemble/...``); {} for one."""
+    (``teachers/NAME/...``, zero-shot with that teacher's own prompts.h5 for its column) and against
+    their weighted ensemble (``teachers/ensemble/...``); {} for one."""
     recorded = s.spec.raw.get("teachers") or []
     if len(recorded) < 2:
         return {}
     members = []
     for t in recorded:
         held = s.cache.load_split(split, fields=("img", "txt"), teacher=t["name"])
-        members.append((float(t["weight"]), _teacher_embeddings(held, {})))
+        classifiers = cache_classifiers(read_prompt_sets(s.cache, t["name"]), s.cache.classnames, [])
+        members.append((float(t["weight"]), _teacher_embeddings(held, classifiers)))
     rows: dict[str, EvalRow] = {}
     for t, (_, emb) in zip(recorded, members):
-        rows.update(teacher_rows(student, emb, txt_to_img, f"teachers/{t['name']}", chunk))
-    rows.update(teacher_rows(student, ensemble_embeddings(members), txt_to_img, "teachers/ensemble", chunk))
+        rows.update(teacher_rows(student, emb, txt_to_img, labels, f"teachers/{t['name']}", chunk))
+    rows.update(teacher_rows(student, ensemble_embeddings(members), txt_to_img, labels, "teachers/ensemble", chunk))
     return rows
 
 
@@ -526,7 +542,7 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     name = s.cache.find_teacher(s.spec.teacher)  # the teacher whose space the student learnt (open_cache checked it)
     held = s.cache.load_split(cfg.split, fields=("img", "txt"), teacher=name)
     notes: list[str] = []
-    sets = teacher_prompt_sets(s.cache, name, notes)
+    sets = read_prompt_sets(s.cache, name)  # the prompts of the teacher whose space the student learnt
     rows, zs_info = split_rows(s, held, sets, cfg, notes)
     ext_scores, ext_info = external_zeroshot(s.image, s.text, sets, s.prep, s.space, s.device, extra,
                                              batch_size=cfg.batch_size, workers=cfg.workers, progress=cfg.progress)

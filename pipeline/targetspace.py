@@ -298,14 +298,24 @@ def run_back_maps(path: Path, modalities: tuple[str, ...]) -> dict[str, BackMap]
     return {m: BackMap.from_params({k: t[f"{m}.{k}"] for k in ("mu", "W_inv", "scale")}) for m in modalities}
 
 
-def cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...]) -> dict[str, BackMap]:
-    """The same maps rebuilt from CACHE/whitening.h5, when the run kept no copy."""
-    params, _ = _cache_params(cache, mode, modalities)
+def cache_back_maps(cache: Cache, mode: str, modalities: tuple[str, ...],
+                    teacher: str | None = None) -> dict[str, BackMap]:
+    """The same maps rebuilt from the cache's whitening.h5 when the run kept no copy: ``teacher``'s
+    (``whitening_path``; None: the primary's, CACHE/whitening.h5)."""
+    params, _ = _cache_params(cache, mode, modalities, teacher)
     return {m: BackMap.from_params(params[m]) for m in modalities}
 
 
+def run_teacher(cache: Cache, spec: RunSpec) -> str | None:
+    """The cache's name of the teacher whose space the run learnt (student.json's ``teacher``), whose
+    whitening it used; None for the primary (its files at the cache root) or a run that records none."""
+    name = cache.find_teacher(spec.teacher) if spec.teacher else None
+    return None if name is None or cache.teacher_entry(name)["primary"] else name
+
+
 def student_space(run: Path, spec: RunSpec | dict[str, Any], cache: Cache, text_tower: bool) -> Space:
-    """The back-maps a whitened run needs, from the run's own whitening file (else the cache's).
+    """The back-maps a whitened run needs, from the run's own whitening file (else the cache's, of the
+    teacher the run learnt: ``run_teacher``).
 
     An image-only student is paired with the teacher's (raw) text embeddings, so only its image
     side can be whitened; a text-whitened image-only run has nothing to map.
@@ -318,6 +328,7 @@ def student_space(run: Path, spec: RunSpec | dict[str, Any], cache: Cache, text_
     if not mapped:
         return Space()
     path = run / spec.whitening_file if spec.whitening_file else None
-    maps = run_back_maps(path, mapped) if path and path.is_file() else cache_back_maps(cache, mode, mapped)
+    maps = run_back_maps(path, mapped) if path and path.is_file() else \
+        cache_back_maps(cache, mode, mapped, run_teacher(cache, spec))
     return Space(image=maps.get("image"), text=maps.get("text"),
                  description=f"{RAW_SPACE} (mapped back from whitened {mode}: {', '.join(mapped)})")

@@ -33,7 +33,10 @@ the first one's space (its D, preprocessing, targets, validation); an added teac
 joined to each sample by key from its h5 (``cachereader.TeacherShards``). With more than one, the
 losses get every teacher's targets and the student through one projection head per other teacher
 (``Distiller.heads``, applied before the DDP gather), as ``kdpipe.losses`` describes. The primary
-alone (the default) reads exactly what a single-teacher cache gives.
+alone (the default) reads exactly what a single-teacher cache gives. Each teacher's cache-level files
+are its own: ``--whiten`` with one added teacher uses its whitening (``fit-whitening --teacher NAME``)
+and calibrates τ on its rows (refused for an ensemble: the teachers' spaces differ); hinton over
+class prompts takes each teacher's classifier from its own prompts.h5.
 
 DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
 DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's
@@ -128,10 +131,11 @@ def open_checked_cache(cfg: TrainConfig) -> Cache:
 # --------------------------------------------------------------------------- whitening
 
 
-def calibration_pairs(cache: Cache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` train images' view-0 embeddings and first-caption embeddings, [n', D] each."""
+def calibration_pairs(cache: Cache, n: int, teacher: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` train images' view-0 embeddings and first-caption embeddings, [n', D] each
+    (``teacher``: that teacher's rows; None: the primary's)."""
     imgs, txts, have = [], [], 0
-    for shard in cache.iter_h5("train", fields=("img", "txt")):
+    for shard in cache.iter_h5("train", fields=("img", "txt"), teacher=teacher):
         keep = np.flatnonzero(np.diff(shard.txt_offsets) > 0)[: n - have]  # images with a caption
         imgs.append(shard.img[keep, 0])
         txts.append(shard.txt[shard.txt_offsets[keep]])
@@ -143,7 +147,7 @@ def calibration_pairs(cache: Cache, n: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, batch: int,
-                       blocks: int = 8) -> float:
+                       blocks: int = 8, teacher: str | None = None) -> float:
     """The teacher's logit scale for the space the student learns (the raw one when not whitened).
 
     The teacher's scale τ_t (e.g. 100) is calibrated for cosines in its own space. Whitened
@@ -151,11 +155,12 @@ def target_logit_scale(cache: Cache, targets: Targets, teacher_scale: float, bat
     CRD's / hinton's / gd's teacher distributions much sharper than the teacher's own. The
     whitened-space scale is the one whose in-batch softmaxes are as sharp (same mean
     entropy) as the teacher's raw ones on the same pairs: up to ``blocks`` train batches of
-    ``batch`` image-caption pairs (``losses.entropy_matched_scale``).
+    ``batch`` image-caption pairs (``losses.entropy_matched_scale``) of ``teacher`` (None: the
+    primary), the teacher whose whitening ``targets`` holds.
     """
     if targets.mode == "none":
         return teacher_scale
-    t_img, t_txt = calibration_pairs(cache, blocks * batch)
+    t_img, t_txt = calibration_pairs(cache, blocks * batch, teacher)
     b = min(batch, t_img.shape[0])
     n = (t_img.shape[0] // b) * b
 
@@ -185,7 +190,7 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb; an ensemble:
-        teachers, one {t_img, t_txt [B,D_k]} per teacher, the first = t_img/t_txt)."""
+        teachers, one {t_img, t_txt [B,D_k] (+ class_emb [K,D_k])} per teacher, the first = t_img/t_txt)."""
         feats = {"s_img": self.image(batch["image"]), "t_img": batch["t_img"], "t_txt": batch["t_txt"],
                  "labels": batch["labels"]}
         if self.text is not None:
@@ -203,6 +208,9 @@ class Distiller(nn.Module):
         return losses.compute_terms(self.losses, feats)
 
 
+NOT_GATHERED = ("class_emb",)  # the same on every rank (not per sample): an ensemble's teachers' dicts hold one
+
+
 def gather_features(feats: dict[str, Any], dist: runtime.DistInfo) -> dict[str, Any]:
     """All-gather every [B, ...] tensor across ranks -> [world·B, ...]; the local slice keeps its grad.
 
@@ -213,7 +221,7 @@ def gather_features(feats: dict[str, Any], dist: runtime.DistInfo) -> dict[str, 
             return runtime.all_gather_cat(x, dist)
         return [gather_features(t, dist) for t in x] if isinstance(x, list) else x
 
-    return {name: gather(x) for name, x in feats.items()}
+    return {name: x if name in NOT_GATHERED else gather(x) for name, x in feats.items()}
 
 
 def build_students(cfg: TrainConfig, cache: Cache,
@@ -231,15 +239,29 @@ def build_students(cfg: TrainConfig, cache: Cache,
 
 
 def select_teachers(cfg: TrainConfig, cache: Cache) -> list[ensemble.Teacher]:
-    """``--teachers`` / ``--teacher-weights`` resolved on the cache; refuses what this run cannot do yet."""
+    """``--teachers`` / ``--teacher-weights`` resolved on the cache; refuses what this run cannot do.
+
+    ``--whiten`` takes one teacher (its own whitening, ``whitening_teacher``); an ensemble's teachers
+    live in different spaces, each with its own transform, while its losses compare the student
+    through one projection head per teacher with every teacher's targets as they are: refused.
+    """
     teachers = ensemble.select_teachers(cache, cfg.teachers, cfg.teacher_weights)
-    if cfg.whiten != "none" and (len(teachers) > 1 or not teachers[0].primary):
-        raise BadValue(f"--whiten {cfg.whiten} fits the cache's first teacher only; it cannot be used with "
-                       f"--teachers {','.join(t.name for t in teachers)} (whitening per teacher is not there yet)")
+    if cfg.whiten != "none" and len(teachers) > 1:
+        raise BadValue(f"--whiten {cfg.whiten} cannot be used with an ensemble (--teachers "
+                       f"{','.join(t.name for t in teachers)}): the teachers' spaces differ (each has its own "
+                       f"dimension and whitening), and the ensemble's losses compare the student with every "
+                       f"teacher's unwhitened targets; whiten one teacher alone (e.g. --teachers "
+                       f"{teachers[0].name} --whiten {cfg.whiten}) or drop --whiten")
     for t in teachers:  # refuses, before any step, a teacher whose add has not covered a split the run reads
         for split in ("train", "val") if "val" in cache.splits() else ("train",):
             cache.teacher_h5_paths(split, t.name)
     return teachers
+
+
+def whitening_teacher(teachers: Sequence[ensemble.Teacher]) -> str | None:
+    """Whose whitening (and prompts) the student's space uses: the first teacher's name, None for the
+    primary (its files at the cache root, read exactly as a single-teacher cache's)."""
+    return None if teachers[0].primary else teachers[0].name
 
 
 def teacher_streams(cache: Cache, teachers: Sequence[ensemble.Teacher], split: str) -> tuple[cachereader.TeacherShards, ...]:
@@ -248,18 +270,34 @@ def teacher_streams(cache: Cache, teachers: Sequence[ensemble.Teacher], split: s
                  for t in teachers if not t.primary)
 
 
-def class_embeddings(cache: Cache, targets: Targets) -> torch.Tensor | None:
-    """[K, D] zero-shot classifier of the cache's own classes (for hinton), in the target space."""
+def class_embeddings(cache: Cache, targets: Targets, teacher: str | None = None) -> torch.Tensor | None:
+    """[K, D] zero-shot classifier of the cache's own classes (for hinton), in the target space, from
+    ``teacher``'s prompts.h5 (None: the primary's); None when it has no prompt set of those classes."""
     from .prompts import find_set, read_prompts  # noqa: PLC0415
 
-    if cache.classnames is None or not cache.prompts_path.exists():
+    path = cache.teacher_prompts_path(teacher)
+    if cache.classnames is None or not path.exists():
         return None
-    sets = read_prompts(cache.prompts_path)
+    sets = read_prompts(path)
     name = find_set(sets, list(cache.classnames))
     if name is None:
         return None
     emb = torch.from_numpy(sets[name].emb.astype(np.float32))  # [K, T, D]
     return targets.apply(metrics.zero_shot_classifier(emb).T.contiguous(), "text")
+
+
+def teachers_class_embeddings(cache: Cache, teachers: Sequence[ensemble.Teacher],
+                              targets: Targets) -> list[torch.Tensor] | None:
+    """hinton over class prompts: each run teacher's classifier of the cache's classes, [K, D_k] (the
+    first in the student's target space), from its own prompts.h5; None when one of them has none
+    (hinton is then in-batch, over the batch's captions)."""
+    embs = [class_embeddings(cache, targets if k == 0 else Targets(), None if t.primary else t.name)
+            for k, t in enumerate(teachers)]
+    lacking = [t.name for t, emb in zip(teachers, embs) if emb is None]
+    if lacking and len(lacking) < len(teachers):
+        log.warning("hinton is in-batch: teacher(s) %s have no prompts.h5 set of the cache's classes (the other "
+                    "teachers have); re-run `kdpipe extract --add-teacher` without --no-prompts", ", ".join(lacking))
+    return None if lacking else embs
 
 
 def teacher_classifier(cache: Cache) -> torch.Tensor:
@@ -321,7 +359,7 @@ class Setup:
     scaler: torch.amp.GradScaler
     mask_gen: torch.Generator
     targets: Targets
-    class_emb: torch.Tensor | None
+    class_emb: list[torch.Tensor] | None  # hinton over class prompts: each teacher's [K, D_k] (first: target space)
     weights: dict[str, float]
     stream: cachereader.StreamConfig  # train stream template (epoch / skip filled per epoch)
     steps_per_epoch: int
@@ -338,7 +376,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     precision = runtime.resolve_precision(cfg.precision, device)
     cache = open_checked_cache(cfg)
     teachers = select_teachers(cfg, cache)
-    targets = load_targets(cache, cfg.whiten)
+    targets = load_targets(cache, cfg.whiten, teacher=whitening_teacher(teachers))
     weights = losses.parse_losses(cfg.losses)
     if split_mode(cfg.whiten)[0] in ("image", "text") and set(weights) & set(CROSS_MODAL):
         log.warning("--whiten %s whitens only %s targets; cross-modal losses (%s) then compare a whitened with "
@@ -349,7 +387,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
     image, text = build_students(cfg, cache, teachers[0])
     teacher_classes = add_class_head(cfg, cache, image, weights, teachers)
     raw_scale = teachers[0].logit_scale
-    scale = target_logit_scale(cache, targets, raw_scale, cfg.batch_size * dist.world_size)
+    scale = target_logit_scale(cache, targets, raw_scale, cfg.batch_size * dist.world_size,
+                               teacher=whitening_teacher(teachers))
     if targets.mode != "none":
         log.info("teacher logit scale %.2f in the raw space = %.2f in the %s-whitened space (same softmax entropy)",
                  raw_scale, scale, targets.mode)
@@ -377,14 +416,12 @@ def build_setup(cfg: TrainConfig) -> Setup:
                                        views_used=cfg.views_used, shuffle_buffer=cfg.shuffle_buffer,
                                        workers=cfg.workers, teachers=teacher_streams(cache, teachers, "train"))
     mask_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
-    # prompts.h5 holds the primary's class embeddings: with other teachers, hinton is in-batch
-    primary_only = len(teachers) == 1 and teachers[0].primary
-    class_emb = class_embeddings(cache, targets) if "hinton" in weights and primary_only else None
+    class_emb = teachers_class_embeddings(cache, teachers, targets) if "hinton" in weights else None
     return Setup(cfg=cfg, cache=cache, dist=dist, device=device, precision=precision,
                  image=image, text=text, distiller=distiller, model=model,
                  optimizer=optimizer, scheduler=scheduler,
                  scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen=mask_gen,
-                 targets=targets.to(device), class_emb=None if class_emb is None else class_emb.to(device),
+                 targets=targets.to(device), class_emb=None if class_emb is None else [c.to(device) for c in class_emb],
                  weights=weights, stream=stream, steps_per_epoch=spe, total_steps=total, run_dir=Path(cfg.out),
                  teachers=teachers, teacher_classes=None if teacher_classes is None else teacher_classes.to(device))
 
@@ -427,8 +464,10 @@ def to_device_batch(setup: Setup, batch: dict[str, Any]) -> dict[str, Any]:
     if "mfd" in setup.weights:
         out["image_masked"] = losses.mask_images(out["image"], setup.image.mask_kind, setup.cfg.mask_ratio,
                                                  setup.image.patch_size, generator=setup.mask_gen)
-    if setup.class_emb is not None:
-        out["class_emb"] = setup.class_emb
+    if setup.class_emb is not None:  # the first teacher's at the top level (the student's side), each one's in its dict
+        out["class_emb"] = setup.class_emb[0]
+        for view, emb in zip(out.get("teachers", ()), setup.class_emb):
+            view["class_emb"] = emb
     if setup.teacher_classes is not None:  # the teacher's logits over the class prompts, from its raw embeddings
         out["t_logits"] = metrics.zero_shot_logits(batch["t_img"].to(d).float(), setup.teacher_classes,
                                                    float(setup.cache.manifest["logit_scale"]))

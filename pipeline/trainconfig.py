@@ -61,7 +61,8 @@ class TrainConfig:
         "from the cached embeddings) and its CE term's; eval reports the head's top-1/top-5. VLM_Distillation's recipe: "
         "--losses hinton=1 (T=4, alpha=0.5); the no-teacher baseline: --losses hinton=1 --loss-options hinton.alpha=0.")
     whiten: str = setting(
-        "none", "none | image | text | joint | separate: learn whitened targets (needs `kdpipe fit-whitening`); "
+        "none", "none | image | text | joint | separate: learn whitened targets (needs `kdpipe fit-whitening`; "
+        "for --teachers NAME alone, `kdpipe fit-whitening --teacher NAME`; not with several --teachers); "
         "joint keeps image-text alignment, separate whitens each modality with its own transform.")
     text_student: str = setting(
         "none", "none (use the teacher's cached text embeddings) or a text student: text_tiny, text_small, text_base.")

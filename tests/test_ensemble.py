@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe import cachereader, ensemble, store
+from kdpipe import cachereader, ensemble, store, zeroshot
 from kdpipe import train as T
-from kdpipe.errors import BadValue, UnknownName
+from kdpipe.errors import BadValue, MissingInput, UnknownName
 from kdpipe.evaluate import EvalConfig
 from kdpipe.evaluate import run as run_eval
 
@@ -96,7 +96,10 @@ def test_teacher_selection_and_its_refusals(two_teacher_cache, tmp_path):
         ensemble.select_teachers(cache, ["b", PRIMARY], [1, 0])
     with pytest.raises(BadValue, match="twice"):
         ensemble.select_teachers(cache, ["b", "b"], None)
-    with pytest.raises(BadValue, match="--whiten image .* --teachers b"):
+    with pytest.raises(BadValue, match="--whiten image cannot be used with an ensemble .*--teachers b,tiny-clip.*"
+                                       "spaces differ"):
+        T.build_setup(_cfg(two_teacher_cache, tmp_path / "w", teachers=["b", PRIMARY], whiten="image"))
+    with pytest.raises(MissingInput, match="teachers/b/whitening.h5; run `kdpipe fit-whitening .* --teacher b"):
         T.build_setup(_cfg(two_teacher_cache, tmp_path / "w", teachers=["b"], whiten="image"))
 
 
@@ -149,18 +152,24 @@ def test_an_added_teacher_alone_is_the_target(two_teacher_cache, tmp_path):
     # eval finds b in the cache (it refused a run whose teacher is not the primary) and compares with b's rows
     report = run_eval(EvalConfig(run=result["run"], split="val", device="cpu", progress=False))
     assert report["teacher"] == spec["teacher"] and report["model"]["teacher"].startswith("b")
-    assert any("prompts.h5" in note for note in report["notes"])
     held = cache.load_split("val", fields=("img", "txt"), teacher="b")
     teacher = T.metrics.retrieval_recall(torch.from_numpy(held.img[:, 0].astype(np.float32)),
                                          torch.from_numpy(held.txt.astype(np.float32)),
                                          torch.from_numpy(held.txt_to_img), ks=(1,))
     assert {k: report["metrics"][k]["teacher"] for k in teacher} == teacher
+    # zero-shot on the cache's classes with b's own prompts (it was skipped with a note)
+    b_cls = _classifiers(cache, "b")
+    assert report["metrics"]["zeroshot/shapes/top1"]["teacher"] == pytest.approx(
+        _top1(held.img[:, 0], b_cls["shapes"], held.labels))
+    assert report["zeroshot"]["shapes"]["class_embeddings"] == "teacher prompts.h5"
 
 
 def test_two_teacher_ensemble_end_to_end(two_teacher_cache, tmp_path):
     """A weighted ensemble trains (finite, every part gets gradients), records its teachers, and eval reports it."""
+    # hinton over the class prompts, KD part only (alpha 1: no label used, so eval's rows stay zero-shot)
     cfg = _cfg(two_teacher_cache, tmp_path / "ens", teachers=[PRIMARY, "b"], teacher_weights=[1.0, 3.0],
-               losses="clip=1,fd=7.8,mfd=1,crd=1,icl=1,gd=1,afd=1,hinton=1", max_steps=3)
+               losses="clip=1,fd=7.8,mfd=1,crd=1,icl=1,gd=1,afd=1,hinton=1", max_steps=3,
+               loss_options={"hinton": {"alpha": 1.0}})
     setup = T.build_setup(cfg)
     assert [tuple(h.weight.shape) for h in setup.distiller.heads] == [(24, 32)]  # D_0 = 32 -> D_b = 24
     batch = T.to_device_batch(setup, next(iter(cachereader.epoch_batches(setup.stream, 1))))
@@ -194,6 +203,37 @@ def test_two_teacher_ensemble_end_to_end(two_teacher_cache, tmp_path):
     assert rows["teachers/ensemble/t2i_R@1"]["teacher"] == pytest.approx(
         float(np.mean(ensemble_sim.argmax(axis=0) == held.txt_to_img)))
 
+    # zero-shot: each teacher's column with its own prompts; the student's classifier is its own (the first's)
+    class_sims = {}
+    for name in (PRIMARY, "b"):
+        held = cache.load_split("val", fields=("img",), teacher=name)
+        img = held.img[:, 0].astype(np.float64)
+        cls = _classifiers(cache, name)["shapes"]
+        assert rows[f"teachers/{name}/zeroshot/shapes/top1"]["teacher"] == pytest.approx(_top1(img, cls, held.labels))
+        assert rows[f"teachers/{name}/zeroshot/shapes/top1"]["student"] == rows["zeroshot/shapes/top1"]["student"]
+        assert 0 <= rows[f"teachers/{name}/agreement/shapes/top1"]["student"] <= 1
+        class_sims[name] = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ cls
+    known = held.labels >= 0
+    ensemble_pred = (0.25 * class_sims[PRIMARY] + 0.75 * class_sims["b"]).argmax(axis=1)
+    assert rows["teachers/ensemble/zeroshot/shapes/top1"]["teacher"] == pytest.approx(
+        float(np.mean(ensemble_pred[known] == held.labels[known])))
+
+
+def _classifiers(cache: store.Cache, teacher: str) -> dict[str, np.ndarray]:
+    """A teacher's prompt-ensemble classifiers from its own prompts.h5, by hand: {set: [D, K]} (float64)."""
+    out = {}
+    for name, ps in zeroshot.read_prompt_sets(cache, teacher).items():
+        emb = ps.emb.astype(np.float64)  # [K, T, D]
+        mean = (emb / np.linalg.norm(emb, axis=-1, keepdims=True)).mean(axis=1)
+        out[name] = (mean / np.linalg.norm(mean, axis=1, keepdims=True)).T
+    return out
+
+
+def _top1(img: np.ndarray, classifier: np.ndarray, labels: np.ndarray) -> float:
+    """Zero-shot top-1 on the labelled images: img [N, D], classifier [D, K] (argmax of the cosine)."""
+    known = labels >= 0
+    return float(np.mean((img[known].astype(np.float64) @ classifier).argmax(axis=1) == labels[known]))
+
 
 def _i2t_r1(sim: np.ndarray, txt_to_img: np.ndarray) -> float:
     """Share of images whose most similar caption [N, M] is one of their own."""
@@ -224,20 +264,22 @@ def test_cli_train_refuses_an_unknown_teacher_naming_the_caches(two_teacher_cach
 
 def _ensemble_grads(dist) -> dict[str, torch.Tensor]:
     """Gradients of an ensemble's losses (heads, per-teacher modules) for a fixed global batch of 8, this
-    rank holding its slice."""
+    rank holding its slice (hinton over 5 class prompts: each rank has every teacher's class_emb whole)."""
     torch.manual_seed(0)
     teachers = [ensemble.Teacher("a", 0.25, 8, 50.0, {}, True), ensemble.Teacher("b", 0.75, 6, 30.0, {}, False)]
     image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
-    built = T.losses.build_ensemble_losses({"fd": 7.8, "crd": 1.0, "icl": 1.0, "clip": 0.5, "afd": 1.0},
+    built = T.losses.build_ensemble_losses({"fd": 7.8, "crd": 1.0, "icl": 1.0, "clip": 0.5, "afd": 1.0, "hinton": 1.0},
                                            [(8, 50.0), (6, 30.0)])
     distiller = T.Distiller(image, None, built, dist, teachers)
     g = torch.Generator().manual_seed(1)
-    targets = [{"t_img": torch.randn(8, d, generator=g), "t_txt": torch.randn(8, d, generator=g)} for d in (8, 6)]
+    targets = [{"t_img": torch.randn(8, d, generator=g), "t_txt": torch.randn(8, d, generator=g),
+                "class_emb": torch.randn(5, d, generator=g)} for d in (8, 6)]
     batch = {"image": torch.randn(8, 3, 4, 4, generator=g), **targets[0], "labels": torch.full((8,), -1),
              "teachers": targets}
     per = 8 // dist.world_size
-    cut = lambda v: v[dist.rank * per:(dist.rank + 1) * per]  # noqa: E731
-    local = {k: [{s: cut(x) for s, x in t.items()} for t in v] if k == "teachers" else cut(v) for k, v in batch.items()}
+    cut = lambda k, v: v if k == "class_emb" else v[dist.rank * per:(dist.rank + 1) * per]  # noqa: E731
+    local = {k: [{s: cut(s, x) for s, x in t.items()} for t in v] if k == "teachers" else cut(k, v)
+             for k, v in batch.items()}
     model = torch.nn.parallel.DistributedDataParallel(distiller) if dist.enabled else distiller
     T.backward_global(T.losses.total_loss(model(local)), distiller, dist.world_size)
     return {n: p.grad.clone() for n, p in distiller.named_parameters() if p.grad is not None}
@@ -264,3 +306,93 @@ def test_ddp_ensemble_gradients_equal_one_process_on_the_global_batch(tmp_path):
         assert grads.keys() == single.keys()
         for k in single:
             torch.testing.assert_close(grads[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# --------------------------------------------------------------------------- the per-teacher files in training
+
+
+def test_whitening_of_an_added_teacher_alone(two_teacher_cache, tmp_path):
+    """--teachers b --whiten joint: b's whitening (fit-whitening --teacher b), the temperature calibrated on
+    b's rows, RUN/whitening.safetensors = b's W, and eval's map back (run copy or cache) = b's."""
+    from kdpipe import targetspace
+    from kdpipe.whiten import WhitenConfig, run as fit
+
+    root = tmp_path / "c"
+    shutil.copytree(two_teacher_cache, root)
+    fit(WhitenConfig(cache=str(root), mode="joint", teacher="b", check_train=False, progress=False))
+    cache = store.open_cache(root)
+    w = targetspace.load_whitening(cache, "joint", teacher="b")
+    assert w.W.shape == (24, 24) and not targetspace.whitening_path(cache).exists()  # b's only: none at the root
+
+    result = T.run(_cfg(root, tmp_path / "run", teachers=["b"], whiten="joint", max_steps=2, losses="fd=1,crd=1"))
+    run_dir = Path(result["run"])
+    saved = targetspace.load_file(str(run_dir / targetspace.RUN_WHITENING))
+    for side in ("image", "text"):  # joint: both sides through b's joint transform
+        assert torch.allclose(saved[f"{side}.W"], torch.from_numpy(w.W).float())
+        assert torch.allclose(saved[f"{side}.W_inv"], torch.from_numpy(w.W_inv).float())
+    spec = json.loads((run_dir / "student.json").read_text())
+    assert spec["whitening"]["source"] == str(targetspace.whitening_path(cache, "b"))
+    targets = targetspace.load_targets(cache, "joint", teacher="b")
+    tau_b = cache.teacher_entry("b")["logit_scale"]
+    assert spec["target_logit_scale"] == pytest.approx(T.target_logit_scale(cache, targets, tau_b, 4, teacher="b"))
+    assert spec["target_logit_scale"] != pytest.approx(tau_b)
+
+    report = run_eval(EvalConfig(run=str(run_dir), split="val", device="cpu", progress=False))
+    assert report["space"].startswith("teacher (mapped back from whitened joint")
+    (run_dir / targetspace.RUN_WHITENING).unlink()  # no run copy: the maps are rebuilt from b's file in the cache
+    space = targetspace.student_space(run_dir, spec, cache, text_tower=False)
+    assert torch.allclose(space.image.w_inv, torch.from_numpy(w.W_inv).float())
+    assert torch.allclose(space.image.mu, torch.from_numpy(w.mu).float())
+
+
+def _hinton_by_hand(s_img: torch.Tensor, members: list[tuple[float, float, torch.Tensor, torch.Tensor]],
+                    T_: float) -> torch.Tensor:
+    """α = 1 hinton over class prompts: T²·KL(Σ_k w_k softmax(τ_k t_k c_kᵀ / T) ‖ softmax(τ_0 ŝ c_0ᵀ / T)).
+    members: (w_k, τ_k, t_img [B, D_k], class_emb [K, D_k]), the first the student's space."""
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    p = sum(w * torch.softmax(tau * unit(t) @ unit(c).T / T_, dim=-1) for w, tau, t, c in members)
+    q = torch.log_softmax(members[0][1] * unit(s_img) @ unit(members[0][3]).T / T_, dim=-1)
+    return T_**2 * (p * (p.log() - q)).sum(dim=1).mean()
+
+
+def _prompt_classes(cache: store.Cache, teacher: str) -> torch.Tensor:
+    """[K, D] the teacher's classifier of the cache's classes (its prompts.h5), float32."""
+    return torch.from_numpy(_classifiers(cache, teacher)["shapes"].T).float()
+
+
+@pytest.mark.parametrize("names", [["b"], [PRIMARY, "b"]])
+def test_hinton_over_each_teachers_class_prompts(two_teacher_cache, tmp_path, names):
+    """hinton's class_emb is each teacher's own (its prompts.h5): b's alone for --teachers b, and in each
+    teacher's dict for an ensemble; the term equals the loss written out by hand."""
+    cache = store.open_cache(two_teacher_cache)
+    setup = T.build_setup(_cfg(two_teacher_cache, tmp_path / "h", teachers=names,
+                               teacher_weights=[1.0, 3.0][:len(names)], losses="hinton=1",
+                               loss_options={"hinton": {"alpha": 1.0}}))
+    batch = T.to_device_batch(setup, next(iter(cachereader.epoch_batches(setup.stream, 1))))
+    classes = [_prompt_classes(cache, n) for n in names]
+    assert torch.allclose(batch["class_emb"], classes[0], atol=1e-6)
+    for view, want in zip(batch.get("teachers", ()), classes):
+        assert torch.allclose(view["class_emb"], want, atol=1e-6)
+    setup.distiller.eval()  # the same student output twice (BN on running statistics)
+    with torch.no_grad():
+        got = setup.distiller(batch)["hinton"]
+        s_img = setup.image(batch["image"])
+        views = batch.get("teachers") or [{"t_img": batch["t_img"]}]
+        members = [(t.weight, t.logit_scale, v["t_img"], c) for t, v, c in zip(setup.teachers, views, classes)]
+        assert float(got) == pytest.approx(float(_hinton_by_hand(s_img, members, 4.0)), rel=1e-5)
+
+
+def test_supervised_classes_are_moved_in_every_teachers_rows_too():
+    """A run whose hinton used the labels: the per-teacher zero-shot rows of those classes are supervised as well."""
+    from kdpipe.evaluate import mark_supervised
+
+    row = {"student": 0.5, "teacher": 0.4, "ratio": 1.25}
+    rows = {"zeroshot/shapes/top1": dict(row), "teachers/b/zeroshot/shapes/top1": dict(row),
+            "teachers/b/zeroshot/other/top1": dict(row)}
+    notes: list[str] = []
+    moved = mark_supervised(rows, {"shapes": ["a", "b"], "other": ["c"]},
+                            {"losses": ["hinton"], "classnames": ["b", "a"]}, {}, notes)
+    assert moved == ["shapes"] and len(notes) == 1
+    unmarked = {"student": 0.5, "teacher": None, "ratio": None}
+    assert rows == {"supervised/shapes/top1": unmarked, "teachers/b/supervised/shapes/top1": unmarked,
+                    "teachers/b/zeroshot/other/top1": row}

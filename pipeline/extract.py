@@ -527,9 +527,9 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
         seconds[split] = time.perf_counter() - start
         if request:
             break
-    runtime.wait_for_all(dist)  # a rank with fewer shards waits here for the others
-    if runtime.any_rank(bool(request), dist, device):  # then they agree whether to stop
-        return {"stopped": request.signal or "another rank's stop signal"}
+    stopped = stopped_on_any_rank(request, dist, device)
+    if stopped:
+        return stopped
     if dist.is_main:
         with on_write_failure(lambda: kept_after_failure(cfg, source)):
             collect_manifest(manifest, source, splits)
@@ -540,6 +540,16 @@ def extract_all(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
     for split, info in result.items():
         info["seconds"] = round(seconds.get(split, 0.0), 3)  # this process's time on the split
     return result
+
+
+def stopped_on_any_rank(request: runtime.StopRequest, dist: runtime.DistInfo,
+                        device: torch.device) -> dict[str, str] | None:
+    """After the shards: every rank waits for the others (one with fewer shards finishes first), then
+    they agree whether a stop signal reached any of them: {"stopped": signal} for all, or None."""
+    runtime.wait_for_all(dist)
+    if runtime.any_rank(bool(request), dist, device):
+        return {"stopped": request.signal or "another rank's stop signal"}
+    return None
 
 
 # --------------------------------------------------------------------------- adding a teacher
@@ -574,9 +584,9 @@ def add_teacher(cfg: ExtractConfig, request: runtime.StopRequest) -> dict[str, A
             seconds[split] = time.perf_counter() - start
             if request:
                 break
-    runtime.wait_for_all(dist)  # a rank with fewer shards waits here for the others
-    if runtime.any_rank(bool(request), dist, device):  # then they agree whether to stop
-        return {"stopped": request.signal or "another rank's stop signal"}
+    stopped = stopped_on_any_rank(request, dist, device)
+    if stopped:
+        return stopped
     if dist.is_main:
         with on_write_failure(lambda: kept_teacher_shards(manifest, name)):
             if dist.enabled:

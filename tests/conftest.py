@@ -49,3 +49,13 @@ def two_teacher_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
     shutil.copytree(tiny_cache, out)
     add_teacher_b(out, teacher_b_config(root / "b.json"), prompts=True)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its models are tiny, and on a shared 2-core machine extra OpenMP threads only wait on each other."""
+    from kdpipe.runtime import torch_threads  # noqa: PLC0415  (torch: only the tests that use it)
+
+    with torch_threads(1):
+        yield

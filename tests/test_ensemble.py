@@ -26,13 +26,7 @@ from kdpipe.evaluate import run as run_eval
 PRIMARY = "tiny-clip"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def _cfg(cache: Path, out: Path, **kw) -> T.TrainConfig:

@@ -24,15 +24,11 @@ from kdpipe.cli.main import app
 from kdpipe.errors import BadValue, CannotRun, MissingInput, UnknownName, UserError, WriteFailed
 from kdpipe.export import ExportError
 from kdpipe.registry import Registry
-from kdpipe.runtime import torch_threads
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):  # tiny models on a shared 2-core machine
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def flat(text: str) -> str:

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from kdpipe import export
 from kdpipe.cli.main import app
 from kdpipe.export import ExportConfig, ExportError
-from kdpipe.runtime import torch_threads
 from kdpipe.students import build_student, build_text_student, save_student
 from kdpipe.targetspace import Targets, save_whitening
 from kdpipe.teachers import load_teacher
@@ -29,10 +28,7 @@ DIM, SIZE = 32, 32  # tiny-clip: 32-dim embeddings, 32 px input
 CAPTIONS = ["a red circle", "two blue squares on a white background", "a photo of a cat."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):  # tiny models on a shared 2-core machine: steadier on one thread
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STARTUP = 240  # s: importing torch and open_clip on a loaded 2-core machine is slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with runtime.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 # --------------------------------------------------------------------------- processes

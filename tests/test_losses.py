@@ -31,16 +31,12 @@ from kdpipe.losses import (
     parse_losses,
     total_loss,
 )
-from kdpipe.runtime import torch_threads
 
 B, D, TAU_T = 3, 4, 100.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared CPU, extra OpenMP threads only wait on each other."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
+
 CLIP_SCALE = 1 / 0.07
 
 

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kdpipe.runtime import torch_threads
 from kdpipe.students import (
     STUDENTS,
     TEXT_STUDENTS,
@@ -28,11 +27,7 @@ from kdpipe.students import (
 D = 24  # teacher embed dim used throughout (small, not a multiple of any backbone width)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared CPU, extra OpenMP threads only wait on each other."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def _unique(registry) -> list[str]:

@@ -31,12 +31,7 @@ from test_labelled_inputs import labelled_folder, write_cifar
 DIM, N_TRAIN, N_VAL, BATCH = 16, 48, 16, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadValue, MissingInput, UnknownName
+from ..errors import BadValue, MissingInput
 from .labelled import class_captions, folder_classname
-from .records import Record, Unit
+from .records import Record, Unit, UnitSplits
 
 SIDE = 32  # CIFAR images are 32x32 RGB
 
@@ -127,7 +127,7 @@ class BatchRows:
                        label=int(labels[i]), data=png_bytes(data[i])) for i in range(self.start, self.stop)]
 
 
-class CifarSource:
+class CifarSource(UnitSplits):
     """CIFAR-10 / CIFAR-100 python batches (``DATASETS`` entry "cifar"); splits train and val (the test batch)."""
 
     name = "cifar"
@@ -170,14 +170,6 @@ class CifarSource:
                 units.append(Unit(len(units), f"{split}[{key}:{key + stop - start}] ({file})", reader, stop - start))
                 key += stop - start
         return units
-
-    def splits(self) -> list[str]:
-        return list(self._units)
-
-    def units(self, split: str) -> list[Unit]:
-        if split not in self._units:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._units)}")
-        return list(self._units[split])
 
     def classnames(self) -> list[str] | None:
         return list(self._classnames)

@@ -28,7 +28,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import BadValue, MissingInput, UnknownName
+from ..errors import BadValue, MissingInput
 from .karpathy import (
     ImageFinder,
     SplitEntry,
@@ -38,7 +38,7 @@ from .karpathy import (
     read_split_file,
     records_by_split,
 )
-from .records import Record, Unit, caption_splits, chunk_units
+from .records import Record, RecordSplits, caption_splits
 
 log = logging.getLogger("kdpipe")
 
@@ -91,7 +91,7 @@ def karpathy_record(entry: SplitEntry, finder: ImageFinder, labels: dict[int, in
     return None if path is None else Record(key, entry.captions, labels.get(cocoid), path)
 
 
-class CocoSource:
+class CocoSource(RecordSplits):
     """A COCO-style directory (``DATASETS`` entry "coco"); see the module docstring for the layout."""
 
     name = "coco"
@@ -144,17 +144,6 @@ class CocoSource:
             return []
         log.info("split file lists no train images: using annotation split %s as train", candidates[0])
         return read_caption_split(self.root, candidates[0], labels)
-
-    def splits(self) -> list[str]:
-        return list(self._records)
-
-    def records(self, split: str) -> list[Record]:
-        if split not in self._records:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._records)}")
-        return self._records[split]
-
-    def units(self, split: str) -> list[Unit]:
-        return chunk_units(self.records(split), self.shard_size, split)
 
     def classnames(self) -> list[str] | None:
         return self._classnames

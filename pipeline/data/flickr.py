@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import UnknownName
 from .karpathy import (
     ImageFinder,
     SplitEntry,
@@ -30,7 +29,7 @@ from .karpathy import (
     read_split_file,
     records_by_split,
 )
-from .records import Record, Unit, check_missing, chunk_units
+from .records import Record, RecordSplits, check_missing
 
 log = logging.getLogger("kdpipe")
 
@@ -42,7 +41,7 @@ def flickr_key(filename: str) -> str:
     return Path(filename).stem.replace(".", "_")
 
 
-class FlickrSource:
+class FlickrSource(RecordSplits):
     """Flickr30k / Flickr8k (``DATASETS`` entry "flickr"); see the module docstring for the layout."""
 
     name = "flickr"
@@ -75,14 +74,6 @@ class FlickrSource:
     def _record(entry: SplitEntry, finder: ImageFinder) -> Record | None:
         path = finder.find(entry.filepath, entry.filename)
         return None if path is None else Record(flickr_key(entry.filename), entry.captions, path=path)
-
-    def splits(self) -> list[str]:
-        return list(self._records)
-
-    def units(self, split: str) -> list[Unit]:
-        if split not in self._records:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._records)}")
-        return chunk_units(self._records[split], self.shard_size, split)
 
     def classnames(self) -> list[str] | None:
         return None

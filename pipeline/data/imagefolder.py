@@ -23,9 +23,9 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-from ..errors import BadValue, UnknownName
+from ..errors import BadValue
 from .labelled import CLASSNAMES_FILE, class_captions, folder_classname, read_classnames, refuse_empty_classes
-from .records import Record, Unit, caption_splits, chunk_units
+from .records import Record, RecordSplits, caption_splits
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}  # folder -> split name
 LAYOUT = "ROOT/CLASS/IMAGE, or ROOT/train/CLASS/IMAGE with ROOT/val/CLASS/IMAGE"
@@ -79,7 +79,7 @@ def split_records(folder: Path, classes: list[str], names: list[str]) -> list[Re
             for i, f in enumerate(mixed_order(images, folder))]
 
 
-class ImageFolderSource:
+class ImageFolderSource(RecordSplits):
     """A labelled image folder (``DATASETS`` entry "imagefolder"); see the module docstring for the layout."""
 
     name = "imagefolder"
@@ -105,14 +105,6 @@ class ImageFolderSource:
                          for split, folder in folders.items()}
         self._report = {"classes": len(self.classes), "class_names": str(names_file) if has_names else "folder names",
                         "records": {s: len(r) for s, r in self._records.items()}}
-
-    def splits(self) -> list[str]:
-        return list(self._records)
-
-    def units(self, split: str) -> list[Unit]:
-        if split not in self._records:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._records)}")
-        return chunk_units(self._records[split], self.shard_size, split)
 
     def classnames(self) -> list[str] | None:
         return list(self._classnames)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, runtime_checkable
 
-from ..errors import BadValue, MissingInput
+from ..errors import BadValue, MissingInput, UnknownName
 
 log = logging.getLogger("kdpipe")
 
@@ -118,6 +118,40 @@ def chunk_units(records: list[Record], shard_size: int, split: str) -> list[Unit
         chunk = FixedRecords(records[start : start + shard_size])
         units.append(Unit(index, f"{split}[{start}:{start + len(chunk)}]", chunk, len(chunk)))
     return units
+
+
+class RecordSplits:
+    """What a kind whose splits are record lists in memory shares of ``Source`` (coco, flickr, image
+    folders): ``_records`` {split: [Record]} in order, cut into units of ``shard_size`` on demand."""
+
+    _records: dict[str, list[Record]]
+    shard_size: int
+
+    def splits(self) -> list[str]:
+        return list(self._records)
+
+    def records(self, split: str) -> list[Record]:
+        if split not in self._records:
+            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._records)}")
+        return self._records[split]
+
+    def units(self, split: str) -> list[Unit]:
+        return chunk_units(self.records(split), self.shard_size, split)
+
+
+class UnitSplits:
+    """What a kind whose units are built up front shares of ``Source`` (parquet, hf, cifar):
+    ``_units`` {split: [Unit]}."""
+
+    _units: dict[str, list[Unit]]
+
+    def splits(self) -> list[str]:
+        return list(self._units)
+
+    def units(self, split: str) -> list[Unit]:
+        if split not in self._units:
+            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._units)}")
+        return list(self._units[split])
 
 
 def describe_missing(what: str, missing: list[str], total: int, where: str = "") -> str:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadValue, UnknownName
-from .records import Record, Unit
+from ..errors import BadValue
+from .records import Record, UnitSplits
 
 ArrowSchema = Any  # pyarrow.Schema / pyarrow.Table: pyarrow is optional, so not imported for annotations
 ArrowTable = Any
@@ -182,20 +182,11 @@ def schema_features(schema: ArrowSchema) -> dict[str, Any]:
         return {}
 
 
-class TableSplits:
+class TableSplits(UnitSplits):
     """What the two table inputs (``parquet``, ``hf``) share of ``SourceKind``: their units are built up
     front, per split, into ``_units``, and a ClassLabel column's names into ``_classnames``."""
 
-    _units: dict[str, list[Unit]]
     _classnames: list[str] | None
-
-    def splits(self) -> list[str]:
-        return list(self._units)
-
-    def units(self, split: str) -> list[Unit]:
-        if split not in self._units:
-            raise UnknownName(f"unknown split {split!r}; valid: {', '.join(self._units)}")
-        return list(self._units[split])
 
     def classnames(self) -> list[str] | None:
         return self._classnames

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import quality  # noqa: E402
 
-from kdpipe import pretrain, train  # noqa: E402
+from kdpipe import cachereader, pretrain, train  # noqa: E402
 from kdpipe.store import open_cache  # noqa: E402
 
 
@@ -92,7 +91,7 @@ def main() -> None:
     teacher_steps = int(teacher_summary["steps"])
     teacher_s = teacher_steps * s_step["teacher"]
     n_train = open_cache(root / "cache").manifest["splits"]["train"]["count"]
-    steps_per_epoch = math.ceil(n_train / args.batch_size)  # the trainer's steps per epoch (world 1)
+    steps_per_epoch = cachereader.steps_per_epoch(n_train, args.batch_size, 1)  # the trainer's (one process)
     rows = []
     print(f"teacher: {s_step['teacher']:.3f} s/step x {teacher_steps} steps = {teacher_s:.0f} s "
           f"(batch {teacher_summary['request']['batch_size']}), threads {torch.get_num_threads()}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,10 +133,6 @@ def epochs_to(curve: list[float], target: float) -> int | None:
     return next((i + 1 for i, v in enumerate(curve) if v >= target), None)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
 def compare(raw: dict[int, dict], white: dict[int, dict], epochs: int) -> dict[str, Any] | None:
     """Δ vs raw (paired by seed), epochs to 90% of the raw run's final R@1, and the target's verdict."""
     seeds = sorted(set(raw) & set(white))
@@ -147,7 +142,7 @@ def compare(raw: dict[int, dict], white: dict[int, dict], epochs: int) -> dict[s
     for m in MAIN:
         r = [raw[s]["metrics"][m]["student"] for s in seeds]
         w = [white[s]["metrics"][m]["student"] for s in seeds]
-        (rm, rs), (wm, ws) = mean_std(r), mean_std(w)
+        (rm, rs), (wm, ws) = quality.mean_std(r), quality.mean_std(w)
         out[m] = {"raw": rm, "raw_std": rs, "white": wm, "white_std": ws, "delta": wm - rm,
                   "noise": max(rs, ws), "beats_by_2std": len(seeds) > 1 and wm - rm > 2 * max(rs, ws)}
     e_raw, e_white = [], []
@@ -156,8 +151,8 @@ def compare(raw: dict[int, dict], white: dict[int, dict], epochs: int) -> dict[s
         e_raw.append(epochs_to(raw[s]["curve_i2t_R@1"], target))
         e_white.append(epochs_to(white[s]["curve_i2t_R@1"], target))
     reached = [e for e in e_white if e is not None]
-    out["epochs_to_90_raw"] = mean_std([e for e in e_raw if e is not None])
-    out["epochs_to_90_white"] = mean_std(reached) if reached else None
+    out["epochs_to_90_raw"] = quality.mean_std([e for e in e_raw if e is not None])
+    out["epochs_to_90_white"] = quality.mean_std(reached) if reached else None
     out["reached_90"] = f"{len(reached)}/{len(seeds)}"
     speedup = (out["epochs_to_90_raw"][0] / out["epochs_to_90_white"][0]
                if out["epochs_to_90_white"] and len(reached) == len(seeds) else None)
@@ -197,7 +192,7 @@ def protocol_table(root: Path, students: list[str], seeds: list[int]) -> tuple[s
                 runs = finished(root, student, recipe, epochs, seeds)
                 if not runs:
                     continue
-                cells = {m: mean_std([r["metrics"][m]["student"] for r in runs.values()]) for m in MAIN}
+                cells = {m: quality.mean_std([r["metrics"][m]["student"] for r in runs.values()]) for m in MAIN}
                 out[f"{student}/{space}/e{epochs}"] = {"seeds": sorted(runs), **cells}
                 lines.append(f"| {student} | {space} | {epochs} | {len(runs)} | "
                              f"{cells['i2t_R@1'][0]:.3f} ± {cells['i2t_R@1'][1]:.3f} | "

@@ -50,23 +50,6 @@ def _digests(root: Path, skip_teacher: str | None = None) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def world(tiny_world) -> Path:
-    return tiny_world
-
-
-@pytest.fixture(scope="module")
-def single(tiny_cache) -> Path:
-    """tiny-clip's cache of ``world``, with its prompts.h5 (shared by the session: read-only)."""
-    return tiny_cache
-
-
-@pytest.fixture(scope="module")
-def two(two_teacher_cache) -> Path:
-    """The single-teacher cache with teacher "b" added, with its own prompts.h5 (session-wide: read-only)."""
-    return two_teacher_cache
-
-
 def test_single_teacher_cache_is_format_1_with_its_teacher_named(one_teacher_cache):
     manifest = json.loads((one_teacher_cache / store.MANIFEST).read_text())
     assert manifest["format"] == 1 and "teachers" not in manifest
@@ -328,16 +311,16 @@ def test_sigterm_stops_the_add_and_a_rerun_finishes(one_teacher_cache, tmp_path,
 # --------------------------------------------------------------------------- per-teacher prompts, whitening, eval
 
 
-def test_added_teacher_has_its_own_prompts_listed_and_verified(two, tmp_path):
+def test_added_teacher_has_its_own_prompts_listed_and_verified(two_teacher_cache, tmp_path):
     """CACHE/teachers/b/prompts.h5: the primary's sets (same class names and templates) encoded by b, listed
     in b's manifest entry with its sha256 and verified; the primary's prompts.h5 is where it always was."""
     from kdpipe import prompts
 
-    cache = store.open_cache(two, verify="sha256")
-    path = two / store.TEACHERS_DIR / "b" / store.PROMPTS
+    cache = store.open_cache(two_teacher_cache, verify="sha256")
+    path = two_teacher_cache / store.TEACHERS_DIR / "b" / store.PROMPTS
     assert cache.teacher_prompts_path("b") == path
     assert cache.teacher_prompts_path() == cache.teacher_prompts_path("tiny-clip") == cache.prompts_path == \
-        two / store.PROMPTS
+        two_teacher_cache / store.PROMPTS
     mine, primary = prompts.read_prompts(path), prompts.read_prompts(cache.prompts_path)
     assert list(mine) == list(primary) and "shapes" in mine
     for name, s in primary.items():
@@ -351,7 +334,7 @@ def test_added_teacher_has_its_own_prompts_listed_and_verified(two, tmp_path):
         cache.teacher_prompts_path("zz")
 
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     corrupt = out / store.TEACHERS_DIR / "b" / store.PROMPTS
     data = bytearray(corrupt.read_bytes())
     data[-10] ^= 0xFF
@@ -360,14 +343,14 @@ def test_added_teacher_has_its_own_prompts_listed_and_verified(two, tmp_path):
         store.open_cache(out, verify="sha256")
 
 
-def test_added_teachers_prompts_resume_and_are_unlisted_while_replaced(two, tmp_path, monkeypatch):
+def test_added_teachers_prompts_resume_and_are_unlisted_while_replaced(two_teacher_cache, tmp_path, monkeypatch):
     """A new --prompt-set for teacher b: killed while its prompts.h5 is replaced, the cache still verifies (the
     file is unlisted first); the same command then adds the set, keeps the others and lists the file."""
     from kdpipe import prompts
 
     monkeypatch.setitem(prompts.PROMPT_SETS._entries, "tiny-test", lambda: (["tench", "goldfish"], ["a {}."]))
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     b, path = _teacher_b(tmp_path / "b.json"), out / store.TEACHERS_DIR / "b" / store.PROMPTS
     before, others = prompts.read_prompts(path), _digests(out, skip_teacher="b")
     real = prompts.write_prompts
@@ -392,14 +375,14 @@ def test_added_teachers_prompts_resume_and_are_unlisted_while_replaced(two, tmp_
     assert path.stat().st_mtime_ns == mtime
 
 
-def test_fit_whitening_of_an_added_teacher(two, tmp_path):
+def test_fit_whitening_of_an_added_teacher(two_teacher_cache, tmp_path):
     """`fit-whitening --teacher b`: fitted on b's train embeddings, written under CACHE/teachers/b/, found by
     targetspace for that teacher only; an unknown name is refused with the cache's teachers."""
     from kdpipe import targetspace, whiten
     from kdpipe.errors import MissingInput
 
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     report = whiten.run(whiten.WhitenConfig(cache=str(out), mode="joint", teacher="b", progress=False))
     folder = out / store.TEACHERS_DIR / "b"
     assert report["whitening"] == str(folder / whiten.WHITENING_H5) and (folder / whiten.WHITENING_JSON).exists()
@@ -425,13 +408,13 @@ def test_fit_whitening_of_an_added_teacher(two, tmp_path):
         whiten.run(whiten.WhitenConfig(cache=str(out), teacher="zz", progress=False))
 
 
-def test_teacher_eval_of_an_added_teacher(two, tmp_path):
+def test_teacher_eval_of_an_added_teacher(two_teacher_cache, tmp_path):
     """`eval --teacher CACHE --teacher-name b`: b's own figures from its embeddings and prompts, written to
     CACHE/teachers/b/teacher_eval.json."""
     from kdpipe import evaluate, metrics
 
     out = tmp_path / "c"
-    shutil.copytree(two, out)
+    shutil.copytree(two_teacher_cache, out)
     result = CliRunner().invoke(app, ["eval", "--teacher", str(out), "--teacher-name", "b", "--device", "cpu",
                                       "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -449,18 +432,18 @@ def test_teacher_eval_of_an_added_teacher(two, tmp_path):
         evaluate.run(evaluate.EvalConfig(run=str(out), teacher_name="b"))
 
 
-def test_cli_fit_whitening_unknown_teacher(two):
-    result = CliRunner().invoke(app, ["fit-whitening", str(two), "--teacher", "zz", "--no-progress"])
+def test_cli_fit_whitening_unknown_teacher(two_teacher_cache):
+    result = CliRunner().invoke(app, ["fit-whitening", str(two_teacher_cache), "--teacher", "zz", "--no-progress"])
     assert result.exit_code != 0 and "no teacher 'zz'; it has tiny-clip, b" in result.output
-    assert not (two / store.TEACHERS_DIR / "zz").exists()
+    assert not (two_teacher_cache / store.TEACHERS_DIR / "zz").exists()
 
 
 @pytest.mark.slow
-def test_two_process_gloo_add_equals_one_process(single, two, tmp_path):
+def test_two_process_gloo_add_equals_one_process(one_teacher_cache, two_teacher_cache, tmp_path):
     """`extract --add-teacher` under torchrun (2 ranks, gloo): rank r writes the shards i % 2 == r (here 2 + 1 of
     train, 1 + 0 of val), rank 0 lists them all and writes the prompts; the same files as one process."""
     out = tmp_path / "c"
-    shutil.copytree(single, out)
+    shutil.copytree(one_teacher_cache, out)
     before = _digests(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdpipe.cli",
@@ -469,7 +452,7 @@ def test_two_process_gloo_add_equals_one_process(single, two, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _digests(out, skip_teacher="b") == before
-    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two)
+    cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two_teacher_cache)
     for split in ("train", "val"):
         mine, theirs = cache.teacher_entry("b")["splits"][split], ref.teacher_entry("b")["splits"][split]
         assert [s["name"] for s in mine["shards"]] == [s["name"] for s in theirs["shards"]]

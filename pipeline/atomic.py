@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -23,19 +25,56 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _writer_tag() -> str:
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+_TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def temp_beside(path: Path) -> tuple[int, Path]:
+    """An open temporary file in path's folder, named ``.NAME.HOST-PID.RANDOM.tmp`` (see ``sweep_orphans``)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
+    return fd, Path(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_orphans(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writers (``kill -9``, a lost node) left under ``folder``.
+
+    Only files written by a process of this host that no longer runs are removed: a live writer's
+    (another rank's) and another host's are left alone. Returns the removed paths.
+    """
+    host, removed = socket.gethostname().split(".")[0], []
+    for path in Path(folder).rglob(".*.tmp"):
+        m = _TEMP.match(path.name)
+        if m and m["host"] == host and not _alive(int(m["pid"])) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     The temporary name starts with '.' and ends with '.tmp', so globs for real outputs skip it;
-    it is removed if ``write`` fails. A disk failure raises ``WriteFailed`` (``needed``: the bytes
+    it is removed if ``write`` fails, and by ``sweep_orphans`` once its writer was killed. A disk failure raises ``WriteFailed`` (``needed``: the bytes
     the file takes, when the caller knows).
     """
     path = Path(path)
     with writing(path, needed):  # creating the folder or the temporary file can fail on a full disk too
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temp_beside(path)
     os.close(fd)
-    tmp = Path(name)
     try:
         with writing(path, needed):
             write(tmp)

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import __version__, runtime
+from .atomic import sweep_orphans
 from .cachereader import StoredSample, replay_views, stored_samples
 from .data import Record, Source, open_source, views
 from .data.views import STORE_SIZE  # the config default (in ExtractConfig the field `views` hides the module)
@@ -441,6 +442,10 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
     Stopped by SIGTERM / SIGUSR1: returns ``{"stopped": signal name}`` instead (see the module docstring).
     """
     extra = extra_teacher_configs(cfg)
+    if Path(cfg.out).is_dir():
+        removed = sweep_orphans(cfg.out)  # a killed extract's half-written temporary files
+        if removed:
+            log.info("removed %d temporary file(s) of a killed extract under %s", len(removed), cfg.out)
     with runtime.stop_requests() as request:
         if cfg.add_teacher:
             return add_teacher(cfg, request)

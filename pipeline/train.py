@@ -69,7 +69,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import cachereader, ensemble, losses, metrics, runlog, runtime, trainstate
-from .atomic import atomic_write
+from .atomic import atomic_write, sweep_orphans
 from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
 from .progress import StepLines, console, interactive, line_every, make_progress
@@ -435,6 +435,7 @@ def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
         raise MissingInput(f"--resume: no checkpoint in {trainstate.ckpt_dir(run_dir)}")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        sweep_orphans(run_dir)  # the temporary files of a killed run's last writes
         write_config(cfg, run_dir / CONFIG_FILE)
 
 

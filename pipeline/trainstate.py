@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import temp_beside
 from .errors import BadValue, MissingInput, writing
 from .rundir import BEST_CKPT, CKPT_DIR, LATEST_CKPT, PREVIOUS_CKPT, has_checkpoint  # noqa: F401  (has_checkpoint: also trainstate's)
 
@@ -97,16 +97,16 @@ def _atomic_torch_save(obj: dict[str, Any], path: Path) -> Path:
     """torch.save to a temporary file in the same folder and fsync it; returns the temp path."""
     with writing(path, tensor_bytes(obj), "this checkpoint"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temp_beside(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
-    return Path(tmp)
+    return tmp
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], best: bool = False) -> Path:

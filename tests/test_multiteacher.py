@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,11 +41,13 @@ _teacher_b, _add = teacher_b_config, add_teacher_b
 
 
 def _digests(root: Path, skip_teacher: str | None = None) -> dict[str, str]:
-    """sha256 of every file of a cache but the manifest (and, when given, one added teacher's folders)."""
+    """sha256 of every file of a cache but the manifest, a killed write's temporary files (atomic's
+    `.NAME.*.tmp`, never read) and, when given, one added teacher's folders."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_dir() or rel.name == store.MANIFEST or (skip_teacher and f"teachers/{skip_teacher}/" in str(rel)):
+        temporary = rel.name.startswith(".") and rel.name.endswith(".tmp")
+        if path.is_dir() or temporary or rel.name == store.MANIFEST or (skip_teacher and f"teachers/{skip_teacher}/" in str(rel)):
             continue
         out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
@@ -107,10 +110,13 @@ def test_rerunning_the_first_teachers_extract_keeps_the_added_teachers(tiny_worl
     out = tmp_path / "c"
     shutil.copytree(two_teacher_cache, out)
     before = _digests(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = out / "val" / f".shard-000000.json.{socket.gethostname().split('.')[0]}-{dead.stdout.strip()}.x1.tmp"
+    orphan.write_text("half")  # what a kill -9 mid-write leaves
     run(_cfg(tiny_world, out))
     manifest = json.loads((out / store.MANIFEST).read_text())
     assert manifest["format"] == 2 and list(manifest["teachers"]) == ["tiny-clip", "b"]
-    assert _digests(out) == before
+    assert _digests(out) == before and not orphan.exists()
     assert store.open_cache(out, verify="sha256").load_split("val", teacher="b").img.shape == (6, 3, 24)
 
 
@@ -501,6 +507,7 @@ def test_sigkill_mid_add_then_rerun(one_teacher_cache, two_teacher_cache, tmp_pa
     assert _digests(out, skip_teacher="b") == before
     _add(out, b)
     assert _digests(out, skip_teacher="b") == before
+    assert not list(out.rglob(".*.tmp")), "the re-run removes the killed run's temporary files"
     cache, ref = store.open_cache(out, verify="sha256"), store.open_cache(two_teacher_cache)
     for split in ("train", "val"):
         got, want = cache.load_split(split, teacher="b"), ref.load_split(split, teacher="b")

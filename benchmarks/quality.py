@@ -141,6 +141,24 @@ def image_flops(teacher_dir: Path, run_dir: Path, size: int = 64) -> tuple[int, 
     return flops_per_sample(teacher.model.encode_image, x), flops_per_sample(image.eval(), x)
 
 
+def timeshare_shares(epochs: int) -> dict[str, float]:
+    """Each student's training time at ``epochs`` ÷ the teacher's, from the last results/timeshare.jsonl record.
+
+    The grid's wall times come from runs spread over sessions under different loads, so the table's
+    time share uses timeshare.py's per-step times, measured side by side on an idle machine. No record
+    (or a student it did not time): no share, shown as "–".
+    """
+    path = RESULTS / "timeshare.jsonl"
+    if not path.exists():
+        return {}
+    last = json.loads(path.read_text().splitlines()[-1])
+    per_epoch = {r["steps"] // r["epochs"] for r in last["rows"]}
+    if len(per_epoch) != 1:
+        return {}
+    steps = per_epoch.pop() * epochs
+    return {r["student"]: r["s_per_step"] * steps / last["teacher"]["seconds"] for r in last["rows"]}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
@@ -171,7 +189,7 @@ def fmt(cell: dict[str, Any] | None, seeds: int, digits: int = 3) -> str:
 
 
 def table(summary: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
-    head = "| student | recipe | seeds | " + " | ".join(METRICS) + " | epochs to 90% R@1 | min/run | time ÷ teacher |"
+    head = "| student | recipe | seeds | " + " | ".join(METRICS) + " | epochs to 90% R@1 | min/run (wall) | time ÷ teacher |"
     lines = [head, "|" + "---|" * (len(METRICS) + 6)]
     lines.append("| teacher | – | – | " + " | ".join("–" if teacher.get(m) is None else f"{teacher[m]:.3f}"
                                                    for m in METRICS) + " | – | – | 1 |")
@@ -278,9 +296,10 @@ def main() -> None:
     cells = finished_runs(root, args.epochs)
     summary = {key: aggregate(rows) for key, rows in cells.items()}
     teacher_train = json.loads((teacher_dir / "train.json").read_text())
-    for agg in summary.values():  # each student's training time as a share of the teacher's
-        agg["time_share"] = (None if agg["minutes_per_run"] is None
-                             else agg["minutes_per_run"] * 60 / teacher_train["seconds"])
+    shares = timeshare_shares(args.epochs)
+    for key, agg in summary.items():  # each student's training time as a share of the teacher's
+        agg["time_share"] = shares.get(key.split("/")[0])
+        agg["time_share_source"] = "timeshare.jsonl" if agg["time_share"] is not None else None
     flops = {}
     for key, rows in cells.items():
         if key.split("/")[0] not in flops:

@@ -54,6 +54,7 @@ from .progress import console, make_progress
 from .runtime import resolve_device
 from .atomic import atomic_write_json
 from .errors import BadValue
+from .metrics import Embeddings, ensemble_embeddings, teacher_rows, zeroshot_metrics
 from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, read_config,
                      require_run)
 from .store import TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
@@ -88,19 +89,6 @@ EvalRow = dict[str, Any]  # {"student": float | None, "teacher": float | None, "
 # --------------------------------------------------------------------------- metrics on embeddings
 
 
-@dataclass
-class Embeddings:
-    """One model's view of the split, in the teacher's space.
-
-    img [N, D] (one row per image, the split's HDF5 order), txt [M, D] (every caption),
-    classifiers {dataset: [D, K]} zero-shot weights. Rows need not be normalised.
-    """
-
-    img: Tensor
-    txt: Tensor
-    classifiers: dict[str, Tensor] = field(default_factory=dict)
-
-
 def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int = 1024,
                   whose: str = "") -> dict[str, float]:
     """Retrieval R@1/5/10 both ways, zero-shot top-1/top-5 per classifier on the labelled images, and
@@ -117,19 +105,6 @@ def split_metrics(e: Embeddings, txt_to_img: Tensor, labels: Tensor, chunk: int 
     out["geometry/modality_gap"] = metrics.modality_gap(e.img, e.txt)  # finite: retrieval_recall checked
     out["geometry/effective_rank_image"] = metrics.effective_rank(e.img)
     out.update(zeroshot_metrics(e, labels))
-    return out
-
-
-def zeroshot_metrics(e: Embeddings, labels: Tensor, names: Iterable[str] | None = None) -> dict[str, float]:
-    """Zero-shot top-1/top-5 ("zeroshot/{name}/top1", ...) of each classifier of ``e`` (``names``: only
-    those) on the labelled images; labels [N] long (−1: unknown)."""
-    known, out = labels >= 0, {}
-    if not known.any():
-        return out
-    for name, classifier in e.classifiers.items():
-        if names is None or name in names:
-            acc = metrics.zero_shot_accuracy(e.img[known], classifier, labels[known])
-            out.update({f"zeroshot/{name}/{k}": v for k, v in acc.items()})
     return out
 
 
@@ -469,50 +444,6 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
 
 
 # --------------------------------------------------------------------------- several teachers
-
-
-def top1_captions(img: Tensor, txt: Tensor, chunk: int = 1024) -> Tensor:
-    """[N] index of each image's most similar caption (cosine): img [N, D], txt [M, D], in chunks of images."""
-    txt = nn.functional.normalize(txt.float(), dim=-1)
-    return torch.cat([(nn.functional.normalize(img[i:i + chunk].float(), dim=-1) @ txt.T).argmax(dim=1)
-                      for i in range(0, img.shape[0], chunk)])
-
-
-def ensemble_embeddings(members: list[tuple[float, Embeddings]]) -> Embeddings:
-    """The ensemble as embeddings: concat_k(√w_k · x̂_k) per row, so that its cosine between an image and a
-    caption is Σ_k w_k cos_k (the teachers' weighted average similarity; weights sum to 1, rows stay unit).
-    Its classifiers, for the sets every member has, likewise: concat_k(√w_k · c_k) per class (columns)."""
-    def cat(rows: list[Tensor], dim: int = 1) -> Tensor:
-        return torch.cat([math.sqrt(w) * nn.functional.normalize(x.float(), dim=dim)
-                          for (w, _), x in zip(members, rows)], dim=dim)
-
-    shared = [n for n in members[0][1].classifiers if all(n in e.classifiers for _, e in members)]
-    return Embeddings(cat([e.img for _, e in members]), cat([e.txt for _, e in members]),
-                      {n: cat([e.classifiers[n] for _, e in members], dim=0) for n in shared})
-
-
-def teacher_rows(student: Embeddings, teacher: Embeddings, txt_to_img: Tensor, labels: Tensor, prefix: str,
-                 chunk: int = 1024) -> dict[str, EvalRow]:
-    """The student against one teacher (or the ensemble) whose space may differ from the student's.
-
-    Retrieval: the student's figures next to that teacher's own. ``agreement/i2t_top1``: the share of
-    images whose most similar caption is the same for the student and the teacher (each in its own space).
-    Zero-shot, for each prompt set both have a classifier of: the student's top-1/top-5 with its own
-    classifier next to the teacher's with its own (its prompts), and ``agreement/{set}/top1``, the share
-    of images whose predicted class is the same. labels [N] long (−1: unknown).
-    """
-    s = metrics.retrieval_recall(student.img, student.txt, txt_to_img, chunk=chunk)
-    t = metrics.retrieval_recall(teacher.img, teacher.txt, txt_to_img, chunk=chunk)
-    same = top1_captions(student.img, student.txt, chunk) == top1_captions(teacher.img, teacher.txt, chunk)
-    s["agreement/i2t_top1"], t["agreement/i2t_top1"] = same.double().mean().item(), 1.0
-    shared = [n for n in student.classifiers if n in teacher.classifiers]
-    s.update(zeroshot_metrics(student, labels, shared))
-    t.update(zeroshot_metrics(teacher, labels, shared))
-    for name in shared:
-        same = (metrics.zero_shot_predictions(student.img, student.classifiers[name])
-                == metrics.zero_shot_predictions(teacher.img, teacher.classifiers[name]))
-        s[f"agreement/{name}/top1"], t[f"agreement/{name}/top1"] = same.double().mean().item(), 1.0
-    return {f"{prefix}/{k}": v for k, v in metrics.with_ratios(s, t).items()}
 
 
 def ensemble_rows(s: StudentRun, student: Embeddings, split: str, txt_to_img: Tensor, labels: Tensor,

@@ -14,12 +14,14 @@ Batch keys (all [B, D], D = teacher embed dim):
   labels [B]     int64 class labels, −1 = unknown (``hinton`` only, optional)
   class_emb [K, D]  teacher embeddings of the class prompts (``hinton`` only, optional)
   s_logits, t_logits [B, K]  the student's class-head logits and the teacher's zero-shot logits
-                 over the class prompts (``hinton`` only, with ``train --labels``)
+                 over the class prompts (``hinton`` only, with ``train --labels``; an ensemble's
+                 teachers' dicts each hold their own t_logits)
   teachers       an ensemble of K teachers only: a list, one dict per teacher, the first being the
                  student's own space (the top-level t_img / t_txt / s_* are its own), each
                  {t_img, t_txt [B, D_k]; s_img, s_txt, s_img_masked [B, D_k]: the student through
                  that teacher's projection head (present as the top-level ones are); weight: float,
-                 the weights summing to 1; logit_scale: float, τ_k; class_emb [K, D_k] (optional)}
+                 the weights summing to 1; logit_scale: float, τ_k; class_emb [K, D_k] and
+                 t_logits [B, K] (optional)}
 
 Ensembles (MobileCLIP's reinforced training). A loss over similarity *distributions* (crd, hinton)
 compares the student with the weighted average of the teachers' probabilities,
@@ -432,9 +434,9 @@ class HintonDistillation(DistillLoss):
     (−1 ignored); otherwise the term is the KD part alone (α·T²·KL). α = 0 is the CE alone (no
     teacher: the baseline of task KD). Defaults T = 4, α = 0.5. Term: ``hinton``.
 
-    Ensemble (prompt or text logits): softmax(z_t/T) becomes Σ_k w_k softmax(z^k_t/T), z^k_t at τ_k
-    (over the class prompts, each teacher's dict then needs its own ``class_emb``); the student keeps
-    the first teacher's τ.
+    Ensemble: softmax(z_t/T) becomes Σ_k w_k softmax(z^k_t/T). Head logits: each teacher's dict has its
+    own ``t_logits`` (already at its τ_k); prompt or text logits: z^k_t at τ_k (over the class prompts,
+    each teacher's dict then needs its own ``class_emb``); the student keeps the first teacher's τ.
     """
 
     def __init__(self, weight: float, embed_dim: int, teacher_logit_scale: float, text_student: bool = False,
@@ -454,7 +456,7 @@ class HintonDistillation(DistillLoss):
         tau = self.teacher_logit_scale
         if "s_logits" in batch:  # a class head against the teacher's zero-shot logits (train --labels)
             z_s = batch["s_logits"].float()
-            z_t = F.log_softmax(batch["t_logits"].float() / self.T, dim=-1)
+            z_t = teacher_log_probs(batch, tau, lambda _, t: t["t_logits"].float() / self.T)
         else:
             over = "class_emb" if "class_emb" in batch else "t_txt"  # class prompts, else the batch's texts
             z_s = tau * s_img @ (_unit(batch["class_emb"]) if over == "class_emb" else s_txt).T
@@ -582,11 +584,14 @@ class PerTeacher(nn.Module):
 
     ``members[k]`` is the loss built for teacher k (its D_k, its τ_k, its own parameters) and sees
     the batch with teacher k's dict over it (the student through teacher k's head, k's targets).
+    ``shares`` keeps the last forward's w_k · term_k per term (detached, teacher order), for logging
+    (``teacher_shares``): what each teacher adds to the logged sum.
     """
 
     def __init__(self, members: Sequence[DistillLoss]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.shares: dict[str, list[torch.Tensor]] = {}
 
     @property
     def teacher_logit_scale(self) -> float:
@@ -600,10 +605,21 @@ class PerTeacher(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         shared = {k: v for k, v in batch.items() if k != "teachers"}
         terms: dict[str, torch.Tensor] = {}
+        shares: dict[str, list[torch.Tensor]] = {}
         for member, teacher in zip(self.members, batch["teachers"], strict=True):
             for name, value in member({**shared, **teacher}).items():
-                terms[name] = terms[name] + teacher["weight"] * value if name in terms else teacher["weight"] * value
+                share = teacher["weight"] * value
+                terms[name] = terms[name] + share if name in terms else share
+                shares.setdefault(name, []).append(share.detach())
+        self.shares = shares
         return terms
+
+
+def teacher_shares(losses: nn.ModuleDict) -> dict[str, list[torch.Tensor]]:
+    """The per-teacher losses' last terms split by teacher: {term: [w_k · term_k, in teacher order]} (their
+    sum is the term); {} without an ensemble. crd and hinton have none: they average probabilities."""
+    return {name: values for loss in losses.values() if isinstance(loss, PerTeacher)
+            for name, values in loss.shares.items()}
 
 
 def build_ensemble_losses(weights: dict[str, float], teachers: Sequence[tuple[int, float]],

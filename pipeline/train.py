@@ -36,7 +36,9 @@ losses get every teacher's targets and the student through one projection head p
 alone (the default) reads exactly what a single-teacher cache gives. Each teacher's cache-level files
 are its own: ``--whiten`` with one added teacher uses its whitening (``fit-whitening --teacher NAME``)
 and calibrates τ on its rows (refused for an ensemble: the teachers' spaces differ); hinton over
-class prompts takes each teacher's classifier from its own prompts.h5.
+class prompts, and ``--labels``' teacher logits, take each teacher's classifier from its own prompts.h5.
+Validation of an ensemble also scores the student against each teacher and the ensemble (logged;
+best.pt is picked on the first teacher's score), and train rows split the per-teacher terms by teacher.
 
 DDP (torchrun): the student, text student and loss modules are one ``Distiller`` wrapped in
 DDP; features are all-gathered (the local slice keeps its gradient, as open_clip's
@@ -59,7 +61,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -189,8 +191,9 @@ class Distiller(nn.Module):
         self.heads = ensemble.teacher_heads(self.teachers) if len(self.teachers) > 1 else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb; an ensemble:
-        teachers, one {t_img, t_txt [B,D_k] (+ class_emb [K,D_k])} per teacher, the first = t_img/t_txt)."""
+        """batch: image [B,3,S,S], t_img/t_txt [B,D] (+ tokens [B,L], image_masked, labels, class_emb, t_logits; an
+        ensemble: teachers, one {t_img, t_txt [B,D_k] (+ class_emb [K,D_k], t_logits [B,K])} per teacher, the first
+        = the top-level ones)."""
         feats = {"s_img": self.image(batch["image"]), "t_img": batch["t_img"], "t_txt": batch["t_txt"],
                  "labels": batch["labels"]}
         if self.text is not None:
@@ -270,9 +273,9 @@ def teacher_streams(cache: Cache, teachers: Sequence[ensemble.Teacher], split: s
                  for t in teachers if not t.primary)
 
 
-def class_embeddings(cache: Cache, targets: Targets, teacher: str | None = None) -> torch.Tensor | None:
-    """[K, D] zero-shot classifier of the cache's own classes (for hinton), in the target space, from
-    ``teacher``'s prompts.h5 (None: the primary's); None when it has no prompt set of those classes."""
+def class_prompts(cache: Cache, teacher: str | None = None) -> torch.Tensor | None:
+    """[K, T, D] ``teacher``'s prompt embeddings of the cache's own classes (class x template), from its
+    prompts.h5 (None: the primary's); None when the cache has no classes or that file no set of them."""
     from .prompts import find_set, read_prompts  # noqa: PLC0415
 
     path = cache.teacher_prompts_path(teacher)
@@ -280,10 +283,14 @@ def class_embeddings(cache: Cache, targets: Targets, teacher: str | None = None)
         return None
     sets = read_prompts(path)
     name = find_set(sets, list(cache.classnames))
-    if name is None:
-        return None
-    emb = torch.from_numpy(sets[name].emb.astype(np.float32))  # [K, T, D]
-    return targets.apply(metrics.zero_shot_classifier(emb).T.contiguous(), "text")
+    return None if name is None else torch.from_numpy(sets[name].emb.astype(np.float32))
+
+
+def class_embeddings(cache: Cache, targets: Targets, teacher: str | None = None) -> torch.Tensor | None:
+    """[K, D] zero-shot classifier of the cache's own classes (for hinton), in the target space, from
+    ``teacher``'s prompts.h5 (None: the primary's); None when it has no prompt set of those classes."""
+    emb = class_prompts(cache, teacher)
+    return None if emb is None else targets.apply(metrics.zero_shot_classifier(emb).T.contiguous(), "text")
 
 
 def teachers_class_embeddings(cache: Cache, teachers: Sequence[ensemble.Teacher],
@@ -300,42 +307,46 @@ def teachers_class_embeddings(cache: Cache, teachers: Sequence[ensemble.Teacher]
     return None if lacking else embs
 
 
-def teacher_classifier(cache: Cache) -> torch.Tensor:
-    """``--labels``: the teacher's prompt-ensemble classifier of the cache's classes, [D, K] (raw teacher space).
-
-    The teacher's logits over the class prompts are not stored in the cache: for an image, they are
-    τ_t · (its stored normalised embedding) · this classifier (``metrics.zero_shot_logits``), exactly
-    what open_clip's zero-shot classifier gives on the same pixels. Refuses a cache without labels.
-    """
-    from .prompts import find_set, read_prompts  # noqa: PLC0415
-
+def check_labelled(cache: Cache) -> None:
+    """``--labels``: refuses a cache without classes or without a labelled train image."""
     hint = "extract a labelled input (an image folder, CIFAR batches, a COCO root with labels_*.json, ...)"
     if not cache.classnames:
         raise BadValue(f"--labels: the cache {cache.root} has no classes (its input had no labels); {hint}")
     if not any(bool((shard.labels >= 0).any()) for shard in cache.iter_h5("train", fields=("img_norms",))):
         raise BadValue(f"--labels: no train image of the cache {cache.root} has a label; {hint}")
-    sets = read_prompts(cache.prompts_path) if cache.prompts_path.exists() else {}
-    name = find_set(sets, list(cache.classnames))
-    if name is None:
-        raise BadValue(f"--labels: {cache.prompts_path} has no prompt set of the cache's {len(cache.classnames)} "
-                       "classes (the teacher side of task KD); re-run `kdpipe extract` with prompts (not --no-prompts)")
-    return metrics.zero_shot_classifier(torch.from_numpy(sets[name].emb.astype(np.float32)))
+
+
+def teacher_classifier(cache: Cache, teacher: ensemble.Teacher | None = None) -> torch.Tensor:
+    """``--labels``: ``teacher``'s prompt-ensemble classifier of the cache's classes, [D_k, K] (its raw space),
+    from its own prompts.h5 (None: the primary's).
+
+    The teacher's logits over the class prompts are not stored in the cache: for an image, they are
+    τ_k · (its stored normalised embedding) · this classifier (``metrics.zero_shot_logits``), exactly
+    what open_clip's zero-shot classifier gives on the same pixels. Refuses a teacher without the set.
+    """
+    name = None if teacher is None or teacher.primary else teacher.name
+    emb = class_prompts(cache, name)
+    if emb is None:
+        rerun = ("`kdpipe extract` with prompts (not --no-prompts)" if name is None else
+                 f"`kdpipe extract --add-teacher` of teacher {name!r} without --no-prompts (its shards are kept)")
+        raise BadValue(f"--labels: {cache.teacher_prompts_path(name)} has no prompt set of the cache's "
+                       f"{len(cache.classnames or ())} classes (the teacher side of task KD); re-run {rerun}")
+    return metrics.zero_shot_classifier(emb)
 
 
 def add_class_head(cfg: TrainConfig, cache: Cache, image: ImageStudent, weights: dict[str, float],
-                   teachers: list[ensemble.Teacher]) -> torch.Tensor | None:
-    """``--labels``: a class head on the image student; returns the teacher's classifier [D, K] (None without)."""
+                   teachers: list[ensemble.Teacher]) -> list[torch.Tensor] | None:
+    """``--labels``: a class head on the image student; returns each run teacher's classifier [D_k, K]
+    (its raw space; None without --labels)."""
     if not cfg.labels:
         return None
-    if [t.name for t in teachers] != [cache.primary]:
-        raise BadValue(f"--labels learns the zero-shot logits of the cache's first teacher ({cache.primary}) alone; "
-                       f"--teachers {','.join(t.name for t in teachers)} is not supported with it yet")
     if "hinton" not in weights:
         raise BadValue(f"--labels trains a class head with the hinton loss; --losses {cfg.losses!r} has no hinton "
                        "(e.g. --losses hinton=1, or hinton=1 --loss-options hinton.alpha=0 for the CE baseline)")
-    classifier = teacher_classifier(cache)
-    image.add_class_head(classifier.shape[1])
-    return classifier
+    check_labelled(cache)
+    classifiers = [teacher_classifier(cache, t) for t in teachers]
+    image.add_class_head(classifiers[0].shape[1])
+    return classifiers
 
 
 # --------------------------------------------------------------------------- the run's pieces
@@ -366,7 +377,7 @@ class Setup:
     total_steps: int
     run_dir: Path
     teachers: list[ensemble.Teacher]  # the run's, the student's space first
-    teacher_classes: torch.Tensor | None = None  # --labels: the teacher's classifier [D, K], raw space
+    teacher_classes: list[torch.Tensor] | None = None  # --labels: each run teacher's classifier [D_k, K], raw space
 
 
 def build_setup(cfg: TrainConfig) -> Setup:
@@ -423,7 +434,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
                  scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), mask_gen=mask_gen,
                  targets=targets.to(device), class_emb=None if class_emb is None else [c.to(device) for c in class_emb],
                  weights=weights, stream=stream, steps_per_epoch=spe, total_steps=total, run_dir=Path(cfg.out),
-                 teachers=teachers, teacher_classes=None if teacher_classes is None else teacher_classes.to(device))
+                 teachers=teachers,
+                 teacher_classes=None if teacher_classes is None else [c.to(device) for c in teacher_classes])
 
 
 def prepare_run_dir(cfg: TrainConfig, dist: runtime.DistInfo) -> None:
@@ -469,10 +481,19 @@ def to_device_batch(setup: Setup, batch: dict[str, Any]) -> dict[str, Any]:
         out["class_emb"] = setup.class_emb[0]
         for view, emb in zip(out.get("teachers", ()), setup.class_emb):
             view["class_emb"] = emb
-    if setup.teacher_classes is not None:  # the teacher's logits over the class prompts, from its raw embeddings
-        out["t_logits"] = metrics.zero_shot_logits(batch["t_img"].to(d).float(), setup.teacher_classes,
-                                                   float(setup.cache.manifest["logit_scale"]))
+    if setup.teacher_classes is not None:  # the first's at the top level, each one's in its dict (as class_emb)
+        logits = teacher_logits(setup, targets)
+        out["t_logits"] = logits[0]
+        for view, z in zip(out.get("teachers", ()), logits):
+            view["t_logits"] = z
     return out
+
+
+def teacher_logits(setup: Setup, targets: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """``--labels``: each run teacher's zero-shot logits over the class prompts, [B, K] each: τ_k · its raw
+    (never whitened) stored embedding, normalised, · its classifier (hinton averages their probabilities)."""
+    return [metrics.zero_shot_logits(target["t_img"].to(setup.device).float(), classifier, teacher.logit_scale)
+            for target, classifier, teacher in zip(targets, setup.teacher_classes or (), setup.teachers, strict=True)]
 
 
 def run_targets(setup: Setup, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
@@ -504,6 +525,14 @@ class StepResult:
     finite: bool
     grad_norm: float
     lr: float  # the learning rate this step used (whether or not it was applied)
+    teacher_terms: dict[str, float] = field(default_factory=dict)  # an ensemble's "fd_img/NAME": w_k · term_k
+
+
+def teacher_terms(setup: Setup) -> dict[str, float]:
+    """The last step's per-teacher terms by teacher name, {"fd_img/b": w_b · fd_img_b, ...}; {} for one teacher."""
+    return {f"{term}/{teacher.name}": float(value)
+            for term, values in losses.teacher_shares(setup.distiller.losses).items()
+            for teacher, value in zip(setup.teachers, values, strict=True)}
 
 
 def optimizer_step(setup: Setup, finite: bool) -> None:
@@ -545,7 +574,8 @@ def train_step(setup: Setup, batch: dict[str, Any]) -> StepResult:
         finite = finite and math.isfinite(grad_norm)
     optimizer_step(setup, finite)
     setup.optimizer.zero_grad(set_to_none=True)
-    return StepResult({k: float(v.detach()) for k, v in terms.items()}, float(total.detach()), finite, grad_norm, lr)
+    return StepResult({k: float(v.detach()) for k, v in terms.items()}, float(total.detach()), finite, grad_norm, lr,
+                      teacher_terms(setup))
 
 
 # --------------------------------------------------------------------------- validation
@@ -592,7 +622,7 @@ def embed_val(setup: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | Non
 @torch.no_grad()
 def head_accuracy(setup: Setup) -> dict[str, float]:
     """``--labels``: the class head's top-1 on up to ``val_samples`` labelled val images (view 0, eval mode)."""
-    cache, pre = setup.cache, setup.cache.teacher["preprocess"]
+    cache, pre = setup.cache, setup.teachers[0].fingerprint["preprocess"]  # the student's teacher's, as embed_val
     cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=setup.cfg.batch_size,
                                     image_size=setup.image.image_size, interpolation=pre["interpolation"],
                                     train=False, workers=min(setup.cfg.workers, 1))
@@ -609,35 +639,85 @@ def head_accuracy(setup: Setup) -> dict[str, float]:
     return {"val_top1": hits / max(seen, 1), "val_labelled": seen}
 
 
+@dataclass
+class ValRows:
+    """One teacher's cached val embeddings of the validated images, in their order: view 0 [n, D_k],
+    every caption [m, D_k] with its image txt_to_img [m], and each image's first caption [n, D_k]."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    txt_to_img: torch.Tensor
+    first_txt: torch.Tensor
+
+
+def val_rows(cache: Cache, teacher: str, keys: Sequence[str]) -> ValRows:
+    """``teacher``'s val rows of the images ``keys`` (the same captions, in the same order, for every teacher)."""
+    val = cache.load_split("val", fields=("img", "txt"), teacher=teacher)
+    index = {k: i for i, k in enumerate(val.keys)}
+    rows = np.array([index[k] for k in keys])
+    starts, ends = val.txt_offsets[rows], val.txt_offsets[rows + 1]
+    txt_rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+    as_tensor = lambda x: torch.from_numpy(x.astype(np.float32))  # noqa: E731
+    return ValRows(as_tensor(val.img[rows, 0]), as_tensor(val.txt[txt_rows]),
+                   torch.from_numpy(np.repeat(np.arange(len(rows)), ends - starts)), as_tensor(val.txt[starts]))
+
+
+VAL_TEACHER_KEYS = ("i2t_R@1", "t2i_R@1", "agreement/i2t_top1")  # of metrics.teacher_rows, logged per teacher
+
+
+@torch.no_grad()
+def ensemble_validation(setup: Setup, keys: Sequence[str], s_img: torch.Tensor,
+                        first: ValRows) -> dict[str, float]:
+    """An ensemble run's student against each teacher's val rows and against the ensemble.
+
+    The student reaches teacher k's space through its projection head (as the losses see it; the first
+    teacher's: as it is): its R@1 both ways with k's captions, and the share of images whose top-1 caption
+    is the same as k's own (``metrics.teacher_rows``, eval's ``teachers/NAME/`` rows). The ensemble's: the
+    same on ``metrics.ensemble_embeddings`` of the student's and the teachers' (similarity Σ_k w_k cos_k).
+    s_img [n, D_0]. Keys ``val_teachers/NAME/i2t_R@1``, ..., ``val_teachers/ensemble/i2t_R@1``, ...
+    """
+    heads = [nn.Identity(), *(setup.distiller.heads or ())]
+    students, teachers = [], []
+    for k, (teacher, head) in enumerate(zip(setup.teachers, heads, strict=True)):
+        rows = first if k == 0 else val_rows(setup.cache, teacher.name, keys)
+        s_k = head(s_img.to(setup.device, torch.float32)).cpu()  # [n, D_k]
+        students.append((teacher.weight, metrics.Embeddings(s_k, rows.txt)))
+        teachers.append((teacher.weight, metrics.Embeddings(rows.img, rows.txt)))
+    no_labels = torch.full((len(keys),), -1)  # no classifier: retrieval and agreement only
+    found: dict[str, dict] = {}
+    for teacher, (_, s), (_, t) in zip(setup.teachers, students, teachers):
+        found.update(metrics.teacher_rows(s, t, first.txt_to_img, no_labels, f"teachers/{teacher.name}"))
+    found.update(metrics.teacher_rows(metrics.ensemble_embeddings(students), metrics.ensemble_embeddings(teachers),
+                                      first.txt_to_img, no_labels, "teachers/ensemble"))
+    return {f"val_{name}": row["student"] for name, row in found.items() if name.endswith(VAL_TEACHER_KEYS)}
+
+
 def validate(setup: Setup) -> dict[str, float]:
     """Quick validation: student (view 0, eval mode, after precise BN) vs cached teacher embeddings.
 
-    R@1 both ways against the teacher's text embeddings of the same images' captions, and the
-    mean cosine to the teacher's view-0 embedding (with a text student: its mean cosine to the
-    teacher's first caption embedding).
+    R@1 both ways against the first teacher's text embeddings of the same images' captions, and the
+    mean cosine to its view-0 embedding (with a text student: its mean cosine to the first caption
+    embedding). An ensemble adds the student against each teacher and the ensemble
+    (``ensemble_validation``); the score that picks best.pt stays the first teacher's (or, with
+    ``--labels``, the class head's top-1).
     """
     refresh_bn(setup)
     keys, s_img, s_txt = embed_val(setup)
-    val = setup.cache.load_split("val", fields=("img", "txt"), teacher=setup.teachers[0].name)
-    index = {k: i for i, k in enumerate(val.keys)}
-    rows = np.array([index[k] for k in keys])
-    t_img = torch.from_numpy(val.img[rows, 0].astype(np.float32))
-    starts, ends = val.txt_offsets[rows], val.txt_offsets[rows + 1]
-    txt_rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
-    t_txt = torch.from_numpy(val.txt[txt_rows].astype(np.float32))
-    txt_to_img = torch.from_numpy(np.repeat(np.arange(len(rows)), ends - starts))
-    recall = metrics.retrieval_recall(s_img, t_txt, txt_to_img, ks=(1,), img_name="val split: student image embeddings",
+    first = val_rows(setup.cache, setup.teachers[0].name, keys)
+    recall = metrics.retrieval_recall(s_img, first.txt, first.txt_to_img, ks=(1,),
+                                      img_name="val split: student image embeddings",
                                       txt_name="val split: teacher text embeddings")
     out = {f"val_{k}": v for k, v in recall.items()}
-    out["val_cos"] = metrics.agreement(s_img, t_img)["cosine"]
+    out["val_cos"] = metrics.agreement(s_img, first.img)["cosine"]
     if s_txt is not None:  # only its cosine is logged, but a NaN text tower must stop the run too
         metrics.require_finite(s_txt, "val split: student text embeddings")
-        first = torch.from_numpy(val.txt[starts].astype(np.float32))
-        out["val_txt_cos"] = metrics.agreement(s_txt, first)["cosine"]
+        out["val_txt_cos"] = metrics.agreement(s_txt, first.first_txt)["cosine"]
     out["val_score"] = (out["val_i2t_R@1"] + out["val_t2i_R@1"]) / 2 + 1e-3 * out["val_cos"]
     if setup.teacher_classes is not None:  # --labels: the best checkpoint is the best classifier
         out.update(head_accuracy(setup))
         out["val_score"] = out["val_top1"] + 1e-3 * out["val_cos"]
+    if len(setup.teachers) > 1:
+        out.update(ensemble_validation(setup, keys, s_img, first))
     out["val_images"] = len(keys)
     return out
 
@@ -870,7 +950,8 @@ def on_step(setup: Setup, loop: LoopState, res: StepResult, batch: dict[str, Any
         mlog.write({"kind": "train", "step": loop.pos.step, "epoch": epoch, "lr": res.lr,
                    "loss": res.total, "terms": res.terms, "grad_norm": res.grad_norm,
                    "samples_per_s": rate, "nonfinite_skipped": loop.counters["nonfinite"],
-                   "data_errors": loop.counters["data_errors"], **losses.logit_scales(setup.distiller.losses)})
+                   "data_errors": loop.counters["data_errors"], **losses.logit_scales(setup.distiller.losses),
+                   **({"teacher_terms": res.teacher_terms} if res.teacher_terms else {})})
 
 
 def val_line(step: int, val: dict[str, float], best: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ class TrainConfig:
     labels: bool = setting(
         False, "Task KD on the cache's class labels (a labelled input: imagefolder, cifar, ...): the student gets a "
         "class head whose logits are hinton's student side (teacher side: its zero-shot logits over the class prompts, "
-        "from the cached embeddings) and its CE term's; eval reports the head's top-1/top-5. VLM_Distillation's recipe: "
+        "from the cached embeddings; with several --teachers, their probabilities averaged with the teacher weights) "
+        "and its CE term's; eval reports the head's top-1/top-5. VLM_Distillation's recipe: "
         "--losses hinton=1 (T=4, alpha=0.5); the no-teacher baseline: --losses hinton=1 --loss-options hinton.alpha=0.")
     whiten: str = setting(
         "none", "none | image | text | joint | separate: learn whitened targets (needs `kdpipe fit-whitening`; "

@@ -390,3 +390,67 @@ def test_supervised_classes_are_moved_in_every_teachers_rows_too():
     unmarked = {"student": 0.5, "teacher": None, "ratio": None}
     assert rows == {"supervised/shapes/top1": unmarked, "teachers/b/supervised/shapes/top1": unmarked,
                     "teachers/b/zeroshot/other/top1": row}
+
+
+# --------------------------------------------------------------------------- validation against every teacher
+
+
+def _val_sims(cache: store.Cache, name: str, keys: list[str], s_img: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A teacher's val rows of ``keys`` by hand: (student [n, M] and teacher [n, M] cosines to its captions,
+    txt_to_img [M]); s_img [n, D_k] the student in that teacher's space."""
+    held = cache.load_split("val", fields=("img", "txt"), teacher=name)
+    rows = [held.keys.index(k) for k in keys]
+    txt_rows = [j for r in rows for j in range(held.txt_offsets[r], held.txt_offsets[r + 1])]
+    txt_to_img = np.repeat(np.arange(len(rows)), np.diff(held.txt_offsets)[rows])
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    txt = unit(held.txt[txt_rows].astype(np.float64))
+    return unit(s_img) @ txt.T, unit(held.img[rows, 0].astype(np.float64)) @ txt.T, txt_to_img
+
+
+def test_validation_scores_the_student_against_each_teacher_and_the_ensemble(two_teacher_cache, tmp_path,
+                                                                             monkeypatch):
+    """An ensemble's validation adds, per teacher (the student through its head) and for the ensemble (Σ_k w_k
+    cos_k), R@1 both ways and the share of equal top-1 captions; best.pt's score stays the first teacher's."""
+    cache = store.open_cache(two_teacher_cache)
+    setup = T.build_setup(_cfg(two_teacher_cache, tmp_path / "v", teachers=[PRIMARY, "b"], teacher_weights=[1.0, 3.0]))
+    held = cache.load_split("val", fields=("img",))
+    keys = list(held.keys)[::-1]  # not the h5 order: rows are found by key
+    noise = torch.randn(len(keys), 32, generator=torch.Generator().manual_seed(0))
+    student = torch.from_numpy(held.img[::-1, 0].astype(np.float32)) + 0.05 * noise  # near the first teacher
+    monkeypatch.setattr(T, "embed_val", lambda _: (keys, student, None))
+    val = T.validate(setup)
+    s_img = student.double().numpy()
+    students = {PRIMARY: s_img, "b": s_img @ setup.distiller.heads[0].weight.detach().double().numpy().T}
+    sims = {name: _val_sims(cache, name, keys, students[name]) for name in (PRIMARY, "b")}
+    sims["ensemble"] = tuple(0.25 * a + 0.75 * b for a, b in zip(sims[PRIMARY][:2], sims["b"][:2])) + (sims["b"][2],)
+    for name, (s, t, txt_to_img) in sims.items():
+        assert val[f"val_teachers/{name}/i2t_R@1"] == pytest.approx(_i2t_r1(s, txt_to_img)), name
+        assert val[f"val_teachers/{name}/t2i_R@1"] == pytest.approx(float(np.mean(s.argmax(axis=0) == txt_to_img)))
+        assert val[f"val_teachers/{name}/agreement/i2t_top1"] == pytest.approx(
+            float(np.mean(s.argmax(axis=1) == t.argmax(axis=1))))
+    assert val[f"val_teachers/{PRIMARY}/i2t_R@1"] == val["val_i2t_R@1"]  # the first teacher's: the usual figure
+    assert val[f"val_teachers/{PRIMARY}/agreement/i2t_top1"] > 0.5 > val["val_teachers/b/agreement/i2t_top1"]
+    assert val["val_score"] == pytest.approx((val["val_i2t_R@1"] + val["val_t2i_R@1"]) / 2 + 1e-3 * val["val_cos"])
+
+    single = T.validate(T.build_setup(_cfg(two_teacher_cache, tmp_path / "s")))  # (embed_val: the same stand-in)
+    assert not [k for k in single if k.startswith("val_teachers/")]  # one teacher: the rows as before
+
+
+def test_an_ensemble_run_logs_each_teachers_share_and_validation(two_teacher_cache, tmp_path):
+    """metrics.jsonl: train rows split the per-teacher terms by teacher (summing to the term), val rows hold
+    the student against each teacher and the ensemble; a single teacher's rows have neither."""
+    run = Path(T.run(_cfg(two_teacher_cache, tmp_path / "e", teachers=[PRIMARY, "b"], teacher_weights=[1.0, 3.0],
+                          losses="fd=1,crd=1", max_steps=2))["run"])
+    rows = T.read_metrics(run / "metrics.jsonl")
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2
+    for row in train:
+        assert set(row["teacher_terms"]) == {f"{t}/{n}" for t in ("fd_img",) for n in (PRIMARY, "b")}
+        assert sum(row["teacher_terms"].values()) == pytest.approx(row["terms"]["fd_img"], rel=1e-5)
+        assert row["teacher_terms"]["fd_img/b"] > 0
+    val = [r for r in rows if r["kind"] == "val"][-1]
+    assert {f"val_teachers/{n}/{k}" for n in (PRIMARY, "b", "ensemble")
+            for k in ("i2t_R@1", "t2i_R@1", "agreement/i2t_top1")} <= set(val)
+    single = T.read_metrics(Path(T.run(_cfg(two_teacher_cache, tmp_path / "s", losses="fd=1", max_steps=1))["run"])
+                            / "metrics.jsonl")
+    assert not any("teacher_terms" in r or any(k.startswith("val_teachers/") for k in r) for r in single)

@@ -28,6 +28,7 @@ from kdpipe.losses import (
     logit_scales,
     mean_softmax_entropy,
     mask_images,
+    teacher_shares,
     parse_losses,
     total_loss,
 )
@@ -550,3 +551,18 @@ def test_feature_losses_are_built_per_teacher_and_weighted():
     icl = built["icl"]
     by_hand = sum(t["weight"] * icl.members[k]({**batch, **t})["icl"] for k, t in enumerate(batch["teachers"]))
     assert torch.allclose(terms["icl"], by_hand, rtol=0, atol=1e-12)
+
+
+def test_per_teacher_terms_are_kept_split_by_teacher_for_logging():
+    """fd's term (λ = 2, w = 1/4, 3/4): A adds 1/4 · 0, B 3/4 · 2 · 1/2; the shares sum to the logged term.
+    crd averages probabilities (no share); one teacher: no shares."""
+    batch = _pair_ensemble(0.25, math.log(3), math.log(9))
+    built = build_ensemble_losses({"fd": 2.0, "crd": 1.0}, [(2, 5.0), (3, 7.0)], text_student=True).double()
+    terms = compute_terms(built, batch)
+    shares = teacher_shares(built)
+    assert set(shares) == {"fd_img", "fd_txt"}
+    assert [v.item() for v in shares["fd_img"]] == pytest.approx([0.0, 0.75], abs=1e-12)
+    for name, values in shares.items():
+        assert torch.allclose(sum(values), terms[name], rtol=0, atol=1e-12)
+        assert not any(v.requires_grad for v in values)  # for logging only: no graph kept
+    assert teacher_shares(build_losses({"fd": 2.0}, 2, 5.0)) == {}

@@ -210,3 +210,107 @@ def test_cli_extract_a_labelled_set_then_train_labels_and_eval(tmp_path, kind):
     report = json.loads((run / "eval.json").read_text())
     assert "head/top1" in output and report["dataset"]["classnames"] == classnames
     assert all(math.isfinite(report["metrics"][f"head/{k}"]["teacher"]) for k in ("top1", "top5"))
+
+
+# --------------------------------------------------------------------------- --labels with an added teacher or an ensemble
+
+PRIMARY = "tiny-clip"  # conftest's two_teacher_cache: the primary (D 32) and "b" (D 24, 48 px), each with its prompts
+
+
+def _ens_cfg(cache: Path, out: Path, **kw) -> T.TrainConfig:
+    return _cfg(cache, out, batch_size=4, val_samples=6, shuffle_buffer=8, **kw)
+
+
+def _hand_logits(cache, teacher: str, batch: dict) -> torch.Tensor:
+    """τ_k · teacher's stored (key, view) rows, normalised, · its prompt-ensemble classifier (by hand, float64)."""
+    from test_ensemble import _classifiers, _stored_rows
+
+    img, _ = _stored_rows(cache, teacher, batch["keys"], batch["view"], batch["caption_idx"])
+    img = img.double() / img.double().norm(dim=1, keepdim=True)
+    tau = cache.teacher_entry(teacher)["logit_scale"]
+    return tau * img @ torch.from_numpy(_classifiers(cache, teacher)["shapes"])
+
+
+def test_labels_with_an_added_teacher_alone_use_its_classifier_and_rows(two_teacher_cache, tmp_path):
+    """--teachers b --labels: the batch's teacher logits are τ_b · b's stored rows · b's classifier (was refused)."""
+    from kdpipe import cachereader
+
+    cache = open_cache(two_teacher_cache)
+    setup = T.build_setup(_ens_cfg(two_teacher_cache, tmp_path / "b", teachers=["b"]))
+    assert setup.image.head.out_features == len(cache.classnames) and setup.image.head.in_features == 24
+    batch = next(iter(cachereader.epoch_batches(setup.stream, 1)))
+    out = T.to_device_batch(setup, batch)
+    want = _hand_logits(cache, "b", batch)
+    assert want.std() > 0.1  # logits that differ between classes and images
+    torch.testing.assert_close(out["t_logits"].double(), want, rtol=0, atol=1e-4)
+    assert "teachers" not in out  # one teacher: the single-teacher batch
+
+
+def test_labels_with_an_ensemble_average_the_teachers_probabilities(two_teacher_cache, tmp_path):
+    """--teachers A,B --teacher-weights 1,3 --labels: hinton = α·T²·KL(Σ_k w_k softmax(z_k/T) ‖ softmax(z_s/T))
+    + (1 − α)·CE(z_s, y), z_k = τ_k · k's stored rows · k's classifier, z_s the class head's logits."""
+    from kdpipe import cachereader
+
+    cache = open_cache(two_teacher_cache)
+    setup = T.build_setup(_ens_cfg(two_teacher_cache, tmp_path / "e", teachers=[PRIMARY, "b"],
+                                   teacher_weights=[1.0, 3.0], loss_options={"hinton": {"alpha": 0.25}}))
+    batch = next(iter(cachereader.epoch_batches(setup.stream, 1)))
+    inputs = T.to_device_batch(setup, batch)
+    hand = {name: _hand_logits(cache, name, batch) for name in (PRIMARY, "b")}
+    for view, name in zip(inputs["teachers"], (PRIMARY, "b")):
+        torch.testing.assert_close(view["t_logits"].double(), hand[name], rtol=0, atol=1e-4)
+    torch.testing.assert_close(inputs["t_logits"], inputs["teachers"][0]["t_logits"])
+    assert (batch["labels"] >= 0).any()  # the CE part is there
+    setup.distiller.eval()  # the same student output twice (BN on running statistics)
+    with torch.no_grad():
+        got = setup.distiller(inputs)["hinton"]
+        z_s = setup.image.classify(setup.image(inputs["image"])).double()
+    p = 0.25 * F.softmax(hand[PRIMARY] / 4, dim=1) + 0.75 * F.softmax(hand["b"] / 4, dim=1)
+    kl = (p * (p.log() - F.log_softmax(z_s / 4, dim=1))).sum(dim=1).mean()
+    ce = F.cross_entropy(z_s, batch["labels"], ignore_index=-1)
+    assert float(got) == pytest.approx(float(0.25 * 16 * kl + 0.75 * ce), rel=1e-4)
+    single = 0.25 * 16 * (F.softmax(hand["b"] / 4, 1) * (F.log_softmax(hand["b"] / 4, 1)
+                                                         - F.log_softmax(z_s / 4, 1))).sum(1).mean() + 0.75 * ce
+    assert float(got) != pytest.approx(float(single), rel=1e-3)  # the average, not b's alone
+
+
+def test_labels_refuse_a_teacher_without_the_class_prompts(two_teacher_cache, tmp_path):
+    """A teacher added with --no-prompts: refused by name, saying how to add its prompts."""
+    import json as _json
+
+    root = tmp_path / "c"
+    shutil.copytree(two_teacher_cache, root)
+    manifest = _json.loads((root / "manifest.json").read_text())
+    manifest["teachers"]["b"].pop("files")  # as an add with --no-prompts leaves it
+    (root / "manifest.json").write_text(_json.dumps(manifest))
+    (root / "teachers" / "b" / "prompts.h5").unlink()
+    for names in (["b"], [PRIMARY, "b"]):
+        with pytest.raises(ValueError, match=r"--labels: .*teachers/b/prompts.h5 has no prompt set of the cache's 8 "
+                                             r"classes .* re-run `kdpipe extract --add-teacher` of teacher 'b' "
+                                             r"without --no-prompts"):
+            T.build_setup(_ens_cfg(root, tmp_path / "r", teachers=names))
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_train_an_ensemble_with_labels_then_eval(two_teacher_cache, tmp_path):
+    run = tmp_path / "run"
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    invoke("train", "--student", "tiny", "--cache", two_teacher_cache, "--out", run, "--labels", "--losses", "hinton=1",
+           "--teachers", f"{PRIMARY},b", "--teacher-weights", "1,3", "--max-steps", "2", "--batch-size", "4",
+           "--workers", "0", "--device", "cpu", "--no-progress", "--bn-samples", "4", "--val-samples", "6")
+    spec = json.loads((run / "student.json").read_text())
+    assert [(t["name"], t["weight"]) for t in spec["teachers"]] == [(PRIMARY, 0.25), ("b", 0.75)]  # whom the head learnt
+    assert spec["image"]["class_head"] == {"classes": 8} and spec["labels_used"]["losses"] == ["hinton"]
+    val = [r for r in T.read_metrics(run / "metrics.jsonl") if r["kind"] == "val"][-1]
+    assert 0 <= val["val_top1"] <= 1 and val["val_labelled"] == 6
+    assert {f"val_teachers/{n}/i2t_R@1" for n in (PRIMARY, "b", "ensemble")} <= set(val)
+    output = invoke("eval", run, "--device", "cpu", "--no-progress")
+    report = json.loads((run / "eval.json").read_text())
+    assert "head/top1" in output
+    assert 0 <= report["metrics"]["head/top1"]["student"] <= 1
+    assert math.isfinite(report["metrics"]["head/top1"]["teacher"])

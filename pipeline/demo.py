@@ -1,8 +1,9 @@
 """The embedded default: every stage on the shapes world, offline, on CPU.
 
 generate the world -> pretrain a small open_clip teacher -> extract the cache -> fit
-whitening -> train students (CLIP-KD's full recipe clip + crd + icl + fd, raw and whitened targets) ->
-eval (teacher and students) -> bench -> report. Each stage is the library stage the CLI runs,
+whitening (its table: the teacher's own retrieval and zero-shot in each whitened space) -> train the
+student (CLIP-KD's full recipe clip + crd + icl + fd, on raw targets: every whitened space measured
+trained a worse student, benchmarks/README.md) -> eval (teacher and student) -> bench -> report. Each stage is the library stage the CLI runs,
 at demo size; each is skipped when its output is already there, so a re-run reuses work.
 """
 
@@ -53,10 +54,10 @@ SIZES = {
     # (0.67 M vs 0.91 M parameters, 4.8 vs 21 MFLOPs at 64 px) and faster in ONNX Runtime; the
     # earlier mobilenetv3 / resnet18 students were larger than this tiny teacher.
     "default": DemoSize(n_train=2000, n_val=500, teacher_steps=600, views=2,
-                        students=("mobilenetv3_050",), whiten=("none", "joint"), epochs=6),
+                        students=("mobilenetv3_050",), whiten=("none",), epochs=6),
     # lr 1e-3 learns more in a short run (pretrain-teacher's tuning); 5e-4 is best from ~600 steps
     "quick": DemoSize(n_train=400, n_val=100, teacher_steps=140, teacher_lr=1e-3, views=2,
-                      students=("mobilenetv3_050",), whiten=("none", "joint"), epochs=10, bench_iters=5),
+                      students=("mobilenetv3_050",), whiten=("none",), epochs=10, bench_iters=5),
 }
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/quality.py's bookkeeping: grouping finished runs, seeds, convergence and verdicts."""
+"""The benchmarks' bookkeeping (quality.py, ensemble.py): grouping finished runs, seeds, convergence, time shares and verdicts."""
 
 from __future__ import annotations
 
@@ -108,3 +108,41 @@ def test_a_supervised_figure_gets_its_own_column_and_verdict(tmp_path: Path) -> 
     notes = "\n".join(quality.verdicts(summary, {"small": (100, 20)}))
     assert "small/hinton: shapes top-1 0.480 is supervised" in notes
     assert "zero-shot top-1 – of the teacher" in notes and "NOT MET" in notes
+
+
+def test_time_share_comes_from_the_side_by_side_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last timeshare.jsonl record: s/step x (steps per epoch x epochs) / the teacher's seconds."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    assert quality.timeshare_shares(6) == {}  # not timed yet: "–", never a wall-clock guess
+    old = {"teacher": {"seconds": 1.0}, "rows": [{"student": "small", "epochs": 6, "steps": 60, "s_per_step": 9.0}]}
+    new = {"teacher": {"s_per_step": 0.8, "steps": 3000, "seconds": 2400.0},
+           "rows": [{"student": "small", "epochs": 6, "steps": 468, "s_per_step": 0.5},
+                    {"student": "small", "epochs": 24, "steps": 1872, "s_per_step": 0.5},
+                    {"student": "big", "epochs": 6, "steps": 468, "s_per_step": 0.6}]}
+    (tmp_path / "timeshare.jsonl").write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    shares = quality.timeshare_shares(16)
+    assert shares == {"small": pytest.approx(0.5 * 78 * 16 / 2400), "big": pytest.approx(0.6 * 78 * 16 / 2400)}
+
+
+ENS_SPEC = importlib.util.spec_from_file_location("ensemble_bench",
+                                                  Path(__file__).parents[1] / "benchmarks" / "ensemble.py")
+ensemble_bench = importlib.util.module_from_spec(ENS_SPEC)
+ENS_SPEC.loader.exec_module(ensemble_bench)
+
+
+def _cell(r1: list[float], zs: list[float]) -> dict:
+    return ensemble_bench.summarise([{"seed": i, "metrics": {"i2t_R@1": {"student": a},
+                                                             "zeroshot/shapes/top1": {"student": b}}}
+                                     for i, (a, b) in enumerate(zip(r1, zs))])
+
+
+def test_ensemble_verdict_needs_more_than_two_seed_std_over_the_better_single_teacher() -> None:
+    a, b = _cell([0.40, 0.41, 0.42], [0.20, 0.20, 0.20]), _cell([0.44, 0.45, 0.46], [0.22, 0.22, 0.22])
+    close = _cell([0.46, 0.47, 0.48], [0.22, 0.22, 0.22])  # +0.020 over B; the larger seed std is 0.008
+    assert "I->T R@1: ensemble 0.470 vs the better single (B) 0.450, +0.020 (more than 2 seed std = 0.016)" in \
+        ensemble_bench.verdict({"A": a, "B": b, "A+B": close})
+    assert ensemble_bench.verdict({"A": a, "B": b, "A+B": close}).endswith("target MET")
+    same = _cell([0.45, 0.46, 0.44], [0.22, 0.21, 0.23])
+    v = ensemble_bench.verdict({"A": a, "B": b, "A+B": same})
+    assert v.endswith("target NOT MET") and "(not more than 2 seed std" in v
+    assert ensemble_bench.verdict({"A": a, "B": b}).startswith("not judged yet")

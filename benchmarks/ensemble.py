@@ -148,7 +148,8 @@ def main() -> None:
         lines.append(f"| teacher {k} itself | – | – | " + " | ".join(f"{t[m]:.3f}" for m in MAIN) + " |")
     for arm, cell in cells.items():
         lines.append(f"| student of {arm} | {', '.join(recipes[arm]['teachers'])} | {len(cell['seeds'])} | "
-                     + " | ".join(f"{cell[m]['mean']:.3f} ± {cell[m]['std']:.3f}" if m in cell else "–" for m in MAIN)
+                     + " | ".join(f"{cell[m]['mean']:.3f} ± {cell[m]['std']:.3f}" if m in cell else "–"
+                                  for m in MAIN)
                      + " |")
     md, v = "\n".join(lines), verdict(cells)
     print(md)

@@ -67,8 +67,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | 
     """``write(tmp)`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
     The temporary name starts with '.' and ends with '.tmp', so globs for real outputs skip it;
-    it is removed if ``write`` fails, and by ``sweep_orphans`` once its writer was killed. A disk failure raises ``WriteFailed`` (``needed``: the bytes
-    the file takes, when the caller knows).
+    it is removed if ``write`` fails, and by ``sweep_orphans`` once its writer was killed. A disk
+    failure raises ``WriteFailed`` (``needed``: the bytes the file takes, when the caller knows).
     """
     path = Path(path)
     with writing(path, needed):  # creating the folder or the temporary file can fail on a full disk too

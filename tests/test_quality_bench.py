@@ -1,4 +1,4 @@
-"""The benchmarks' bookkeeping (quality.py, ensemble.py): grouping finished runs, seeds, convergence, time shares and verdicts."""
+"""The benchmarks' bookkeeping (quality.py, ensemble.py): runs, seeds, convergence, time shares, verdicts."""
 
 from __future__ import annotations
 

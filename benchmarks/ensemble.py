@@ -113,14 +113,8 @@ def verdict(cells: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="data/quality")
     ap.add_argument("--student", default="mobilenetv3_050")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--report-only", action="store_true", help="train nothing: summarise the finished runs")
-    for name, default in (("lr", 6e-3), ("batch-size", 64), ("n-train", 5000), ("n-val", 500), ("views", 2),
-                          ("teacher-steps", 3000), ("teacher-val-every", None)):
-        ap.add_argument(f"--{name}", type=type(default) if default is not None else int, default=default)
+    quality.add_shared_arguments(ap, teacher_steps=3000)
     args = ap.parse_args()
     root, start = Path(args.root), time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]

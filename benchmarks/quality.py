@@ -263,11 +263,9 @@ def verdicts(summary: dict[str, dict[str, Any]], flops: dict[str, tuple[int, int
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shared_arguments(ap: argparse.ArgumentParser, teacher_steps: int) -> None:
+    """The settings every benchmark on this world shares: where it lives, the world, the teacher, the schedule."""
     ap.add_argument("--root", default="data/quality")
-    ap.add_argument("--students", default="mobilenetv3_050,mobilenetv3,resnet18,vit_tiny")
-    ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=6e-3)
@@ -275,9 +273,16 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=5000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--views", type=int, default=2)
-    ap.add_argument("--teacher-steps", type=int, default=pretrain.DEFAULT_STEPS)
+    ap.add_argument("--teacher-steps", type=int, default=teacher_steps)
     ap.add_argument("--teacher-val-every", type=int, default=None, help="default: a tenth of --teacher-steps")
     ap.add_argument("--report-only", action="store_true", help="train nothing: summarise the finished runs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--students", default="mobilenetv3_050,mobilenetv3,resnet18,vit_tiny")
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    add_shared_arguments(ap, teacher_steps=pretrain.DEFAULT_STEPS)
     args = ap.parse_args()
     root = Path(args.root)
     start = time.perf_counter()

@@ -202,19 +202,13 @@ def protocol_table(root: Path, students: list[str], seeds: list[int]) -> tuple[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="data/quality")
     ap.add_argument("--students", default="mobilenetv3_050,mobilenetv3")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="';'-separated when a variant has a comma")
     ap.add_argument("--max-teacher-loss", type=float, default=0.05,
                     help="share of the teacher's raw I->T R@1 a candidate may lose (twice that of zero-shot)")
     ap.add_argument("--protocol", action="store_true", help="also run the claim's protocol (1 and 5 epochs)")
     ap.add_argument("--protocol-students", default="mobilenetv3,resnet18")
-    ap.add_argument("--report-only", action="store_true", help="train nothing: summarise the finished runs")
-    for name, default in (("lr", 6e-3), ("batch-size", 64), ("n-train", 5000), ("n-val", 500), ("views", 2),
-                          ("teacher-steps", 3000), ("teacher-val-every", None)):
-        ap.add_argument(f"--{name}", type=type(default) if default is not None else int, default=default)
+    quality.add_shared_arguments(ap, teacher_steps=3000)
     args = ap.parse_args()
     root, start = Path(args.root), time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]

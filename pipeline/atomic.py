@@ -35,6 +35,7 @@ _TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 def temp_beside(path: Path) -> tuple[int, Path]:
     """An open temporary file in path's folder, named ``.NAME.HOST-PID.RANDOM.tmp`` (see ``sweep_orphans``)."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make every output (checkpoints too) unreadable to others
     return fd, Path(name)
 
 

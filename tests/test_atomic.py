@@ -69,3 +69,13 @@ def test_a_live_writers_and_another_hosts_temporary_files_are_kept(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
     assert [p.name for p in sweep_orphans(tmp_path)] == [p.name for p in before if f"-{proc.pid}." in p.name]
+
+
+def test_outputs_are_readable_by_others_as_ordinary_files(tmp_path):
+    """mkstemp creates 0600 files: checkpoints written through it were private to their owner."""
+    from kdpipe import trainstate
+
+    atomic_write_bytes(tmp_path / "a.json", b"{}")
+    path = trainstate.save_checkpoint(tmp_path / "run", {"step": 1})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == 0o644

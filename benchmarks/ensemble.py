@@ -50,6 +50,8 @@ def teacher_b(root: Path, args: argparse.Namespace) -> Path:
     summary = pretrain.run(pretrain.PretrainConfig(data=str(root / "shapes"), out=str(out), steps=args.teacher_steps,
                                                    val_every=args.teacher_val_every or max(1, args.teacher_steps // 10),
                                                    seed=1, device="cpu", progress=False))
+    if "stopped" in summary:
+        raise SystemExit(f"teacher B stopped by {summary['stopped']} at step {summary['step']}; re-run to resume")
     print(f"teacher B: {summary['steps']} steps in {summary['seconds']:.0f} s; val I->T R@1 "
           + " ".join(f"{r['step']}:{r['i2t_R@1']:.3f}" for r in summary.get("val_curve", [])), flush=True)
     return out

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kdpipe import evaluate, extract, pretrain, train, whiten
+from kdpipe import evaluate, extract, pretrain, runtime, train, whiten
 from kdpipe.measure import flops_per_sample
 from kdpipe.data.shapes import make_shapes
 from kdpipe.trainconfig import DEFAULT_RECIPE
@@ -82,20 +82,26 @@ RUN_JSON = "quality_run.json"  # what the benchmark asked for, and how long it t
 
 def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: int,
                    args: argparse.Namespace) -> dict[str, Any]:
-    if not (run_dir / RUN_JSON).exists():
-        start = time.perf_counter()
-        resumed = (run_dir / CKPT_DIR).exists()  # then the time below is only the rest of the run
-        if not (run_dir / SPEC_FILE).exists():  # student.json is written last
-            cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
-                                    batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
-                                    workers=1, device="cpu", seed=seed, progress=False,
-                                    resume=resumed, **RECIPES[recipe])
-            if train.run(cfg).get("stopped"):  # SIGTERM/SIGUSR1: checkpointed; a re-run resumes it
-                raise SystemExit(f"{run_dir.name}: stopped by a signal, checkpoint saved; re-run to resume")
-        evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
-        (run_dir / RUN_JSON).write_text(json.dumps({
-            "student": student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,
-            "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1), "resumed": resumed}))
+    """Train (or resume) one run and evaluate it; a SIGTERM/SIGUSR1 ends the benchmark with "re-run to resume"
+    once the run is checkpointed (mid-run) or finished (when it came after the run's last step)."""
+    with runtime.stop_requests() as stop:
+        if not (run_dir / RUN_JSON).exists():
+            start = time.perf_counter()
+            resumed = (run_dir / CKPT_DIR).exists()  # then the time below is only the rest of the run
+            if not (run_dir / SPEC_FILE).exists():  # student.json is written last
+                cfg = train.TrainConfig(student=student, cache=str(cache), out=str(run_dir), epochs=args.epochs,
+                                        batch_size=args.batch_size, lr=args.lr, warmup_steps=20, image_size=64,
+                                        workers=1, device="cpu", seed=seed, progress=False,
+                                        resume=resumed, **RECIPES[recipe])
+                if train.run(cfg).get("stopped"):  # checkpointed; a re-run resumes it
+                    raise SystemExit(f"{run_dir.name}: stopped by a signal, checkpoint saved; re-run to resume")
+            evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
+            (run_dir / RUN_JSON).write_text(json.dumps({
+                "student": student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,
+                "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1), "resumed": resumed}))
+        if stop:
+            raise SystemExit(f"{run_dir.name}: finished; stopped by {stop.signal} before the next run; "
+                             "re-run to resume")
     return read_run(run_dir)
 
 

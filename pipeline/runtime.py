@@ -349,8 +349,11 @@ class StopRequest:
 def stop_requests(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[StopRequest]:
     """Within the block, ``signals`` (SIGTERM, SIGUSR1) only set the yielded ``StopRequest``.
 
-    The previous handlers come back on exit. Handlers can be installed from the main thread only;
-    elsewhere nothing is installed (the request then never becomes true).
+    The previous handlers come back on exit. A signal that arrived is passed on to the previous
+    handler when that is a Python function (an enclosing ``stop_requests``: a loop of stages), so a
+    stop that came after a stage's last safe point is not lost to the loop around it. Handlers can
+    be installed from the main thread only; elsewhere nothing is installed (the request then never
+    becomes true).
     """
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -362,6 +365,9 @@ def stop_requests(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterato
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        outer = previous.get(signal.Signals[request.signal]) if request.signal else None
+        if callable(outer):  # not SIG_DFL / SIG_IGN / None (a handler installed from C)
+            outer(signal.Signals[request.signal].value, None)
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:

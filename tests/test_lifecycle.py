@@ -225,6 +225,20 @@ def test_stop_signals_only_set_the_request_and_the_old_handlers_come_back():
     assert {s: signal.getsignal(s) for s in runtime.STOP_SIGNALS} == before
 
 
+def test_a_stop_that_a_stage_did_not_act_on_reaches_the_enclosing_request():
+    """A loop of stages (the benchmarks, the demo) hears a SIGTERM that came after a stage's last safe point."""
+    before = signal.getsignal(signal.SIGTERM)
+    with runtime.stop_requests() as outer:
+        with runtime.stop_requests() as inner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert inner and not outer
+        assert outer and outer.signal == "SIGTERM"
+        with runtime.stop_requests() as quiet:  # no signal: nothing passed on
+            pass
+        assert not quiet and outer.signal == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def _any_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
     try:

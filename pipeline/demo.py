@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import bench, evaluate, export, extract, pretrain, report, train, whiten
+from . import bench, evaluate, export, extract, pretrain, report, runtime, train, whiten
 from .data.shapes import make_shapes
 from .progress import console
 from .rundir import BENCH_JSON, EVAL_JSON, SPEC_FILE
@@ -84,10 +84,13 @@ def stage(cfg: DemoConfig, name: str, done: bool, fn: Callable[[], Any]) -> Any:
         return None
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
-    result = fn()
+    with runtime.stop_requests() as stop:  # also hears a stop that came after the stage's last safe point
+        result = fn()
     if isinstance(result, dict) and result.get("stopped"):
         raise Stopped(f"{name} stopped by {result['stopped']}")
     cfg.timings[name] = round(time.perf_counter() - start, 1)
+    if stop:
+        raise Stopped(f"{name} finished; stopped by {stop.signal} before the next stage")
     return result
 
 

@@ -267,6 +267,22 @@ def test_the_demo_ends_at_a_stage_a_stop_signal_ended():
         demo.stage(cfg, "extract", False, lambda: {"stopped": "SIGUSR1"})
 
 
+def test_the_demo_ends_after_a_stage_that_finished_despite_a_stop_signal():
+    """A SIGTERM after a stage's last safe point (e.g. during its final writes): the stage's outputs are
+    complete, and the demo stops there instead of starting the next stage."""
+    from kdpipe import demo
+
+    def finishes_anyway():
+        with runtime.stop_requests():  # the stage's own handler, as every stage installs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"step": 5, "stopped": None}
+
+    cfg = demo.DemoConfig(out="unused")
+    with pytest.raises(demo.Stopped, match="pretrain finished; stopped by SIGTERM before the next stage"):
+        demo.stage(cfg, "pretrain", False, finishes_anyway)
+    assert cfg.timings["pretrain"] >= 0  # its time is recorded: it finished
+
+
 # --------------------------------------------------------------------------- train: --resume auto, SIGTERM
 
 

@@ -179,6 +179,18 @@ def _cache_params(cache: Cache, mode: str, modalities: tuple[str, ...],
 # --------------------------------------------------------------------------- into the student's space
 
 
+# What the whitening study measured (benchmarks/whitening_study.py; benchmarks/README.md, "Whitening
+# variants"; results/whitening.json). fit-whitening's summary and `train --whiten` print it, once each:
+# so far no whitened target space has trained a better student than the raw one.
+MEASURED = (
+    "whitening has not helped a student in any measured setup: on the shapes world (benchmarks/README.md, "
+    "'Whitening variants'), mobilenetv3_050 distilled for 6 epochs (3 seeds) reached held-out I->T R@1 "
+    "0.416 +- 0.027 on raw targets, 0.234 +- 0.017 on full joint ZCA and 0.400 +- 0.038 on joint alpha=0.25 "
+    "(partial whitening, the variant that keeps the teacher's own retrieval best), and no whitened run "
+    "converged faster; train on raw targets (--whiten none, the default) unless a measurement of your own "
+    "says otherwise")
+
+
 @dataclass
 class Targets:
     """Maps cached (normalised) teacher targets into the space the student learns.

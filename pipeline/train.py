@@ -79,7 +79,7 @@ from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # no
 from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
-from .targetspace import Targets, load_targets, save_whitening, space_of, split_mode, to_teacher_space
+from .targetspace import MEASURED, Targets, load_targets, save_whitening, space_of, split_mode, to_teacher_space
 from .trainconfig import TrainConfig, config_toml, continues, resolve_config  # noqa: F401  (resolve_config: also kdpipe.train's)
 
 log = logging.getLogger("kdpipe")
@@ -388,6 +388,8 @@ def build_setup(cfg: TrainConfig) -> Setup:
     cache = open_checked_cache(cfg)
     teachers = select_teachers(cfg, cache)
     targets = load_targets(cache, cfg.whiten, teacher=whitening_teacher(teachers))
+    if cfg.whiten != "none" and dist.is_main:
+        log.warning("--whiten %s: %s", cfg.whiten, MEASURED)
     weights = losses.parse_losses(cfg.losses)
     if split_mode(cfg.whiten)[0] in ("image", "text") and set(weights) & set(CROSS_MODAL):
         log.warning("--whiten %s whitens only %s targets; cross-modal losses (%s) then compare a whitened with "

@@ -39,7 +39,7 @@ from .prompts import read_prompts
 from .atomic import atomic_write, atomic_write_json
 from .errors import BadValue
 from .store import Cache, CacheError, H5Shard, open_cache
-from .targetspace import (FIT_MODES, FITTED_ON, FULL, H5_ARRAYS, SPACES, WHITENING_H5, group_name,  # noqa: F401
+from .targetspace import (FIT_MODES, FITTED_ON, FULL, H5_ARRAYS, MEASURED, SPACES, WHITENING_H5, group_name,  # noqa: F401
                           load_whitening, read_transform, split_mode, whitening_path)  # WHITENING_H5: kept importable
 
 log = logging.getLogger("kdpipe")
@@ -468,8 +468,10 @@ def run(cfg: WhitenConfig) -> dict[str, Any]:
     else:
         _add_heldout(report, cache, teacher, eval_split, moments, fitted, cfg)
     report["seconds"] = {"fit": round(t_fit, 3), "total": round(time.perf_counter() - t0, 3)}
+    report["measured"] = MEASURED  # what training on these spaces did to students, so far
     atomic_write_json(json_path, report)
     print_table(report)
+    console.print(f"[yellow]note:[/] {MEASURED}")
     for note in report["notes"]:
         log.info(note)
     failed = [m for m in modes if not report["modes"][m]["train_cov"]["ok"]]

@@ -403,6 +403,12 @@ def test_single_modality_whitening_warns_about_cross_modal_losses(cache_dir, tmp
     with caplog.at_level(logging.WARNING, logger="kdpipe"):
         T.run(_cfg(cache_dir, tmp_path / "run", whiten="image", max_steps=1))
     assert "--whiten joint" in caplog.text
+    # and, once, what the whitening study measured: whitened targets have not helped a student
+    assert caplog.text.count("has not helped a student") == 1 and "--whiten image:" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdpipe"):
+        T.run(_cfg(cache_dir, tmp_path / "raw", max_steps=1))
+    assert "has not helped" not in caplog.text
     assert set(load_file(str(tmp_path / "run/whitening.safetensors"))) == {
         "image.mu", "image.W", "image.W_inv", "image.scale"}
 

@@ -153,6 +153,21 @@ def test_without_a_heldout_split_only_train_checks_run(tmp_path):
 # --------------------------------------------------------------------------- what is read
 
 
+def test_the_summary_says_what_whitening_did_to_students(tmp_path):
+    """fit-whitening says plainly, with the study's numbers, that no whitened space has helped a student."""
+    from kdpipe.progress import console
+    from kdpipe.targetspace import MEASURED
+
+    root = fresh_cache(tmp_path)
+    with console.capture() as printed:
+        report = whiten.run(whiten.WhitenConfig(cache=root, mode="joint", progress=False))
+    shown = " ".join(printed.get().split())  # rich wraps the line
+    assert "has not helped a student" in MEASURED and "0.416" in MEASURED and "--whiten none" in MEASURED
+    assert " ".join(MEASURED.split()) in shown
+    assert report["measured"] == MEASURED
+    assert json.loads((Path(root) / "whitening.json").read_text())["measured"] == MEASURED
+
+
 def test_fit_pass_reads_train_shards_only(tmp_path, monkeypatch):
     root = fresh_cache(tmp_path)
     events: list[str] = []

@@ -57,7 +57,7 @@ from .errors import BadValue
 from .metrics import Embeddings, ensemble_embeddings, teacher_rows, zeroshot_metrics
 from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, read_config,
                      require_run)
-from .store import TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
+from .store import ENSEMBLE, TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
 from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
 from .zeroshot import (ImagePrep, cache_classifiers, encode_text, external_zeroshot, open_zeroshot, parse_spec,
                        read_prompt_sets, text_classifier)
@@ -462,7 +462,7 @@ def ensemble_rows(s: StudentRun, student: Embeddings, split: str, txt_to_img: Te
     rows: dict[str, EvalRow] = {}
     for t, (_, emb) in zip(recorded, members):
         rows.update(teacher_rows(student, emb, txt_to_img, labels, f"teachers/{t['name']}", chunk))
-    rows.update(teacher_rows(student, ensemble_embeddings(members), txt_to_img, labels, "teachers/ensemble", chunk))
+    rows.update(teacher_rows(student, ensemble_embeddings(members), txt_to_img, labels, f"teachers/{ENSEMBLE}", chunk))
     return rows
 
 

@@ -190,11 +190,17 @@ def teacher_dir(split_dir: Path, name: str) -> Path:
     return split_dir / TEACHERS_DIR / name
 
 
+ENSEMBLE = "ensemble"  # eval's teachers/ensemble/ and validation's val_teachers/ensemble/ rows: not a teacher's name
+
+
 def check_teacher_name(name: str) -> str:
-    """A teacher name is a folder name: letters, digits, ``.``, ``_``, ``-`` (at most 64)."""
+    """A teacher name is a folder name: letters, digits, ``.``, ``_``, ``-`` (at most 64), and not ``ENSEMBLE``."""
     if not TEACHER_NAME.fullmatch(name):
         raise BadValue(f"teacher name {name!r} is not usable as a folder name; use letters, digits, '.', '_' "
                        "and '-' (at most 64, starting with a letter or digit), e.g. --teacher-name vitb32")
+    if name.lower() == ENSEMBLE:
+        raise BadValue(f"teacher name {name!r} is reserved: eval and validation report the teachers' ensemble "
+                       f"under teachers/{ENSEMBLE}/; choose another, e.g. --teacher-name vitb32")
     return name
 
 
@@ -203,7 +209,7 @@ def default_teacher_name(fp: dict[str, Any]) -> str:
     folder-safe ("ViT-B-32", "shapes-vit", "hf-hub_org_model")."""
     raw = str(fp.get("label") or fp.get("name") or "teacher")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._-") or "teacher"
-    return safe[:64]
+    return safe[:64] if safe.lower() != ENSEMBLE else f"{safe}-teacher"
 
 
 def write_teacher_shard(split_dir: Path, teacher: str, index: int, samples: list[CachedSample],

@@ -76,7 +76,7 @@ from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_f
 from .optim import lr_lambda, param_groups
 from .progress import StepLines, console, interactive, line_every, make_progress
 from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
-from .store import Cache, CacheError, describe_teacher, open_cache, same_fingerprint
+from .store import ENSEMBLE, Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
 from .targetspace import MEASURED, Targets, load_targets, save_whitening, space_of, split_mode, to_teacher_space
@@ -690,7 +690,7 @@ def ensemble_validation(setup: Setup, keys: Sequence[str], s_img: torch.Tensor,
     for teacher, (_, s), (_, t) in zip(setup.teachers, students, teachers):
         found.update(metrics.teacher_rows(s, t, first.txt_to_img, no_labels, f"teachers/{teacher.name}"))
     found.update(metrics.teacher_rows(metrics.ensemble_embeddings(students), metrics.ensemble_embeddings(teachers),
-                                      first.txt_to_img, no_labels, "teachers/ensemble"))
+                                      first.txt_to_img, no_labels, f"teachers/{ENSEMBLE}"))
     return {f"val_{name}": row["student"] for name, row in found.items() if name.endswith(VAL_TEACHER_KEYS)}
 
 

@@ -183,6 +183,9 @@ def test_first_teacher_and_duplicates_refused(two_teacher_cache, tmp_path):
         run(_cfg("", two_teacher_cache, add_teacher=True))
     with pytest.raises(BadValue, match="folder name"):
         _add(two_teacher_cache, _teacher_b(tmp_path / "b.json"), teacher_name="../up")
+    with pytest.raises(BadValue, match="'Ensemble' is reserved"):  # eval's teachers/ensemble/ rows
+        _add(two_teacher_cache, _teacher_b(tmp_path / "e.json", embed_dim=12), teacher_name="Ensemble")
+    assert store.default_teacher_name({"label": "ensemble"}) == "ensemble-teacher"
     before = (two_teacher_cache / store.MANIFEST).read_bytes()
     with pytest.raises(BadValue, match=r"split\(s\) \['test'\] not in the cache"):
         _add(two_teacher_cache, _teacher_b(tmp_path / "d.json", embed_dim=12), teacher_name="d", splits=["test"])

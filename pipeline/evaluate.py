@@ -258,6 +258,8 @@ def mark_supervised(rows: dict[str, EvalRow], classnames: dict[str, list[str]], 
 
 HEAD_NOTE = ("head/: the class head trained with --labels on the cache's {k} classes (supervised); the teacher "
              "column is the teacher's zero-shot top-1/top-5 on the same images over the same classes' prompts")
+HEAD_ENSEMBLE_NOTE = (f"head/ of a run of several teachers: its teacher column is the first teacher's zero-shot; "
+                      f"the ensemble's, whose averaged probabilities the head learnt, is teachers/{ENSEMBLE}/zeroshot/")
 
 
 def head_rows(logits: Tensor, teacher_img: Tensor, classifier: Tensor | None, labels: Tensor) -> dict[str, EvalRow]:
@@ -433,10 +435,13 @@ def split_rows(s: StudentRun, held: H5Shard, sets: dict[str, prompts.PromptSet],
     student = Embeddings(img, teacher.txt if txt is None else txt, s_cls)
     labels = torch.from_numpy(held.labels)
     rows = evaluate_embeddings(student, teacher, torch.from_numpy(held.txt_to_img), labels, cfg.chunk, cfg.split)
-    rows.update(ensemble_rows(s, student, cfg.split, torch.from_numpy(held.txt_to_img), labels, cfg.chunk))
+    ensemble = ensemble_rows(s, student, cfg.split, torch.from_numpy(held.txt_to_img), labels, cfg.chunk)
+    rows.update(ensemble)
     if logits is not None:
         rows.update(head_rows(logits, teacher.img, next(iter(t_cls.values()), None), labels))
         notes.append(HEAD_NOTE.format(k=logits.shape[1]))
+        if ensemble:  # the head learnt the teachers' averaged probabilities
+            notes.append(HEAD_ENSEMBLE_NOTE)
     source = "teacher prompts.h5" if s.text is None else "student text tower"
     info = {n: {"images": int((held.labels >= 0).sum()), "classes": c.shape[1], "class_embeddings": source}
             for n, c in s_cls.items()}

@@ -314,3 +314,4 @@ def test_cli_train_an_ensemble_with_labels_then_eval(two_teacher_cache, tmp_path
     assert "head/top1" in output
     assert 0 <= report["metrics"]["head/top1"]["student"] <= 1
     assert math.isfinite(report["metrics"]["head/top1"]["teacher"])
+    assert any(n.startswith("head/ of a run of several teachers") for n in report["notes"])  # whose column it is

@@ -25,8 +25,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _writer_tag() -> str:
-    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+def _host() -> str:
+    """This host's short name, as the temporary files' names carry it (no dots: they separate the parts)."""
+    return socket.gethostname().split(".")[0]
 
 
 _TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -34,7 +35,7 @@ _TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 def temp_beside(path: Path) -> tuple[int, Path]:
     """An open temporary file in path's folder, named ``.NAME.HOST-PID.RANDOM.tmp`` (see ``sweep_orphans``)."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp")
     os.fchmod(fd, 0o644)  # mkstemp's 0600 would make every output (checkpoints too) unreadable to others
     return fd, Path(name)
 
@@ -55,7 +56,7 @@ def sweep_orphans(folder: str | Path) -> list[Path]:
     Only files written by a process of this host that no longer runs are removed: a live writer's
     (another rank's) and another host's are left alone. Returns the removed paths.
     """
-    host, removed = socket.gethostname().split(".")[0], []
+    host, removed = _host(), []
     for path in Path(folder).rglob(".*.tmp"):
         m = _TEMP.match(path.name)
         if m and m["host"] == host and not _alive(int(m["pid"])) and path.is_file():

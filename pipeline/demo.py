@@ -2,9 +2,10 @@
 
 generate the world -> pretrain a small open_clip teacher -> extract the cache -> fit
 whitening (its table: the teacher's own retrieval and zero-shot in each whitened space) -> train the
-student (CLIP-KD's full recipe clip + crd + icl + fd, on raw targets: every whitened space measured
-trained a worse student, benchmarks/README.md) -> eval (teacher and student) -> bench -> report. Each stage is the library stage the CLI runs,
-at demo size; each is skipped when its output is already there, so a re-run reuses work.
+student (CLIP-KD's full recipe clip + crd + icl + fd, on raw targets: no whitened space measured
+trained a better student, benchmarks/README.md) -> eval (teacher and student) -> bench -> report.
+Each stage is the library stage the CLI runs, at demo size; each is skipped when its output is
+already there, so a re-run reuses work.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class TrainConfig:
         "none", "none | image | text | joint | separate: learn whitened targets (needs `kdpipe fit-whitening`; "
         "for --teachers NAME alone, `kdpipe fit-whitening --teacher NAME`; not with several --teachers); "
         "joint keeps image-text alignment, separate whitens each modality with its own transform. "
-        "Measured so far, every whitened space trained a worse student than none (benchmarks/README.md).")
+        "Measured so far, no whitened space trained a better student than none (benchmarks/README.md).")
     text_student: str = setting(
         "none", "none (use the teacher's cached text embeddings) or a text student: text_tiny, text_small, text_base.")
     student_kwargs: dict[str, Any] = setting(

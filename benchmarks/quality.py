@@ -13,7 +13,11 @@ Runs are reused when their eval.json exists, so an interrupted benchmark resumes
 and results/quality.json cover every finished run under --root with the same --epochs, so a
 grid can be built up over several invocations (e.g. fewer seeds for the slow students). Other
 schedules write results/quality-e<epochs>.json; --report-only rewrites them without training
-(runs evaluated before eval.json recorded its checkpoint are re-evaluated first, in seconds).
+(runs evaluated at other weights than their last are evaluated again first, in seconds).
+
+Every run is scored at its **last** weights (``eval --checkpoint last``), not at best.pt: training
+validates on the same held-out split that eval scores, so a checkpoint picked there would be picked
+on the test images themselves.
 A recipe whose loss trains on the shapes labels (hinton's hard-label CE) gets its shapes top-1 in
 the "supervised" column: it is not zero-shot.
 """
@@ -78,6 +82,7 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 RUN_JSON = "quality_run.json"  # what the benchmark asked for, and how long it took
+JUDGED = "last"  # the weights every run is scored at: best.pt is picked on the split eval scores
 
 
 def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: int,
@@ -95,7 +100,7 @@ def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: 
                                         resume=resumed, **RECIPES[recipe])
                 if train.run(cfg).get("stopped"):  # checkpointed; a re-run resumes it
                     raise SystemExit(f"{run_dir.name}: stopped by a signal, checkpoint saved; re-run to resume")
-            evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
+            evaluate.run(evaluate.EvalConfig(run=str(run_dir), checkpoint=JUDGED, device="cpu", progress=False))
             (run_dir / RUN_JSON).write_text(json.dumps({
                 "student": student, "recipe": recipe, "seed": seed, "epochs": args.epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 1), "resumed": resumed}))
@@ -106,6 +111,7 @@ def train_and_eval(cache: Path, run_dir: Path, student: str, recipe: str, seed: 
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
+    refresh_eval(run_dir)
     ev = json.loads((run_dir / EVAL_JSON).read_text())
     vals = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     curve = [r["val_i2t_R@1"] for r in vals if r.get("kind") == "val"]
@@ -115,11 +121,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def refresh_eval(run_dir: Path) -> None:
-    """Re-evaluate a finished run whose eval.json predates best/last weights and supervised labelling
-    (it records no "checkpoint"): eval takes seconds, training is not repeated."""
+    """Evaluate a finished run again when its eval.json judged other weights than ``JUDGED`` (or predates
+    eval naming them, or measuring the embeddings' geometry): eval takes seconds, training is not repeated."""
     path = run_dir / EVAL_JSON
-    if path.exists() and "checkpoint" not in json.loads(path.read_text()):
-        evaluate.run(evaluate.EvalConfig(run=str(run_dir), device="cpu", progress=False))
+    if not path.exists():
+        return
+    ev = json.loads(path.read_text())
+    if (ev.get("checkpoint") or {}).get("name") != JUDGED or "geometry/modality_gap" not in ev["metrics"]:
+        evaluate.run(evaluate.EvalConfig(run=str(run_dir), checkpoint=JUDGED, device="cpu", progress=False))
 
 
 def finished_runs(root: Path, epochs: int) -> dict[str, list[dict[str, Any]]]:
@@ -166,7 +175,10 @@ def timeshare_shares(epochs: int) -> dict[str, float]:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    """Mean and *sample* standard deviation (n − 1) over seeds: the "±" of every table and the "seed std" of
+    every verdict. With 3 seeds the population std would be 0.82× this, and "more than 2 seed std" easier to
+    pass than it should be. One value: std 0."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,13 +26,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from kdpipe import evaluate, extract, train
-from kdpipe.data.shapes import make_shapes
-from kdpipe.rundir import CKPT_DIR, EVAL_JSON, SPEC_FILE
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import mean_std  # noqa: E402  (mean and sample std over seeds, as every benchmark reports them)
+
+from kdpipe import evaluate, extract, train  # noqa: E402
+from kdpipe.data.shapes import make_shapes  # noqa: E402
+from kdpipe.rundir import CKPT_DIR, EVAL_JSON, SPEC_FILE  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES: dict[str, dict[str, Any]] = {
@@ -86,10 +90,6 @@ def train_and_eval(cache: Path, run_dir: Path, recipe: str, seed: int, args: arg
         evaluate.run(evaluate.EvalConfig(run=str(run_dir), checkpoint="last", device="cpu", progress=False))
     report = json.loads((run_dir / EVAL_JSON).read_text())
     return {**json.loads((run_dir / RUN_JSON).read_text()), "metrics": {m: report["metrics"][m] for m in METRICS}}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:

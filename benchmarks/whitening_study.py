@@ -34,12 +34,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import quality  # noqa: E402  (the quality benchmark's teacher, cache, runs and helpers)
 
 from kdpipe import whiten  # noqa: E402
+from kdpipe.rundir import EVAL_JSON  # noqa: E402
 from kdpipe.trainconfig import DEFAULT_RECIPE  # noqa: E402
 
 VARIANTS = ("full", "shrink=0.01", "shrink=0.1", "shrink=1", "alpha=0.25", "alpha=0.5", "alpha=0.75",
             "top=0.9", "top=0.99")
 SPACE = "joint"  # the space a student learns: one transform keeps image-text alignment
 MAIN = ("i2t_R@1", "t2i_R@1", "zeroshot/shapes/top1")
+# the mechanism the claim names ("mitigates the modality gap and prevents feature collapse"), measured on the
+# student as eval reports it: its held-out image embeddings against the captions, in its teacher's space
+GEOMETRY = ("geometry/modality_gap", "geometry/effective_rank_image")
 
 
 def recipe_name(variant: str) -> str:
@@ -128,6 +132,12 @@ def finished(root: Path, student: str, recipe: str, epochs: int, seeds: list[int
     return out
 
 
+def student_geometry(run: Path) -> dict[str, float]:
+    """The student's modality gap and image effective rank, from the eval.json ``quality.read_run`` refreshed."""
+    ev = json.loads((run / EVAL_JSON).read_text())["metrics"]
+    return {g: ev[g]["student"] for g in GEOMETRY}
+
+
 def epochs_to(curve: list[float], target: float) -> int | None:
     """First epoch (1-based) whose val I->T R@1 reaches ``target``; None if it never does."""
     return next((i + 1 for i, v in enumerate(curve) if v >= target), None)
@@ -145,6 +155,9 @@ def compare(raw: dict[int, dict], white: dict[int, dict], epochs: int) -> dict[s
         (rm, rs), (wm, ws) = quality.mean_std(r), quality.mean_std(w)
         out[m] = {"raw": rm, "raw_std": rs, "white": wm, "white_std": ws, "delta": wm - rm,
                   "noise": max(rs, ws), "beats_by_2std": len(seeds) > 1 and wm - rm > 2 * max(rs, ws)}
+    for g in GEOMETRY:
+        out[g] = {side: quality.mean_std([student_geometry(Path(runs[s]["run"]))[g] for s in seeds])[0]
+                  for side, runs in (("raw", raw), ("white", white))}
     e_raw, e_white = [], []
     for s in seeds:
         target = 0.9 * raw[s]["curve_i2t_R@1"][-1]
@@ -162,10 +175,16 @@ def compare(raw: dict[int, dict], white: dict[int, dict], epochs: int) -> dict[s
     return out
 
 
+def geometry(cell: dict[str, Any], key: str, digits: int) -> str:
+    g = cell.get(key)
+    return "–" if g is None else f"{g['raw']:.{digits}f} → {g['white']:.{digits}f}"
+
+
 def verdict_table(cells: dict[str, dict[str, Any]], ceiling_rows: dict[str, dict], epochs: int) -> str:
     lines = ["| student | variant (joint) | seeds | Δ I->T R@1 vs raw | Δ zero-shot vs raw | epochs to 90% of raw's "
-             f"final R@1 (raw → white; {epochs} epochs) | teacher's I->T / zero-shot in that space | target met |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"final R@1 (raw → white; {epochs} epochs) | student's modality gap (raw → white) | student's eff. rank "
+             "(raw → white) | teacher's I->T / zero-shot in that space | target met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, c in cells.items():
         student, variant = key.split("/", 1)
         d1, dz = c["i2t_R@1"], c["zeroshot/shapes/top1"]
@@ -175,7 +194,7 @@ def verdict_table(cells: dict[str, dict[str, Any]], ceiling_rows: dict[str, dict
         t = ceiling_rows.get(f"joint/{variant}", {})
         lines.append(f"| {student} | {variant} | {len(c['seeds'])} | {d1['delta']:+.3f} (raw {d1['raw']:.3f} ± {d1['raw_std']:.3f}, "
                      f"white {d1['white']:.3f} ± {d1['white_std']:.3f}) | {dz['delta']:+.3f} (± {dz['noise']:.3f}) | "
-                     f"{speed} | {t.get('i2t_R@1', float('nan')):.3f} / {t.get('zeroshot/shapes/top1', float('nan')):.3f} | "
+                     f"{speed} | {geometry(c, GEOMETRY[0], 2)} | {geometry(c, GEOMETRY[1], 0)} | {t.get('i2t_R@1', float('nan')):.3f} / {t.get('zeroshot/shapes/top1', float('nan')):.3f} | "
                      f"{'yes' if c['target_met'] else 'no'} |")
     return "\n".join(lines)
 
@@ -184,7 +203,8 @@ def verdict_table(cells: dict[str, dict[str, Any]], ceiling_rows: dict[str, dict
 
 
 def protocol_table(root: Path, students: list[str], seeds: list[int]) -> tuple[str, dict[str, Any]]:
-    lines = ["| student | space | epochs | seeds | I->T R@1 | zero-shot top-1 |", "|---|---|---|---|---|---|"]
+    lines = ["| student | space | epochs | seeds | I->T R@1 | zero-shot top-1 | student's modality gap | "
+             "student's eff. rank |", "|---|---|---|---|---|---|---|---|"]
     out: dict[str, Any] = {}
     for student in students:
         for epochs in (1, 5):
@@ -193,10 +213,13 @@ def protocol_table(root: Path, students: list[str], seeds: list[int]) -> tuple[s
                 if not runs:
                     continue
                 cells = {m: quality.mean_std([r["metrics"][m]["student"] for r in runs.values()]) for m in MAIN}
+                geo = [student_geometry(Path(r["run"])) for r in runs.values()]
+                cells.update({g: quality.mean_std([x[g] for x in geo]) for g in GEOMETRY})
                 out[f"{student}/{space}/e{epochs}"] = {"seeds": sorted(runs), **cells}
                 lines.append(f"| {student} | {space} | {epochs} | {len(runs)} | "
                              f"{cells['i2t_R@1'][0]:.3f} ± {cells['i2t_R@1'][1]:.3f} | "
-                             f"{cells['zeroshot/shapes/top1'][0]:.3f} ± {cells['zeroshot/shapes/top1'][1]:.3f} |")
+                             f"{cells['zeroshot/shapes/top1'][0]:.3f} ± {cells['zeroshot/shapes/top1'][1]:.3f} | "
+                             f"{cells[GEOMETRY[0]][0]:.2f} | {cells[GEOMETRY[1]][0]:.0f} |")
     return "\n".join(lines), out
 
 

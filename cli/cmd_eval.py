@@ -25,7 +25,8 @@ def eval_cmd(
     split: str = typer.Option("val", "--split", help="Held-out split of the cache: val or test."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="The run's weights to judge: best (the best "
                                    "validation score; the last when the run had no validation) or last "
-                                   "(the final step)."),
+                                   "(the final step). Best was picked on the val split: its val figures are "
+                                   "optimistic (the report notes it); last is the one to publish."),
     zeroshot: Optional[list[str]] = typer.Option(
         None, "--zeroshot", "-z", help="Extra zero-shot dataset (repeatable), KIND:PATH[:KEY=VALUE]. "
         "folder:PATH: PATH/<class>/<images>; class names from :names=FILE, else PATH/classnames.txt, else the "

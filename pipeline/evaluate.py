@@ -55,8 +55,8 @@ from .runtime import resolve_device
 from .atomic import atomic_write_json
 from .errors import BadValue
 from .metrics import Embeddings, ensemble_embeddings, teacher_rows, zeroshot_metrics
-from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, read_config,
-                     require_run)
+from .rundir import (EVAL_JSON, SPEC_FILE, VALIDATED_SPLIT, RunSpec, check_checkpoint, describe_checkpoint,
+                     read_config, require_run)
 from .store import ENSEMBLE, TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
 from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
 from .zeroshot import (ImagePrep, cache_classifiers, encode_text, external_zeroshot, open_zeroshot, parse_spec,
@@ -212,6 +212,19 @@ def _captions_in_order(caps: dict[str, list[str]], held: H5Shard) -> list[str]:
 
 
 # --------------------------------------------------------------------------- supervised, not zero-shot
+
+
+PICKED_ON_SPLIT_NOTE = ("best weights (step {step}) were picked by train's validation on this split's images, so "
+                        "these figures are optimistic for them; `kdpipe eval --checkpoint last` judges the final "
+                        "weights, which no choice was made on")
+
+
+def picked_on_split(checkpoint: dict[str, Any], split: str) -> str | None:
+    """A note when the weights judged were chosen by validation on ``split`` itself (train validates on
+    "val"): best.pt, unless it is the last weights (no choice made)."""
+    if checkpoint.get("name") == "best" and checkpoint.get("same_as") != "last" and split == VALIDATED_SPLIT:
+        return PICKED_ON_SPLIT_NOTE.format(step=checkpoint.get("step"))
+    return None
 
 
 SUPERVISED_NOTE = ("supervised/{names}: the student was trained on these classes' labels ({losses}), so this is "
@@ -490,6 +503,8 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     classnames = {n: list(sets[n].classnames) for n in zs_info if n in sets}
     classnames.update({d.name: d.classnames for d in extra})
     mark_supervised(rows, classnames, trained_labels(s.spec, s.cache), zs_info, notes)
+    if (picked := picked_on_split(s.checkpoint, cfg.split)) is not None:
+        notes.append(picked)
     fp = s.spec.teacher
     report = {
         "kind": "student", "run": str(s.path), "dataset": _dataset_info(s.cache, cfg.split, held),

@@ -49,6 +49,7 @@ BENCH_JSON, BENCH_PNG = "bench.json", "bench.png"
 COMPARE_JSON, COMPARE_PNG = "bench_compare.json", "bench_compare.png"
 ONNX_FILE = "student_image.onnx"
 CHECKPOINTS = ("best", "last")  # the best validation score's weights, and the final step's
+VALIDATED_SPLIT = "val"  # the cache split train validates on, so the one best.pt is picked on
 
 TRAIN_HINT = "pass the --out folder of a finished `kdpipe train` run"
 

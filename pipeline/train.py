@@ -75,7 +75,7 @@ from .atomic import atomic_write, sweep_orphans
 from .errors import AlreadyExists, BadValue, CannotRun, MissingInput, on_write_failure
 from .optim import lr_lambda, param_groups
 from .progress import StepLines, console, interactive, line_every, make_progress
-from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
+from .rundir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, VALIDATED_SPLIT, WHITENING_FILE  # noqa: F401  (WHITENING_FILE: kept importable)
 from .store import ENSEMBLE, Cache, CacheError, describe_teacher, open_cache, same_fingerprint
 from .students import (NO_BEST, ImageStudent, TextStudent, build_student, build_text_student, precise_bn,
                              save_weights, weights_file, write_spec)
@@ -600,7 +600,7 @@ def embed_val(setup: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | Non
     """Keys [N], student view-0 image embeddings [N, D] (teacher space) and, with a text
     student, [N, D] embeddings of each image's first caption."""
     cache, pre = setup.cache, setup.teachers[0].fingerprint["preprocess"]
-    cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=setup.cfg.batch_size,
+    cfg = cachereader.stream_config(cache.shard_paths(VALIDATED_SPLIT, "tar"), batch_size=setup.cfg.batch_size,
                                     image_size=setup.image.image_size, interpolation=pre["interpolation"],
                                     train=False, workers=min(setup.cfg.workers, 1))
     keys, img, txt = [], [], []
@@ -625,7 +625,7 @@ def embed_val(setup: Setup) -> tuple[list[str], torch.Tensor, torch.Tensor | Non
 def head_accuracy(setup: Setup) -> dict[str, float]:
     """``--labels``: the class head's top-1 on up to ``val_samples`` labelled val images (view 0, eval mode)."""
     cache, pre = setup.cache, setup.teachers[0].fingerprint["preprocess"]  # the student's teacher's, as embed_val
-    cfg = cachereader.stream_config(cache.shard_paths("val", "tar"), batch_size=setup.cfg.batch_size,
+    cfg = cachereader.stream_config(cache.shard_paths(VALIDATED_SPLIT, "tar"), batch_size=setup.cfg.batch_size,
                                     image_size=setup.image.image_size, interpolation=pre["interpolation"],
                                     train=False, workers=min(setup.cfg.workers, 1))
     hits, seen = 0, 0
@@ -654,7 +654,7 @@ class ValRows:
 
 def val_rows(cache: Cache, teacher: str, keys: Sequence[str]) -> ValRows:
     """``teacher``'s val rows of the images ``keys`` (the same captions, in the same order, for every teacher)."""
-    val = cache.load_split("val", fields=("img", "txt"), teacher=teacher)
+    val = cache.load_split(VALIDATED_SPLIT, fields=("img", "txt"), teacher=teacher)
     index = {k: i for i, k in enumerate(val.keys)}
     rows = np.array([index[k] for k in keys])
     starts, ends = val.txt_offsets[rows], val.txt_offsets[rows + 1]
@@ -697,22 +697,28 @@ def ensemble_validation(setup: Setup, keys: Sequence[str], s_img: torch.Tensor,
 def validate(setup: Setup) -> dict[str, float]:
     """Quick validation: student (view 0, eval mode, after precise BN) vs cached teacher embeddings.
 
-    R@1 both ways against the first teacher's text embeddings of the same images' captions, and the
-    mean cosine to its view-0 embedding (with a text student: its mean cosine to the first caption
-    embedding). An ensemble adds the student against each teacher and the ensemble
-    (``ensemble_validation``); the score that picks best.pt stays the first teacher's (or, with
-    ``--labels``, the class head's top-1).
+    R@1 both ways with the texts the student will be used with, as eval judges it: the first teacher's
+    text embeddings of the same images' captions, or, with a text student, its own embeddings of each
+    image's first caption (a student that learns its own text space, as the no-teacher baseline does,
+    cannot retrieve among the teacher's). Also the mean cosine to the first teacher's view-0 embedding
+    (with a text student, ``val_txt_cos``: its text tower's to the first caption's). An ensemble adds
+    the student against each teacher and the ensemble (``ensemble_validation``); the score that picks
+    best.pt stays the first teacher's (or, with ``--labels``, the class head's top-1).
     """
     refresh_bn(setup)
     keys, s_img, s_txt = embed_val(setup)
     first = val_rows(setup.cache, setup.teachers[0].name, keys)
-    recall = metrics.retrieval_recall(s_img, first.txt, first.txt_to_img, ks=(1,),
-                                      img_name="val split: student image embeddings",
-                                      txt_name="val split: teacher text embeddings")
+    if s_txt is None:
+        recall = metrics.retrieval_recall(s_img, first.txt, first.txt_to_img, ks=(1,),
+                                          img_name="val split: student image embeddings",
+                                          txt_name="val split: teacher text embeddings")
+    else:
+        recall = metrics.retrieval_recall(s_img, s_txt, torch.arange(len(keys)), ks=(1,),
+                                          img_name="val split: student image embeddings",
+                                          txt_name="val split: student text embeddings")
     out = {f"val_{k}": v for k, v in recall.items()}
     out["val_cos"] = metrics.agreement(s_img, first.img)["cosine"]
-    if s_txt is not None:  # only its cosine is logged, but a NaN text tower must stop the run too
-        metrics.require_finite(s_txt, "val split: student text embeddings")
+    if s_txt is not None:
         out["val_txt_cos"] = metrics.agreement(s_txt, first.first_txt)["cosine"]
     out["val_score"] = (out["val_i2t_R@1"] + out["val_t2i_R@1"]) / 2 + 1e-3 * out["val_cos"]
     if setup.teacher_classes is not None:  # --labels: the best checkpoint is the best classifier
@@ -967,7 +973,7 @@ def val_line(step: int, val: dict[str, float], best: dict[str, Any]) -> str:
 def run_validation(setup: Setup, loop: LoopState, mlog: MetricsLog) -> bool:
     """Validate on rank 0 (others wait); returns whether this is the best score so far."""
     is_best = False
-    if setup.dist.is_main and "val" in setup.cache.splits():
+    if setup.dist.is_main and VALIDATED_SPLIT in setup.cache.splits():
         loop.last_val = validate(setup)
         is_best = loop.last_val["val_score"] > loop.best.get("score", -math.inf)
         if is_best:

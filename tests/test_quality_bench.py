@@ -13,6 +13,7 @@ quality = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(quality)
 
 TEACHER = {"i2t_R@1": 0.4, "zeroshot/shapes/top1": 0.6}
+GEOMETRY = ("geometry/modality_gap", "geometry/effective_rank_image")
 
 
 def _fake_run(root: Path, student: str, recipe: str, seed: int, r1: float, zs: float,
@@ -22,7 +23,8 @@ def _fake_run(root: Path, student: str, recipe: str, seed: int, r1: float, zs: f
     metrics = {"i2t_R@1": {"student": r1, "teacher": TEACHER["i2t_R@1"], "ratio": r1 / TEACHER["i2t_R@1"]},
                "zeroshot/shapes/top1": {"student": zs, "teacher": TEACHER["zeroshot/shapes/top1"],
                                         "ratio": zs / TEACHER["zeroshot/shapes/top1"]}}
-    (run / "eval.json").write_text(json.dumps({"metrics": metrics}))
+    metrics.update({g: {"student": 0.1, "teacher": 0.1, "ratio": 1.0} for g in GEOMETRY})
+    (run / "eval.json").write_text(json.dumps({"metrics": metrics, "checkpoint": {"name": "last"}}))
     (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "val", "val_i2t_R@1": v}) for v in curve))
     (run / quality.RUN_JSON).write_text(json.dumps({"student": student, "recipe": recipe, "seed": seed,
                                                      "epochs": epochs, "seconds": 60.0}))
@@ -57,9 +59,9 @@ def test_finished_runs_groups_by_cell_in_recipe_order_and_keeps_one_schedule(roo
 def test_aggregate_mean_std_ratio_and_convergence(root: Path) -> None:
     agg = quality.aggregate(quality.finished_runs(root, epochs=3)["small/default"])
     assert agg["i2t_R@1"]["mean"] == pytest.approx(0.38)
-    assert agg["i2t_R@1"]["std"] == pytest.approx((2 / 3) ** 0.5 * 0.01)
+    assert agg["i2t_R@1"]["std"] == pytest.approx(0.01)  # the sample std (n - 1) of 0.37, 0.38, 0.39
     assert agg["i2t_R@1"]["ratio_mean"] == pytest.approx(0.95)
-    assert agg["epochs_to_90"] == (pytest.approx(7 / 3), pytest.approx((2 / 9) ** 0.5))  # epochs 3, 2, 2
+    assert agg["epochs_to_90"] == (pytest.approx(7 / 3), pytest.approx((1 / 3) ** 0.5))  # epochs 3, 2, 2
     assert agg["seeds"] == [0, 1, 2] and agg["minutes_per_run"] == 1.0
 
 
@@ -138,11 +140,90 @@ def _cell(r1: list[float], zs: list[float]) -> dict:
 
 def test_ensemble_verdict_needs_more_than_two_seed_std_over_the_better_single_teacher() -> None:
     a, b = _cell([0.40, 0.41, 0.42], [0.20, 0.20, 0.20]), _cell([0.44, 0.45, 0.46], [0.22, 0.22, 0.22])
-    close = _cell([0.46, 0.47, 0.48], [0.22, 0.22, 0.22])  # +0.020 over B; the larger seed std is 0.008
-    assert "I->T R@1: ensemble 0.470 vs the better single (B) 0.450, +0.020 (more than 2 seed std = 0.016)" in \
+    close = _cell([0.465, 0.475, 0.485], [0.22, 0.22, 0.22])  # +0.025 over B; the larger (sample) seed std is 0.010
+    assert "I->T R@1: ensemble 0.475 vs the better single (B) 0.450, +0.025 (more than 2 seed std = 0.020)" in \
         ensemble_bench.verdict({"A": a, "B": b, "A+B": close})
     assert ensemble_bench.verdict({"A": a, "B": b, "A+B": close}).endswith("target MET")
     same = _cell([0.45, 0.46, 0.44], [0.22, 0.21, 0.23])
     v = ensemble_bench.verdict({"A": a, "B": b, "A+B": same})
     assert v.endswith("target NOT MET") and "(not more than 2 seed std" in v
     assert ensemble_bench.verdict({"A": a, "B": b}).startswith("not judged yet")
+
+
+WS_SPEC = importlib.util.spec_from_file_location("whitening_study",
+                                                 Path(__file__).parents[1] / "benchmarks" / "whitening_study.py")
+whitening_study = importlib.util.module_from_spec(WS_SPEC)
+WS_SPEC.loader.exec_module(whitening_study)
+
+
+def _study_runs(root: Path, recipe: str, r1: list[float], curves: list[list[float]], gap: float | None,
+                erank: float) -> dict[int, dict]:
+    """Finished runs of one cell, read back as the study reads them; gap None: an eval.json from before eval
+    measured the geometry."""
+    for seed, (r, curve) in enumerate(zip(r1, curves)):
+        run = whitening_study.run_dir(root, "small", recipe, 3, seed)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        run.mkdir()
+        metrics = {m: {"student": r if m == "i2t_R@1" else 0.3, "teacher": 0.9, "ratio": None}
+                   for m in whitening_study.MAIN}
+        if gap is not None:
+            metrics["geometry/modality_gap"] = {"student": gap + 0.01 * seed, "teacher": 0.1, "ratio": None}
+            metrics["geometry/effective_rank_image"] = {"student": erank, "teacher": 45.0, "ratio": None}
+        (run / "eval.json").write_text(json.dumps({"metrics": metrics, "checkpoint": {"name": "last"}}))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "val", "val_i2t_R@1": v}) for v in curve))
+        (run / quality.RUN_JSON).write_text(json.dumps({"student": "small", "recipe": recipe, "seed": seed,
+                                                         "epochs": 3, "seconds": 60.0}))
+    return whitening_study.finished(root, "small", recipe, 3, [0, 1, 2])
+
+
+def test_whitening_study_judges_speed_and_seed_noise_and_measures_the_students_geometry(tmp_path: Path) -> None:
+    slow = [[0.1, 0.2, 0.4]] * 3  # 90% of 0.4 reached at epoch 3
+    raw = _study_runs(tmp_path, "default", [0.40, 0.41, 0.42], slow, gap=0.12, erank=40.0)
+    fast = _study_runs(tmp_path, "fast", [0.40, 0.41, 0.42], [[0.37, 0.4, 0.4]] * 3, gap=0.2, erank=80.0)
+    c = whitening_study.compare(raw, fast, 3)
+    assert c["speedup"] == pytest.approx(3.0) and c["target_met"]  # epoch 1 against epoch 3
+    assert c["i2t_R@1"]["delta"] == pytest.approx(0.0) and not c["i2t_R@1"]["beats_by_2std"]
+    assert c["geometry/modality_gap"] == {"raw": pytest.approx(0.13), "white": pytest.approx(0.21)}
+    assert c["geometry/effective_rank_image"] == {"raw": pytest.approx(40.0), "white": pytest.approx(80.0)}
+    row = whitening_study.verdict_table({"small/fast": c}, {}, 3).splitlines()[-1]
+    assert "| 0.13 → 0.21 | 40 → 80 |" in row and row.endswith("| yes |")
+
+    # better by 0.025 against a sample seed std of 0.010: more than 2 std; by 0.015: not
+    better = _study_runs(tmp_path, "better", [0.425, 0.435, 0.445], slow, gap=0.12, erank=40.0)
+    assert whitening_study.compare(raw, better, 3)["i2t_R@1"]["beats_by_2std"]
+    close = _study_runs(tmp_path, "close", [0.415, 0.425, 0.435], slow, gap=0.12, erank=40.0)
+    assert not whitening_study.compare(raw, close, 3)["target_met"]
+
+    # a whitened run that never reaches 90% of the raw run's final R@1: no speed-up, "never"
+    never = _study_runs(tmp_path, "never", [0.2, 0.2, 0.2], [[0.1, 0.2, 0.2]] * 3, gap=0.12, erank=40.0)
+    c = whitening_study.compare(raw, never, 3)
+    assert c["speedup"] is None and c["reached_90"] == "0/3" and not c["target_met"]
+
+
+
+def test_a_run_judged_at_other_weights_or_without_geometry_is_evaluated_again_at_its_last(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training validates on the split eval scores, so the benchmarks judge every run at its last weights;
+    an eval.json of best.pt, or from before eval measured the geometry, is redone once, then read."""
+    evaluated = []
+
+    def fake_eval(cfg) -> None:
+        path = Path(cfg.run) / "eval.json"
+        ev = json.loads(path.read_text())
+        ev["checkpoint"] = {"name": cfg.checkpoint}
+        ev["metrics"]["i2t_R@1"]["student"] = 0.5
+        ev["metrics"].update({g: {"student": 0.3, "teacher": 0.1, "ratio": None} for g in GEOMETRY})
+        path.write_text(json.dumps(ev))
+        evaluated.append(Path(cfg.run).name)
+
+    monkeypatch.setattr(quality.evaluate, "run", fake_eval)
+    no_geometry = _study_runs(tmp_path, "old", [0.40, 0.41, 0.42], [[0.4]] * 3, gap=None, erank=0.0)
+    assert sorted(evaluated) == ["small-old-e3-s0", "small-old-e3-s1", "small-old-e3-s2"]
+    assert all(r["metrics"]["i2t_R@1"]["student"] == 0.5 for r in no_geometry.values())
+    assert whitening_study.student_geometry(Path(no_geometry[0]["run"]))["geometry/modality_gap"] == 0.3
+    at_best = whitening_study.run_dir(tmp_path, "small", "old", 3, 1) / "eval.json"
+    at_best.write_text(json.dumps({**json.loads(at_best.read_text()), "checkpoint": {"name": "best"}}))
+    whitening_study.finished(tmp_path, "small", "old", 3, [0, 1, 2])
+    assert evaluated[3:] == ["small-old-e3-s1"]  # only the run judged at best.pt; the others are read
+    whitening_study.finished(tmp_path, "small", "old", 3, [0, 1, 2])
+    assert len(evaluated) == 4

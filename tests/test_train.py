@@ -147,6 +147,11 @@ def test_best_weights_are_the_best_step_s_with_precise_bn_and_eval_uses_them(cac
     assert with_last["checkpoint"]["name"] == "last" and with_last["checkpoint"]["step"] == 24
     cos = [r["metrics"]["agreement/cosine"]["student"] for r in (by_default, with_last)]
     assert cos[0] != cos[1]  # different weights judged
+    # best.pt was picked on the val split eval scored: the report says so, and names the way out
+    assert E.PICKED_ON_SPLIT_NOTE.format(step=12) in by_default["notes"]
+    assert not any("picked by train's validation" in n for n in with_last["notes"])
+    on_train = E.run(E.EvalConfig(run=out, split="train", out=tmp_path / "train.json", device="cpu", progress=False))
+    assert not any("picked by train's validation" in n for n in on_train["notes"])
 
 
 def test_without_validation_best_is_the_last_and_student_json_says_so(tmp_path):
@@ -358,6 +363,27 @@ def test_non_finite_student_embeddings_stop_validation_naming_the_split(cache_di
     monkeypatch.setattr(T, "embed_val", broken)
     with pytest.raises(ValueError, match=rf"^val split: student {side} embeddings have 3 non-finite rows of {N_VAL}$"):
         T.run(_cfg(cache_dir, tmp_path / "run", max_steps=2, val_every=2))
+
+
+def test_a_text_student_is_validated_with_its_own_text_tower(cache_dir, tmp_path, monkeypatch):
+    """A run with its own text tower (the no-teacher baseline) learns its own space: its val R@1 pairs its
+    image and text embeddings, as eval does, not its images with the teacher's captions (which read ~0)."""
+    embed_val = T.embed_val
+
+    def own_space(s):  # the text tower's embedding of each image's first caption == the image's: R@1 is 1
+        keys, img, txt = embed_val(s)
+        assert txt is not None and txt.shape == img.shape
+        return keys, img, img.clone()
+
+    monkeypatch.setattr(T, "embed_val", own_space)
+    T.run(_cfg(cache_dir, tmp_path / "text", max_steps=2, val_every=2, text_student="text_tiny"))
+    val = [r for r in T.read_metrics(tmp_path / "text/metrics.jsonl") if r["kind"] == "val"]
+    assert val and all(r["val_i2t_R@1"] == 1.0 and r["val_t2i_R@1"] == 1.0 for r in val)
+    assert all(-1 <= r["val_txt_cos"] <= 1 for r in val)
+    monkeypatch.setattr(T, "embed_val", embed_val)  # the image tower alone: scored against the teacher's captions
+    T.run(_cfg(cache_dir, tmp_path / "image", max_steps=2, val_every=2))
+    val = [r for r in T.read_metrics(tmp_path / "image/metrics.jsonl") if r["kind"] == "val"]
+    assert val and all(r["val_i2t_R@1"] < 0.5 and "val_txt_cos" not in r for r in val)
 
 
 # --------------------------------------------------------------------------- whitening

@@ -116,6 +116,9 @@ def verdict(cells: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="mobilenetv3_050")
+    ap.add_argument("--arms", default="A,B,A+B", help="the arms to train (all finished runs are reported): "
+                    "e.g. two processes on two cores, one with --arms A,B and one with --arms A+B, once "
+                    "cache-ens exists (two --add-teacher on one cache are not safe)")
     quality.add_shared_arguments(ap, teacher_steps=3000)
     args = ap.parse_args()
     root, start = Path(args.root), time.perf_counter()
@@ -130,7 +133,7 @@ def main() -> None:
     for arm in recipes:
         for seed in seeds:
             run_dir = runs / f"{args.student}-{arm}-e{args.epochs}-s{seed}"
-            if not args.report_only:
+            if not args.report_only and arm in args.arms.split(","):
                 row = quality.train_and_eval(ens, run_dir, args.student, arm, seed, args)
                 print(f"{run_dir.name}: " + ", ".join(f"{m} {row['metrics'][m]['student']:.3f}" for m in MAIN
                                                        if m in row["metrics"]), flush=True)

@@ -55,7 +55,7 @@ from .runtime import resolve_device
 from .atomic import atomic_write_json
 from .errors import BadValue
 from .metrics import Embeddings, ensemble_embeddings, teacher_rows, zeroshot_metrics
-from .rundir import (EVAL_JSON, SPEC_FILE, VALIDATED_SPLIT, RunSpec, check_checkpoint, describe_checkpoint,
+from .rundir import (EVAL_JSON, SPEC_FILE, RunSpec, check_checkpoint, describe_checkpoint, picked_on_split,
                      read_config, require_run)
 from .store import ENSEMBLE, TEACHER_EVAL_JSON, Cache, CacheError, H5Shard, describe_teacher, open_cache
 from .targetspace import RAW_SPACE, Space, student_space, whitening_mode
@@ -217,14 +217,6 @@ def _captions_in_order(caps: dict[str, list[str]], held: H5Shard) -> list[str]:
 PICKED_ON_SPLIT_NOTE = ("best weights (step {step}) were picked by train's validation on this split's images, so "
                         "these figures are optimistic for them; `kdpipe eval --checkpoint last` judges the final "
                         "weights, which no choice was made on")
-
-
-def picked_on_split(checkpoint: dict[str, Any], split: str) -> str | None:
-    """A note when the weights judged were chosen by validation on ``split`` itself (train validates on
-    "val"): best.pt, unless it is the last weights (no choice made)."""
-    if checkpoint.get("name") == "best" and checkpoint.get("same_as") != "last" and split == VALIDATED_SPLIT:
-        return PICKED_ON_SPLIT_NOTE.format(step=checkpoint.get("step"))
-    return None
 
 
 SUPERVISED_NOTE = ("supervised/{names}: the student was trained on these classes' labels ({losses}), so this is "
@@ -503,8 +495,8 @@ def run_student(cfg: EvalConfig) -> dict[str, Any]:
     classnames = {n: list(sets[n].classnames) for n in zs_info if n in sets}
     classnames.update({d.name: d.classnames for d in extra})
     mark_supervised(rows, classnames, trained_labels(s.spec, s.cache), zs_info, notes)
-    if (picked := picked_on_split(s.checkpoint, cfg.split)) is not None:
-        notes.append(picked)
+    if picked_on_split(s.checkpoint, cfg.split):
+        notes.append(PICKED_ON_SPLIT_NOTE.format(step=s.checkpoint.get("step")))
     fp = s.spec.teacher
     report = {
         "kind": "student", "run": str(s.path), "dataset": _dataset_info(s.cache, cfg.split, held),

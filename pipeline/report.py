@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from .atomic import atomic_write_bytes
 from .errors import BadValue
-from .rundir import (BENCH_JSON, EVAL_JSON, SPEC_FILE, RunSpec, describe_checkpoint, read_config, read_json,
-                     require_run)
+from .rundir import (BENCH_JSON, EVAL_JSON, SPEC_FILE, RunSpec, describe_checkpoint, picked_on_split, read_config,
+                     read_json, require_run)
 from .store import describe_teacher
 
 log = logging.getLogger("kdpipe")
@@ -254,6 +254,11 @@ def notes(runs: list[RunFiles]) -> list[str]:
     judged = [f"{r.path.name} {c}" for r in runs if (c := describe_checkpoint((r.eval or {}).get("checkpoint")))]
     if judged:
         out.append(f"Weights evaluated: {', '.join(judged)}.")
+    picked = [r.path.name for r in runs if r.eval and picked_on_split(r.eval.get("checkpoint"), r.eval.get("split"))]
+    if picked:
+        out.append(f"Warning: the best weights of {', '.join(picked)} were picked by train's validation on the split "
+                   "they are scored on, so their accuracy is optimistic; `kdpipe eval RUN --checkpoint last` scores "
+                   "the final weights.")
     if zeroshot_names(runs, "supervised"):
         out.append("\"supervised\" columns: the run's losses trained on these classes' labels (e.g. hinton's "
                    "hard-label CE), so its accuracy there is supervised, not zero-shot; it has no teacher ratio "

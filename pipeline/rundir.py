@@ -87,6 +87,13 @@ def describe_checkpoint(entry: Any) -> str | None:
     return entry["name"] + ("" if step is None else f" (step {step})")
 
 
+def picked_on_split(entry: Any, split: str | None) -> bool:
+    """Were the weights that eval.json judged (its ``checkpoint``) chosen by validation on ``split`` itself?
+    best weights on the split train validates on, unless they are the last (no choice was made)."""
+    return (isinstance(entry, dict) and entry.get("name") == "best" and entry.get("same_as") != "last"
+            and split == VALIDATED_SPLIT)
+
+
 # --------------------------------------------------------------------------- is this a run?
 
 

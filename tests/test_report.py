@@ -98,6 +98,24 @@ def test_supervised_accuracy_has_its_own_column_apart_from_zero_shot(tmp_path):
     assert "Weights evaluated: hinton best (step 12)." in md
 
 
+def test_best_weights_picked_on_the_scored_split_are_flagged(tmp_path):
+    """best weights scored on the split train validated on are optimistic; last, best == last, or another
+    split are not flagged."""
+    cases = {"best": ({"name": "best", "step": 12}, "val"), "last": ({"name": "last", "step": 24}, "val"),
+             "same": ({"name": "best", "step": 24, "same_as": "last"}, "val"),
+             "test": ({"name": "best", "step": 12}, "test")}
+    runs = []
+    for name, (checkpoint, split) in cases.items():
+        run = write_run(tmp_path / name)
+        ev = json.loads((run / "eval.json").read_text())
+        (run / "eval.json").write_text(json.dumps({**ev, "checkpoint": checkpoint, "split": split}))
+        runs.append(run)
+    md = report.run(report.ReportConfig(runs=runs, out=tmp_path / "r.md"))["markdown"]
+    assert "- Warning: the best weights of best were picked by train's validation on the split they are scored" in md
+    md = report.run(report.ReportConfig(runs=runs[1:], out=tmp_path / "r2.md"))["markdown"]
+    assert "picked by train's validation" not in md
+
+
 def test_a_class_head_has_its_own_column_beside_the_teachers_zero_shot(tmp_path):
     kd, taskkd = write_run(tmp_path / "kd"), write_run(tmp_path / "taskkd")
     ev = json.loads((taskkd / "eval.json").read_text())

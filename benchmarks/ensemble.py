@@ -66,7 +66,7 @@ def ensemble_cache(root: Path, cache: Path, teacher: Path) -> Path:
         shutil.copytree(cache, tmp, copy_function=os.link)
         tmp.rename(ens)
     summary = extract.run(extract.ExtractConfig(teacher=str(teacher / "config.json"),
-                                                pretrained=str(teacher / "model.safetensors"), out=str(ens),
+                                                pretrained=str(teacher / "model.safetensors"), data="", out=str(ens),
                                                 add_teacher=True, teacher_name=B, batch_size=64, workers=1,
                                                 device="cpu", progress=False))
     if "stopped" in summary:

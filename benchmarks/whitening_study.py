@@ -216,9 +216,10 @@ def protocol_table(root: Path, students: list[str], seeds: list[int]) -> tuple[s
                 geo = [student_geometry(Path(r["run"])) for r in runs.values()]
                 cells.update({g: quality.mean_std([x[g] for x in geo]) for g in GEOMETRY})
                 out[f"{student}/{space}/e{epochs}"] = {"seeds": sorted(runs), **cells}
+                spread = (lambda m: f" ± {cells[m][1]:.3f}") if len(runs) > 1 else (lambda m: "")  # noqa: E731
                 lines.append(f"| {student} | {space} | {epochs} | {len(runs)} | "
-                             f"{cells['i2t_R@1'][0]:.3f} ± {cells['i2t_R@1'][1]:.3f} | "
-                             f"{cells['zeroshot/shapes/top1'][0]:.3f} ± {cells['zeroshot/shapes/top1'][1]:.3f} | "
+                             f"{cells['i2t_R@1'][0]:.3f}{spread('i2t_R@1')} | "
+                             f"{cells['zeroshot/shapes/top1'][0]:.3f}{spread('zeroshot/shapes/top1')} | "
                              f"{cells[GEOMETRY[0]][0]:.2f} | {cells[GEOMETRY[1]][0]:.0f} |")
     return "\n".join(lines), out
 

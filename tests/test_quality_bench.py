@@ -227,3 +227,32 @@ def test_a_run_judged_at_other_weights_or_without_geometry_is_evaluated_again_at
     assert evaluated[3:] == ["small-old-e3-s1"]  # only the run judged at best.pt; the others are read
     whitening_study.finished(tmp_path, "small", "old", 3, [0, 1, 2])
     assert len(evaluated) == 4
+
+
+@pytest.mark.slow
+def test_the_ensemble_benchmark_builds_its_cache_beside_the_quality_cache_and_resumes(tmp_path: Path) -> None:
+    """ensemble.py's stage 2 on a tiny world: a hard-linked copy of A's cache with B added and evaluated; A's
+    cache is left as it was, and a second call changes nothing."""
+    from safetensors.torch import save_file
+
+    from cache_factory import teacher_b_config, tiny_extract, tiny_world
+    from kdpipe.store import open_cache
+    from kdpipe.teachers import load_teacher
+
+    cache = tiny_extract(tiny_world(tmp_path / "world"), tmp_path / "root" / "cache")
+    before = {p.relative_to(cache): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+    b = tmp_path / "teacher-b"
+    b.mkdir()
+    config = teacher_b_config(b / "config.json")
+    save_file(load_teacher(str(config), allow_random_init=True).model.state_dict(), str(b / "model.safetensors"))
+
+    ens = ensemble_bench.ensemble_cache(tmp_path / "root", cache, b)
+    c = open_cache(ens)
+    assert list(c.teachers()) == [c.primary, ensemble_bench.B] and c.teacher_eval_path(ensemble_bench.B).exists()
+    assert {p.relative_to(cache): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()} == before
+    shard = next((cache / "train").glob("*.tar")).relative_to(cache)
+    assert (ens / shard).samefile(cache / shard)  # hard-linked, not copied
+    assert (ens / "manifest.json").read_bytes() != before[Path("manifest.json")]
+    manifest = (ens / "manifest.json").read_bytes()
+    ensemble_bench.ensemble_cache(tmp_path / "root", cache, b)
+    assert (ens / "manifest.json").read_bytes() == manifest
